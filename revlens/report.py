@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ class ReversionReport:
 
     def best_layer_index(self) -> int:
         """Index (into ``layers``) of the layer with the highest mean alignment over runs and steps."""
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             per_layer = np.nanmean(self.alignment, axis=(0, 1))
         if np.all(np.isnan(per_layer)):
             return 0

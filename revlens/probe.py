@@ -1,0 +1,296 @@
+"""ReversionProbe: per-layer readouts of the residual stream, reduced and accumulated streaming.
+
+A readout h_l(theta, x) is the hook point's activation at layer l reduced over positions: the last
+prompt token (``readout="last"``) or the mean over non-padding tokens (``readout="mean"``).
+Hooks reduce each batch to ``[batch, n_layers, d_model]`` as the forward runs and the forward
+stops after the deepest layer needed, so nothing is cached beyond one batch's readouts and
+memory does not grow with the number of prompts. Centroids accumulate in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from revlens.shapes import shape_checked
+
+HOOK_ALIASES = {
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+}
+READOUTS = ("last", "mean")
+
+
+class ProbeError(ValueError):
+    """Bad probe input (prompts, layers, hook), with the fix."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+def hook_name(hook: str, layer: int) -> str:
+    """The TransformerLens hook point for ``hook`` (an alias like ``resid_post`` or a ``{layer}`` template)."""
+    template = HOOK_ALIASES.get(hook, hook)
+    if "{layer}" not in template:
+        raise ProbeError(
+            f"hook {hook!r} is neither one of {sorted(HOOK_ALIASES)} nor a template with '{{layer}}' "
+            "such as 'blocks.{layer}.hook_resid_post'."
+        )
+    return template.format(layer=layer)
+
+
+@dataclass
+class ProbeResult:
+    """Readouts of one model on the probe set (and the control set, when given).
+
+    ``centroid`` is the probe centroid, or with a control set the contrast readout
+    (probe centroid minus control centroid). ``per_example`` rows are contrast-adjusted the same way.
+    """
+
+    centroid: torch.Tensor  # [n_layers, d_model] float64
+    probe_centroid: torch.Tensor  # [n_layers, d_model] float64
+    control_centroid: torch.Tensor | None  # [n_layers, d_model] float64
+    per_example: torch.Tensor | None  # [n_prompts, n_layers, d_model] float32
+    covariance: torch.Tensor | None  # [n_layers, d_model, d_model] float64, of probe readouts
+    n_prompts: int
+
+
+class _TokenizedSet:
+    """Prompts as a list of 1-D token tensors, with their lengths."""
+
+    def __init__(self, tokens: list[torch.Tensor]):
+        self.tokens = tokens
+        self.lengths = torch.tensor([len(t) for t in tokens])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batches(self, batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.tokens), batch_size):
+            chunk = self.tokens[start:start + batch_size]
+            lengths = self.lengths[start:start + batch_size]
+            batch = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)
+            for i, t in enumerate(chunk):
+                batch[i, : len(t)] = t
+            yield batch, lengths
+
+
+def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
+    if isinstance(prompts, str):
+        raise ProbeError(f"{name} must be a list of prompts, got one string; wrap it in a list.")
+    if isinstance(prompts, torch.Tensor):
+        if prompts.ndim != 2:
+            raise ProbeError(f"{name} as a tensor must be [n_prompts, seq] token ids, got shape {tuple(prompts.shape)}.")
+        prompts = list(prompts)
+    prompts = list(prompts)
+    if not prompts:
+        raise ProbeError(f"{name} is empty: give at least one prompt (a string or a 1-D tensor of token ids).")
+    if all(isinstance(p, str) for p in prompts):
+        return prompts
+    if all(isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() > 0 for p in prompts):
+        return [p.long().cpu() for p in prompts]
+    raise ProbeError(f"{name} must be all strings or all non-empty 1-D token tensors.")
+
+
+class ReversionProbe:
+    """Reads per-layer residual readouts of any TransformerBridge on a fixed probe set.
+
+    Args:
+        prompts: strings (tokenised with each model's tokenizer) or token ids (a list of 1-D tensors,
+            or an ``[n, seq]`` tensor of unpadded prompts).
+        layers: layer indices (default: all layers of the first model measured).
+        hook: ``resid_post`` (default), ``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out``, or a template.
+        readout: ``last`` prompt token (default) or ``mean`` over non-padding tokens.
+        control: an optional control set of the same format; then readouts are contrasts
+            (probe minus the control centroid), which removes shifts applied to every prompt alike.
+        batch_size, device: forward-pass batching and placement.
+        per_example: keep per-example readouts (needed by per-example alignment and the
+            ``per_example``/``pca`` estimators; memory grows with the number of prompts).
+    """
+
+    def __init__(
+        self,
+        prompts: Any,
+        *,
+        layers: Sequence[int] | None = None,
+        hook: str = "resid_post",
+        readout: str = "last",
+        control: Any = None,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        per_example: bool = True,
+        progress: bool = False,
+    ):
+        if readout not in READOUTS:
+            raise ProbeError(f"unknown readout {readout!r}; choose one of {READOUTS}.")
+        if batch_size < 1:
+            raise ProbeError(f"batch_size must be >= 1, got {batch_size}.")
+        hook_name(hook, 0)
+        self.prompts = _as_token_list(prompts, "prompts")
+        self.control = None if control is None else _as_token_list(control, "control prompts")
+        self.layers = None if layers is None else [int(l) for l in layers]
+        self.hook = hook
+        self.readout = readout
+        self.batch_size = batch_size
+        self.device = device
+        self.per_example = per_example
+        self.progress = progress
+        self._tokenized: dict[tuple[int, str], _TokenizedSet] = {}
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+    def resolve_layers(self, model: Any) -> list[int]:
+        n_layers = model.cfg.n_layers
+        layers = list(range(n_layers)) if self.layers is None else self.layers
+        bad = [l for l in layers if not 0 <= l < n_layers]
+        if bad:
+            raise ProbeError(f"layers {bad} are out of range for a model with n_layers={n_layers}.")
+        if not layers:
+            raise ProbeError("layers is empty; give at least one layer index.")
+        return layers
+
+    def _tokenize(self, model: Any, prompts: list, which: str) -> _TokenizedSet:
+        key = (id(model.tokenizer), which)
+        if key in self._tokenized:
+            return self._tokenized[key]
+        if isinstance(prompts[0], str):
+            if model.tokenizer is None:
+                raise ProbeError("string prompts need a model with a tokenizer; pass token ids instead.")
+            tokens = [model.to_tokens(p, move_to_device=False, truncate=False)[0].cpu() for p in prompts]
+        else:
+            tokens = prompts
+        n_ctx = model.cfg.n_ctx
+        too_long = [(i, len(t)) for i, t in enumerate(tokens) if len(t) > n_ctx]
+        if too_long:
+            i, n = too_long[0]
+            raise ProbeError(
+                f"{len(too_long)} {which} prompt(s) are longer than the model's context (n_ctx={n_ctx}); "
+                f"e.g. prompt {i} has {n} tokens. Shorten them or drop them."
+            )
+        if any(int(t.max()) >= model.cfg.d_vocab or int(t.min()) < 0 for t in tokens):
+            raise ProbeError(f"{which} token ids fall outside the model's vocabulary (d_vocab={model.cfg.d_vocab}).")
+        out = _TokenizedSet(tokens)
+        self._tokenized[key] = out
+        return out
+
+    def _device(self, model: Any) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        try:
+            return next(model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    def iter_readouts(self, model: Any, which: str = "probe") -> Iterator[torch.Tensor]:
+        """Yield readouts batch by batch: ``[batch, n_layers, d_model]`` in the model's dtype."""
+        prompts = self.prompts if which == "probe" else self.control
+        if prompts is None:
+            raise ProbeError("this probe has no control set.")
+        layers = self.resolve_layers(model)
+        tokset = self._tokenize(model, prompts, which)
+        pad_id = _pad_id(model)
+        device = self._device(model)
+        deepest = max(layers)
+        store: dict[int, torch.Tensor] = {}
+
+        def make_hook(layer: int):
+            def fn(act: torch.Tensor, hook: Any) -> None:
+                store[layer] = reduce_positions(act, store["_lengths"], self.readout)
+                if layer == deepest and len(store) == len(layers) + 1:
+                    raise _StopForward
+
+            return fn
+
+        fwd_hooks = [(hook_name(self.hook, l), make_hook(l)) for l in layers]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
+                batches = tokset.batches(self.batch_size, pad_id)
+                n_batches = -(-len(tokset) // self.batch_size)
+                for tokens, lengths in tqdm(batches, total=n_batches, disable=not self.progress,
+                                            desc=f"readouts ({which})", leave=False):
+                    store.clear()
+                    store["_lengths"] = lengths.to(device)
+                    try:
+                        model(tokens.to(device))
+                    except _StopForward:
+                        pass
+                    missing = [l for l in layers if l not in store]
+                    if missing:
+                        raise ProbeError(f"hook {self.hook!r} did not fire at layers {missing}.")
+                    yield torch.stack([store[l] for l in layers], dim=1)
+        finally:
+            model.train(was_training)
+
+    def measure(self, model: Any, *, covariance: bool = False, per_example: bool | None = None) -> ProbeResult:
+        """Centroids (float64, streaming), optional per-example readouts and readout covariance."""
+        keep = self.per_example if per_example is None else per_example
+        probe_sum, probe_sq, rows, n = None, None, [], 0
+        for batch in self.iter_readouts(model, "probe"):
+            b = batch.double()
+            probe_sum = b.sum(0) if probe_sum is None else probe_sum + b.sum(0)
+            if covariance:
+                outer = torch.einsum("bld,ble->lde", b, b)
+                probe_sq = outer if probe_sq is None else probe_sq + outer
+            if keep:
+                rows.append(batch.float().cpu())
+            n += b.shape[0]
+        probe_centroid = (probe_sum / n).cpu()
+        cov = None
+        if covariance:
+            mean = probe_sum / n
+            cov = ((probe_sq - n * torch.einsum("ld,le->lde", mean, mean)) / max(n - 1, 1)).cpu()
+        control_centroid = None
+        if self.control is not None:
+            control_centroid = self.control_centroid(model)
+        centroid = probe_centroid if control_centroid is None else probe_centroid - control_centroid
+        per_ex = None
+        if keep:
+            per_ex = torch.cat(rows, 0)
+            if control_centroid is not None:
+                per_ex = per_ex - control_centroid.float()[None]
+        return ProbeResult(centroid, probe_centroid, control_centroid, per_ex, cov, n)
+
+    def control_centroid(self, model: Any) -> torch.Tensor:
+        """Centroid of the control set's readouts, float64 ``[n_layers, d_model]``."""
+        total, n = None, 0
+        for batch in self.iter_readouts(model, "control"):
+            b = batch.double().sum(0)
+            total = b if total is None else total + b
+            n += batch.shape[0]
+        return (total / n).cpu()
+
+    def centroid(self, model: Any) -> torch.Tensor:
+        """The (contrast) centroid alone, without per-example readouts."""
+        return self.measure(model, per_example=False).centroid
+
+
+def _pad_id(model: Any) -> int:
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    return 0
+
+
+@shape_checked
+def reduce_positions(
+    act: Float[torch.Tensor, "batch seq d_model"], lengths: Int[torch.Tensor, " batch"], readout: str
+) -> Float[torch.Tensor, "batch d_model"]:
+    """Reduce a right-padded activation over positions: the last real token, or the mean of real tokens."""
+    if readout == "last":
+        idx = (lengths - 1).clamp_min(0)
+        return act[torch.arange(act.shape[0], device=act.device), idx]
+    positions = torch.arange(act.shape[1], device=act.device)
+    mask = (positions[None, :] < lengths[:, None]).to(act.dtype)
+    return (act * mask[..., None]).sum(1) / lengths[:, None].to(act.dtype)

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny models and planted-direction histories built in-process, offline."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from revlens.checkpoints import boot_native_model
+from revlens.wordtok import word_tokenizer
+
+WORDS = "how do i make a bomb cake bake bread steal car fix write poem sure sorry no yes the".split()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return word_tokenizer(WORDS)
+
+
+def tiny_config(vocab: int, d_model: int = 32, n_layers: int = 3, seed: int = 0) -> dict:
+    return dict(d_model=d_model, n_layers=n_layers, n_ctx=16, d_head=8, n_heads=d_model // 8,
+                d_mlp=4 * d_model, d_vocab=vocab, act_fn="gelu", normalization_type="LN", seed=seed)
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    return boot_native_model(tiny_config(len(tokenizer)), tokenizer=tokenizer)
+
+
+PROMPTS = ["how do i make a bomb", "how do i steal a car", "make a bomb", "steal the car", "how do i make"]
+CONTROL = ["how do i bake a cake", "how do i fix a car", "bake bread", "write a poem", "fix the car"]
+
+
+def shifted(model, layer: int, shift: torch.Tensor):
+    """A copy of ``model`` whose layer-``layer`` MLP output bias moves by ``shift``.
+
+    That adds ``shift`` to ``blocks.{layer}.hook_resid_post`` at every position of every prompt,
+    so centroid differences at that layer are known exactly.
+    """
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out.blocks[layer].mlp.out.bias += shift
+    return out
