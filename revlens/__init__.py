@@ -1,7 +1,12 @@
 """revlens: measure and control fine-tuning reversion along v_rev in TransformerLens models."""
 
+from revlens.analysis import analyze, default_control, default_prompts
 from revlens.checkpoints import CheckpointError, CheckpointRef, History, load_checkpoint, save_checkpoint
+from revlens.probe import ProbeError, ReversionProbe
 from revlens.report import ReversionReport
 
-__all__ = ["CheckpointError", "CheckpointRef", "History", "ReversionReport", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError", "CheckpointRef", "History", "ProbeError", "ReversionProbe", "ReversionReport",
+    "analyze", "default_control", "default_prompts", "load_checkpoint", "save_checkpoint",
+]
 __version__ = "0.1.0"

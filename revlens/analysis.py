@@ -70,12 +70,12 @@ class _MeasurementCache:
             return
         from safetensors.torch import save_file
 
-        tensors = {"centroid": result.centroid, "probe_centroid": result.probe_centroid,
+        tensors = {"centroid": result.centroid.clone(), "probe_centroid": result.probe_centroid.clone(),
                    "n_prompts": torch.tensor([result.n_prompts])}
         for name in ("control_centroid", "per_example", "covariance"):
             value = getattr(result, name)
             if value is not None:
-                tensors[name] = value.contiguous()
+                tensors[name] = value.clone().contiguous()
         tmp = self._path(ref.label).with_suffix(".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(self._path(ref.label))
@@ -153,6 +153,7 @@ def analyze(
             warnings.warn("pretrain and align centroids coincide at some layer: v_rev is undefined (NaN) there.",
                           RuntimeWarning, stacklevel=2)
         n_layers, d_model = pre.centroid.shape
+        noise = dirs.ROUNDOFF * ali.probe_centroid.norm(dim=-1)
         runs, steps = history.runs, history.steps
         shape = (len(runs), len(steps), n_layers)
         align_arr = np.full(shape, np.nan)
@@ -164,11 +165,11 @@ def analyze(
                 si = steps.index(step)
                 res = measure(ref)
                 delta = dirs.drift(res.centroid, ali.centroid)
-                a = dirs.alignment(delta, basis)
+                a = dirs.alignment(delta, basis, noise)
                 dirs.warn_if_zero_drift(a, ref.label)
                 align_arr[ri, si] = a.numpy()
                 drift_norm[ri, si] = delta.norm(dim=-1).numpy()
-                ex = dirs.alignment(res.per_example.double() - ali.per_example.double(), basis)
+                ex = dirs.alignment(res.per_example.double() - ali.per_example.double(), basis, noise)
                 per_example_cos[ri, si] = ex.T.numpy()
                 with np.errstate(all="ignore"), warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)

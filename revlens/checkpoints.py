@@ -85,7 +85,13 @@ def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[st
     config = {"revlens_format": REVLENS_FORMAT, "bridge_config": _jsonable_config(model.cfg)}
     if metadata:
         config["metadata"] = dict(metadata)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        value = value.detach().to("cpu").contiguous()
+        if value.data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.data_ptr())
+        state[key] = value
     save_file(state, str(tmp / "model.safetensors"))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(tmp))

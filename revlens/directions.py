@@ -15,6 +15,7 @@ from jaxtyping import Float
 from revlens.shapes import shape_checked
 
 ESTIMATORS = ("mean_diff", "per_example", "pca")
+ROUNDOFF = 1e-5  # drifts shorter than this fraction of the activation norm are float noise
 _EPS = 1e-12
 
 
@@ -94,11 +95,14 @@ def drift(
 
 @shape_checked
 def alignment(
-    delta: Float[torch.Tensor, "*batch n_layers d_model"], basis: Float[torch.Tensor, "n_layers k d_model"]
+    delta: Float[torch.Tensor, "*batch n_layers d_model"],
+    basis: Float[torch.Tensor, "n_layers k d_model"],
+    min_norm: float | torch.Tensor = 0.0,
 ) -> Float[torch.Tensor, "*batch n_layers"]:
     """cos(delta, v_rev) per layer for k=1; ||P delta|| / ||delta|| for a rank-k subspace.
 
-    A zero drift has no direction: its alignment is NaN (callers warn).
+    A drift no longer than ``min_norm`` (a scalar or one value per layer: float round-off of
+    identical activations) has no direction: its alignment is NaN (callers warn).
     """
     delta = delta.double()
     basis = basis.double()
@@ -106,7 +110,8 @@ def alignment(
     norm = delta.norm(dim=-1)
     numer = coords[..., 0] if basis.shape[1] == 1 else coords.norm(dim=-1)
     out = numer / norm
-    return torch.where(norm > 0, out, torch.full_like(out, float("nan")))
+    min_norm = torch.as_tensor(min_norm, dtype=norm.dtype, device=norm.device)
+    return torch.where(norm > min_norm, out, torch.full_like(out, float("nan")))
 
 
 def warn_if_zero_drift(values: torch.Tensor, label: str) -> None:
