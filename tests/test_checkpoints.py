@@ -134,3 +134,22 @@ def test_config_json_is_plain_json(tiny_model, tmp_path):
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     assert cfg["revlens_format"] == 1 and cfg["metadata"] == {"phase": "align"}
     assert cfg["bridge_config"]["d_model"] == tiny_model.cfg.d_model
+
+
+def test_cli_analyze_writes_report_and_prints_summary(tiny_model, tmp_path, capsys):
+    from revlens.cli import main
+
+    d = tiny_model.cfg.d_model
+    write_history(tmp_path / "h", tiny_model, {"seed_0": {1: shifted(tiny_model, 1, -0.3 * torch.ones(d))}})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert main(["analyze", str(tmp_path / "h"), "--out", str(tmp_path / "out"), "--prompts", str(prompts),
+                     "--layers", "1,2"]) == 0
+    printed = capsys.readouterr().out
+    assert "null p99 (isotropic)" in printed and "report written" in printed
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["layers"] == [1, 2] and saved["alignment"][0][0][0] == pytest.approx(-1.0, abs=1e-5)
+    assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,89 @@
+"""The `revlens` command line: analyze a history, run the organism demo, fine-tune with blocking."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}")
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="measure drift along v_rev over a checkpoint folder",
+                       description="Read CKPT_DIR (pretrain/, align/, finetune/<run>/step_<N>/), write "
+                                   "report.json to --out and print the summary table.")
+    p.add_argument("ckpt_dir", help="history folder: pretrain/ align/ finetune/<run>/step_<N>/")
+    p.add_argument("--out", required=True, help="folder for report.json (and dashboard.html with --html)")
+    p.add_argument("--prompts", help="probe prompt file, one per line (default: data/harmful_requests.txt)")
+    p.add_argument("--control", help="control prompt file; enables the contrast readout")
+    p.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: all)")
+    p.add_argument("--hook", default="resid_post")
+    p.add_argument("--readout", default="last", choices=["last", "mean"])
+    p.add_argument("--estimator", default="mean_diff", choices=["mean_diff", "per_example", "pca"])
+    p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--html", action="store_true", help="also write the interactive dashboard.html")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from revlens.analysis import analyze, load_prompt_file
+
+    out = Path(args.out)
+    report = analyze(
+        args.ckpt_dir,
+        load_prompt_file(args.prompts) if args.prompts else None,
+        control=load_prompt_file(args.control) if args.control else None,
+        layers=args.layers, hook=args.hook, readout=args.readout, estimator=args.estimator, k=args.k,
+        batch_size=args.batch_size, device=args.device, cache_dir=out / "cache",
+    )
+    path = report.save(out)
+    print(report.summary())
+    print(f"report written to {path}")
+    if args.html:
+        print(f"dashboard written to {report.save_html(out / 'dashboard.html')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="revlens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_analyze(sub)
+    for module in ("revlens.demo", "revlens.finetune"):
+        if importlib.util.find_spec(module) is not None:
+            mod = importlib.import_module(module)
+            if hasattr(mod, "add_cli"):
+                mod.add_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `revlens` command; user errors print one line and exit 2."""
+    from revlens.checkpoints import CheckpointError
+    from revlens.probe import ProbeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, ProbeError, FileNotFoundError, ValueError) as err:
+        print(f"revlens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"revlens {args.command}: interrupted; finished work is kept and a rerun resumes it.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
