@@ -160,14 +160,16 @@ class ReversionReport:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        tensors_tmp = directory / (REPORT_TENSORS + ".tmp")
         save_file(
-            {"v_rev": self.v_rev.detach().cpu().contiguous().float(),
-             "v_rev_basis": self.v_rev_basis.detach().cpu().contiguous().float()},
-            str(directory / REPORT_TENSORS),
+            {"v_rev": self.v_rev.detach().cpu().float().clone(),
+             "v_rev_basis": self.v_rev_basis.detach().cpu().float().clone()},
+            str(tensors_tmp),
         )
-        tmp = directory / (REPORT_JSON + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(directory / REPORT_JSON)
+        json_tmp = directory / (REPORT_JSON + ".tmp")
+        json_tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tensors_tmp.replace(directory / REPORT_TENSORS)
+        json_tmp.replace(directory / REPORT_JSON)
         return directory / REPORT_JSON
 
     @classmethod

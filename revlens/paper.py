@@ -1,0 +1,94 @@
+"""The paper's anchor table (Poppi & Lukas 2026, abstract) and our table beside it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from revlens.report import ReversionReport, mean_std
+
+# Quoted from the paper's abstract (SCIENCE.md, "The paper's headline numbers"): citations, not results.
+PAPER = {
+    "alignment_step1": "0.429 +/- 0.052",
+    "alignment_step20": "0.647 +/- 0.021",
+    "pairs_above_p99": "24 of 24",
+    "final_alignment_plain": "0.648 +/- 0.009",
+    "final_alignment_blocked": "-0.211 +/- 0.021",
+    "harm_plain_to_blocked": "19.0% +/- 4.0% -> 8.5% +/- 1.5%",
+    "task_cost": "\"little\"",
+}
+
+
+def _pm(values: Any, digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
+    m, s = mean_std(np.asarray(values, dtype=np.float64) * scale)
+    if np.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f}{suffix} +/- {s:.{digits}f}{suffix}"
+
+
+def _step_values(report: ReversionReport, step: int, layer_index: int) -> np.ndarray | None:
+    if step not in report.steps:
+        return None
+    return report.alignment[:, report.steps.index(step), layer_index]
+
+
+def ours(report: ReversionReport, blocked_mode: str | None = None) -> dict[str, str]:
+    """Our measured value for each row of the anchor table (``n/a`` where not measured)."""
+    li = report.best_layer_index()
+    row: dict[str, str] = {}
+    first = min(report.steps)
+    a1 = _step_values(report, first, li)
+    row["alignment_step1"] = _pm(a1) + ("" if first == 1 else f" (step {first})")
+    a20 = _step_values(report, 20, li)
+    row["alignment_step20"] = "n/a" if a20 is None else _pm(a20)
+    above, pairs = report.exceedance(li, "isotropic")
+    above_act, _ = report.exceedance(li, "activation")
+    row["pairs_above_p99"] = f"{above} of {pairs} (activation-space null: {above_act} of {pairs})"
+    last = max(report.steps)
+    row["final_alignment_plain"] = _pm(_step_values(report, last, li)) + ("" if last == 100 else f" (T={last})")
+    row["final_alignment_blocked"] = "n/a"
+    row["harm_plain_to_blocked"] = "n/a"
+    row["task_cost"] = "n/a"
+    iv = report.interventions
+    if iv and blocked_mode is None:
+        blocked_mode = iv.get("best_mode")
+    if iv and blocked_mode and blocked_mode in iv.get("metrics", {}):
+        plain, blocked = iv["metrics"]["plain"], iv["metrics"][blocked_mode]
+        row["final_alignment_blocked"] = f"{_pm(blocked['final_alignment'])} ({blocked_mode})"
+        row["harm_plain_to_blocked"] = (f"{_pm(plain['harmfulness'], 1, 100, '%')} -> "
+                                        f"{_pm(blocked['harmfulness'], 1, 100, '%')}")
+        pl, bl = np.asarray(plain["task_loss"], float), np.asarray(blocked["task_loss"], float)
+        row["task_cost"] = f"B2 loss {_pm(bl - pl, 4)} ({100 * (bl.mean() / pl.mean() - 1):+.1f}%)"
+    elif report.behaviour and "harm" in report.behaviour:
+        harm = report.behaviour["harm"]
+        row["harm_plain_to_blocked"] = f"plain: {_pm(harm.get('final', []), 1, 100, '%')}; blocked: n/a"
+    return row
+
+
+LABELS = {
+    "alignment_step1": "alignment after the first update",
+    "alignment_step20": "alignment by step 20",
+    "pairs_above_p99": "run-step pairs above the isotropic null's p99",
+    "final_alignment_plain": "final alignment at T=100, plain fine-tuning",
+    "final_alignment_blocked": "final alignment at T=100, v_rev blocked",
+    "harm_plain_to_blocked": "harmfulness, plain -> blocked",
+    "task_cost": "task cost of blocking",
+}
+
+
+def comparison_rows(report: ReversionReport, blocked_mode: str | None = None) -> list[dict[str, str]]:
+    """Rows ``{quantity, paper, revlens}`` of the anchor table."""
+    mine = ours(report, blocked_mode)
+    return [{"quantity": LABELS[k], "paper": PAPER[k], "revlens": mine[k]} for k in PAPER]
+
+
+def comparison_table(report: ReversionReport, blocked_mode: str | None = None) -> str:
+    """The anchor table as aligned text: quantity | paper | revlens."""
+    rows = comparison_rows(report, blocked_mode)
+    w0 = max(len(r["quantity"]) for r in rows)
+    w1 = max(len(r["paper"]) for r in rows)
+    head = f"{'quantity':<{w0}} | {'paper':<{w1}} | revlens (layer L{report.best_layer})"
+    lines = [head, "-" * len(head)]
+    lines += [f"{r['quantity']:<{w0}} | {r['paper']:<{w1}} | {r['revlens']}" for r in rows]
+    return "\n".join(lines)
