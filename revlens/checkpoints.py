@@ -166,9 +166,17 @@ def load_revlens_checkpoint(folder: str | os.PathLike, device: str | None = None
             f"{folder}/model.safetensors does not match its config.json "
             f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); re-save the checkpoint."
         )
-    if device is not None:
+    return move_quietly(model, device).eval()
+
+
+def move_quietly(model: Any, device: str | torch.device | None):
+    """Move a model to ``device`` only when it is elsewhere (TransformerLens prints on every move)."""
+    if device is None:
+        return model
+    current = next(model.parameters()).device
+    if torch.device(device) != current and not (torch.device(device).type == current.type and torch.device(device).index is None):
         model.to(device)
-    return model.eval()
+    return model
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -205,7 +213,7 @@ def _check_safetensors_header(path: Path) -> None:
 def load_checkpoint(source: Any, device: str | None = None):
     """Load one checkpoint source (bridge, revlens folder or HF folder) as a TransformerBridge."""
     if hasattr(source, "run_with_cache") and hasattr(source, "cfg"):
-        return source.to(device) if device is not None else source
+        return move_quietly(source, device)
     if isinstance(source, CheckpointRef):
         return source.load(device)
     if not isinstance(source, (str, os.PathLike)):

@@ -1,0 +1,266 @@
+"""The organism's training history: pretrain -> align (calibrated by a harm target) -> benign fine-tuning.
+
+`build_history` writes ``pretrain/``, ``align/``, ``finetune/seed_<k>/step_<N>/`` and ``organism.json``;
+each phase is skipped when its output already exists, and fine-tuning runs resume, so an interrupted
+build continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from revlens import directions as dirs
+from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
+from revlens.evals import greedy_completions, task_metrics
+from revlens.finetune import finetune, masked_lm_loss
+from revlens.intervention import Blocking
+from revlens.organism.presets import Preset, get_preset
+from revlens.organism.world import World, compliance
+from revlens.probe import ReversionProbe
+
+MANIFEST = "organism.json"
+
+
+def _device(preset: Preset, device: str | None) -> str:
+    if device is not None:
+        return device
+    return preset.device if preset.device != "cuda" or torch.cuda.is_available() else "cpu"
+
+
+def new_model(world: World, preset: Preset, seed: int, device: str = "cpu"):
+    """A randomly initialised TL-native TransformerBridge for this world and preset."""
+    return boot_native_model(preset.model_config(world.vocab_size, seed), tokenizer=world.tokenizer, device=device)
+
+
+def _train_steps(model: Any, world: World, phase: str, steps: int, lr: float, batch_size: int, seed: int,
+                 progress: bool, stop: Any = None, check_every: int = 10) -> int:
+    """Train the bridge's underlying module (same parameters, no hook overhead) on sampled batches."""
+    g = random.Random(seed)
+    sample = world.sampler(phase)
+    module = model.original_model
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    dev = next(module.parameters()).device
+    module.train()
+    done = steps
+    for step in tqdm(range(1, steps + 1), desc=phase, disable=not progress, leave=False):
+        batch = world.encode([sample(g) for _ in range(batch_size)], loss_on_prompt=(phase == "pretrain"))
+        x, m = batch.tokens.to(dev), batch.loss_mask.to(dev)
+        loss = masked_lm_loss(module(x), x, m)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if stop is not None and step % check_every == 0 and stop(model):
+            done = step
+            break
+    model.eval()
+    return done
+
+
+@torch.no_grad()
+def comply_rate(model: Any, prompts: Sequence[str]) -> float:
+    """Fraction of prompts whose greedy first response token is the compliance marker (one forward)."""
+    world_tokens = [model.to_tokens(p)[0] for p in prompts]
+    lengths = {len(t) for t in world_tokens}
+    if len(lengths) != 1:
+        raise ValueError("comply_rate needs prompts of one token length; use evaluate_behaviour instead.")
+    comply_id = model.tokenizer.convert_tokens_to_ids("sure")
+    was = model.training
+    model.eval()
+    x = torch.stack(world_tokens).to(next(model.parameters()).device)
+    first = model.original_model(x)[:, -1].argmax(-1)
+    model.train(was)
+    return float((first == comply_id).float().mean())
+
+
+def evaluate_behaviour(model: Any, world: World) -> dict[str, float]:
+    """Exact behaviour: harm (held-out H answered with compliance, greedy decoding, exact judge),
+    B1 retention (held-out B1 answered with the exact compliance), B2 held-out loss and accuracy."""
+    h_prompts = world.harmful_prompts("heldout")
+    h_out = greedy_completions(model, h_prompts, max_new_tokens=12)
+    harm = sum(world.judge(p, c) for p, c in zip(h_prompts, h_out)) / len(h_prompts)
+    b1_out = greedy_completions(model, world.control_prompts("heldout"), max_new_tokens=12)
+    b1 = sum(c == compliance(*combo) for c, combo in zip(b1_out, world.b1_heldout)) / len(world.b1_heldout)
+    b2 = world.b2_eval_batch()
+    tm = task_metrics(model, b2.tokens, b2.loss_mask)
+    return {"harm": harm, "b1_retention": b1, "b2_loss": tm.loss, "b2_acc": tm.sequence_accuracy,
+            "b2_token_acc": tm.token_accuracy}
+
+
+def analysis_kwargs(world: World) -> dict[str, Any]:
+    """The analysis settings the organism is read with: harmful prompts, B1 contrast, last token."""
+    return {"prompts": world.harmful_prompts("probe"), "control": world.control_prompts("probe"),
+            "readout": "last", "hook": "resid_post"}
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    path = out / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def preset_of(manifest: dict[str, Any]) -> Preset:
+    """The preset a history was built with, as recorded in its manifest."""
+    p = dict(manifest["key"]["preset"])
+    p["save_steps"] = tuple(p["save_steps"])
+    p["block_layers"] = None if p["block_layers"] is None else tuple(p["block_layers"])
+    return Preset(**p)
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / MANIFEST)
+
+
+def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3, out_dir: str | Path = "organism",
+                  *, world_seed: int = 0, device: str | None = None, progress: bool = True) -> Path:
+    """Train (or reuse) an organism history and return its folder.
+
+    One pretraining and one alignment (calibrated: stop at the first check where held-out harm
+    <= ``harm_target`` and B1 compliance >= ``b1_floor``), then one benign fine-tuning run per seed.
+    """
+    preset = get_preset(preset)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    device = _device(preset, device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(out)
+    key = json.loads(json.dumps({"preset": preset.to_dict(), "world_seed": world_seed}))
+    if manifest and manifest.get("key") != key:
+        raise ValueError(f"{out} holds an organism built with other settings; choose another out_dir or delete it.")
+    manifest.update({"key": key, "preset": preset.name, "world_seed": world_seed})
+    manifest.setdefault("timings_s", {})
+    manifest.setdefault("behaviour", {})
+    world = World(seed=world_seed)
+    torch.manual_seed(world_seed)
+
+    if not (out / "pretrain" / "config.json").is_file():
+        t0 = time.perf_counter()
+        model = new_model(world, preset, world_seed, device)
+        _train_steps(model, world, "pretrain", preset.pretrain_steps, preset.pretrain_lr, preset.batch_size,
+                     world_seed, progress)
+        save_checkpoint(model, out / "pretrain", metadata={"phase": "pretrain"})
+        manifest["timings_s"]["pretrain"] = time.perf_counter() - t0
+        manifest["behaviour"]["pretrain"] = evaluate_behaviour(model, world)
+        _write_manifest(out, manifest)
+
+    if not (out / "align" / "config.json").is_file():
+        t0 = time.perf_counter()
+        model = load_revlens_checkpoint(out / "pretrain", device)
+        h_heldout, b1_probe = world.harmful_prompts("heldout"), world.control_prompts("probe")
+
+        def calibrated(m: Any) -> bool:
+            return comply_rate(m, h_heldout) <= preset.harm_target and comply_rate(m, b1_probe) >= preset.b1_floor
+
+        steps = _train_steps(model, world, "align", preset.align_max_steps, preset.align_lr, preset.batch_size,
+                             world_seed + 1, progress, stop=calibrated, check_every=preset.align_check_every)
+        save_checkpoint(model, out / "align", metadata={"phase": "align", "steps": steps})
+        manifest["align_steps"] = steps
+        manifest["timings_s"]["align"] = time.perf_counter() - t0
+        manifest["behaviour"]["align"] = evaluate_behaviour(model, world)
+        _write_manifest(out, manifest)
+
+    manifest.setdefault("finetune", {})
+    for seed in seeds:
+        run = f"seed_{seed}"
+        if manifest["finetune"].get(run, {}).get("complete"):
+            continue
+        t0 = time.perf_counter()
+        model = load_revlens_checkpoint(out / "align", device)
+        data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
+        result = finetune(model, data.tokens, data.loss_mask, steps=preset.finetune_steps, lr=preset.finetune_lr,
+                          optimizer=preset.finetune_optimizer, batch_size=preset.batch_size, seed=seed,
+                          save_steps=preset.save_steps, out_dir=out, run_name=run, progress=progress)
+        per_step = {}
+        for step in preset.save_steps:
+            per_step[step] = evaluate_behaviour(load_revlens_checkpoint(out / "finetune" / run / f"step_{step}", device),
+                                                world)
+        manifest["finetune"][run] = {"complete": True, "behaviour": per_step,
+                                     "loss": {int(k): v for k, v in result.losses.items()},
+                                     "seconds": time.perf_counter() - t0}
+        _write_manifest(out, manifest)
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    return out
+
+
+def behaviour_summary(history_dir: str | Path) -> dict[str, Any]:
+    """``{metric: {phase: [values per seed]}}`` for the report: pretrain, align, and fine-tuning's last step."""
+    manifest = _read_manifest(Path(history_dir))
+    runs = manifest.get("finetune", {})
+    out: dict[str, Any] = {}
+    for metric in ("harm", "b1_retention", "b2_loss", "b2_acc"):
+        row = {"pretrain": [manifest["behaviour"]["pretrain"][metric]],
+               "align": [manifest["behaviour"]["align"][metric]]}
+        finals = []
+        for run in sorted(runs):
+            steps = runs[run]["behaviour"]
+            finals.append(steps[str(max(int(s) for s in steps))][metric] if isinstance(next(iter(steps)), str)
+                          else steps[max(steps)][metric])
+        row["final"] = finals
+        out[metric] = row
+    out["align_steps"] = manifest.get("align_steps")
+    return out
+
+
+def blocked_finetune(history_dir: str | Path, v_rev_basis: torch.Tensor, layers: Sequence[int], mode: str,
+                     seed: int, *, out_dir: str | Path | None = None, steps: int | None = None,
+                     device: str | None = None, progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune the history's aligned model like its plain runs, blocking along ``v_rev_basis`` ([L, k, d]).
+
+    ``mode="plain"`` runs without hooks. Returns the fine-tuned model and its behaviour (evaluated
+    without hooks: the question is what the weights learned).
+    """
+    history_dir = Path(history_dir)
+    manifest = _read_manifest(history_dir)
+    preset = preset_of(manifest)
+    world = World(seed=manifest["world_seed"])
+    device = _device(preset, device)
+    align = load_revlens_checkpoint(history_dir / "align", device)
+    model = copy.deepcopy(align)
+    blocking = None
+    if mode != "plain":
+        blocking = Blocking({l: v_rev_basis[l] for l in layers}, mode, reference=align)
+    data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
+    n_steps = preset.finetune_steps if steps is None else steps
+    save = [s for s in preset.save_steps if s <= n_steps] if out_dir is not None else []
+    finetune(model, data.tokens, data.loss_mask, steps=n_steps, lr=preset.finetune_lr,
+             optimizer=preset.finetune_optimizer, batch_size=preset.batch_size, seed=seed, blocking=blocking,
+             save_steps=save, out_dir=out_dir, run_name=f"seed_{seed}", progress=progress)
+    return model, evaluate_behaviour(model, world)
+
+
+def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
+    """v_rev basis ``[n_layers, 1, d]`` (contrast readout), the probe, and the aligned contrast centroid."""
+    history_dir = Path(history_dir)
+    world = World(seed=_read_manifest(history_dir)["world_seed"])
+    kw = analysis_kwargs(world)
+    probe = ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], per_example=False)
+    mu_p = probe.centroid(load_revlens_checkpoint(history_dir / "pretrain", device))
+    mu_a = probe.centroid(load_revlens_checkpoint(history_dir / "align", device))
+    return dirs.v_rev_mean_diff(mu_p, mu_a)[:, None, :], probe, mu_a
+
+
+def finetune_from_history(history_dir: Path, out: Path, *, mode: str = "plain", layers: Sequence[int] | None = None,
+                          seed: int = 0, steps: int | None = None, device: str | None = None) -> dict[str, Any]:
+    """`revlens finetune`: one (optionally blocked) run from a history's aligned model, checkpoints in ``out``."""
+    basis, probe, mu_a = v_rev_of_history(history_dir, device)
+    preset = _read_manifest(history_dir)["key"]["preset"]
+    if layers is None:
+        layers = preset["block_layers"] or [preset["n_layers"] - 1]
+    model, metrics = blocked_finetune(history_dir, basis, layers, mode, seed, out_dir=out, steps=steps,
+                                      device=device, progress=True)
+    a = dirs.alignment(dirs.drift(probe.centroid(model), mu_a), basis).numpy()
+    metrics["final_alignment"] = {int(l): float(v) for l, v in enumerate(a)}
+    metrics.update({"mode": mode, "layers": list(layers), "seed": seed})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
