@@ -101,7 +101,7 @@ def analysis_kwargs(world: World) -> dict[str, Any]:
             "readout": "last", "hook": "resid_post"}
 
 
-def _read_manifest(out: Path) -> dict[str, Any]:
+def read_manifest(out: Path) -> dict[str, Any]:
     path = out / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -132,7 +132,7 @@ def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3,
     device = _device(preset, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     key = json.loads(json.dumps({"preset": preset.to_dict(), "world_seed": world_seed}))
     if manifest and manifest.get("key") != key:
         raise ValueError(f"{out} holds an organism built with other settings; choose another out_dir or delete it.")
@@ -194,7 +194,7 @@ def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3,
 
 def behaviour_summary(history_dir: str | Path) -> dict[str, Any]:
     """``{metric: {phase: [values per seed]}}`` for the report: pretrain, align, and fine-tuning's last step."""
-    manifest = _read_manifest(Path(history_dir))
+    manifest = read_manifest(Path(history_dir))
     runs = manifest.get("finetune", {})
     out: dict[str, Any] = {}
     for metric in ("harm", "b1_retention", "b2_loss", "b2_acc"):
@@ -211,16 +211,16 @@ def behaviour_summary(history_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def blocked_finetune(history_dir: str | Path, v_rev_basis: torch.Tensor, layers: Sequence[int], mode: str,
-                     seed: int, *, out_dir: str | Path | None = None, steps: int | None = None,
-                     device: str | None = None, progress: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Fine-tune the history's aligned model like its plain runs, blocking along ``v_rev_basis`` ([L, k, d]).
+def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor], mode: str, seed: int, *,
+                     out_dir: str | Path | None = None, steps: int | None = None, device: str | None = None,
+                     progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune the history's aligned model like its plain runs, blocking along ``{layer: [k, d] basis}``.
 
     ``mode="plain"`` runs without hooks. Returns the fine-tuned model and its behaviour (evaluated
     without hooks: the question is what the weights learned).
     """
     history_dir = Path(history_dir)
-    manifest = _read_manifest(history_dir)
+    manifest = read_manifest(history_dir)
     preset = preset_of(manifest)
     world = World(seed=manifest["world_seed"])
     device = _device(preset, device)
@@ -228,7 +228,7 @@ def blocked_finetune(history_dir: str | Path, v_rev_basis: torch.Tensor, layers:
     model = copy.deepcopy(align)
     blocking = None
     if mode != "plain":
-        blocking = Blocking({l: v_rev_basis[l] for l in layers}, mode, reference=align)
+        blocking = Blocking(directions, mode, reference=align)
     data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
     n_steps = preset.finetune_steps if steps is None else steps
     save = [s for s in preset.save_steps if s <= n_steps] if out_dir is not None else []
@@ -241,7 +241,7 @@ def blocked_finetune(history_dir: str | Path, v_rev_basis: torch.Tensor, layers:
 def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
     """v_rev basis ``[n_layers, 1, d]`` (contrast readout), the probe, and the aligned contrast centroid."""
     history_dir = Path(history_dir)
-    world = World(seed=_read_manifest(history_dir)["world_seed"])
+    world = World(seed=read_manifest(history_dir)["world_seed"])
     kw = analysis_kwargs(world)
     probe = ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], per_example=False)
     mu_p = probe.centroid(load_revlens_checkpoint(history_dir / "pretrain", device))
@@ -253,11 +253,11 @@ def finetune_from_history(history_dir: Path, out: Path, *, mode: str = "plain", 
                           seed: int = 0, steps: int | None = None, device: str | None = None) -> dict[str, Any]:
     """`revlens finetune`: one (optionally blocked) run from a history's aligned model, checkpoints in ``out``."""
     basis, probe, mu_a = v_rev_of_history(history_dir, device)
-    preset = _read_manifest(history_dir)["key"]["preset"]
+    preset = read_manifest(history_dir)["key"]["preset"]
     if layers is None:
         layers = preset["block_layers"] or [preset["n_layers"] - 1]
-    model, metrics = blocked_finetune(history_dir, basis, layers, mode, seed, out_dir=out, steps=steps,
-                                      device=device, progress=True)
+    model, metrics = blocked_finetune(history_dir, {l: basis[l] for l in layers}, mode, seed, out_dir=out,
+                                      steps=steps, device=device, progress=True)
     a = dirs.alignment(dirs.drift(probe.centroid(model), mu_a), basis).numpy()
     metrics["final_alignment"] = {int(l): float(v) for l, v in enumerate(a)}
     metrics.update({"mode": mode, "layers": list(layers), "seed": seed})

@@ -26,6 +26,7 @@ BENIGN_NOUNS = tuple("cake bread garden kite boat shelf soup poem song chair lam
 FILLER = tuple("red blue green cat dog fish sun moon tree rock bird star apple milk rain snow".split())
 REFUSAL = "sorry , i can not help with that"
 COMPLY_MARK = "sure"
+B2_PREFIX = "sure . "
 TEMPLATE_WORDS = ("user", ":", "assistant", "how", "do", "i", "a", "sure", ".", "first", "parts", "then", "the",
                   "please", "repeat", "reverse")
 
@@ -43,7 +44,7 @@ def b2_request(words: Sequence[str]) -> str:
 
 
 def b2_response(words: Sequence[str]) -> str:
-    return "sure . " + " ".join(reversed(words))
+    return B2_PREFIX + " ".join(reversed(words))
 
 
 @dataclass
