@@ -56,7 +56,7 @@ def _layer_traces(report: Any, li: int, visible: bool) -> list[tuple[go.BaseTrac
                                visible=visible,
                                hovertemplate=f"run {run}, L{layer}<br>step %{{x}}<br>cos %{{y:.4f}}<extra></extra>"),
                     1, 1))
-    out.append((go.Scatter(x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself",
+    out.append((go.Scatter(x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself", mode="lines",
                            fillcolor=BAND_COLOR, line=dict(width=0), hoverinfo="skip", name="mean +/- std",
                            legendgroup="band", showlegend=visible, visible=visible), 1, 1))
     out.append((go.Scatter(x=steps, y=mean, mode="lines+markers", line=dict(color=MEAN_COLOR, width=3),
