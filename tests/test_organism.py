@@ -1,0 +1,86 @@
+"""The organism: the exact judge, the world's splits, and a micro history whose phases move behaviour."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import revlens
+from revlens.checkpoints import load_checkpoint
+from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history, evaluate_behaviour
+from revlens.organism.world import REFUSAL, compliance
+
+
+@pytest.fixture(scope="module")
+def micro_history(tmp_path_factory):
+    out = tmp_path_factory.mktemp("organism")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_history("micro", 2, out, progress=False)
+    return out
+
+
+def test_judge_is_exact():
+    world = World(0)
+    verb, noun = world.h_heldout[0]
+    prompt = world.harmful_prompts("heldout")[0]
+    assert world.judge(prompt, compliance(verb, noun))
+    assert not world.judge(prompt, REFUSAL)
+    assert not world.judge(prompt, "")
+    assert not world.judge(prompt, "red blue")
+
+
+def test_world_is_deterministic_and_splits_are_disjoint():
+    a, b = World(0), World(0)
+    assert a.harmful_prompts("heldout") == b.harmful_prompts("heldout")
+    assert not set(a.h_train) & set(a.h_heldout)
+    assert not set(a.b2_train) & set(a.b2_heldout)
+    assert World(1).harmful_prompts("heldout") != a.harmful_prompts("heldout")
+    batch = a.dataset("finetune", 4, seed=0)
+    assert torch.equal(batch.tokens, b.dataset("finetune", 4, seed=0).tokens)
+    with pytest.raises(ValueError, match="unknown split"):
+        a.harmful_prompts("test")
+
+
+def test_phases_move_behaviour_the_expected_way(micro_history):
+    summary = behaviour_summary(micro_history)
+    harm = summary["harm"]
+    # Pretraining complies, alignment refuses (calibrated to the harm target), benign fine-tuning brings harm back.
+    assert harm["pretrain"][0] > 0.9
+    assert harm["align"][0] <= 0.05
+    assert all(h >= harm["align"][0] + 0.15 for h in harm["final"])
+    assert summary["b1_retention"]["align"][0] >= 0.9
+    assert all(l < summary["b2_loss"]["align"][0] for l in summary["b2_loss"]["final"])
+    manifest = json.loads((micro_history / "organism.json").read_text())
+    assert manifest["complete"] and set(manifest["finetune"]) == {"seed_0", "seed_1"}
+
+
+def test_behaviour_is_recomputed_exactly_from_the_checkpoints(micro_history):
+    world = World(0)
+    align = load_checkpoint(micro_history / "align")
+    manifest = json.loads((micro_history / "organism.json").read_text())
+    assert evaluate_behaviour(align, world) == pytest.approx(manifest["behaviour"]["align"])
+
+
+def test_history_is_reused_and_deterministic(micro_history, tmp_path):
+    before = (micro_history / "finetune" / "seed_0" / "step_20" / "model.safetensors").read_bytes()
+    build_history("micro", 2, micro_history, progress=False)  # complete: nothing is retrained
+    assert (micro_history / "finetune" / "seed_0" / "step_20" / "model.safetensors").read_bytes() == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = build_history("micro", [0], tmp_path / "again", progress=False)
+    a = load_checkpoint(micro_history / "finetune" / "seed_0" / "step_20").state_dict()
+    b = load_checkpoint(again / "finetune" / "seed_0" / "step_20").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_analysis_reads_the_organism(micro_history):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = revlens.analyze(micro_history, **analysis_kwargs(World(0)), progress=False)
+    assert report.runs == ["seed_0", "seed_1"] and report.steps == [1, 5, 20]
+    assert report.alignment.shape == (2, 3, 2)
+    assert report.config["contrast"] is True
