@@ -33,3 +33,9 @@ def test_demo_cli_writes_report_dashboard_and_table(tmp_path, capsys):
                                report.alignment[:, -1, li], atol=1e-4)
     html = (out / "dashboard.html").read_text()
     assert "<script src=\"http" not in html and "Plotly" in html
+    # `revlens finetune` reuses the demo's history: a blocked run writes the layout analyze reads, resumably.
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(out / "history"), "--out", str(ft), "--mode", "clamp", "--steps", "5"]) == 0
+    metrics = json.loads((ft / "metrics.json").read_text())
+    assert metrics["mode"] == "clamp" and 0.0 <= metrics["harm"] <= 1.0
+    assert (ft / "finetune" / "seed_0" / "step_5" / "model.safetensors").is_file()
