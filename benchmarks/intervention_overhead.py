@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,7 +20,8 @@ from revlens.checkpoints import boot_native_model
 from revlens.finetune import masked_lm_loss
 from revlens.intervention import Blocking
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import environment, write_result
+
 
 
 def main() -> None:
@@ -91,8 +89,7 @@ def main() -> None:
     rows = {m: {"median_step_s": statistics.median(t), "overhead": statistics.median(t) / plain - 1.0}
             for m, t in times.items()}
     result = {
-        "benchmark": "intervention_overhead", "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
-        "machine": platform.machine(), "threads": torch.get_num_threads(),
+        "benchmark": "intervention_overhead", **environment(args.device), "dtype": args.dtype,
         "model": {"d_model": args.d_model, "n_layers": args.layers, "batch": args.batch, "seq": args.seq,
                   "blocked_layer": block_layer},
         "modes": rows, "target_overhead_max": 0.10,
@@ -100,11 +97,7 @@ def main() -> None:
                 "clamp@live runs the reference model's forward every step.",
         "within_target": {m: r["overhead"] <= 0.10 for m, r in rows.items() if m != "plain"},
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"intervention_overhead_{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"written to {path}")
+    write_result("intervention_overhead", args.device, result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Probe cost versus a bare forward pass, and peak memory versus an unfiltered run_with_cache.
 
-Writes benchmarks/results/probe_throughput.json. Targets: the probe costs at most 10% more time
+Writes benchmarks/results/probe_throughput_<device>.json. Targets: the probe costs at most 10% more time
 than a bare forward over the same batches; its peak memory stays flat as the prompt count grows.
 
     .venv/bin/python benchmarks/probe_throughput.py [--device cuda] [--quick]
@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import environment, write_result
+
 VOCAB = 4000
 SEQ = 32
 
@@ -122,17 +121,12 @@ def main() -> None:
         row["run_with_cache_peak_growth_mib"] = measure_memory("cache", n, 256, 4)
         memory.append(row)
     result = {
-        "benchmark": "probe_throughput", "device": args.device, "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "benchmark": "probe_throughput", **environment(args.device),
         "throughput": throughput, "memory": memory,
         "targets": {"probe_overhead_max": 0.10, "probe_memory": "flat in n_prompts"},
         "probe_overhead_ok": all(r["probe_overhead"] <= 0.10 for r in throughput),
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"probe_throughput_{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"written to {path}")
+    write_result("probe_throughput", args.device, result)
 
 
 if __name__ == "__main__":

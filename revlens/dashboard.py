@@ -120,10 +120,10 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
         raise ValueError(f"layer {layer} was not analysed; the report has layers {report.layers}.")
     iv = report.interventions
     rows = 4 if iv else 2
-    titles = [f"Alignment cos(drift, v_rev) per step", "Mean alignment, layer x step",
+    titles = ["Alignment cos(drift, v_rev) per step", "Mean alignment, layer x step",
               "Drift norm ||mu_t - mu_A|| per step", "Per-example alignment per step"]
     if iv:
-        titles += [f"Harmfulness after fine-tuning, by mode", "Final alignment at the last step, by mode",
+        titles += ["Harmfulness after fine-tuning, by mode", "Final alignment at the last step, by mode",
                    "Fine-tuning task loss (held-out), by mode", "B1 retention, by mode"]
     fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=0.09 if iv else 0.14,
                         horizontal_spacing=0.1)

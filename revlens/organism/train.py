@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
