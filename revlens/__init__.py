@@ -2,11 +2,14 @@
 
 from revlens.analysis import analyze, default_control, default_prompts
 from revlens.checkpoints import CheckpointError, CheckpointRef, History, load_checkpoint, save_checkpoint
+from revlens.finetune import ReversionMonitor, finetune
+from revlens.intervention import Blocking
 from revlens.probe import ProbeError, ReversionProbe
 from revlens.report import ReversionReport
 
 __all__ = [
-    "CheckpointError", "CheckpointRef", "History", "ProbeError", "ReversionProbe", "ReversionReport",
-    "analyze", "default_control", "default_prompts", "load_checkpoint", "save_checkpoint",
+    "Blocking", "CheckpointError", "CheckpointRef", "History", "ProbeError", "ReversionMonitor", "ReversionProbe",
+    "ReversionReport", "analyze", "default_control", "default_prompts", "finetune", "load_checkpoint",
+    "save_checkpoint",
 ]
 __version__ = "0.1.0"

@@ -117,9 +117,8 @@ def analyze(
     if estimator != "pca" and k != 1:
         raise ValueError(f"k={k} needs estimator='pca'; mean_diff and per_example give one direction.")
     prompts = default_prompts() if prompts is None else prompts
-    need_examples = True
     probe = ReversionProbe(prompts, layers=layers, hook=hook, readout=readout, control=control,
-                           batch_size=batch_size, device=device, per_example=need_examples)
+                           batch_size=batch_size, device=device, per_example=True)
     cache = _MeasurementCache(cache_dir, {"prompts": [str(p) for p in probe.prompts],
                                           "control": None if probe.control is None else [str(p) for p in probe.control],
                                           "layers": layers, "hook": hook, "readout": readout})

@@ -11,6 +11,7 @@ import copy
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +33,11 @@ MANIFEST = "organism.json"
 def _device(preset: Preset, device: str | None) -> str:
     if device is not None:
         return device
-    return preset.device if preset.device != "cuda" or torch.cuda.is_available() else "cpu"
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"preset {preset.name!r} asks for CUDA, which is not available: running on the CPU.",
+                      RuntimeWarning, stacklevel=3)
+        return "cpu"
+    return preset.device
 
 
 def new_model(world: World, preset: Preset, seed: int, device: str = "cpu"):
