@@ -14,7 +14,7 @@ from revlens.analysis import analyze
 from revlens.checkpoints import load_revlens_checkpoint
 from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history
 from revlens.organism.train import blocked_finetune, preset_of, read_manifest
-from revlens.paper import comparison_table
+from revlens.paper import comparison_rows, comparison_table
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport, fmt_pm
 
@@ -90,6 +90,7 @@ def run_demo(preset: str = "tiny", seeds: int = 3, out: str | Path = "revlens_ou
         report.interventions = compare_blocking(history, report, modes, list(range(seeds)), layers, progress)
     report.config["demo"] = {"preset": preset, "seeds": seeds, "timings_s": {
         "history": t_build, "analyze": t_analyze, "total": time.perf_counter() - t0}}
+    report.config["paper_comparison"] = comparison_rows(report)
     report.save(out)
     if html:
         report.save_html(out / "dashboard.html")

@@ -26,6 +26,8 @@ def test_demo_cli_writes_report_dashboard_and_table(tmp_path, capsys):
     assert set(saved["interventions"]["metrics"]) == {"plain", "clamp"}
     assert saved["behaviour"]["harm"]["align"][0] <= 0.05
     assert saved["config"]["demo"]["preset"] == "micro"
+    rows = {r["quantity"]: r for r in saved["config"]["paper_comparison"]}
+    assert rows["run-step pairs above the isotropic null's p99"]["paper"] == "24 of 24"
     report = ReversionReport.load(out)
     # The plain row of the blocking table re-runs the history's fine-tuning: same final alignment as the analysis.
     li = report.best_layer_index()
