@@ -52,16 +52,20 @@ class _MeasurementCache:
             self.root = Path(root) / digest
             self.root.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, label: str) -> Path:
+    def _path(self, ref: CheckpointRef) -> Path:
+        """One file per checkpoint version: the name carries the weights' size and modification time,
+        so a checkpoint rewritten in place is measured again."""
         assert self.root is not None
-        return self.root / (label.replace("/", "__") + ".safetensors")
+        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(ref.source).glob("*.safetensors"))]
+        digest = hashlib.sha256(repr(stamp).encode()).hexdigest()[:12]
+        return self.root / f"{ref.label.replace('/', '__')}-{digest}.safetensors"
 
     def get(self, ref: CheckpointRef) -> ProbeResult | None:
-        if self.root is None or not isinstance(ref.source, (str, Path)) or not self._path(ref.label).is_file():
+        if self.root is None or not isinstance(ref.source, (str, Path)) or not self._path(ref).is_file():
             return None
         from safetensors.torch import load_file
 
-        t = load_file(str(self._path(ref.label)))
+        t = load_file(str(self._path(ref)))
         return ProbeResult(t["centroid"], t["probe_centroid"], t.get("control_centroid"), t.get("per_example"),
                            t.get("covariance"), int(t["n_prompts"].item()))
 
@@ -76,9 +80,10 @@ class _MeasurementCache:
             value = getattr(result, name)
             if value is not None:
                 tensors[name] = value.clone().contiguous()
-        tmp = self._path(ref.label).with_suffix(".tmp")
+        path = self._path(ref)
+        tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
-        tmp.replace(self._path(ref.label))
+        tmp.replace(path)
 
 
 def analyze(

@@ -50,6 +50,13 @@ def test_directory_layout_is_read_lazily_and_analyzed(tiny_model, tmp_path):
     # A second run reads every measurement from the cache and gives the same numbers.
     again = revlens.analyze(str(tmp_path), PROMPTS, layers=[1], progress=False, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again.alignment, report.alignment)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 5
+    # A checkpoint rewritten in place is measured again, not read from the stale cache.
+    save_checkpoint(shifted(tiny_model, 1, 0.4 * torch.ones(d)), tmp_path / "finetune" / "seed_0" / "step_1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fresh = revlens.analyze(str(tmp_path), PROMPTS, layers=[1], progress=False, cache_dir=tmp_path / "cache")
+    assert fresh.alignment[0, 0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_hf_gpt2_folder_loads_offline_and_matches_hf_logits(tokenizer, tmp_path):
