@@ -103,7 +103,7 @@ def print_demo(report: ReversionReport) -> None:
     print()
     if b:
         print("behaviour (exact judge, held-out prompts; final = after the last fine-tuning step):")
-        for metric in ("harm", "b1_retention", "b2_loss", "b2_acc"):
+        for metric in ("harm", "harm_exact", "b1_retention", "b2_loss", "b2_acc"):
             row = b[metric]
             print(f"  {metric:<13} pretrain {row['pretrain'][0]:.3f}  align {row['align'][0]:.3f}  "
                   f"final {fmt_pm(row['final'])}  per seed {[round(v, 3) for v in row['final']]}")

@@ -53,6 +53,9 @@ def test_phases_move_behaviour_the_expected_way(micro_history):
     assert harm["align"][0] <= 0.05
     assert all(h >= harm["align"][0] + 0.15 for h in harm["final"])
     assert summary["b1_retention"]["align"][0] >= 0.9
+    # The returning compliance is the pretrained answer itself, word for word, not a new format.
+    assert summary["harm_exact"]["pretrain"][0] > 0.9
+    assert all(e <= h for e, h in zip(summary["harm_exact"]["final"], harm["final"]))
     assert all(l < summary["b2_loss"]["align"][0] for l in summary["b2_loss"]["final"])
     manifest = json.loads((micro_history / "organism.json").read_text())
     assert manifest["complete"] and set(manifest["finetune"]) == {"seed_0", "seed_1"}
