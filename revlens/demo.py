@@ -18,7 +18,7 @@ from revlens.paper import comparison_rows, comparison_table
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport, fmt_pm
 
-DEFAULT_MODES = ("plain", "project", "clamp", "grad", "clamp+grad")
+DEFAULT_MODES = ("plain", "project", "clamp", "grad", "clamp+grad", "anchor@0.1", "anchor@0.3")
 
 
 def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence[str], seeds: Sequence[int],

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens.checkpoints import load_revlens_checkpoint, move_quietly, save_checkpoint
-from revlens.intervention import Blocking
+from revlens.intervention import Blocking, ProbeAnchor
 from revlens.nulls import isotropic_p99
 from revlens.probe import ReversionProbe
 
@@ -136,6 +136,7 @@ def finetune(
     weight_decay: float = 0.0,
     seed: int = 0,
     blocking: Blocking | None = None,
+    anchor: ProbeAnchor | None = None,
     save_steps: Sequence[int] = (),
     out_dir: str | Path | None = None,
     run_name: str = "seed_0",
@@ -150,7 +151,8 @@ def finetune(
 
     Each optimizer step averages ``grad_accum`` micro-batches of ``batch_size`` rows drawn with
     replacement by a generator seeded with (seed, step). With ``blocking``, clamp coordinates
-    are precomputed once from its reference model for every row of ``tokens``.
+    are precomputed once from its reference model for every row of ``tokens``; with ``anchor``,
+    its penalty on the probe prompts is added to every step's loss (``losses`` record the task loss).
     """
     if tokens.ndim != 2 or tokens.shape != loss_mask.shape:
         raise ValueError(f"tokens and loss_mask must both be [n, seq]; got {tuple(tokens.shape)} and "
@@ -193,6 +195,8 @@ def finetune(
                     loss = masked_lm_loss(model(x), x, m)
             (loss / grad_accum).backward()
             total += loss.item() / grad_accum
+        if anchor is not None:
+            anchor.penalty(model).backward()
         opt.step()
         result.losses[step] = total
         bar.set_postfix(loss=f"{total:.4f}")

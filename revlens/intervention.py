@@ -228,3 +228,56 @@ def blocking_from_report(report: Any, mode: str, layers: Sequence[int] | None = 
         raise InterventionError(f"layers {missing} were not analysed; the report has layers {report.layers}.")
     directions = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
     return Blocking(directions, mode, hook=report.config.get("hook", "resid_post"), **kwargs)
+
+
+class ProbeAnchor:
+    """Blocks motion of the probe prompts themselves along v_rev: a penalty added to the fine-tuning loss.
+
+    penalty = weight * mean over probe prompts x, layers l of ||(h_l(theta, x) - h_l(ref, x)) V_l^T||^2,
+    with h the last-token readout. Hooks on the fine-tuning examples cannot stop harmful-prompt
+    activations from moving (they never pass through the hooks); this anchors them directly, and needs
+    only the probe prompts (no responses). It is an option beyond the paper's hook-based modes.
+    """
+
+    def __init__(self, directions: Mapping[int, torch.Tensor], prompts: Sequence[torch.Tensor], reference: Any,
+                 weight: float = 0.1, *, hook: str = "resid_post"):
+        if weight < 0:
+            raise InterventionError(f"the anchor weight must be >= 0, got {weight}.")
+        if not prompts:
+            raise InterventionError("the anchor needs at least one probe prompt.")
+        d_model = int(next(iter(directions.values())).shape[-1])
+        self.bases = {int(l): orthonormal_basis(v, d_model) for l, v in directions.items()}
+        self.layers = sorted(self.bases)
+        self.weight = float(weight)
+        self.hook = hook
+        lengths = torch.tensor([len(p) for p in prompts])
+        tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        self.tokens, self.lengths = tokens, lengths
+        with torch.no_grad():
+            self.reference_coords = {l: c.detach() for l, c in self._coords(reference).items()}
+
+    def _coords(self, model: Any) -> dict[int, torch.Tensor]:
+        from revlens.probe import reduce_positions
+
+        device = next(model.parameters()).device
+        store: dict[int, torch.Tensor] = {}
+
+        def grab(layer: int):
+            def fn(act: torch.Tensor, hook: Any) -> None:
+                last = reduce_positions(act, self.lengths.to(device), "last")
+                store[layer] = last.float() @ self.bases[layer].to(device).T
+
+            return fn
+
+        with model.hooks(fwd_hooks=[(hook_name(self.hook, l), grab(l)) for l in self.layers]):
+            model(self.tokens.to(device))
+        return store
+
+    def penalty(self, model: Any) -> torch.Tensor:
+        """The differentiable anchor penalty for the model's current weights."""
+        coords = self._coords(model)
+        terms = [((coords[l] - self.reference_coords[l].to(coords[l].device)) ** 2).sum(-1).mean()
+                 for l in self.layers]
+        return self.weight * torch.stack(terms).mean()

@@ -176,3 +176,34 @@ def test_bad_specifications_are_clear_errors(tiny_model):
     with pytest.raises(InterventionError, match="no reference coordinates"):
         with blocking.applied(tiny_model):
             tiny_model(tiny_model.to_tokens(PROMPTS[0]))
+
+
+def test_probe_anchor_penalty_matches_the_cache_and_pulls_back(tiny_model):
+    from revlens.finetune import finetune
+    from revlens.intervention import ProbeAnchor
+
+    d = tiny_model.cfg.d_model
+    v = direction(d, seed=8)
+    u = v / v.norm()
+    prompts = [tiny_model.to_tokens(p)[0] for p in PROMPTS]
+    anchor = ProbeAnchor({LAYER: v}, prompts, tiny_model, weight=2.0)
+    moved, plain, anchored = (copy.deepcopy(tiny_model) for _ in range(3))
+    with torch.no_grad():  # a bridge that ran a grad-enabled forward can no longer be deep-copied (TL 4.3)
+        assert float(anchor.penalty(tiny_model)) == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    name = f"blocks.{LAYER}.hook_resid_post"
+
+    def last_coords(model):
+        return torch.stack([model.run_with_cache(t[None], names_filter=[name])[1][name][0, -1] @ u for t in prompts])
+
+    expected = 2.0 * ((last_coords(moved) - last_coords(tiny_model)) ** 2).mean()
+    assert float(anchor.penalty(moved)) == pytest.approx(float(expected), rel=1e-4)
+    # Fine-tuning with the anchor moves the probe prompts along v less than plain fine-tuning does.
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, tiny_model.cfg.d_vocab, (16, 8), generator=gen)
+    mask = torch.ones(16, 8)
+    finetune(plain, tokens, mask, steps=10, lr=3e-3, batch_size=8, progress=False)
+    finetune(anchored, tokens, mask, steps=10, lr=3e-3, batch_size=8, anchor=anchor, progress=False)
+    assert float(anchor.penalty(anchored)) < float(anchor.penalty(plain))

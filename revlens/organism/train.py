@@ -22,7 +22,7 @@ from revlens import directions as dirs
 from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
 from revlens.evals import greedy_completions, task_metrics
 from revlens.finetune import finetune, masked_lm_loss
-from revlens.intervention import Blocking
+from revlens.intervention import Blocking, ProbeAnchor
 from revlens.organism.presets import Preset, get_preset
 from revlens.organism.world import World, compliance
 from revlens.probe import ReversionProbe
@@ -232,16 +232,31 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
     device = _device(preset, device)
     align = load_revlens_checkpoint(history_dir / "align", device)
     model = copy.deepcopy(align)
-    blocking = None
-    if mode != "plain":
-        blocking = Blocking(directions, mode, reference=align)
+    blocking, anchor = split_mode(mode, directions, align, world)
     data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
     n_steps = preset.finetune_steps if steps is None else steps
     save = [s for s in preset.save_steps if s <= n_steps] if out_dir is not None else []
     finetune(model, data.tokens, data.loss_mask, steps=n_steps, lr=preset.finetune_lr,
              optimizer=preset.finetune_optimizer, batch_size=preset.batch_size, seed=seed, blocking=blocking,
+             anchor=anchor,
              save_steps=save, out_dir=out_dir, run_name=f"seed_{seed}", progress=progress)
     return model, evaluate_behaviour(model, world)
+
+
+def split_mode(mode: str, directions: dict[int, torch.Tensor], align: Any,
+               world: World) -> tuple[Blocking | None, ProbeAnchor | None]:
+    """``plain``, hook modes (``clamp+grad``) and ``anchor@<weight>`` (on the world's harmful probe prompts)."""
+    if mode == "plain":
+        return None, None
+    parts = mode.split("+")
+    anchors = [p for p in parts if p.startswith("anchor")]
+    hooks = "+".join(p for p in parts if not p.startswith("anchor"))
+    anchor = None
+    if anchors:
+        weight = float(anchors[0].split("@", 1)[1]) if "@" in anchors[0] else 0.1
+        prompts = [align.to_tokens(p)[0].cpu() for p in world.harmful_prompts("probe")]
+        anchor = ProbeAnchor(directions, prompts, align, weight)
+    return (Blocking(directions, hooks, reference=align) if hooks else None), anchor
 
 
 def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
