@@ -18,7 +18,7 @@ import torch
 
 from revlens.checkpoints import boot_native_model
 from revlens.finetune import masked_lm_loss
-from revlens.intervention import Blocking
+from revlens.intervention import Blocking, ProbeAnchor
 
 from _results import environment, write_result
 
@@ -43,6 +43,7 @@ def main() -> None:
     mask = torch.ones_like(tokens, dtype=torch.float)
     block_layer = args.layers - 1
     v = torch.randn(args.d_model, generator=torch.Generator().manual_seed(1))
+    probe_prompts = list(torch.randint(1, 200, (72, 12), generator=torch.Generator().manual_seed(2)))
 
     def sync() -> None:
         if args.device.startswith("cuda"):
@@ -51,8 +52,9 @@ def main() -> None:
     def make(mode: str):
         model = copy.deepcopy(reference).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        blocking = None if mode == "plain" else Blocking({block_layer: v}, mode.replace("@live", ""),
-                                                         reference=reference)
+        anchor = ProbeAnchor({block_layer: v}, probe_prompts, reference, 0.1) if mode == "anchor" else None
+        blocking = None if mode in ("plain", "anchor") else Blocking({block_layer: v}, mode.replace("@live", ""),
+                                                                      reference=reference)
         coords = blocking.reference_coords(tokens) if blocking is not None and blocking.needs_coords else None
 
         def step() -> None:
@@ -67,12 +69,14 @@ def main() -> None:
                 with blocking.applied(model):
                     loss = masked_lm_loss(model(tokens), tokens, mask)
             loss.backward()
+            if anchor is not None:
+                anchor.penalty(model).backward()
             opt.step()
             sync()
 
         return step
 
-    modes = ["plain", "project", "clamp", "grad", "clamp+grad", "clamp@live"]
+    modes = ["plain", "project", "clamp", "grad", "clamp+grad", "clamp@live", "anchor"]
     steps = {m: make(m) for m in modes}
     warmup, repeats, inner = (3, 5, 5) if args.quick else (5, 15, 10)
     for m in modes:
@@ -94,7 +98,8 @@ def main() -> None:
                   "blocked_layer": block_layer},
         "modes": rows, "target_overhead_max": 0.10,
         "note": "clamp uses reference coordinates precomputed once (as revlens.finetune does); "
-                "clamp@live runs the reference model's forward every step.",
+                "clamp@live runs the reference model's forward every step; anchor adds a forward and backward "
+                "pass over 72 probe prompts of 12 tokens per step (the organism's probe set size).",
         "within_target": {m: r["overhead"] <= 0.10 for m, r in rows.items() if m != "plain"},
     }
     write_result("intervention_overhead", args.device, result)
