@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Union
@@ -363,7 +362,3 @@ def check_same_architecture(reference: Any, model: Any, label: str, reference_la
                 f"checkpoint {label} has {attr}={b} but {reference_label} has {attr}={a}: every "
                 "checkpoint of a history must share one architecture."
             )
-
-
-def warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)

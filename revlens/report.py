@@ -79,10 +79,10 @@ class ReversionReport:
     def exceedance(self, layer_index: int | None = None, null: str = "isotropic") -> tuple[int, int]:
         """(run-step pairs whose alignment exceeds the null's p99, pairs measured) at one layer."""
         li = self.best_layer_index() if layer_index is None else layer_index
+        from revlens.nulls import exceedance_count
+
         threshold = self.null_p99[li] if null == "isotropic" else self.null_p99_activation[li]
-        a = self.alignment[:, :, li]
-        measured = ~np.isnan(a)
-        return int(np.sum(a[measured] > threshold)), int(measured.sum())
+        return exceedance_count(self.alignment[:, :, li], threshold)
 
     def step_summary(self, layer_index: int | None = None) -> list[dict[str, Any]]:
         """Per step at one layer: mean and std over runs of alignment and drift norm."""
