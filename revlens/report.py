@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from revlens.nulls import exceedance_count
+
 REPORT_JSON = "report.json"
 REPORT_TENSORS = "tensors.safetensors"
 
@@ -79,8 +81,6 @@ class ReversionReport:
     def exceedance(self, layer_index: int | None = None, null: str = "isotropic") -> tuple[int, int]:
         """(run-step pairs whose alignment exceeds the null's p99, pairs measured) at one layer."""
         li = self.best_layer_index() if layer_index is None else layer_index
-        from revlens.nulls import exceedance_count
-
         threshold = self.null_p99[li] if null == "isotropic" else self.null_p99_activation[li]
         return exceedance_count(self.alignment[:, :, li], threshold)
 
