@@ -87,6 +87,7 @@ def run_demo(preset: str = "tiny", seeds: int = 3, out: str | Path = "revlens_ou
     t_analyze = time.perf_counter() - t0 - t_build
     if modes:
         layers = block_layers if block_layers is not None else preset_of(read_manifest(history)).block_layers
+        layers = list(layers) if layers else list(report.layers)  # default: every analysed layer
         report.interventions = compare_blocking(history, report, modes, list(range(seeds)), layers, progress)
     report.config["demo"] = {"preset": preset, "seeds": seeds, "timings_s": {
         "history": t_build, "analyze": t_analyze, "total": time.perf_counter() - t0}}
@@ -123,7 +124,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="revlens_out/demo")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated blocking modes ('' for none)")
-    p.add_argument("--block-layers", default=None, help="comma-separated layers to block (default: most aligned)")
+    p.add_argument("--block-layers", default=None, help="comma-separated layers to block (default: all layers)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-html", action="store_true")
     p.set_defaults(func=_run_cli)

@@ -31,7 +31,7 @@ class Preset:
     finetune_examples: int = 3200
     b1_mix: float = 0.0
     save_steps: tuple[int, ...] = SAVE_STEPS
-    block_layers: tuple[int, ...] | None = None  # None: the layer the analysis finds most aligned
+    block_layers: tuple[int, ...] | None = None  # None: every analysed layer (the demo's default)
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 

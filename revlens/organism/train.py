@@ -276,7 +276,7 @@ def finetune_from_history(history_dir: Path, out: Path, *, mode: str = "plain", 
     basis, probe, mu_a = v_rev_of_history(history_dir, device)
     preset = read_manifest(history_dir)["key"]["preset"]
     if layers is None:
-        layers = preset["block_layers"] or [preset["n_layers"] - 1]
+        layers = preset["block_layers"] or list(range(preset["n_layers"]))
     model, metrics = blocked_finetune(history_dir, {l: basis[l] for l in layers}, mode, seed, out_dir=out,
                                       steps=steps, device=device, progress=True)
     a = dirs.alignment(dirs.drift(probe.centroid(model), mu_a), basis).numpy()
