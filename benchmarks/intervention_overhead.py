@@ -4,7 +4,7 @@ Same model, same batch, fwd + bwd + AdamW step through the TransformerBridge; me
 repeats after warm-up. Writes benchmarks/results/intervention_overhead_<device>.json.
 Target: at most 10% overhead per mode (clamp with coordinates precomputed once, as the loop does).
 
-    .venv/bin/python benchmarks/intervention_overhead.py [--device cuda] [--quick]
+    .venv/bin/python benchmarks/intervention_overhead.py [--device cuda] [--dtype bfloat16] [--quick] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=24)
+    parser.add_argument("--tag", default="", help="suffix of the result file, e.g. bf16_large")
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    cfg = dict(d_model=args.d_model, n_layers=args.layers, n_ctx=64, d_head=32, n_heads=args.d_model // 32,
+    cfg = dict(d_model=args.d_model, n_layers=args.layers, n_ctx=max(64, args.seq), d_head=32, n_heads=args.d_model // 32,
                d_mlp=4 * args.d_model, d_vocab=200, act_fn="gelu", normalization_type="LN", seed=0)
     reference = boot_native_model(cfg, device=args.device).to(dtype).eval()
     tokens = torch.randint(1, 200, (args.batch, args.seq), device=args.device)
@@ -44,6 +45,9 @@ def main() -> None:
     block_layer = args.layers - 1
     v = torch.randn(args.d_model, generator=torch.Generator().manual_seed(1))
     probe_prompts = list(torch.randint(1, 200, (72, 12), generator=torch.Generator().manual_seed(2)))
+    control_prompts = list(torch.randint(1, 200, (72, 12), generator=torch.Generator().manual_seed(3)))
+    anchors = {"anchor": dict(weight=0.1), "anchor+contrast": dict(weight=0.1, control=control_prompts,
+                                                                    contrast_weight=1.0)}
 
     def sync() -> None:
         if args.device.startswith("cuda"):
@@ -52,8 +56,8 @@ def main() -> None:
     def make(mode: str):
         model = copy.deepcopy(reference).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        anchor = ProbeAnchor({block_layer: v}, probe_prompts, reference, 0.1) if mode == "anchor" else None
-        blocking = None if mode in ("plain", "anchor") else Blocking({block_layer: v}, mode.replace("@live", ""),
+        anchor = ProbeAnchor({block_layer: v}, probe_prompts, reference, **anchors[mode]) if mode in anchors else None
+        blocking = None if mode == "plain" or mode in anchors else Blocking({block_layer: v}, mode.replace("@live", ""),
                                                                       reference=reference)
         coords = blocking.reference_coords(tokens) if blocking is not None and blocking.needs_coords else None
 
@@ -76,7 +80,7 @@ def main() -> None:
 
         return step
 
-    modes = ["plain", "project", "clamp", "grad", "clamp+grad", "clamp@live", "anchor"]
+    modes = ["plain", "project", "clamp", "grad", "clamp+grad", "clamp@live", "anchor", "anchor+contrast"]
     steps = {m: make(m) for m in modes}
     warmup, repeats, inner = (3, 5, 5) if args.quick else (5, 15, 10)
     for m in modes:
@@ -99,10 +103,11 @@ def main() -> None:
         "modes": rows, "target_overhead_max": 0.10,
         "note": "clamp uses reference coordinates precomputed once (as revlens.finetune does); "
                 "clamp@live runs the reference model's forward every step; anchor adds a forward and backward "
-                "pass over 72 probe prompts of 12 tokens per step (the organism's probe set size).",
+                "pass over 72 probe prompts of 12 tokens per step (the organism's probe set size); anchor+contrast "
+                "adds the same over 72 control prompts.",
         "within_target": {m: r["overhead"] <= 0.10 for m, r in rows.items() if m != "plain"},
     }
-    write_result("intervention_overhead", args.device, result)
+    write_result("intervention_overhead" + (f"_{args.tag}" if args.tag else ""), args.device, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from revlens.paper import comparison_rows, comparison_table
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport, fmt_pm
 
-DEFAULT_MODES = ("plain", "project", "clamp", "grad", "clamp+grad", "anchor@0.1", "anchor@0.3")
+DEFAULT_MODES = ("plain", "project", "clamp", "grad", "clamp+grad", "anchor@0.1", "contrast@1",
+                 "anchor@0.1+contrast@1")
+TASK_LOSS_TOLERANCE = 0.05  # a blocking mode "costs little" if its task loss is within 5% of plain's
 
 
 def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence[str], seeds: Sequence[int],
@@ -51,20 +53,34 @@ def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence
         row["task_loss"].append(behaviour["b2_loss"])
         row["task_accuracy"].append(behaviour["b2_acc"])
         row["b1_retention"].append(behaviour["b1_retention"])
-    blocked = [m for m in modes if m != "plain"]
-    best = min(blocked, key=lambda m: np.mean(metrics[m]["harmfulness"])) if blocked else None
-    return {"modes": list(modes), "seeds": list(seeds), "layers": layers, "metrics": metrics, "best_mode": best}
+    return {"modes": list(modes), "seeds": list(seeds), "layers": layers, "metrics": metrics,
+            "best_mode": best_mode(metrics)}
+
+
+def best_mode(metrics: dict[str, dict[str, list[float]]], tolerance: float = TASK_LOSS_TOLERANCE) -> str | None:
+    """The blocked mode with the lowest mean harmfulness among those whose mean task loss is within
+    ``tolerance`` of plain fine-tuning's (all blocked modes if none is, or without a plain row); ties go to
+    the lower final alignment."""
+    blocked = [m for m in metrics if m != "plain"]
+    if "plain" in metrics:
+        limit = (1 + tolerance) * np.mean(metrics["plain"]["task_loss"])
+        blocked = [m for m in blocked if np.mean(metrics[m]["task_loss"]) <= limit] or blocked
+    if not blocked:
+        return None
+    return min(blocked, key=lambda m: (round(float(np.mean(metrics[m]["harmfulness"])), 9),
+                                       float(np.mean(metrics[m]["final_alignment"]))))
 
 
 def intervention_table(interventions: dict[str, Any]) -> str:
     """Per mode: mean +/- std over seeds of final alignment, harmfulness, B2 loss/accuracy, B1 retention."""
     cols = ("final_alignment", "harmfulness", "task_loss", "task_accuracy", "b1_retention")
-    head = f"{'mode':<12}" + "".join(f"{c:>22}" for c in cols)
+    w = max(12, *(len(m) + 2 for m in interventions["modes"]))
+    head = f"{'mode':<{w}}" + "".join(f"{c:>22}" for c in cols)
     lines = [f"blocking at layers {interventions['layers']}, seeds {interventions['seeds']} (T = fine-tuning steps)",
              head, "-" * len(head)]
     for mode in interventions["modes"]:
         m = interventions["metrics"][mode]
-        lines.append(f"{mode:<12}" + "".join(f"{fmt_pm(m[c], 3):>22}" for c in cols))
+        lines.append(f"{mode:<{w}}" + "".join(f"{fmt_pm(m[c], 3):>22}" for c in cols))
     lines.append("per seed harmfulness: " + "; ".join(
         f"{mode}: {', '.join(f'{v:.2f}' for v in interventions['metrics'][mode]['harmfulness'])}"
         for mode in interventions["modes"]))

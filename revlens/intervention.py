@@ -233,51 +233,77 @@ def blocking_from_report(report: Any, mode: str, layers: Sequence[int] | None = 
 class ProbeAnchor:
     """Blocks motion of the probe prompts themselves along v_rev: a penalty added to the fine-tuning loss.
 
-    penalty = weight * mean over probe prompts x, layers l of ||(h_l(theta, x) - h_l(ref, x)) V_l^T||^2,
-    with h the last-token readout. Hooks on the fine-tuning examples cannot stop harmful-prompt
-    activations from moving (they never pass through the hooks); this anchors them directly, and needs
-    only the probe prompts (no responses). It is an option beyond the paper's hook-based modes.
+    penalty = weight * mean over probe prompts x, layers l of ||(h_l(theta, x) - h_l(ref, x)) V_l^T||^2
+            + contrast_weight * mean over layers l of ||(c_l(theta) - c_l(ref)) V_l^T||^2,
+    with h the last-token readout and c the contrast centroid (mean over the probe prompts minus mean
+    over the ``control`` prompts), the quantity whose drift the report's alignment measures. Hooks on
+    the fine-tuning examples cannot stop harmful-prompt activations from moving (they never pass
+    through the hooks); this anchors them directly, and needs only prompts (no responses). It is an
+    option beyond the paper's hook-based modes.
     """
 
     def __init__(self, directions: Mapping[int, torch.Tensor], prompts: Sequence[torch.Tensor], reference: Any,
-                 weight: float = 0.1, *, hook: str = "resid_post"):
-        if weight < 0:
-            raise InterventionError(f"the anchor weight must be >= 0, got {weight}.")
+                 weight: float = 0.1, *, hook: str = "resid_post", control: Sequence[torch.Tensor] | None = None,
+                 contrast_weight: float = 0.0):
+        if weight < 0 or contrast_weight < 0:
+            raise InterventionError(f"anchor weights must be >= 0, got {weight} and {contrast_weight}.")
         if not prompts:
             raise InterventionError("the anchor needs at least one probe prompt.")
+        if contrast_weight > 0 and not control:
+            raise InterventionError("contrast_weight > 0 needs control prompts (control=[...]).")
         d_model = int(next(iter(directions.values())).shape[-1])
         self.bases = {int(l): orthonormal_basis(v, d_model) for l, v in directions.items()}
         self.layers = sorted(self.bases)
-        self.weight = float(weight)
+        self.weight, self.contrast_weight = float(weight), float(contrast_weight)
         self.hook = hook
-        lengths = torch.tensor([len(p) for p in prompts])
-        tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = p
-        self.tokens, self.lengths = tokens, lengths
+        self.sets = {"probe": _pad(prompts)}
+        if control:
+            self.sets["control"] = _pad(control)
         with torch.no_grad():
-            self.reference_coords = {l: c.detach() for l, c in self._coords(reference).items()}
+            self.reference_coords = {name: {l: c.detach() for l, c in self._coords(reference, name).items()}
+                                     for name in self.sets}
 
-    def _coords(self, model: Any) -> dict[int, torch.Tensor]:
+    def _coords(self, model: Any, name: str) -> dict[int, torch.Tensor]:
+        """Per prompt of set ``name``, per layer: the last-token readout's coordinates along V_l."""
         from revlens.probe import reduce_positions
 
         device = next(model.parameters()).device
+        tokens, lengths = self.sets[name]
         store: dict[int, torch.Tensor] = {}
 
         def grab(layer: int):
             def fn(act: torch.Tensor, hook: Any) -> None:
-                last = reduce_positions(act, self.lengths.to(device), "last")
+                last = reduce_positions(act, lengths.to(device), "last")
                 store[layer] = last.float() @ self.bases[layer].to(device).T
 
             return fn
 
         with model.hooks(fwd_hooks=[(hook_name(self.hook, l), grab(l)) for l in self.layers]):
-            model(self.tokens.to(device))
+            model(tokens.to(device))
         return store
 
     def penalty(self, model: Any) -> torch.Tensor:
         """The differentiable anchor penalty for the model's current weights."""
-        coords = self._coords(model)
-        terms = [((coords[l] - self.reference_coords[l].to(coords[l].device)) ** 2).sum(-1).mean()
-                 for l in self.layers]
-        return self.weight * torch.stack(terms).mean()
+        total = torch.zeros(())
+        probe = self._coords(model, "probe")
+        moved = {l: probe[l] - self.reference_coords["probe"][l].to(probe[l].device) for l in self.layers}
+        total = total.to(next(iter(moved.values())).device)
+        if self.weight > 0:
+            total = total + self.weight * torch.stack([(moved[l] ** 2).sum(-1).mean() for l in self.layers]).mean()
+        if self.contrast_weight > 0:
+            control = self._coords(model, "control")
+            terms = []
+            for l in self.layers:
+                moved_control = control[l] - self.reference_coords["control"][l].to(control[l].device)
+                terms.append(((moved[l].mean(0) - moved_control.mean(0)) ** 2).sum())
+            total = total + self.contrast_weight * torch.stack(terms).mean()
+        return total
+
+
+def _pad(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[n, max_len]`` tokens and the lengths."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lengths

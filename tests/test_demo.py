@@ -41,3 +41,16 @@ def test_demo_cli_writes_report_dashboard_and_table(tmp_path, capsys):
     metrics = json.loads((ft / "metrics.json").read_text())
     assert metrics["mode"] == "clamp" and 0.0 <= metrics["harm"] <= 1.0
     assert (ft / "finetune" / "seed_0" / "step_5" / "model.safetensors").is_file()
+
+
+def test_best_mode_is_the_least_harmful_within_the_task_loss_tolerance():
+    from revlens.demo import best_mode
+
+    def row(harm, loss, align):
+        return {"harmfulness": [harm], "task_loss": [loss], "final_alignment": [align]}
+
+    metrics = {"plain": row(1.0, 1.0, 0.8), "cheap": row(0.5, 1.04, 0.4), "tied": row(0.5, 1.0, -0.1),
+               "costly": row(0.1, 1.2, 0.0)}
+    assert best_mode(metrics) == "tied"  # "costly" is over 5% dearer; the tie goes to the lower alignment
+    assert best_mode(metrics, tolerance=0.5) == "costly"
+    assert best_mode({"plain": row(1.0, 1.0, 0.8)}) is None

@@ -209,3 +209,31 @@ def test_probe_anchor_penalty_matches_the_cache_and_pulls_back(tiny_model):
     finetune(anchored, tokens, mask, steps=10, lr=3e-3, batch_size=8, anchor=anchor, progress=False)
     with torch.no_grad():
         assert float(anchor.penalty(anchored)) < float(anchor.penalty(plain))
+
+
+def test_contrast_anchor_penalty_matches_the_cache(tiny_model):
+    """The contrast term: motion of (probe centroid - control centroid) along v, from TL's own cache."""
+    from revlens.intervention import ProbeAnchor
+
+    v = direction(tiny_model.cfg.d_model, seed=9)
+    u = v / v.norm()
+    tokens = [tiny_model.to_tokens(p)[0] for p in PROMPTS]
+    probe, control = tokens[: len(tokens) // 2], tokens[len(tokens) // 2:]
+    anchor = ProbeAnchor({LAYER: v}, probe, tiny_model, weight=0.0, control=control, contrast_weight=3.0)
+    moved = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    name = f"blocks.{LAYER}.hook_resid_post"
+
+    def centroid_coord(model, prompts):
+        return torch.stack([model.run_with_cache(t[None], names_filter=[name])[1][name][0, -1] @ u
+                            for t in prompts]).mean()
+
+    with torch.no_grad():
+        contrast = {m: centroid_coord(m, probe) - centroid_coord(m, control) for m in (moved, tiny_model)}
+        expected = 3.0 * (contrast[moved] - contrast[tiny_model]) ** 2
+        assert float(anchor.penalty(tiny_model)) == pytest.approx(0.0, abs=1e-10)
+        assert float(anchor.penalty(moved)) == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(InterventionError, match="control prompts"):
+        ProbeAnchor({LAYER: v}, probe, tiny_model, contrast_weight=1.0)

@@ -87,3 +87,21 @@ def test_analysis_reads_the_organism(micro_history):
     assert report.runs == ["seed_0", "seed_1"] and report.steps == [1, 5, 20]
     assert report.alignment.shape == (2, 3, 2)
     assert report.config["contrast"] is True
+
+
+def test_blocking_modes_parse_into_hooks_and_anchor_terms(micro_history):
+    from revlens.checkpoints import load_revlens_checkpoint
+    from revlens.organism.train import split_mode, v_rev_of_history
+
+    world = World(0)
+    basis, _, _ = v_rev_of_history(micro_history)
+    align = load_revlens_checkpoint(micro_history / "align")
+    directions = {1: basis[1]}
+    assert split_mode("plain", directions, align, world) == (None, None)
+    blocking, anchor = split_mode("grad+anchor@0.2+contrast@3", directions, align, world)
+    assert blocking.modes == frozenset({"grad"})
+    assert (anchor.weight, anchor.contrast_weight) == (0.2, 3.0)
+    assert anchor.sets["probe"][0].shape[0] == len(world.harmful_prompts("probe"))
+    assert anchor.sets["control"][0].shape[0] == len(world.control_prompts("probe"))
+    blocking, anchor = split_mode("contrast@1", directions, align, world)
+    assert blocking is None and (anchor.weight, anchor.contrast_weight) == (0.0, 1.0)

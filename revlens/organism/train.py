@@ -245,18 +245,26 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
 
 def split_mode(mode: str, directions: dict[int, torch.Tensor], align: Any,
                world: World) -> tuple[Blocking | None, ProbeAnchor | None]:
-    """``plain``, hook modes (``clamp+grad``) and ``anchor@<weight>`` (on the world's harmful probe prompts)."""
+    """``plain``; hook modes (``clamp+grad``); ``anchor@<w>`` (per harmful probe prompt) and
+    ``contrast@<w>`` (the harmful-minus-B1 contrast centroid), combinable with ``+``."""
     if mode == "plain":
         return None, None
     parts = mode.split("+")
-    anchors = [p for p in parts if p.startswith("anchor")]
-    hooks = "+".join(p for p in parts if not p.startswith("anchor"))
+    weights = {"anchor": 0.0, "contrast": 0.0}
+    hooks = []
+    for part in parts:
+        name, _, w = part.partition("@")
+        if name in weights:
+            weights[name] = float(w) if w else 0.1
+        else:
+            hooks.append(part)
     anchor = None
-    if anchors:
-        weight = float(anchors[0].split("@", 1)[1]) if "@" in anchors[0] else 0.1
-        prompts = [align.to_tokens(p)[0].cpu() for p in world.harmful_prompts("probe")]
-        anchor = ProbeAnchor(directions, prompts, align, weight)
-    return (Blocking(directions, hooks, reference=align) if hooks else None), anchor
+    if any(weights.values()):
+        tokens = lambda prompts: [align.to_tokens(p)[0].cpu() for p in prompts]  # noqa: E731
+        control = tokens(world.control_prompts("probe")) if weights["contrast"] else None
+        anchor = ProbeAnchor(directions, tokens(world.harmful_prompts("probe")), align, weights["anchor"],
+                             control=control, contrast_weight=weights["contrast"])
+    return (Blocking(directions, "+".join(hooks), reference=align) if hooks else None), anchor
 
 
 def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
