@@ -265,7 +265,7 @@ class ProbeAnchor:
 
     def _coords(self, model: Any, name: str) -> dict[int, torch.Tensor]:
         """Per prompt of set ``name``, per layer: the last-token readout's coordinates along V_l."""
-        from revlens.probe import reduce_positions
+        from revlens.probe import _reduce_positions
 
         device = next(model.parameters()).device
         tokens, lengths = self.sets[name]
@@ -273,7 +273,7 @@ class ProbeAnchor:
 
         def grab(layer: int):
             def fn(act: torch.Tensor, hook: Any) -> None:
-                last = reduce_positions(act, lengths.to(device), "last")
+                last = _reduce_positions(act, lengths.to(device), "last")
                 store[layer] = last.float() @ self.bases[layer].to(device).T
 
             return fn

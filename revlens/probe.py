@@ -69,6 +69,7 @@ class _TokenizedSet:
     def __init__(self, tokens: list[torch.Tensor]):
         self.tokens = tokens
         self.lengths = torch.tensor([len(t) for t in tokens])
+        self._on_device: dict[tuple[int, int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -81,6 +82,14 @@ class _TokenizedSet:
             for i, t in enumerate(chunk):
                 batch[i, : len(t)] = t
             yield batch, lengths
+
+    def device_batches(self, batch_size: int, pad_id: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The padded batches on ``device``, built once and kept: token ids are small next to activations,
+        and a per-batch copy from pageable host memory would stall an accelerator's launch queue."""
+        key = (batch_size, pad_id, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = [(b.to(device), l.to(device)) for b, l in self.batches(batch_size, pad_id)]
+        return self._on_device[key]
 
 
 def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
@@ -205,7 +214,7 @@ class ReversionProbe:
 
         def make_hook(layer: int):
             def fn(act: torch.Tensor, hook: Any) -> None:
-                store[layer] = reduce_positions(act, store["_lengths"], self.readout)
+                store[layer] = _reduce_positions(act, store["_lengths"], self.readout)
                 if layer == deepest and len(store) == len(layers) + 1:
                     raise _StopForward
 
@@ -216,14 +225,13 @@ class ReversionProbe:
         model.eval()
         try:
             with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
-                batches = tokset.batches(self.batch_size, pad_id)
-                n_batches = -(-len(tokset) // self.batch_size)
-                for tokens, lengths in tqdm(batches, total=n_batches, disable=not self.progress,
-                                            desc=f"readouts ({which})", leave=False):
+                batches = tokset.device_batches(self.batch_size, pad_id, device)
+                for tokens, lengths in tqdm(batches, disable=not self.progress, desc=f"readouts ({which})",
+                                            leave=False):
                     store.clear()
-                    store["_lengths"] = lengths.to(device)
+                    store["_lengths"] = lengths
                     try:
-                        model(tokens.to(device))
+                        model(tokens)
                     except _StopForward:
                         pass
                     missing = [l for l in layers if l not in store]
@@ -288,6 +296,11 @@ def reduce_positions(
     act: Float[torch.Tensor, "batch seq d_model"], lengths: Int[torch.Tensor, " batch"], readout: str
 ) -> Float[torch.Tensor, "batch d_model"]:
     """Reduce a right-padded activation over positions: the last real token, or the mean of real tokens."""
+    return _reduce_positions(act, lengths, readout)
+
+
+def _reduce_positions(act: torch.Tensor, lengths: torch.Tensor, readout: str) -> torch.Tensor:
+    """:func:`reduce_positions` without the run-time shape check, for hooks that run every batch."""
     if readout == "last":
         idx = (lengths - 1).clamp_min(0)
         return act[torch.arange(act.shape[0], device=act.device), idx]
