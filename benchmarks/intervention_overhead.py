@@ -47,7 +47,8 @@ def main() -> None:
     probe_prompts = list(torch.randint(1, 200, (72, 12), generator=torch.Generator().manual_seed(2)))
     control_prompts = list(torch.randint(1, 200, (72, 12), generator=torch.Generator().manual_seed(3)))
     anchors = {"anchor": dict(weight=0.1), "anchor+contrast": dict(weight=0.1, control=control_prompts,
-                                                                    contrast_weight=1.0)}
+                                                                    contrast_weight=1.0),
+               "anchor+contrast@sample16": dict(weight=0.1, control=control_prompts, contrast_weight=1.0, sample=16)}
 
     def sync() -> None:
         if args.device.startswith("cuda"):
@@ -74,13 +75,14 @@ def main() -> None:
                     loss = masked_lm_loss(model(tokens), tokens, mask)
             loss.backward()
             if anchor is not None:
-                anchor.penalty(model).backward()
+                anchor.penalty(model).backward()  # sampled anchors count their own steps
             opt.step()
             sync()
 
         return step
 
-    modes = ["plain", "project", "clamp", "grad", "clamp+grad", "clamp@live", "anchor", "anchor+contrast"]
+    modes = ["plain", "project", "clamp", "grad", "clamp+grad", "clamp@live", "anchor", "anchor+contrast",
+             "anchor+contrast@sample16"]
     steps = {m: make(m) for m in modes}
     warmup, repeats, inner = (3, 5, 5) if args.quick else (5, 15, 10)
     for m in modes:
@@ -104,7 +106,7 @@ def main() -> None:
         "note": "clamp uses reference coordinates precomputed once (as revlens.finetune does); "
                 "clamp@live runs the reference model's forward every step; anchor adds a forward and backward "
                 "pass over 72 probe prompts of 12 tokens per step (the organism's probe set size); anchor+contrast "
-                "adds the same over 72 control prompts.",
+                "adds the same over 72 control prompts; @sample16 uses 16 prompts of each set per step.",
         "within_target": {m: r["overhead"] <= 0.10 for m, r in rows.items() if m != "plain"},
     }
     write_result("intervention_overhead" + (f"_{args.tag}" if args.tag else ""), args.device, result)

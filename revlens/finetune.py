@@ -196,7 +196,7 @@ def finetune(
             (loss / grad_accum).backward()
             total += loss.item() / grad_accum
         if anchor is not None:
-            anchor.penalty(model).backward()
+            anchor.penalty(model, step).backward()
         opt.step()
         result.losses[step] = total
         bar.set_postfix(loss=f"{total:.4f}")

@@ -239,18 +239,23 @@ class ProbeAnchor:
     over the ``control`` prompts), the quantity whose drift the report's alignment measures. Hooks on
     the fine-tuning examples cannot stop harmful-prompt activations from moving (they never pass
     through the hooks); this anchors them directly, and needs only prompts (no responses). It is an
-    option beyond the paper's hook-based modes.
+    option beyond the paper's hook-based modes. With ``sample=k`` each step uses k prompts of each set,
+    drawn afresh per step (seeded by ``seed`` and the step, so a resumed run draws the same ones): the
+    cost per step no longer grows with the probe set.
     """
 
     def __init__(self, directions: Mapping[int, torch.Tensor], prompts: Sequence[torch.Tensor], reference: Any,
                  weight: float = 0.1, *, hook: str = "resid_post", control: Sequence[torch.Tensor] | None = None,
-                 contrast_weight: float = 0.0):
+                 contrast_weight: float = 0.0, sample: int | None = None, seed: int = 0):
         if weight < 0 or contrast_weight < 0:
             raise InterventionError(f"anchor weights must be >= 0, got {weight} and {contrast_weight}.")
         if not prompts:
             raise InterventionError("the anchor needs at least one probe prompt.")
         if contrast_weight > 0 and not control:
             raise InterventionError("contrast_weight > 0 needs control prompts (control=[...]).")
+        if sample is not None and sample < 1:
+            raise InterventionError(f"sample must be a positive number of prompts per step, got {sample}.")
+        self.sample, self.seed, self._calls = sample, int(seed), 0
         d_model = int(next(iter(directions.values())).shape[-1])
         self.bases = {int(l): orthonormal_basis(v, d_model) for l, v in directions.items()}
         self.layers = sorted(self.bases)
@@ -263,12 +268,24 @@ class ProbeAnchor:
             self.reference_coords = {name: {l: c.detach() for l, c in self._coords(reference, name).items()}
                                      for name in self.sets}
 
-    def _coords(self, model: Any, name: str) -> dict[int, torch.Tensor]:
-        """Per prompt of set ``name``, per layer: the last-token readout's coordinates along V_l."""
+    def rows(self, name: str, step: int | None) -> torch.Tensor | None:
+        """The prompts of set ``name`` this step uses: all (None), or ``sample`` of them for this step."""
+        n = self.sets[name][0].shape[0]
+        if self.sample is None or self.sample >= n or step is None:
+            return None
+        salt = 0 if name == "probe" else 1
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * int(step) + salt)
+        return torch.randperm(n, generator=gen)[: self.sample]
+
+    def _coords(self, model: Any, name: str, rows: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Per prompt of set ``name`` (or its ``rows``), per layer: the last-token readout's coordinates along V_l."""
         from revlens.probe import _reduce_positions
 
         device = next(model.parameters()).device
         tokens, lengths = self.sets[name]
+        if rows is not None:
+            tokens, lengths = tokens[rows], lengths[rows]
+            tokens = tokens[:, : int(lengths.max())]
         store: dict[int, torch.Tensor] = {}
 
         def grab(layer: int):
@@ -282,19 +299,27 @@ class ProbeAnchor:
             model(tokens.to(device))
         return store
 
-    def penalty(self, model: Any) -> torch.Tensor:
-        """The differentiable anchor penalty for the model's current weights."""
+    def penalty(self, model: Any, step: int | None = None) -> torch.Tensor:
+        """The differentiable anchor penalty for the model's current weights (``step`` picks the sample;
+        without it, successive calls count steps themselves)."""
+        if step is None and self.sample is not None:
+            self._calls += 1
+            step = self._calls
         total = torch.zeros(())
-        probe = self._coords(model, "probe")
-        moved = {l: probe[l] - self.reference_coords["probe"][l].to(probe[l].device) for l in self.layers}
+        rows = self.rows("probe", step)
+        probe = self._coords(model, "probe", rows)
+        ref = self.reference_coords["probe"]
+        moved = {l: probe[l] - (ref[l] if rows is None else ref[l][rows]).to(probe[l].device) for l in self.layers}
         total = total.to(next(iter(moved.values())).device)
         if self.weight > 0:
             total = total + self.weight * torch.stack([(moved[l] ** 2).sum(-1).mean() for l in self.layers]).mean()
         if self.contrast_weight > 0:
-            control = self._coords(model, "control")
+            rows_c = self.rows("control", step)
+            control = self._coords(model, "control", rows_c)
+            ref_c = self.reference_coords["control"]
             terms = []
             for l in self.layers:
-                moved_control = control[l] - self.reference_coords["control"][l].to(control[l].device)
+                moved_control = control[l] - (ref_c[l] if rows_c is None else ref_c[l][rows_c]).to(control[l].device)
                 terms.append(((moved[l].mean(0) - moved_control.mean(0)) ** 2).sum())
             total = total + self.contrast_weight * torch.stack(terms).mean()
         return total

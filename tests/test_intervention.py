@@ -9,7 +9,7 @@ import torch
 
 from revlens.intervention import Blocking, InterventionError, orthonormal_basis, parse_mode
 
-from conftest import PROMPTS
+from conftest import CONTROL, PROMPTS
 
 LAYER = 1
 
@@ -237,3 +237,34 @@ def test_contrast_anchor_penalty_matches_the_cache(tiny_model):
         assert float(anchor.penalty(moved)) == pytest.approx(float(expected), rel=1e-4)
     with pytest.raises(InterventionError, match="control prompts"):
         ProbeAnchor({LAYER: v}, probe, tiny_model, contrast_weight=1.0)
+
+
+def test_sampled_anchor_uses_the_drawn_prompts_of_each_step(tiny_model):
+    """sample=k: the penalty equals the full formula on the k prompts drawn for that step, the same on every call."""
+    from revlens.intervention import ProbeAnchor
+
+    v = direction(tiny_model.cfg.d_model, seed=10)
+    u = v / v.norm()
+    tokens = [tiny_model.to_tokens(p)[0] for p in PROMPTS + CONTROL]
+    probe, control = tokens[:6], tokens[6:]
+    anchor = ProbeAnchor({LAYER: v}, probe, tiny_model, weight=1.5, control=control, contrast_weight=2.0,
+                         sample=3, seed=4)
+    moved = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    name = f"blocks.{LAYER}.hook_resid_post"
+
+    def coords(model, prompts):
+        return torch.stack([model.run_with_cache(t[None], names_filter=[name])[1][name][0, -1] @ u for t in prompts])
+
+    rows_p, rows_c = anchor.rows("probe", 7), anchor.rows("control", 7)
+    assert len(rows_p) == 3 and len(set(rows_p.tolist())) == 3 and torch.equal(rows_p, anchor.rows("probe", 7))
+    assert not all(torch.equal(rows_p, anchor.rows("probe", s)) for s in range(8, 14))
+    with torch.no_grad():
+        dp = coords(moved, [probe[i] for i in rows_p]) - coords(tiny_model, [probe[i] for i in rows_p])
+        dc = coords(moved, [control[i] for i in rows_c]) - coords(tiny_model, [control[i] for i in rows_c])
+        expected = 1.5 * (dp ** 2).mean() + 2.0 * (dp.mean() - dc.mean()) ** 2
+        assert float(anchor.penalty(moved, step=7)) == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(InterventionError, match="sample"):
+        ProbeAnchor({LAYER: v}, probe, tiny_model, sample=0)

@@ -105,3 +105,7 @@ def test_blocking_modes_parse_into_hooks_and_anchor_terms(micro_history):
     assert anchor.sets["control"][0].shape[0] == len(world.control_prompts("probe"))
     blocking, anchor = split_mode("contrast@1", directions, align, world)
     assert blocking is None and (anchor.weight, anchor.contrast_weight) == (0.0, 1.0)
+    _, anchor = split_mode("anchor@0.1+sample@8", directions, align, world)
+    assert anchor.sample == 8 and len(anchor.rows("probe", 1)) == 8
+    with pytest.raises(ValueError, match="sample@k"):
+        split_mode("clamp+sample@8", directions, align, world)

@@ -246,24 +246,29 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
 def split_mode(mode: str, directions: dict[int, torch.Tensor], align: Any,
                world: World) -> tuple[Blocking | None, ProbeAnchor | None]:
     """``plain``; hook modes (``clamp+grad``); ``anchor@<w>`` (per harmful probe prompt) and
-    ``contrast@<w>`` (the harmful-minus-B1 contrast centroid), combinable with ``+``."""
+    ``contrast@<w>`` (the harmful-minus-B1 contrast centroid), combinable with ``+``; ``sample@<k>``
+    makes the anchor use k prompts of each set per step."""
     if mode == "plain":
         return None, None
     parts = mode.split("+")
     weights = {"anchor": 0.0, "contrast": 0.0}
-    hooks = []
+    hooks, sample = [], None
     for part in parts:
         name, _, w = part.partition("@")
         if name in weights:
             weights[name] = float(w) if w else 0.1
+        elif name == "sample":
+            sample = int(w)
         else:
             hooks.append(part)
+    if sample is not None and not any(weights.values()):
+        raise ValueError(f"{mode!r}: sample@k sets how many prompts an anchor uses per step; add anchor@w or contrast@w.")
     anchor = None
     if any(weights.values()):
         tokens = lambda prompts: [align.to_tokens(p)[0].cpu() for p in prompts]  # noqa: E731
         control = tokens(world.control_prompts("probe")) if weights["contrast"] else None
         anchor = ProbeAnchor(directions, tokens(world.harmful_prompts("probe")), align, weights["anchor"],
-                             control=control, contrast_weight=weights["contrast"])
+                             control=control, contrast_weight=weights["contrast"], sample=sample)
     return (Blocking(directions, "+".join(hooks), reference=align) if hooks else None), anchor
 
 
