@@ -152,7 +152,7 @@ class ReversionProbe:
         self.device = device
         self.per_example = per_example
         self.progress = progress
-        self._tokenized: dict[tuple[int, str], _TokenizedSet] = {}
+        self._tokenized: dict[tuple, _TokenizedSet] = {}
 
     @property
     def n_prompts(self) -> int:
@@ -169,7 +169,8 @@ class ReversionProbe:
         return layers
 
     def _tokenize(self, model: Any, prompts: list, which: str) -> _TokenizedSet:
-        key = (id(model.tokenizer), which)
+        key = (_tokenizer_fingerprint(model.tokenizer), getattr(model.cfg, "default_prepend_bos", None),
+               model.cfg.n_ctx, model.cfg.d_vocab, which)
         if key in self._tokenized:
             return self._tokenized[key]
         if isinstance(prompts[0], str):
@@ -282,6 +283,15 @@ class ReversionProbe:
     def centroid(self, model: Any) -> torch.Tensor:
         """The (contrast) centroid alone, without per-example readouts."""
         return self.measure(model, per_example=False).centroid
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> int | None:
+    """Equal for tokenizers with the same vocabulary, so checkpoints loaded one by one share one tokenization."""
+    if tokenizer is None:
+        return None
+    return hash((type(tokenizer).__name__, frozenset(tokenizer.get_vocab().items()),
+                 getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None),
+                 getattr(tokenizer, "add_bos_token", None)))
 
 
 def _pad_id(model: Any) -> int:

@@ -197,3 +197,22 @@ def test_report_summary_and_roundtrip(planted, tmp_path):
     assert torch.allclose(back.v_rev, report.v_rev, equal_nan=True)
     assert back.layers == report.layers and back.runs == report.runs and back.steps == report.steps
     assert report.to_dict()["exceedance"]["pairs"] == 4
+
+
+def test_probe_tokenizes_once_for_checkpoints_sharing_a_vocabulary(tiny_model):
+    """Checkpoints load one at a time, each with its own tokenizer object: one tokenization serves them all."""
+    from revlens.checkpoints import boot_native_model
+    from revlens.wordtok import word_tokenizer
+
+    from conftest import WORDS, tiny_config
+
+    probe = ReversionProbe(PROMPTS, per_example=False)
+    twin_tok = word_tokenizer(WORDS)
+    twin = boot_native_model(tiny_config(len(twin_tok), seed=1), tokenizer=twin_tok)
+    assert twin.tokenizer is not tiny_model.tokenizer
+    probe.centroid(tiny_model)
+    probe.centroid(twin)
+    assert len(probe._tokenized) == 1
+    other = word_tokenizer(list(reversed(WORDS)))
+    probe.centroid(boot_native_model(tiny_config(len(other), seed=1), tokenizer=other))
+    assert len(probe._tokenized) == 2
