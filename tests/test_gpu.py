@@ -12,22 +12,14 @@ from revlens.intervention import Blocking, ProbeAnchor, orthonormal_basis
 from revlens.probe import ReversionProbe
 
 from conftest import CONTROL, PROMPTS
+from test_intervention import LAYER, next_resid
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
-LAYER = 1
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def on(model, device: str, dtype: torch.dtype = torch.float32):
     return copy.deepcopy(model).to(device).to(dtype)
-
-
-def next_resid(model, tokens, blocking=None):
-    name = f"blocks.{LAYER + 1}.hook_resid_pre"
-    if blocking is None:
-        return model.run_with_cache(tokens, names_filter=[name])[1][name]
-    with blocking.applied(model):
-        return model.run_with_cache(tokens, names_filter=[name])[1][name]
 
 
 def test_probe_centroids_on_cuda_equal_cpu(tiny_model):

@@ -28,6 +28,21 @@ def next_resid(model, tokens, blocking=None):
         return model.run_with_cache(tokens, names_filter=[name])[1][name]
 
 
+def jittered(model, scale: float = 0.05):
+    """A copy of ``model`` with every weight moved by Gaussian noise."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return moved
+
+
+def last_token_coords(model, prompts, u):
+    """Each prompt's last-token coordinate along ``u`` at layer LAYER, from TransformerLens' own cache."""
+    name = f"blocks.{LAYER}.hook_resid_post"
+    return torch.stack([model.run_with_cache(t[None], names_filter=[name])[1][name][0, -1] @ u for t in prompts])
+
+
 def hook_count(model) -> int:
     return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
 
@@ -187,19 +202,12 @@ def test_probe_anchor_penalty_matches_the_cache_and_pulls_back(tiny_model):
     u = v / v.norm()
     prompts = [tiny_model.to_tokens(p)[0] for p in PROMPTS]
     anchor = ProbeAnchor({LAYER: v}, prompts, tiny_model, weight=2.0)
-    moved, plain, anchored = (copy.deepcopy(tiny_model) for _ in range(3))
-    with torch.no_grad():  # a bridge that ran a grad-enabled forward can no longer be deep-copied (TL 4.3)
+    # a bridge that ran a grad-enabled forward can no longer be deep-copied (TL 4.3): copy first
+    moved, plain, anchored = jittered(tiny_model), copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    with torch.no_grad():
         assert float(anchor.penalty(tiny_model)) == pytest.approx(0.0, abs=1e-10)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    name = f"blocks.{LAYER}.hook_resid_post"
-
-    def last_coords(model):
-        return torch.stack([model.run_with_cache(t[None], names_filter=[name])[1][name][0, -1] @ u for t in prompts])
-
-    with torch.no_grad():
-        expected = 2.0 * ((last_coords(moved) - last_coords(tiny_model)) ** 2).mean()
+        moved_coords = last_token_coords(moved, prompts, u) - last_token_coords(tiny_model, prompts, u)
+        expected = 2.0 * (moved_coords ** 2).mean()
         assert float(anchor.penalty(moved)) == pytest.approx(float(expected), rel=1e-4)
     # Fine-tuning with the anchor moves the probe prompts along v less than plain fine-tuning does.
     gen = torch.Generator().manual_seed(0)
@@ -220,18 +228,10 @@ def test_contrast_anchor_penalty_matches_the_cache(tiny_model):
     tokens = [tiny_model.to_tokens(p)[0] for p in PROMPTS]
     probe, control = tokens[: len(tokens) // 2], tokens[len(tokens) // 2:]
     anchor = ProbeAnchor({LAYER: v}, probe, tiny_model, weight=0.0, control=control, contrast_weight=3.0)
-    moved = copy.deepcopy(tiny_model)
+    moved = jittered(tiny_model)
     with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    name = f"blocks.{LAYER}.hook_resid_post"
-
-    def centroid_coord(model, prompts):
-        return torch.stack([model.run_with_cache(t[None], names_filter=[name])[1][name][0, -1] @ u
-                            for t in prompts]).mean()
-
-    with torch.no_grad():
-        contrast = {m: centroid_coord(m, probe) - centroid_coord(m, control) for m in (moved, tiny_model)}
+        contrast = {m: last_token_coords(m, probe, u).mean() - last_token_coords(m, control, u).mean()
+                    for m in (moved, tiny_model)}
         expected = 3.0 * (contrast[moved] - contrast[tiny_model]) ** 2
         assert float(anchor.penalty(tiny_model)) == pytest.approx(0.0, abs=1e-10)
         assert float(anchor.penalty(moved)) == pytest.approx(float(expected), rel=1e-4)
@@ -249,21 +249,15 @@ def test_sampled_anchor_uses_the_drawn_prompts_of_each_step(tiny_model):
     probe, control = tokens[:6], tokens[6:]
     anchor = ProbeAnchor({LAYER: v}, probe, tiny_model, weight=1.5, control=control, contrast_weight=2.0,
                          sample=3, seed=4)
-    moved = copy.deepcopy(tiny_model)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    name = f"blocks.{LAYER}.hook_resid_post"
-
-    def coords(model, prompts):
-        return torch.stack([model.run_with_cache(t[None], names_filter=[name])[1][name][0, -1] @ u for t in prompts])
+    moved = jittered(tiny_model)
 
     rows_p, rows_c = anchor.rows("probe", 7), anchor.rows("control", 7)
     assert len(rows_p) == 3 and len(set(rows_p.tolist())) == 3 and torch.equal(rows_p, anchor.rows("probe", 7))
     assert not all(torch.equal(rows_p, anchor.rows("probe", s)) for s in range(8, 14))
     with torch.no_grad():
-        dp = coords(moved, [probe[i] for i in rows_p]) - coords(tiny_model, [probe[i] for i in rows_p])
-        dc = coords(moved, [control[i] for i in rows_c]) - coords(tiny_model, [control[i] for i in rows_c])
+        picked_p, picked_c = [probe[i] for i in rows_p], [control[i] for i in rows_c]
+        dp = last_token_coords(moved, picked_p, u) - last_token_coords(tiny_model, picked_p, u)
+        dc = last_token_coords(moved, picked_c, u) - last_token_coords(tiny_model, picked_c, u)
         expected = 1.5 * (dp ** 2).mean() + 2.0 * (dp.mean() - dc.mean()) ** 2
         assert float(anchor.penalty(moved, step=7)) == pytest.approx(float(expected), rel=1e-4)
     with pytest.raises(InterventionError, match="sample"):
