@@ -31,7 +31,8 @@ MEAN_COLOR = "rgb(31,119,180)"
 BAND_COLOR = "rgba(31,119,180,0.2)"
 ISO_COLOR = "rgb(214,39,40)"
 ACT_COLOR = "rgb(255,127,14)"
-MODE_COLORS = ("#7f7f7f", "#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#8c564b", "#e377c2")
+MODE_COLORS = ("#7f7f7f", "#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf",
+               "#bcbd22", "#ff7f0e")
 
 
 def _mean_std(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +126,7 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
     if iv:
         titles += ["Harmfulness after fine-tuning, by mode", "Final alignment at the last step, by mode",
                    "Fine-tuning task loss (held-out), by mode", "B1 retention, by mode"]
-    fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=0.09 if iv else 0.14,
+    fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=0.11 if iv else 0.14,
                         horizontal_spacing=0.1)
     per_layer_counts = []
     for li, l in enumerate(report.layers):
@@ -159,8 +160,8 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
                         f"{report.layers}; readout {report.config.get('readout', '?')}, contrast "
                         f"{report.config.get('contrast', '?')})", x=0.5, y=0.995, yanchor="top"),
         template=style["template"], paper_bgcolor=style["paper"], plot_bgcolor=style["plot"],
-        font=dict(color=style["font"]), height=1250 if iv else 760, margin=dict(t=110, l=70, r=40, b=50),
-        legend=dict(orientation="h", x=0.0, y=-0.06 if iv else -0.1),
+        font=dict(color=style["font"]), height=1450 if iv else 760, margin=dict(t=110, l=70, r=40, b=90),
+        legend=dict(orientation="h", x=0.0, y=-0.09 if iv else -0.1),
     )
     fig.update_xaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
     fig.update_yaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
@@ -179,9 +180,15 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
         fig.update_yaxes(title_text="cosine", row=3, col=2)
         fig.update_yaxes(title_text="cross-entropy (nats/token)", row=4, col=1)
         fig.update_yaxes(title_text="% of held-out B1 prompts", row=4, col=2)
+        p99 = float(report.null_p99[report.best_layer_index()])
+        fig.add_hline(y=p99, line=dict(color=ISO_COLOR, dash="dash"), row=3, col=2,
+                      annotation_text=f"isotropic p99 {p99:.3f}", annotation_position="top right")
+        modes = iv["modes"]
+        wrapped = [m.replace("+", "+<br>") if len(m) > 10 else m for m in modes]
         for r in (3, 4):
             for c in (1, 2):
-                fig.update_xaxes(title_text="blocking mode", row=r, col=c)
+                fig.update_xaxes(title_text="blocking mode", tickmode="array", tickvals=modes, ticktext=wrapped,
+                                 tickangle=0, row=r, col=c)
     return fig
 
 
