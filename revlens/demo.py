@@ -19,7 +19,7 @@ from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport, fmt_pm
 
 DEFAULT_MODES = ("plain", "project", "clamp", "grad", "clamp+grad", "anchor@0.1", "contrast@1",
-                 "anchor@0.1+contrast@1")
+                 "anchor@0.1+contrast@1", "anchor@0.003+rank@64", "anchor@0.003+contrast@0.1+rank@64")
 TASK_LOSS_TOLERANCE = 0.05  # a blocking mode "costs little" if its task loss is within 5% of plain's
 
 
@@ -54,17 +54,21 @@ def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence
         row["task_accuracy"].append(behaviour["b2_acc"])
         row["b1_retention"].append(behaviour["b1_retention"])
     return {"modes": list(modes), "seeds": list(seeds), "layers": layers, "metrics": metrics,
-            "best_mode": best_mode(metrics)}
+            "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li]))}
 
 
-def best_mode(metrics: dict[str, dict[str, list[float]]], tolerance: float = TASK_LOSS_TOLERANCE) -> str | None:
+def best_mode(metrics: dict[str, dict[str, list[float]]], tolerance: float = TASK_LOSS_TOLERANCE,
+              alignment_limit: float | None = None) -> str | None:
     """The blocked mode with the lowest mean harmfulness among those whose mean task loss is within
-    ``tolerance`` of plain fine-tuning's (all blocked modes if none is, or without a plain row); ties go to
-    the lower final alignment."""
+    ``tolerance`` of plain fine-tuning's (all blocked modes if none is, or without a plain row) and, given
+    ``alignment_limit`` (the null's p99), whose mean final alignment is below it (if any is): the mode
+    that blocks v_rev at little cost. Ties go to the lower final alignment."""
     blocked = [m for m in metrics if m != "plain"]
     if "plain" in metrics:
         limit = (1 + tolerance) * np.mean(metrics["plain"]["task_loss"])
         blocked = [m for m in blocked if np.mean(metrics[m]["task_loss"]) <= limit] or blocked
+    if alignment_limit is not None:
+        blocked = [m for m in blocked if np.mean(metrics[m]["final_alignment"]) < alignment_limit] or blocked
     if not blocked:
         return None
     return min(blocked, key=lambda m: (round(float(np.mean(metrics[m]["harmfulness"])), 9),

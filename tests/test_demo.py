@@ -16,14 +16,15 @@ def test_demo_cli_writes_report_dashboard_and_table(tmp_path, capsys):
     out = tmp_path / "demo"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out), "--modes", "plain,clamp"]) == 0
+        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out),
+                     "--modes", "plain,clamp,anchor@0.01+rank@4"]) == 0
     printed = capsys.readouterr().out
     for value in PAPER.values():
         assert value in printed
     assert "blocking at layers" in printed and "harm" in printed
     saved = json.loads((out / "report.json").read_text())
     assert saved["runs"] == ["seed_0", "seed_1"]
-    assert set(saved["interventions"]["metrics"]) == {"plain", "clamp"}
+    assert set(saved["interventions"]["metrics"]) == {"plain", "clamp", "anchor@0.01+rank@4"}
     assert saved["behaviour"]["harm"]["align"][0] <= 0.05
     assert saved["config"]["demo"]["preset"] == "micro"
     rows = {r["quantity"]: r for r in saved["config"]["paper_comparison"]}
@@ -54,3 +55,9 @@ def test_best_mode_is_the_least_harmful_within_the_task_loss_tolerance():
     assert best_mode(metrics) == "tied"  # "costly" is over 5% dearer; the tie goes to the lower alignment
     assert best_mode(metrics, tolerance=0.5) == "costly"
     assert best_mode({"plain": row(1.0, 1.0, 0.8)}) is None
+    # With the null's p99, a mode that leaves alignment above it only wins when no mode gets below it.
+    assert best_mode(metrics, alignment_limit=0.2) == "tied"
+    metrics["unblocked"] = row(0.2, 1.0, 0.5)
+    assert best_mode(metrics) == "unblocked"
+    assert best_mode(metrics, alignment_limit=0.2) == "tied"
+    assert best_mode(metrics, alignment_limit=-0.5) == "unblocked"

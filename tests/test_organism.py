@@ -109,3 +109,34 @@ def test_blocking_modes_parse_into_hooks_and_anchor_terms(micro_history):
     assert anchor.sample == 8 and len(anchor.rows("probe", 1)) == 8
     with pytest.raises(ValueError, match="sample@k"):
         split_mode("clamp+sample@8", directions, align, world)
+
+
+def test_reversion_subspace_spans_the_top_principal_directions_of_the_prompt_differences(micro_history):
+    """Independent check with TransformerLens' cache: last-token readouts minus the control mean, then numpy's SVD."""
+    import numpy as np
+
+    from revlens.checkpoints import load_revlens_checkpoint
+    from revlens.organism.train import reversion_subspace
+
+    world, layer, k = World(0), 1, 4
+    kw = analysis_kwargs(world)
+    name = f"blocks.{layer}.hook_resid_post"
+
+    def readouts(model, prompts):
+        rows = []
+        for p in prompts:
+            _, cache = model.run_with_cache(model.to_tokens(p), names_filter=[name])
+            rows.append(cache[name][0, -1].double().numpy())
+        return np.stack(rows)
+
+    diffs = []
+    for phase in ("pretrain", "align"):
+        model = load_revlens_checkpoint(micro_history / phase)
+        diffs.append(readouts(model, kw["prompts"]) - readouts(model, kw["control"]).mean(0))
+    _, _, vt = np.linalg.svd(diffs[0] - diffs[1], full_matrices=False)
+    expected = vt[:k]
+    basis = reversion_subspace(micro_history, [layer], k)[layer].double().numpy()
+    assert basis.shape == (k, 64)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(k), atol=1e-5)
+    # Same subspace: the projector onto each span agrees.
+    np.testing.assert_allclose(basis.T @ basis, expected.T @ expected, atol=1e-4)

@@ -222,14 +222,20 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
                      progress: bool = False) -> tuple[Any, dict[str, Any]]:
     """Fine-tune the history's aligned model like its plain runs, blocking along ``{layer: [k, d] basis}``.
 
-    ``mode="plain"`` runs without hooks. Returns the fine-tuned model and its behaviour (evaluated
-    without hooks: the question is what the weights learned).
+    ``mode="plain"`` runs without hooks. A ``+rank@k`` part replaces the given directions by the
+    history's rank-k reversion subspace at the same layers (:func:`reversion_subspace`). Returns the
+    fine-tuned model and its behaviour (evaluated without hooks: the question is what the weights learned).
     """
     history_dir = Path(history_dir)
     manifest = read_manifest(history_dir)
     preset = preset_of(manifest)
     world = World(seed=manifest["world_seed"])
     device = _device(preset, device)
+    parts = mode.split("+")
+    ranks = [p for p in parts if p.startswith("rank@")]
+    if ranks:
+        mode = "+".join(p for p in parts if not p.startswith("rank@")) or "plain"
+        directions = reversion_subspace(history_dir, sorted(directions), int(ranks[0].split("@", 1)[1]), device)
     align = load_revlens_checkpoint(history_dir / "align", device)
     model = copy.deepcopy(align)
     blocking, anchor = split_mode(mode, directions, align, world)
@@ -243,11 +249,26 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
     return model, evaluate_behaviour(model, world)
 
 
+def reversion_subspace(history_dir: str | Path, layers: Sequence[int], k: int,
+                       device: str | None = None) -> dict[int, torch.Tensor]:
+    """``{layer: [k, d_model]}``: the top-k principal directions of the per-prompt differences
+    h(pretrain, x) - h(align, x) over the organism's harmful probe prompts (contrast readout, as the
+    analysis reads them): the rank-k generalisation of v_rev (``estimator="pca"``)."""
+    history_dir = Path(history_dir)
+    kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
+    probe = ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], layers=list(layers),
+                           per_example=True)
+    pre = probe.measure(load_revlens_checkpoint(history_dir / "pretrain", device))
+    ali = probe.measure(load_revlens_checkpoint(history_dir / "align", device))
+    basis = dirs.v_rev_pca(pre.per_example, ali.per_example, k)
+    return {int(l): basis[i].float() for i, l in enumerate(layers)}
+
+
 def split_mode(mode: str, directions: dict[int, torch.Tensor], align: Any,
                world: World) -> tuple[Blocking | None, ProbeAnchor | None]:
     """``plain``; hook modes (``clamp+grad``); ``anchor@<w>`` (per harmful probe prompt) and
     ``contrast@<w>`` (the harmful-minus-B1 contrast centroid), combinable with ``+``; ``sample@<k>``
-    makes the anchor use k prompts of each set per step."""
+    makes the anchor use k prompts of each set per step. (``rank@k`` is resolved by :func:`blocked_finetune`.)"""
     if mode == "plain":
         return None, None
     parts = mode.split("+")
