@@ -140,3 +140,16 @@ def test_reversion_subspace_spans_the_top_principal_directions_of_the_prompt_dif
     np.testing.assert_allclose(basis @ basis.T, np.eye(k), atol=1e-5)
     # Same subspace: the projector onto each span agrees.
     np.testing.assert_allclose(basis.T @ basis, expected.T @ expected, atol=1e-4)
+
+
+def test_random_subspace_is_an_orthonormal_seeded_draw():
+    from revlens.organism.train import random_subspace
+
+    a, b, c = (random_subspace([0, 2], 5, 16, seed=s) for s in (0, 0, 1))
+    for l in (0, 2):
+        assert a[l].shape == (5, 16)
+        torch.testing.assert_close(a[l] @ a[l].T, torch.eye(5), atol=1e-5, rtol=0)
+        assert torch.equal(a[l], b[l]) and not torch.allclose(a[l], c[l])
+    assert not torch.allclose(a[0], a[2])
+    with pytest.raises(ValueError, match="rank"):
+        random_subspace([0], 17, 16)

@@ -223,7 +223,8 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
     """Fine-tune the history's aligned model like its plain runs, blocking along ``{layer: [k, d] basis}``.
 
     ``mode="plain"`` runs without hooks. A ``+rank@k`` part replaces the given directions by the
-    history's rank-k reversion subspace at the same layers (:func:`reversion_subspace`). Returns the
+    history's rank-k reversion subspace at the same layers (:func:`reversion_subspace`), ``+random@k`` by
+    a seeded random rank-k subspace (the control for it; ``random@k@s`` picks draw s). Returns the
     fine-tuned model and its behaviour (evaluated without hooks: the question is what the weights learned).
     """
     history_dir = Path(history_dir)
@@ -232,10 +233,14 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
     world = World(seed=manifest["world_seed"])
     device = _device(preset, device)
     parts = mode.split("+")
-    ranks = [p for p in parts if p.startswith("rank@")]
-    if ranks:
-        mode = "+".join(p for p in parts if not p.startswith("rank@")) or "plain"
-        directions = reversion_subspace(history_dir, sorted(directions), int(ranks[0].split("@", 1)[1]), device)
+    subspace = [p for p in parts if p.startswith(("rank@", "random@"))]
+    if subspace:
+        mode = "+".join(p for p in parts if p not in subspace) or "plain"
+        kind, k, *draw = subspace[0].split("@")
+        layers = sorted(directions)
+        directions = (reversion_subspace(history_dir, layers, int(k), device) if kind == "rank"
+                      else random_subspace(layers, int(k), int(next(iter(directions.values())).shape[-1]),
+                                           seed=int(draw[0]) if draw else 0))
     align = load_revlens_checkpoint(history_dir / "align", device)
     model = copy.deepcopy(align)
     blocking, anchor = split_mode(mode, directions, align, world)
@@ -264,11 +269,24 @@ def reversion_subspace(history_dir: str | Path, layers: Sequence[int], k: int,
     return {int(l): basis[i].float() for i, l in enumerate(layers)}
 
 
+def random_subspace(layers: Sequence[int], k: int, d_model: int, seed: int = 0) -> dict[int, torch.Tensor]:
+    """``{layer: [k, d_model]}`` orthonormal rows of a seeded random subspace: a control for
+    :func:`reversion_subspace` with the same dimension."""
+    if not 1 <= k <= d_model:
+        raise ValueError(f"random@{k}: the rank must be between 1 and d_model={d_model}.")
+    out = {}
+    for l in layers:
+        gen = torch.Generator().manual_seed(seed * 10_007 + int(l))
+        q, _ = torch.linalg.qr(torch.randn(d_model, k, generator=gen, dtype=torch.float64))
+        out[int(l)] = q.T.float()
+    return out
+
+
 def split_mode(mode: str, directions: dict[int, torch.Tensor], align: Any,
                world: World) -> tuple[Blocking | None, ProbeAnchor | None]:
     """``plain``; hook modes (``clamp+grad``); ``anchor@<w>`` (per harmful probe prompt) and
     ``contrast@<w>`` (the harmful-minus-B1 contrast centroid), combinable with ``+``; ``sample@<k>``
-    makes the anchor use k prompts of each set per step. (``rank@k`` is resolved by :func:`blocked_finetune`.)"""
+    makes the anchor use k prompts of each set per step. (``rank@k`` and ``random@k`` are resolved by :func:`blocked_finetune`.)"""
     if mode == "plain":
         return None, None
     parts = mode.split("+")
