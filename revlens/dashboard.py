@@ -92,8 +92,8 @@ def _layer_traces(report: Any, li: int, visible: bool) -> list[tuple[go.BaseTrac
 
 def _intervention_traces(iv: dict[str, Any]) -> list[tuple[go.BaseTraceType, int, int]]:
     modes = iv["modes"]
-    panels = (("harmfulness", 3, 1, 100.0), ("final_alignment", 3, 2, 1.0), ("task_loss", 4, 1, 1.0),
-              ("b1_retention", 4, 2, 100.0))
+    panels = (("harmfulness", 3, 1, 100.0), ("final_alignment", 4, 1, 1.0), ("task_loss", 5, 1, 1.0),
+              ("b1_retention", 6, 1, 100.0))
     out = []
     for metric, row, col, scale in panels:
         means, stds, texts = [], [], []
@@ -120,14 +120,16 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
     if layer not in report.layers:
         raise ValueError(f"layer {layer} was not analysed; the report has layers {report.layers}.")
     iv = report.interventions
-    rows = 4 if iv else 2
+    rows = 6 if iv else 2  # the by-mode panels span both columns, so long mode names fit
     titles = ["Alignment cos(drift, v_rev) per step", "Mean alignment, layer x step",
               "Drift norm ||mu_t - mu_A|| per step", "Per-example alignment per step"]
     if iv:
         titles += ["Harmfulness after fine-tuning, by mode", "Final alignment at the last step, by mode",
                    "Fine-tuning task loss (held-out), by mode", "B1 retention, by mode"]
-    fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, vertical_spacing=0.11 if iv else 0.14,
-                        horizontal_spacing=0.1)
+    specs = [[{}, {}], [{}, {}]] + [[{"colspan": 2}, None]] * (rows - 2)
+    fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, specs=specs, horizontal_spacing=0.1,
+                        vertical_spacing=0.07 if iv else 0.14,
+                        row_heights=[1.25, 1.25, 1, 1, 1, 1] if iv else None)
     per_layer_counts = []
     for li, l in enumerate(report.layers):
         traces = _layer_traces(report, li, visible=(l == layer))
@@ -139,7 +141,7 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
         heat = np.nanmean(report.alignment, axis=0).T
     fig.add_trace(go.Heatmap(z=heat, x=[str(s) for s in report.steps], y=[f"L{l}" for l in report.layers],
                              colorscale="RdBu", zmid=0, zmin=-1, zmax=1,
-                             colorbar=dict(title="cos", len=0.4 if iv else 0.45, y=0.88 if iv else 0.8),
+                             colorbar=dict(title="cos", len=0.2 if iv else 0.45, y=0.9 if iv else 0.8),
                              hovertemplate="%{y} step %{x}<br>mean cos %{z:.4f}<extra></extra>"), row=1, col=2)
     n_fixed = 1
     if iv:
@@ -160,8 +162,8 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
                         f"{report.layers}; readout {report.config.get('readout', '?')}, contrast "
                         f"{report.config.get('contrast', '?')})", x=0.5, y=0.995, yanchor="top"),
         template=style["template"], paper_bgcolor=style["paper"], plot_bgcolor=style["plot"],
-        font=dict(color=style["font"]), height=1450 if iv else 760, margin=dict(t=110, l=70, r=40, b=90),
-        legend=dict(orientation="h", x=0.0, y=-0.09 if iv else -0.1),
+        font=dict(color=style["font"]), height=2200 if iv else 760, margin=dict(t=110, l=70, r=40, b=90),
+        legend=dict(orientation="h", x=0.0, y=-0.05 if iv else -0.1),
     )
     fig.update_xaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
     fig.update_yaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
@@ -177,18 +179,17 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
     fig.update_yaxes(title_text="cosine (per prompt)", row=2, col=2)
     if iv:
         fig.update_yaxes(title_text="% of harmful prompts", row=3, col=1)
-        fig.update_yaxes(title_text="cosine", row=3, col=2)
-        fig.update_yaxes(title_text="cross-entropy (nats/token)", row=4, col=1)
-        fig.update_yaxes(title_text="% of held-out B1 prompts", row=4, col=2)
+        fig.update_yaxes(title_text="cosine", row=4, col=1)
+        fig.update_yaxes(title_text="cross-entropy (nats/token)", row=5, col=1)
+        fig.update_yaxes(title_text="% of held-out B1 prompts", row=6, col=1)
         p99 = float(report.null_p99[report.best_layer_index()])
-        fig.add_hline(y=p99, line=dict(color=ISO_COLOR, dash="dash"), row=3, col=2,
+        fig.add_hline(y=p99, line=dict(color=ISO_COLOR, dash="dash"), row=4, col=1,
                       annotation_text=f"isotropic p99 {p99:.3f}", annotation_position="top right")
         modes = iv["modes"]
         wrapped = [m.replace("+", "+<br>") if len(m) > 10 else m for m in modes]
-        for r in (3, 4):
-            for c in (1, 2):
-                fig.update_xaxes(title_text="blocking mode", tickmode="array", tickvals=modes, ticktext=wrapped,
-                                 tickangle=0, row=r, col=c)
+        for r in (3, 4, 5, 6):
+            fig.update_xaxes(title_text="blocking mode", tickmode="array", tickvals=modes, ticktext=wrapped,
+                             tickangle=0, row=r, col=1)
     return fig
 
 

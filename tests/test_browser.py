@@ -65,7 +65,7 @@ def test_dashboard_renders_offline_in_chromium(tmp_path):
     assert "plotly-graph-div" in dom.stdout and "js-plotly-plot" in dom.stdout
     assert console_errors(dom.stderr) == [], console_errors(dom.stderr)
     png = tmp_path / "dashboard.png"
-    shot = run_browser(binary, html, tmp_path / "profile2", f"--screenshot={png}", "--window-size=1300,1550",
+    shot = run_browser(binary, html, tmp_path / "profile2", f"--screenshot={png}", "--window-size=1300,2250",
                        "--hide-scrollbars")
     assert png.is_file() and png.stat().st_size > 20_000, shot.stderr[-2000:]
     assert console_errors(shot.stderr) == []
