@@ -224,8 +224,8 @@ def add_cli(sub: Any) -> None:
                                    "finetune/<run>/step_<N>/ under --out (resumes when interrupted).")
     p.add_argument("history_dir", help="a history written by `revlens demo` (pretrain/, align/, organism.json)")
     p.add_argument("--out", required=True)
-    p.add_argument("--mode", default="plain", help="plain, project, clamp, grad, anchor@W, contrast@W, or a combination "
-                                                      "joined by '+' like clamp+grad or anchor@0.1+contrast@1")
+    p.add_argument("--mode", default="plain", help="plain, project, clamp, grad, anchor@W, contrast@W, sample@K, rank@K, "
+                   "random@K[@DRAW], joined by '+' (clamp+grad, anchor@0.003+contrast@0.1+rank@64)")
     p.add_argument("--layers", default=None, help="comma-separated layers to block (default: all layers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)

@@ -305,24 +305,23 @@ class ProbeAnchor:
         if step is None and self.sample is not None:
             self._calls += 1
             step = self._calls
-        total = torch.zeros(())
         rows = self.rows("probe", step)
         probe = self._coords(model, "probe", rows)
         ref = self.reference_coords["probe"]
         moved = {l: probe[l] - (ref[l] if rows is None else ref[l][rows]).to(probe[l].device) for l in self.layers}
-        total = total.to(next(iter(moved.values())).device)
+        terms = []
         if self.weight > 0:
-            total = total + self.weight * torch.stack([(moved[l] ** 2).sum(-1).mean() for l in self.layers]).mean()
+            terms.append(self.weight * torch.stack([(moved[l] ** 2).sum(-1).mean() for l in self.layers]).mean())
         if self.contrast_weight > 0:
             rows_c = self.rows("control", step)
             control = self._coords(model, "control", rows_c)
             ref_c = self.reference_coords["control"]
-            terms = []
+            shifts = []
             for l in self.layers:
                 moved_control = control[l] - (ref_c[l] if rows_c is None else ref_c[l][rows_c]).to(control[l].device)
-                terms.append(((moved[l].mean(0) - moved_control.mean(0)) ** 2).sum())
-            total = total + self.contrast_weight * torch.stack(terms).mean()
-        return total
+                shifts.append(((moved[l].mean(0) - moved_control.mean(0)) ** 2).sum())
+            terms.append(self.contrast_weight * torch.stack(shifts).mean())
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=probe[self.layers[0]].device)
 
 
 def _pad(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,6 +109,13 @@ def test_blocking_modes_parse_into_hooks_and_anchor_terms(micro_history):
     assert anchor.sample == 8 and len(anchor.rows("probe", 1)) == 8
     with pytest.raises(ValueError, match="sample@k"):
         split_mode("clamp+sample@8", directions, align, world)
+    from revlens.organism.train import parse_mode
+
+    assert parse_mode("clamp+anchor@0.003+contrast@0.1+rank@64")["subspace"] == ("rank", 64, 0)
+    assert parse_mode("anchor@0.01+random@32@2") == {"hooks": [], "anchor": 0.01, "contrast": 0.0, "sample": None,
+                                                     "subspace": ("random", 32, 2)}
+    with pytest.raises(ValueError, match="cannot read 'rank@many'"):
+        parse_mode("anchor@0.1+rank@many")
 
 
 def test_reversion_subspace_spans_the_top_principal_directions_of_the_prompt_differences(micro_history):

@@ -222,9 +222,9 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
                      progress: bool = False) -> tuple[Any, dict[str, Any]]:
     """Fine-tune the history's aligned model like its plain runs, blocking along ``{layer: [k, d] basis}``.
 
-    ``mode="plain"`` runs without hooks. A ``+rank@k`` part replaces the given directions by the
-    history's rank-k reversion subspace at the same layers (:func:`reversion_subspace`), ``+random@k`` by
-    a seeded random rank-k subspace (the control for it; ``random@k@s`` picks draw s). Returns the
+    ``mode`` follows :func:`parse_mode`; ``plain`` runs without hooks. A ``rank@k`` part replaces the given
+    directions by the history's rank-k reversion subspace at the same layers (:func:`reversion_subspace`),
+    ``random@k[@s]`` by a seeded random rank-k subspace (the control for it). Returns the
     fine-tuned model and its behaviour (evaluated without hooks: the question is what the weights learned).
     """
     history_dir = Path(history_dir)
@@ -232,15 +232,12 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
     preset = preset_of(manifest)
     world = World(seed=manifest["world_seed"])
     device = _device(preset, device)
-    parts = mode.split("+")
-    subspace = [p for p in parts if p.startswith(("rank@", "random@"))]
-    if subspace:
-        mode = "+".join(p for p in parts if p not in subspace) or "plain"
-        kind, k, *draw = subspace[0].split("@")
+    subspace = parse_mode(mode)["subspace"]
+    if subspace is not None:
+        kind, k, draw = subspace
         layers = sorted(directions)
-        directions = (reversion_subspace(history_dir, layers, int(k), device) if kind == "rank"
-                      else random_subspace(layers, int(k), int(next(iter(directions.values())).shape[-1]),
-                                           seed=int(draw[0]) if draw else 0))
+        directions = (reversion_subspace(history_dir, layers, k, device) if kind == "rank"
+                      else random_subspace(layers, k, int(next(iter(directions.values())).shape[-1]), seed=draw))
     align = load_revlens_checkpoint(history_dir / "align", device)
     model = copy.deepcopy(align)
     blocking, anchor = split_mode(mode, directions, align, world)
@@ -282,33 +279,47 @@ def random_subspace(layers: Sequence[int], k: int, d_model: int, seed: int = 0) 
     return out
 
 
+def parse_mode(mode: str) -> dict[str, Any]:
+    """The organism's blocking-mode grammar, parts joined by ``+``: hook modes (``project``, ``clamp``,
+    ``grad``), ``anchor@<w>`` (each harmful probe prompt), ``contrast@<w>`` (the harmful-minus-B1 contrast
+    centroid), ``sample@<k>`` (k anchor prompts per step), ``rank@<k>`` (the rank-k reversion subspace
+    instead of v_rev) or ``random@<k>[@<draw>]`` (a random subspace of that rank, the control).
+    ``plain`` is no blocking."""
+    spec: dict[str, Any] = {"hooks": [], "anchor": 0.0, "contrast": 0.0, "sample": None, "subspace": None}
+    if mode == "plain":
+        return spec
+    for part in mode.split("+"):
+        name, _, value = part.partition("@")
+        try:
+            if name in ("anchor", "contrast"):
+                spec[name] = float(value) if value else 0.1
+            elif name == "sample":
+                spec["sample"] = int(value)
+            elif name in ("rank", "random"):
+                k, _, draw = value.partition("@")
+                spec["subspace"] = (name, int(k), int(draw) if draw else 0)
+            else:
+                spec["hooks"].append(part)
+        except ValueError:
+            raise ValueError(f"{mode!r}: cannot read {part!r}; write e.g. anchor@0.1, sample@16, rank@64, "
+                             f"random@64@1.") from None
+    if spec["sample"] is not None and not (spec["anchor"] or spec["contrast"]):
+        raise ValueError(f"{mode!r}: sample@k sets how many prompts an anchor uses per step; add anchor@w or contrast@w.")
+    return spec
+
+
 def split_mode(mode: str, directions: dict[int, torch.Tensor], align: Any,
                world: World) -> tuple[Blocking | None, ProbeAnchor | None]:
-    """``plain``; hook modes (``clamp+grad``); ``anchor@<w>`` (per harmful probe prompt) and
-    ``contrast@<w>`` (the harmful-minus-B1 contrast centroid), combinable with ``+``; ``sample@<k>``
-    makes the anchor use k prompts of each set per step. (``rank@k`` and ``random@k`` are resolved by :func:`blocked_finetune`.)"""
-    if mode == "plain":
-        return None, None
-    parts = mode.split("+")
-    weights = {"anchor": 0.0, "contrast": 0.0}
-    hooks, sample = [], None
-    for part in parts:
-        name, _, w = part.partition("@")
-        if name in weights:
-            weights[name] = float(w) if w else 0.1
-        elif name == "sample":
-            sample = int(w)
-        else:
-            hooks.append(part)
-    if sample is not None and not any(weights.values()):
-        raise ValueError(f"{mode!r}: sample@k sets how many prompts an anchor uses per step; add anchor@w or contrast@w.")
+    """The hooks and the anchor a mode (:func:`parse_mode`) asks for, along ``directions``."""
+    spec = parse_mode(mode)
     anchor = None
-    if any(weights.values()):
+    if spec["anchor"] or spec["contrast"]:
         tokens = lambda prompts: [align.to_tokens(p)[0].cpu() for p in prompts]  # noqa: E731
-        control = tokens(world.control_prompts("probe")) if weights["contrast"] else None
-        anchor = ProbeAnchor(directions, tokens(world.harmful_prompts("probe")), align, weights["anchor"],
-                             control=control, contrast_weight=weights["contrast"], sample=sample)
-    return (Blocking(directions, "+".join(hooks), reference=align) if hooks else None), anchor
+        control = tokens(world.control_prompts("probe")) if spec["contrast"] else None
+        anchor = ProbeAnchor(directions, tokens(world.harmful_prompts("probe")), align, spec["anchor"],
+                             control=control, contrast_weight=spec["contrast"], sample=spec["sample"])
+    hooks = "+".join(spec["hooks"])
+    return (Blocking(directions, hooks, reference=align) if hooks else None), anchor
 
 
 def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
