@@ -325,9 +325,7 @@ class ProbeAnchor:
 
 
 def _pad(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[n, max_len]`` tokens and the lengths."""
-    lengths = torch.tensor([len(p) for p in prompts])
-    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    return tokens, lengths
+    """Right-padded ``[n, max_len]`` tokens (pad id 0: only last real tokens are read) and the lengths."""
+    from revlens.probe import _TokenizedSet
+
+    return next(_TokenizedSet(list(prompts)).batches(len(prompts), pad_id=0))

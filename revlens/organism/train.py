@@ -256,12 +256,7 @@ def reversion_subspace(history_dir: str | Path, layers: Sequence[int], k: int,
     """``{layer: [k, d_model]}``: the top-k principal directions of the per-prompt differences
     h(pretrain, x) - h(align, x) over the organism's harmful probe prompts (contrast readout, as the
     analysis reads them): the rank-k generalisation of v_rev (``estimator="pca"``)."""
-    history_dir = Path(history_dir)
-    kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
-    probe = ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], layers=list(layers),
-                           per_example=True)
-    pre = probe.measure(load_revlens_checkpoint(history_dir / "pretrain", device))
-    ali = probe.measure(load_revlens_checkpoint(history_dir / "align", device))
+    _, pre, ali = _measure_pretrain_align(Path(history_dir), list(layers), per_example=True, device=device)
     basis = dirs.v_rev_pca(pre.per_example, ali.per_example, k)
     return {int(l): basis[i].float() for i, l in enumerate(layers)}
 
@@ -324,13 +319,19 @@ def split_mode(mode: str, directions: dict[int, torch.Tensor], align: Any,
 
 def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
     """v_rev basis ``[n_layers, 1, d]`` (contrast readout), the probe, and the aligned contrast centroid."""
-    history_dir = Path(history_dir)
-    world = World(seed=read_manifest(history_dir)["world_seed"])
-    kw = analysis_kwargs(world)
-    probe = ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], per_example=False)
-    mu_p = probe.centroid(load_revlens_checkpoint(history_dir / "pretrain", device))
-    mu_a = probe.centroid(load_revlens_checkpoint(history_dir / "align", device))
-    return dirs.v_rev_mean_diff(mu_p, mu_a)[:, None, :], probe, mu_a
+    probe, pre, ali = _measure_pretrain_align(Path(history_dir), None, per_example=False, device=device)
+    return dirs.v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :], probe, ali.centroid
+
+
+def _measure_pretrain_align(history_dir: Path, layers: list[int] | None, per_example: bool,
+                            device: str | None) -> tuple[ReversionProbe, Any, Any]:
+    """The organism's probe (as the analysis reads it) and its measurements of the pretrained and aligned models."""
+    kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
+    probe = ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], layers=layers,
+                           per_example=per_example)
+    pre = probe.measure(load_revlens_checkpoint(history_dir / "pretrain", device))
+    ali = probe.measure(load_revlens_checkpoint(history_dir / "align", device))
+    return probe, pre, ali
 
 
 def finetune_from_history(history_dir: Path, out: Path, *, mode: str = "plain", layers: Sequence[int] | None = None,
