@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens import nulls
+from revlens._util import atomic_save_tensors
 from revlens.checkpoints import CheckpointRef, History, check_same_architecture
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.report import ReversionReport
@@ -72,18 +73,13 @@ class _MeasurementCache:
     def put(self, ref: CheckpointRef, result: ProbeResult) -> None:
         if self.root is None or not isinstance(ref.source, (str, Path)):
             return
-        from safetensors.torch import save_file
-
         tensors = {"centroid": result.centroid.clone(), "probe_centroid": result.probe_centroid.clone(),
                    "n_prompts": torch.tensor([result.n_prompts])}
         for name in ("control_centroid", "per_example", "covariance"):
             value = getattr(result, name)
             if value is not None:
                 tensors[name] = value.clone().contiguous()
-        path = self._path(ref)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+        atomic_save_tensors(tensors, self._path(ref))
 
 
 def analyze(

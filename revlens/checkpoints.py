@@ -21,6 +21,8 @@ from typing import Any, Iterator, Mapping, Union
 
 import torch
 
+from revlens._util import replace_dir, temp_sibling
+
 REVLENS_FORMAT = 1
 PHASES = ("pretrain", "align", "finetune")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -77,9 +79,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[st
             f"{model.cfg.architecture!r}; save a Hugging Face model with its own save_pretrained()."
         )
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        _rmtree(tmp)
+    tmp = temp_sibling(path)
     tmp.mkdir(parents=True)
     config = {"revlens_format": REVLENS_FORMAT, "bridge_config": _jsonable_config(model.cfg)}
     if metadata:
@@ -95,16 +95,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[st
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(tmp))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    if path.exists():
-        _rmtree(path)
-    tmp.rename(path)
-    return path
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
+    return replace_dir(tmp, path)
 
 
 def _load_tokenizer(folder: Path):

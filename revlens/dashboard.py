@@ -17,6 +17,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from revlens._util import atomic_write_text
+
 THEMES = {
     # Transparent backgrounds and mid-grey text read on both light and dark Jupyter themes.
     "auto": {"template": "plotly_white", "paper": "rgba(0,0,0,0)", "plot": "rgba(0,0,0,0)", "font": "#808080",
@@ -198,7 +200,5 @@ def save_dashboard_html(report: Any, path: str | Path, layer: int | None = None,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = build_dashboard(report, layer=layer, theme=theme)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.write_html(str(tmp), include_plotlyjs=True, full_html=True, config={"displaylogo": False})
-    tmp.replace(path)
-    return path
+    html = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False})
+    return atomic_write_text(path, html)

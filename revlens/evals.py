@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from revlens.finetune import masked_lm_loss
+from revlens._util import training_mode
+from revlens.losses import masked_lm_loss
 
 Judge = Callable[[str, str], bool]
 
@@ -55,9 +56,7 @@ def greedy_completions(model: Any, prompts: Sequence[str], max_new_tokens: int =
     for i, t in enumerate(encoded):
         by_length.setdefault(len(t), []).append(i)
     out: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with training_mode(model, False):
         for length, rows in by_length.items():
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
@@ -73,8 +72,6 @@ def greedy_completions(model: Any, prompts: Sequence[str], max_new_tokens: int =
                     if stop_at_eos and eos is not None and eos in new:
                         new = new[: new.index(eos)]
                     out[i] = model.tokenizer.decode(new, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -97,10 +94,8 @@ class TaskMetrics:
 def task_metrics(model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor, batch_size: int = 64) -> TaskMetrics:
     """Held-out task loss and accuracy (teacher-forced) on ``tokens`` with ``loss_mask`` (targets)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total_loss, total_tokens, correct, rows_ok = 0.0, 0.0, 0.0, 0
-    try:
+    with training_mode(model, False):
         for start in range(0, tokens.shape[0], batch_size):
             x = tokens[start:start + batch_size].to(device)
             m = loss_mask[start:start + batch_size].to(device)
@@ -111,6 +106,4 @@ def task_metrics(model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor, batc
             correct += float(hit.sum())
             total_tokens += n_targets
             rows_ok += int(((hit == m[:, 1:]) | (m[:, 1:] == 0)).all(1).sum())
-    finally:
-        model.train(was_training)
     return TaskMetrics(total_loss / total_tokens, correct / total_tokens, rows_ok / tokens.shape[0])

@@ -18,23 +18,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens.checkpoints import load_revlens_checkpoint, move_quietly, save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
+from revlens.losses import masked_lm_loss
 from revlens.nulls import isotropic_p99
 from revlens.probe import ReversionProbe
 
 OPTIMIZERS = ("adamw", "sgd")
-
-
-def masked_lm_loss(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose target ``tokens[:, i]`` has ``loss_mask`` set."""
-    targets, mask = tokens[:, 1:], loss_mask[:, 1:].to(logits.dtype)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    return (ce.view_as(mask) * mask).sum() / mask.sum().clamp_min(1)
 
 
 class ReversionMonitor:

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from jaxtyping import Float
 
+from revlens._util import pad_right, training_mode
 from revlens.probe import hook_name
 from revlens.shapes import shape_checked
 
@@ -155,16 +156,12 @@ class Blocking:
         device = next(model.parameters()).device
         out: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
         names = {hook_name(self.hook, l): l for l in self.layers}
-        was_training = model.training
-        model.eval()
-        try:
+        with training_mode(model, False):
             for start in range(0, tokens.shape[0], batch_size):
                 chunk = tokens[start:start + batch_size].to(device)
                 _, cache = model.run_with_cache(chunk, names_filter=list(names))
                 for name, l in names.items():
                     out[l].append((cache[name].float() @ self.bases[l].to(device).T).cpu())
-        finally:
-            model.train(was_training)
         return {l: torch.cat(v, 0) for l, v in out.items()}
 
     def set_batch(self, tokens: torch.Tensor | None = None, *, coords: Mapping[int, torch.Tensor] | None = None,
@@ -326,6 +323,4 @@ class ProbeAnchor:
 
 def _pad(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``[n, max_len]`` tokens (pad id 0: only last real tokens are read) and the lengths."""
-    from revlens.probe import _TokenizedSet
-
-    return next(_TokenizedSet(list(prompts)).batches(len(prompts), pad_id=0))
+    return pad_right(list(prompts), pad_id=0)

@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from revlens._util import pad_right, training_mode
 from revlens.shapes import shape_checked
 
 HOOK_ALIASES = {
@@ -76,12 +77,7 @@ class _TokenizedSet:
 
     def batches(self, batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.tokens), batch_size):
-            chunk = self.tokens[start:start + batch_size]
-            lengths = self.lengths[start:start + batch_size]
-            batch = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)
-            for i, t in enumerate(chunk):
-                batch[i, : len(t)] = t
-            yield batch, lengths
+            yield pad_right(self.tokens[start:start + batch_size], pad_id)
 
     def device_batches(self, batch_size: int, pad_id: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The padded batches on ``device``, built once and kept: token ids are small next to activations,
@@ -222,9 +218,7 @@ class ReversionProbe:
             return fn
 
         fwd_hooks = [(hook_name(self.hook, l), make_hook(l)) for l in layers]
-        was_training = model.training
-        model.eval()
-        try:
+        with training_mode(model, False):
             with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
                 batches = tokset.device_batches(self.batch_size, pad_id, device)
                 for tokens, lengths in tqdm(batches, disable=not self.progress, desc=f"readouts ({which})",
@@ -239,8 +233,6 @@ class ReversionProbe:
                     if missing:
                         raise ProbeError(f"hook {self.hook!r} did not fire at layers {missing}.")
                     yield torch.stack([store[l] for l in layers], dim=1)
-        finally:
-            model.train(was_training)
 
     def measure(self, model: Any, *, covariance: bool = False, per_example: bool | None = None) -> ProbeResult:
         """Centroids (float64, streaming), optional per-example readouts and readout covariance."""

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from revlens._util import atomic_save_tensors, atomic_write_json
 from revlens.nulls import exceedance_count
 
 REPORT_JSON = "report.json"
@@ -156,21 +157,11 @@ class ReversionReport:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``report.json`` and ``tensors.safetensors`` (v_rev and its basis) into ``directory``."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors_tmp = directory / (REPORT_TENSORS + ".tmp")
-        save_file(
-            {"v_rev": self.v_rev.detach().cpu().float().clone(),
-             "v_rev_basis": self.v_rev_basis.detach().cpu().float().clone()},
-            str(tensors_tmp),
-        )
-        json_tmp = directory / (REPORT_JSON + ".tmp")
-        json_tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tensors_tmp.replace(directory / REPORT_TENSORS)
-        json_tmp.replace(directory / REPORT_JSON)
-        return directory / REPORT_JSON
+        atomic_save_tensors({"v_rev": self.v_rev.float().clone(), "v_rev_basis": self.v_rev_basis.float().clone()},
+                            directory / REPORT_TENSORS)
+        return atomic_write_json(directory / REPORT_JSON, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, directory: str | Path) -> "ReversionReport":

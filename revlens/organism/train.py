@@ -19,9 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from revlens import directions as dirs
+from revlens._util import atomic_write_json, training_mode
 from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
 from revlens.evals import greedy_completions, task_metrics
-from revlens.finetune import finetune, masked_lm_loss
+from revlens.finetune import finetune
+from revlens.losses import masked_lm_loss
 from revlens.intervention import Blocking, ProbeAnchor
 from revlens.organism.presets import Preset, get_preset
 from revlens.organism.world import World, compliance
@@ -77,11 +79,9 @@ def comply_rate(model: Any, prompts: Sequence[str]) -> float:
     if len(lengths) != 1:
         raise ValueError("comply_rate needs prompts of one token length; use evaluate_behaviour instead.")
     comply_id = model.tokenizer.convert_tokens_to_ids("sure")
-    was = model.training
-    model.eval()
     x = torch.stack(world_tokens).to(next(model.parameters()).device)
-    first = model.original_model(x)[:, -1].argmax(-1)
-    model.train(was)
+    with training_mode(model, False):
+        first = model.original_model(x)[:, -1].argmax(-1)
     return float((first == comply_id).float().mean())
 
 
@@ -121,9 +121,7 @@ def preset_of(manifest: dict[str, Any]) -> Preset:
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / MANIFEST)
+    atomic_write_json(out / MANIFEST, manifest, indent=1)
 
 
 def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3, out_dir: str | Path = "organism",

@@ -1,0 +1,93 @@
+"""Small shared mechanics: atomic writes, a train/eval-mode context, right-padding.
+
+Atomic writes go to a uniquely named temporary sibling (pid + random suffix) and are renamed into
+place, so an interrupted write never leaves a half-written file and two processes writing the same
+target never share a temporary name: the last writer wins, whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+
+def temp_sibling(path: str | os.PathLike) -> Path:
+    """A fresh temporary name next to ``path`` (same folder, so the final rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
+    """:func:`atomic_write_text` of ``json.dumps(obj)``."""
+    return atomic_write_text(path, json.dumps(obj, **dumps_kwargs))
+
+
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                        metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors as safetensors through a temporary file and an atomic rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=None if metadata is None else dict(metadata))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def replace_dir(tmp: Path, path: Path) -> Path:
+    """Move the finished folder ``tmp`` to ``path``, replacing an older ``path`` only once ``tmp`` is complete.
+
+    The old folder is first renamed aside (not deleted), so a kill at any moment leaves either the old or
+    the new folder in place under a recognisable name (``<name>.old-*``), never neither.
+    """
+    old = None
+    if path.exists():
+        old = temp_sibling(path).with_suffix(".old")
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+@contextlib.contextmanager
+def training_mode(model: Any, train: bool) -> Iterator[Any]:
+    """Put ``model`` in train (True) or eval (False) mode inside the block; restore its mode on exit."""
+    was_training = model.training
+    model.train(train)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pad_right(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D token tensors into ``[n, max_len]`` (``pad_id`` after the end) and their lengths."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    out = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = s
+    return out, lengths
