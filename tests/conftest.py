@@ -47,3 +47,19 @@ def shifted(model, layer: int, shift: torch.Tensor):
     with torch.no_grad():
         out.blocks[layer].mlp.out.bias += shift
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_tok():
+    """A byte-level BPE tokenizer with ChatML special tokens and a chat template (tests/hf_models.py)."""
+    from hf_models import chat_tokenizer
+
+    return chat_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, chat_tok):
+    """A tiny random Llama chat model saved as a Hugging Face folder in bfloat16, with a chat template."""
+    from hf_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), chat_tok)
