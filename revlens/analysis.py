@@ -6,6 +6,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from revlens import directions as dirs
 from revlens import nulls
 from revlens._util import atomic_save_tensors
-from revlens.checkpoints import CheckpointRef, History, check_same_architecture
+from revlens.checkpoints import CheckpointLoader, CheckpointRef, History, check_same_architecture
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.report import ReversionReport
 
@@ -98,6 +99,9 @@ def analyze(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    dtype: str | torch.dtype = "auto",
+    device_map: Any = None,
+    base: str | Path | None = None,
 ) -> ReversionReport:
     """Measure v_rev and the alignment of fine-tuning drift with it, layer by layer.
 
@@ -111,10 +115,15 @@ def analyze(
         null_samples, seed: Monte Carlo draws and seed of the activation-space null.
         cache_dir: where per-checkpoint measurements are kept, so a rerun after an interruption
             only measures what is missing.
+        dtype: ``"auto"`` (default) keeps each checkpoint's own dtype; ``"float32"``, ``"bfloat16"``,
+            ``"float16"`` cast.
+        device_map: ``"auto"`` spreads a Hugging Face model over all visible GPUs (exclusive with ``device``).
+        base: base model folder for LoRA adapter checkpoints whose ``base_model_name_or_path`` is not local.
 
-    Checkpoints are loaded one at a time; at most one model is in memory.
+    Checkpoints are loaded one at a time; at most one model is in memory. Checkpoints that share the
+    first one's architecture have their weights copied into the model already booted.
     """
-    history = History.coerce(ckpts)
+    history = History.coerce(ckpts, base)
     if estimator != "pca" and k != 1:
         raise ValueError(f"k={k} needs estimator='pca'; mean_diff and per_example give one direction.")
     prompts = default_prompts() if prompts is None else prompts
@@ -122,19 +131,22 @@ def analyze(
                            batch_size=batch_size, device=device, per_example=True)
     cache = _MeasurementCache(cache_dir, {"prompts": [str(p) for p in probe.prompts],
                                           "control": None if probe.control is None else [str(p) for p in probe.control],
-                                          "layers": layers, "hook": hook, "readout": readout})
+                                          "layers": layers, "hook": hook, "readout": readout,
+                                          "dtype": str(dtype)})
     bar = tqdm(total=len(history), desc="revlens analyze", disable=not progress, unit="ckpt")
 
     reference: dict[str, Any] = {}
+    loader = CheckpointLoader(device, dtype, device_map, base if base is not None else history.base)
 
     def measure(ref: CheckpointRef, covariance: bool = False) -> ProbeResult:
         cached = cache.get(ref)
         if cached is not None and (cached.covariance is not None or not covariance):
             bar.update(1)
             return cached
-        model = ref.load(device)
+        model = loader.load(ref)
         if "model_cfg" not in reference:
-            reference["model_cfg"] = model
+            reference["model_cfg"] = SimpleNamespace(cfg=SimpleNamespace(d_model=model.cfg.d_model,
+                                                                         n_layers=model.cfg.n_layers))
             reference["layers"] = probe.resolve_layers(model)
         else:
             check_same_architecture(reference["model_cfg"], model, ref.label, "the first checkpoint")

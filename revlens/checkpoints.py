@@ -4,20 +4,31 @@ A checkpoint source is one of
 - an in-memory ``TransformerBridge``;
 - a revlens checkpoint folder (``config.json`` with ``"revlens_format"``, ``model.safetensors``,
   tokenizer files), written by :func:`save_checkpoint`;
-- a local Hugging Face model folder (``config.json`` with ``model_type``, weights, tokenizer files),
-  booted with ``TransformerBridge.boot_transformers`` and a tokenizer read from the same folder.
+- a local Hugging Face model folder (``config.json`` with ``model_type``, single or sharded weights,
+  tokenizer files), read with ``AutoModelForCausalLM.from_pretrained`` in its own dtype and wrapped by
+  ``TransformerBridge.boot_transformers``;
+- a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), merged onto its
+  base model with peft (``pip install revlens[peft]``).
+
+Histories are read from ``pretrain/ align/ finetune/<run>/step_<N>/`` (Hugging Face Trainer
+``checkpoint-<N>/`` folders count as step N) or from a Trainer output folder. A
+:class:`CheckpointLoader` boots the first checkpoint and copies each later checkpoint's weights into
+the live model when the architecture is the same.
 
 Weights are read with safetensors or ``torch.load(..., weights_only=True)``: never unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import torch
 
@@ -25,7 +36,7 @@ from revlens._util import replace_dir, temp_sibling
 
 REVLENS_FORMAT = 1
 PHASES = ("pretrain", "align", "finetune")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -41,11 +52,12 @@ def _bridge_classes():
     return TransformerBridge, TransformerBridgeConfig
 
 
-def boot_native_model(config: Mapping[str, Any], tokenizer: Any = None, device: str | None = None):
+def boot_native_model(config: Mapping[str, Any], tokenizer: Any = None, device: str | None = None,
+                      dtype: torch.dtype | None = None):
     """Build a randomly initialised TL-native TransformerBridge from a config dict."""
     TransformerBridge, TransformerBridgeConfig = _bridge_classes()
     cfg = TransformerBridgeConfig.from_dict(dict(config))
-    return TransformerBridge.boot_native(cfg, tokenizer=tokenizer, device=device)
+    return TransformerBridge.boot_native(cfg, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
 def _jsonable_config(cfg: Any) -> dict[str, Any]:
@@ -98,11 +110,58 @@ def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[st
     return replace_dir(tmp, path)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+_CONVERT_HINT = (
+    "revlens never unpickles weights. Re-save the model as safetensors from the code that trained it "
+    "(model.save_pretrained(folder) writes model.safetensors by default; revlens.save_checkpoint for "
+    "TL-native models), or convert a plain tensor state dict with "
+    "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')."
+)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"auto"``/None -> None (keep the checkpoint's own dtype); a name or torch.dtype -> that torch.dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16.")
+    return DTYPES[name]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); re-save the checkpoint.") from err
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{folder} has no config.json: it is neither a revlens checkpoint "
+            "(save one with revlens.save_checkpoint), a Hugging Face model folder (save_pretrained) "
+            "nor a PEFT adapter folder (adapter_config.json)."
+        )
+    return _read_json(cfg_path)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+
+
 def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    names = {p.name for p in folder.iterdir()}
-    if not names & {"tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"}:
+    if not _has_tokenizer(folder):
         raise CheckpointError(
             f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json / vocab.json): "
             "revlens loads offline and will not fetch one from a hub. Save the tokenizer into the "
@@ -111,52 +170,306 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(
-            f"{folder} has no config.json: it is neither a revlens checkpoint "
-            "(save one with revlens.save_checkpoint) nor a Hugging Face model folder."
-        )
+def _tokenizer_digest(folder: Path | None) -> str:
+    if folder is None:
+        return ""
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight files: safetensors (header validated without reading the data), or weights-only pickles.
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size (catches truncation)."""
+    size = path.stat().st_size
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({err}); re-save the checkpoint.") from err
-
-
-def _load_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    st = folder / "model.safetensors"
-    if st.is_file():
-        try:
-            return load_file(str(st))
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(
-                f"{st} is corrupt or truncated ({err}); re-save the checkpoint."
-            ) from err
-    pt = folder / "model.pt"
-    if pt.is_file():
-        return torch.load(str(pt), map_location="cpu", weights_only=True)
-    raise CheckpointError(f"{folder} has no model.safetensors; re-save it with revlens.save_checkpoint.")
-
-
-def load_revlens_checkpoint(folder: str | os.PathLike, device: str | None = None):
-    """Load a folder written by :func:`save_checkpoint` as a TransformerBridge."""
-    folder = Path(folder)
-    config = _read_config(folder)
-    if "revlens_format" not in config:
-        raise CheckpointError(f"{folder}/config.json is not a revlens checkpoint config.")
-    tokenizer = _load_tokenizer(folder) if _has_tokenizer(folder) else None
-    state = _load_state(folder)
-    model = boot_native_model(config["bridge_config"], tokenizer=tokenizer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(f.read(n))
+        entries = [v for k, v in header.items() if k != "__metadata__"]
+        end = max((int(v["data_offsets"][1]) for v in entries), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt or truncated ({err}); re-save the checkpoint.") from err
+    if 8 + n + end != size:
         raise CheckpointError(
-            f"{folder}/model.safetensors does not match its config.json "
-            f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); re-save the checkpoint."
+            f"{path} is corrupt or truncated ({size} bytes on disk, its header describes {8 + n + end}); "
+            "re-save the checkpoint."
         )
+    return header
+
+
+def _load_pickled_weights(path: Path, device: str | torch.device | None = "cpu") -> dict[str, torch.Tensor]:
+    """A ``.bin``/``.pt`` state dict read with ``weights_only=True``; anything else is refused."""
+    import pickle
+
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (zero bytes); re-save the checkpoint.")
+    try:
+        state = torch.load(str(path), map_location=device or "cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects, not plain tensors, and revlens refuses to load it. "
+            + _CONVERT_HINT
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(err).__name__}: {err}); "
+                              "re-save the checkpoint.") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors; " + _CONVERT_HINT)
+    return dict(state)
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    """The model weight files of a Hugging Face folder (never optimizer.pt, rng_state*.pth, training_args.bin)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, Mapping) or not weight_map:
+                raise CheckpointError(f"{index} has no weight_map; re-save the model with save_pretrained().")
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            missing = [p.name for p in files if not p.is_file()]
+            if missing:
+                raise CheckpointError(f"{folder} is missing the shard(s) {missing} named in {index_name}; "
+                                      "copy every shard or re-save the model.")
+            return files
+    for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(f"{folder} has no weight files (model.safetensors or pytorch_model.bin); "
+                          "save the model with save_pretrained().")
+
+
+def _check_weight_files(files: Sequence[Path]) -> dict[str, int]:
+    """Validate every weight file; return the element count per floating safetensors dtype."""
+    counts: dict[str, int] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            for key, entry in _safetensors_header(path).items():
+                if key != "__metadata__" and entry["dtype"] in _SAFETENSORS_DTYPES:
+                    counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + math.prod(entry["shape"])
+        else:
+            _load_pickled_weights(path, "meta" if path.stat().st_size else None)
+    return counts
+
+
+def _checkpoint_dtype(counts: Mapping[str, int], config: Mapping[str, Any]) -> torch.dtype:
+    """The dtype the weights are stored in (most elements), else config's ``dtype``/``torch_dtype``, else fp32."""
+    if counts:
+        return _SAFETENSORS_DTYPES[max(counts, key=counts.get)]
+    named = config.get("dtype") or config.get("torch_dtype")
+    return DTYPES.get(str(named).removeprefix("torch."), torch.float32)
+
+
+def _read_weights(files: Sequence[Path], device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from every weight file, safetensors read straight onto ``device``."""
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            yield from _load_pickled_weights(path, device).items()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a checkpoint folder is, before anything is booted.
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """A checkpoint folder resolved: its kind, weight files, dtype and the key that decides weight swaps."""
+
+    kind: str  # "revlens" | "hf" | "adapter"
+    folder: Path
+    files: tuple[Path, ...]
+    dtype: torch.dtype
+    tokenizer_folder: Path | None
+    config: dict[str, Any]
+    base: Path | None = None  # adapters: the base model folder
+
+    @property
+    def swap_key(self) -> str:
+        """Checkpoints with one key share architecture, dtype and tokenizer: weights swap in place."""
+        family = "revlens" if self.kind == "revlens" else "hf"
+        config = {k: v for k, v in self.config.items() if k not in _VOLATILE_CONFIG_KEYS}
+        return json.dumps([family, config, str(self.dtype), _tokenizer_digest(self.tokenizer_folder)],
+                          sort_keys=True, default=str)
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
+def _adapter_base(folder: Path, adapter_config: Mapping[str, Any], base: str | os.PathLike | None) -> Path:
+    named = adapter_config.get("base_model_name_or_path")
+    if named:
+        for candidate in (Path(named), folder / named):
+            if (candidate / "config.json").is_file():
+                return candidate
+    if base is not None:
+        if not (Path(base) / "config.json").is_file():
+            raise CheckpointError(f"the base model folder {base} given for the adapter {folder} has no config.json.")
+        return Path(base)
+    raise CheckpointError(
+        f"{folder} is a LoRA adapter on {named!r}, which is not a local folder: give the base model's folder "
+        "with base=PATH (History(..., base=PATH), analyze(..., base=PATH), revlens analyze --base PATH)."
+    )
+
+
+def _describe(folder: Path, dtype: str | torch.dtype | None, base: str | os.PathLike | None) -> _Spec:
+    """Resolve a checkpoint folder without booting it; raises CheckpointError naming problem and fix."""
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint path {folder} does not exist.")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint path {folder} is a file; give the folder that holds config.json.")
+    wanted = resolve_dtype(dtype)
+    if _is_adapter(folder) and not (folder / "config.json").is_file():
+        adapter_config = _read_json(folder / "adapter_config.json")
+        files = [p for p in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if p.is_file()]
+        if not files:
+            raise CheckpointError(f"{folder} has adapter_config.json but no adapter_model.safetensors; "
+                                  "save the adapter with peft_model.save_pretrained(folder).")
+        _check_weight_files(files[:1])
+        base_folder = _adapter_base(folder, adapter_config, base)
+        base_spec = _describe(base_folder, dtype, None)
+        if base_spec.kind != "hf":
+            raise CheckpointError(f"the base {base_folder} of the adapter {folder} is not a Hugging Face model folder.")
+        tok = folder if _has_tokenizer(folder) else base_spec.tokenizer_folder
+        return _Spec("adapter", folder, tuple(files[:1]), base_spec.dtype, tok, base_spec.config, base_folder)
+    config = _read_config(folder)
+    if "revlens_format" in config:
+        if not isinstance(config.get("bridge_config"), Mapping):
+            raise CheckpointError(
+                f"{folder}/config.json says revlens_format but has no bridge_config (the model's "
+                "TransformerBridgeConfig); re-save the checkpoint with revlens.save_checkpoint."
+            )
+        files = [p for p in (folder / "model.safetensors", folder / "model.pt") if p.is_file()][:1]
+        if not files:
+            raise CheckpointError(f"{folder} has no model.safetensors; re-save it with revlens.save_checkpoint.")
+        counts = _check_weight_files(files)
+        return _Spec("revlens", folder, tuple(files), wanted or _checkpoint_dtype(counts, {}),
+                     folder if _has_tokenizer(folder) else None, dict(config["bridge_config"]))
+    if "model_type" not in config:
+        raise CheckpointError(
+            f"{folder}/config.json has neither model_type (a Hugging Face model folder) nor revlens_format "
+            "and bridge_config (a revlens checkpoint); re-save it with save_pretrained() or revlens.save_checkpoint."
+        )
+    files = _hf_weight_files(folder)
+    counts = _check_weight_files(files)
+    tok = folder
+    if not _has_tokenizer(folder) and _STEP_DIR.match(folder.name) and _has_tokenizer(folder.parent):
+        tok = folder.parent  # a Trainer checkpoint-N without tokenizer files: the output_dir's tokenizer
+    return _Spec("hf", folder, tuple(files), wanted or _checkpoint_dtype(counts, config), tok, config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Booting.
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError:
+        raise CheckpointError(
+            "this checkpoint is a PEFT (LoRA) adapter folder and loading it needs peft: pip install revlens[peft]"
+        ) from None
+    return peft
+
+
+def _from_pretrained(spec: _Spec, device: str | torch.device | None, device_map: Any):
+    """The plain Hugging Face model of an HF or adapter spec (adapters merged onto their base)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = spec.base if spec.kind == "adapter" else spec.folder
+    kwargs: dict[str, Any] = {"dtype": spec.dtype, "local_files_only": True}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except (RuntimeError, ValueError, OSError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"transformers could not load {folder} ({first}); check that config.json matches the weights "
+            "(e.g. intermediate_size, hidden_size, vocab_size) or re-save the model with save_pretrained()."
+        ) from err
+    if spec.kind == "adapter":
+        peft = _import_peft()
+        try:
+            model = peft.PeftModel.from_pretrained(model, str(spec.folder), is_trainable=False).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"the adapter {spec.folder} does not fit its base {folder} ({str(err).splitlines()[0]}); "
+                "give the base it was trained on (base=PATH / --base PATH)."
+            ) from err
+    if device_map is None and device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _boot_hf(spec: _Spec, device: str | torch.device | None, device_map: Any):
+    """Boot an HF or adapter spec; returns the bridge and the HF tensors by their saved names (for swaps)."""
+    TransformerBridge, _ = _bridge_classes()
+    if device is None and device_map is None:
+        from transformer_lens.utilities import get_device
+
+        device = get_device()
+    hf_model = _from_pretrained(spec, device, device_map)
+    live = hf_model.state_dict(keep_vars=True)  # the bridge wraps these same tensors
+    if spec.tokenizer_folder is None:
+        raise CheckpointError(f"{spec.folder} has no tokenizer files; save the tokenizer into it.")
+    tokenizer = _load_tokenizer(spec.tokenizer_folder)
+    bridge = TransformerBridge.boot_transformers(str(spec.base or spec.folder), hf_model=hf_model,
+                                                 tokenizer=tokenizer, dtype=spec.dtype)
+    return bridge.eval(), live
+
+
+def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: weights {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+             for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{source} does not match its config.json ("
+            + "; ".join(filter(None, [f"shape mismatch {wrong[:3]}" if wrong else "",
+                                      f"missing {missing[:4]}" if missing else "",
+                                      f"unexpected {unexpected[:4]}" if unexpected else ""]))
+            + "): fix bridge_config in config.json (e.g. d_mlp, d_model) or re-save the checkpoint."
+        )
+
+
+def _boot_revlens(spec: _Spec, device: str | torch.device | None):
+    tokenizer = _load_tokenizer(spec.tokenizer_folder) if spec.tokenizer_folder is not None else None
+    state = dict(_read_weights(spec.files))
+    try:
+        model = boot_native_model(spec.config, tokenizer=tokenizer, dtype=spec.dtype)
+    except (TypeError, ValueError, KeyError, AssertionError) as err:
+        raise CheckpointError(f"{spec.folder}/config.json has an unusable bridge_config ({err}); "
+                              "re-save the checkpoint with revlens.save_checkpoint.") from err
+    _check_shapes(state, model.state_dict(), f"{spec.folder}/{spec.files[0].name}")
+    model.load_state_dict(state)
     return move_quietly(model, device).eval()
+
+
+def load_revlens_checkpoint(folder: str | os.PathLike, device: str | None = None,
+                            dtype: str | torch.dtype | None = "auto"):
+    """Load a folder written by :func:`save_checkpoint` as a TransformerBridge."""
+    spec = _describe(Path(folder), dtype, None)
+    if spec.kind != "revlens":
+        raise CheckpointError(f"{folder}/config.json is not a revlens checkpoint config.")
+    return _boot_revlens(spec, device)
 
 
 def move_quietly(model: Any, device: str | torch.device | None):
@@ -169,57 +482,169 @@ def move_quietly(model: Any, device: str | torch.device | None):
     return model
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+def load_hf_folder(folder: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = "auto",
+                   device_map: Any = None, base: str | os.PathLike | None = None):
+    """Boot a local Hugging Face model folder (or a LoRA adapter folder, merged) offline, with its tokenizer."""
+    spec = _describe(Path(folder), dtype, base)
+    if spec.kind == "revlens":
+        raise CheckpointError(f"{folder} is a revlens checkpoint, not a Hugging Face folder; use load_checkpoint.")
+    return _boot_hf(spec, device, device_map)[0]
 
 
-def load_hf_folder(folder: str | os.PathLike, device: str | None = None, dtype: torch.dtype = torch.float32):
-    """Boot a local Hugging Face model folder offline, with the tokenizer saved in it."""
-    TransformerBridge, _ = _bridge_classes()
-    folder = Path(folder)
-    config = _read_config(folder)
-    if "model_type" not in config:
-        raise CheckpointError(f"{folder}/config.json has no model_type: not a Hugging Face model folder.")
-    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    if not has_weights:
-        raise CheckpointError(f"{folder} has no weight files (*.safetensors); save the model with save_pretrained().")
-    for st in folder.glob("*.safetensors"):
-        _check_safetensors_header(st)
-    tokenizer = _load_tokenizer(folder)
-    model = TransformerBridge.boot_transformers(str(folder), tokenizer=tokenizer, device=device, dtype=dtype)
-    return model.eval()
+def _check_placement(device: Any, device_map: Any) -> None:
+    if device is not None and device_map is not None:
+        raise CheckpointError(f"give device ({device!r}) or device_map ({device_map!r}), not both: device_map "
+                              "places the model itself (device_map='auto' spreads it over the visible GPUs).")
 
 
-def _check_safetensors_header(path: Path) -> None:
-    from safetensors import safe_open
+def load_checkpoint(source: Any, device: str | None = None, dtype: str | torch.dtype | None = "auto",
+                    device_map: Any = None, base: str | os.PathLike | None = None):
+    """Load one checkpoint as a TransformerBridge, offline.
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as err:
-        raise CheckpointError(f"{path} is corrupt or truncated ({err}); re-save the model.") from err
+    Args:
+        source: a TransformerBridge (returned as is, moved to ``device``), a :class:`CheckpointRef`, a
+            revlens checkpoint folder, a local Hugging Face model folder (single or sharded safetensors,
+            or weights-only ``pytorch_model.bin``), or a PEFT LoRA adapter folder (merged onto its base).
+        device: where the model goes (default: TransformerLens' pick, CUDA when available).
+        dtype: ``"auto"`` keeps the checkpoint's own dtype (read from the safetensors headers, else
+            config.json); ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch.dtype casts.
+        device_map: passed to ``from_pretrained`` (``"auto"`` spreads a model larger than one GPU over
+            all visible GPUs); exclusive with ``device``. Hugging Face folders only.
+        base: the base model folder of a LoRA adapter whose ``base_model_name_or_path`` is not a local folder.
 
+    Returns:
+        The model as a TransformerBridge, in eval mode.
 
-def load_checkpoint(source: Any, device: str | None = None):
-    """Load one checkpoint source (bridge, revlens folder or HF folder) as a TransformerBridge."""
+    Example:
+        >>> model = load_checkpoint("runs/sft/checkpoint-500", dtype="bfloat16", base="models/base")  # doctest: +SKIP
+    """
+    _check_placement(device, device_map)
     if hasattr(source, "run_with_cache") and hasattr(source, "cfg"):
-        return move_quietly(source, device)
+        model = move_quietly(source, device)
+        wanted = resolve_dtype(dtype)
+        return model if wanted is None or next(model.parameters()).dtype == wanted else model.to(wanted)
     if isinstance(source, CheckpointRef):
-        return source.load(device)
-    if not isinstance(source, (str, os.PathLike)):
-        raise CheckpointError(
-            f"cannot load a checkpoint from {type(source).__name__}: give a TransformerBridge, "
-            "a revlens checkpoint folder or a local Hugging Face model folder."
-        )
-    folder = Path(source)
-    if not folder.exists():
-        raise CheckpointError(f"checkpoint path {folder} does not exist.")
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint path {folder} is a file; give the folder that holds config.json.")
-    config = _read_config(folder)
-    if "revlens_format" in config:
-        return load_revlens_checkpoint(folder, device)
-    return load_hf_folder(folder, device)
+        return source.load(device, dtype, device_map, base)
+    return CheckpointLoader(device, dtype, device_map, base).load(source)
+
+
+class CheckpointLoader:
+    """Loads checkpoints one after another, booting a model only when the architecture changes.
+
+    The first checkpoint is booted (``from_pretrained`` + ``TransformerBridge.boot_transformers``, or
+    a TL-native bridge). Each later checkpoint with the same config, dtype and tokenizer has its
+    weights read straight onto the device and copied into the live model in place (a TransformerBridge
+    wraps the Hugging Face modules themselves and keeps no processed copy of the weights); anything
+    else is booted afresh. LoRA adapters are merged on their base with peft, then copied in.
+
+    The returned model is the loader's live model: it is only valid until the next :meth:`load`.
+
+    Example:
+        >>> loader = CheckpointLoader(dtype="auto")  # doctest: +SKIP
+        >>> for ref in history:
+        ...     model = loader.load(ref)
+    """
+
+    def __init__(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
+                 device_map: Any = None, base: str | os.PathLike | None = None):
+        _check_placement(device, device_map)
+        resolve_dtype(dtype)
+        self.device, self.dtype, self.device_map, self.base = device, dtype, device_map, base
+        self.model: Any = None
+        self._key: str | None = None
+        self._live: dict[str, torch.Tensor] | None = None
+        self.boots = 0
+        self.swaps = 0
+
+    def load(self, source: Any):
+        """The model of ``source`` (see :func:`load_checkpoint`), reusing the live model when possible."""
+        if isinstance(source, CheckpointRef):
+            try:
+                return self.load(source.source)
+            except CheckpointError as err:
+                raise CheckpointError(f"[{source.label}] {err}") from err
+        if hasattr(source, "run_with_cache") and hasattr(source, "cfg"):
+            return load_checkpoint(source, self.device, self.dtype)
+        if not isinstance(source, (str, os.PathLike)):
+            raise CheckpointError(
+                f"cannot load a checkpoint from {type(source).__name__}: give a TransformerBridge, a revlens "
+                "checkpoint folder, a local Hugging Face model folder or a LoRA adapter folder."
+            )
+        spec = _describe(Path(source), self.dtype, self.base)
+        if spec.kind == "revlens" and self.device_map is not None:
+            raise CheckpointError(f"device_map applies to Hugging Face folders; {spec.folder} is a TL-native "
+                                  "revlens checkpoint: load it on one device with device=.")
+        if self.model is not None and spec.swap_key == self._key and self._swap(spec):
+            self.swaps += 1
+            return self.model
+        self.model = self._live = self._key = None  # at most one model in memory
+        if spec.kind == "revlens":
+            self.model = _boot_revlens(spec, self.device)
+            self._live = self.model.state_dict(keep_vars=True)
+        else:
+            self.model, self._live = _boot_hf(spec, self.device, self.device_map)
+        self._key = spec.swap_key
+        self.boots += 1
+        return self.model
+
+    def _swap(self, spec: _Spec) -> bool:
+        """Copy ``spec``'s weights into the live model; False (nothing changed) when they do not fit it."""
+        assert self._live is not None
+        if spec.kind == "adapter":
+            merged = _from_pretrained(spec, "cpu" if self.device_map is not None else self.device, None)
+            return _copy_into(self._live, merged.state_dict().items(), check_only=False)
+        names = _weight_names(spec.files)
+        if not _copy_into(self._live, names, check_only=True):
+            return False
+        if spec.kind == "revlens":
+            state = dict(_read_weights(spec.files, _device_of(self.model)))
+            _check_shapes(state, self._live, f"{spec.folder}/{spec.files[0].name}")
+            self.model.load_state_dict(state)
+            return True
+        return _copy_into(self._live, _read_weights(spec.files, _device_of(self.model)), check_only=False)
+
+
+def _device_of(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _weight_names(files: Sequence[Path]) -> list[tuple[str, torch.Tensor]]:
+    """(name, meta tensor of the stored shape) for every tensor in the weight files, without reading data."""
+    out = []
+    for path in files:
+        if path.suffix == ".safetensors":
+            for key, entry in _safetensors_header(path).items():
+                if key != "__metadata__":
+                    out.append((key, torch.empty(entry["shape"], device="meta")))
+        else:
+            out.extend(_load_pickled_weights(path, "meta").items())
+    return out
+
+
+def _copy_into(live: Mapping[str, torch.Tensor], tensors: Any, *, check_only: bool) -> bool:
+    """Copy named tensors into ``live`` in place. With ``check_only``, only check that they cover every
+    live tensor (tied tensors once) with matching shapes and nothing more."""
+    covered: set[int] = set()
+    with torch.no_grad():
+        for name, value in tensors:
+            target = live.get(name)
+            if target is None or target.shape != value.shape:
+                return False
+            covered.add(id(target))
+            if not check_only:
+                target.copy_(value)
+    return all(id(t) in covered or _aliased(t, live, covered) for t in live.values())
+
+
+def _aliased(tensor: torch.Tensor, live: Mapping[str, torch.Tensor], covered: set[int]) -> bool:
+    """True when ``tensor`` shares storage with a covered tensor (tied embeddings)."""
+    if tensor.device.type == "meta":
+        return False
+    ptr = tensor.data_ptr()
+    return any(id(t) in covered and t.data_ptr() == ptr for t in live.values())
 
 
 @dataclass(frozen=True)
@@ -237,9 +662,11 @@ class CheckpointRef:
             return f"finetune/{self.run}/step_{self.step}"
         return self.phase
 
-    def load(self, device: str | None = None):
+    def load(self, device: str | None = None, dtype: str | torch.dtype | None = "auto", device_map: Any = None,
+             base: str | os.PathLike | None = None):
+        """Load this checkpoint (see :func:`load_checkpoint`); errors name the checkpoint."""
         try:
-            return load_checkpoint(self.source, device)
+            return load_checkpoint(self.source, device, dtype, device_map, base)
         except CheckpointError as err:
             raise CheckpointError(f"[{self.label}] {err}") from err
 
@@ -247,17 +674,54 @@ class CheckpointRef:
 Source = Union[str, os.PathLike, Any]
 
 
+def _is_checkpoint_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def _read_run(run_dir: Path, *, warn_all: bool = True) -> dict[int, Path]:
+    """The ``step_<N>/`` and ``checkpoint-<N>/`` folders of one run; warns on every folder skipped and
+    refuses two folders with one step number."""
+    steps: dict[int, Path] = {}
+    for path in sorted(run_dir.iterdir()):
+        m = _STEP_DIR.match(path.name)
+        reason = None
+        if path.is_symlink() and not path.exists():
+            reason = f"a broken symlink (to {os.readlink(path)})"
+        elif not path.is_dir():
+            continue
+        elif m is None:
+            if not warn_all:
+                continue
+            reason = "its name is not step_<N> or checkpoint-<N> with an integer N"
+        elif not _is_checkpoint_dir(path):
+            reason = "it has no config.json (or adapter_config.json for a LoRA adapter)"
+        if reason is not None:
+            warnings.warn(f"skipping {path}: {reason}.", RuntimeWarning, stacklevel=3)
+            continue
+        step = int(m.group(1))
+        if step in steps:
+            raise CheckpointError(
+                f"{steps[step].name} and {path.name} in {run_dir} are both step {step}; keep one of them "
+                "(rename or remove the other)."
+            )
+        steps[step] = path
+    return dict(sorted(steps.items()))
+
+
 @dataclass
 class History:
     """A training history: the pretrain witness, the aligned model, and fine-tuning runs.
 
     ``finetune`` maps a run name (a seed) to ``{step: checkpoint}``. When ``pretrain`` or
-    ``align`` has several checkpoints, the last is the phase's representative.
+    ``align`` has several checkpoints, the last is the phase's representative. ``base`` is the
+    base model folder for LoRA adapter checkpoints whose own ``base_model_name_or_path`` is not
+    a local folder.
     """
 
     pretrain: CheckpointRef
     align: CheckpointRef
     finetune: dict[str, dict[int, CheckpointRef]] = field(default_factory=dict)
+    base: str | os.PathLike | None = None
 
     @property
     def runs(self) -> list[str]:
@@ -276,8 +740,13 @@ class History:
     def __len__(self) -> int:
         return 2 + sum(len(r) for r in self.finetune.values())
 
+    def loader(self, device: str | None = None, dtype: str | torch.dtype | None = "auto",
+               device_map: Any = None) -> CheckpointLoader:
+        """A :class:`CheckpointLoader` for this history's checkpoints (with its ``base``)."""
+        return CheckpointLoader(device, dtype, device_map, self.base)
+
     @classmethod
-    def from_dict(cls, spec: Mapping[str, Any]) -> "History":
+    def from_dict(cls, spec: Mapping[str, Any], base: str | os.PathLike | None = None) -> "History":
         """Build from ``{"pretrain": src, "align": src, "finetune": {run: {step: src}}}``."""
         for phase in PHASES:
             if phase not in spec or spec[phase] is None:
@@ -300,11 +769,19 @@ class History:
             runs[str(run)] = {
                 int(s): CheckpointRef("finetune", src, str(run), int(s)) for s, src in steps.items()
             }
-        return cls(CheckpointRef("pretrain", pretrain), CheckpointRef("align", align), runs)
+        return cls(CheckpointRef("pretrain", pretrain), CheckpointRef("align", align), runs, base)
 
     @classmethod
-    def from_dir(cls, root: str | os.PathLike) -> "History":
-        """Read the layout ``pretrain/``, ``align/``, ``finetune/<run>/step_<N>/``."""
+    def from_dir(cls, root: str | os.PathLike, base: str | os.PathLike | None = None) -> "History":
+        """Read the layout ``pretrain/``, ``align/``, ``finetune/<run>/step_<N>/``.
+
+        Hugging Face Trainer output is read too: ``finetune/<run>/checkpoint-<N>/`` is step N. Every
+        folder skipped under ``finetune/`` is named in a RuntimeWarning; two folders with one step
+        number (``step_5`` and ``step_05``, or ``step_5`` and ``checkpoint-5``) are refused.
+
+        Example:
+            >>> history = History.from_dir("my_history", base="models/Llama-3.2-1B-Instruct")  # doctest: +SKIP
+        """
         root = Path(root)
         if not root.exists():
             raise CheckpointError(f"history folder {root} does not exist.")
@@ -314,30 +791,61 @@ class History:
             if not (root / phase).is_dir():
                 raise CheckpointError(
                     f"{root} has no {phase}/ folder; expected pretrain/, align/ and "
-                    "finetune/<run>/step_<N>/ (revlens demo writes this layout)."
+                    "finetune/<run>/step_<N>/ (or checkpoint-<N>/, as the Hugging Face Trainer writes)."
                 )
         finetune: dict[str, dict[int, Path]] = {}
-        for run_dir in sorted(p for p in (root / "finetune").iterdir() if p.is_dir()):
-            steps = {}
-            for step_dir in run_dir.iterdir():
-                m = _STEP_DIR.match(step_dir.name)
-                if m and step_dir.is_dir() and (step_dir / "config.json").is_file():
-                    steps[int(m.group(1))] = step_dir
+        for run_dir in sorted((root / "finetune").iterdir()):
+            if run_dir.is_symlink() and not run_dir.exists():
+                warnings.warn(f"skipping {run_dir}: a broken symlink.", RuntimeWarning, stacklevel=2)
+                continue
+            if not run_dir.is_dir():
+                continue
+            steps = _read_run(run_dir)
             if steps:
-                finetune[run_dir.name] = dict(sorted(steps.items()))
+                finetune[run_dir.name] = steps
+            else:
+                warnings.warn(f"skipping {run_dir}: it holds no step_<N>/ or checkpoint-<N>/ checkpoint.",
+                              RuntimeWarning, stacklevel=2)
         if not finetune:
-            raise CheckpointError(f"{root}/finetune/ holds no <run>/step_<N>/ checkpoint folders.")
-        return cls.from_dict({"pretrain": root / "pretrain", "align": root / "align", "finetune": finetune})
+            raise CheckpointError(f"{root}/finetune/ holds no <run>/step_<N>/ (or checkpoint-<N>/) checkpoint folders.")
+        return cls.from_dict({"pretrain": root / "pretrain", "align": root / "align", "finetune": finetune}, base)
 
     @classmethod
-    def coerce(cls, ckpts: Any) -> "History":
+    def from_trainer(cls, output_dir: str | os.PathLike, *, pretrain: Source, align: Source,
+                     run: str | None = None, base: str | os.PathLike | None = None) -> "History":
+        """A history whose one fine-tuning run is a Hugging Face Trainer ``output_dir``.
+
+        Its ``checkpoint-<N>/`` folders (full weights or LoRA adapters) are the steps; only model
+        weights are read (never optimizer.pt, rng_state.pth or training_args.bin).
+
+        Args:
+            output_dir: the Trainer's output folder.
+            pretrain, align: the base (pretrained) model and its aligned (instruct) model.
+            run: the run's name (default: the output folder's name).
+            base: base model folder for adapters whose ``base_model_name_or_path`` is not local.
+
+        Example:
+            >>> history = History.from_trainer("out/sft", pretrain="models/base", align="models/instruct")  # doctest: +SKIP
+        """
+        output_dir = Path(output_dir)
+        if not output_dir.is_dir():
+            raise CheckpointError(f"Trainer output folder {output_dir} does not exist or is not a folder.")
+        steps = _read_run(output_dir, warn_all=False)
+        if not steps:
+            raise CheckpointError(f"{output_dir} holds no checkpoint-<N>/ folders; train with save_strategy='steps' "
+                                  "(or 'epoch') so the Trainer writes them.")
+        return cls.from_dict({"pretrain": pretrain, "align": align,
+                              "finetune": {run or output_dir.name: steps}}, base)
+
+    @classmethod
+    def coerce(cls, ckpts: Any, base: str | os.PathLike | None = None) -> "History":
         """Accept a History, a folder in the standard layout, or a dict spec."""
         if isinstance(ckpts, History):
             return ckpts
         if isinstance(ckpts, (str, os.PathLike)):
-            return cls.from_dir(ckpts)
+            return cls.from_dir(ckpts, base)
         if isinstance(ckpts, Mapping):
-            return cls.from_dict(ckpts)
+            return cls.from_dict(ckpts, base)
         raise CheckpointError(
             f"cannot read a training history from {type(ckpts).__name__}: give a History, a folder "
             "laid out as pretrain/ align/ finetune/<run>/step_<N>/, or a dict."

@@ -34,6 +34,12 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto (default) keeps each checkpoint's own")
+    p.add_argument("--device-map", default=None,
+                   help="'auto' spreads a Hugging Face model over all visible GPUs (instead of --device)")
+    p.add_argument("--base", default=None,
+                   help="base model folder for LoRA adapter checkpoints whose base is not a local folder")
     p.add_argument("--html", action="store_true", help="also write the interactive dashboard.html")
     p.set_defaults(func=_run_analyze)
 
@@ -48,6 +54,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         control=load_prompt_file(args.control) if args.control else None,
         layers=args.layers, hook=args.hook, readout=args.readout, estimator=args.estimator, k=args.k,
         batch_size=args.batch_size, device=args.device, cache_dir=out / "cache",
+        dtype=args.dtype, device_map=args.device_map, base=args.base,
     )
     path = report.save(out)
     print(report.summary())
