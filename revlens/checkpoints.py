@@ -560,9 +560,12 @@ class CheckpointLoader:
         """The model of ``source`` (see :func:`load_checkpoint`), reusing the live model when possible."""
         if isinstance(source, CheckpointRef):
             try:
-                return self.load(source.source)
+                return self._load(source.source)
             except CheckpointError as err:
                 raise CheckpointError(f"[{source.label}] {err}") from err
+        return self._load(source)
+
+    def _load(self, source: Any):
         if hasattr(source, "run_with_cache") and hasattr(source, "cfg"):
             return load_checkpoint(source, self.device, self.dtype)
         if not isinstance(source, (str, os.PathLike)):
@@ -574,9 +577,15 @@ class CheckpointLoader:
         if spec.kind == "revlens" and self.device_map is not None:
             raise CheckpointError(f"device_map applies to Hugging Face folders; {spec.folder} is a TL-native "
                                   "revlens checkpoint: load it on one device with device=.")
-        if self.model is not None and spec.swap_key == self._key and self._swap(spec):
-            self.swaps += 1
-            return self.model
+        if self.model is not None and spec.swap_key == self._key:
+            try:
+                swapped = self._swap(spec)
+            except BaseException:
+                self.model = self._live = self._key = None  # possibly half-copied: never reuse it
+                raise
+            if swapped:
+                self.swaps += 1
+                return self.model
         self.model = self._live = self._key = None  # at most one model in memory
         if spec.kind == "revlens":
             self.model = _boot_revlens(spec, self.device)
@@ -591,8 +600,9 @@ class CheckpointLoader:
         """Copy ``spec``'s weights into the live model; False (nothing changed) when they do not fit it."""
         assert self._live is not None
         if spec.kind == "adapter":
-            merged = _from_pretrained(spec, "cpu" if self.device_map is not None else self.device, None)
-            return _copy_into(self._live, merged.state_dict().items(), check_only=False)
+            merged = _from_pretrained(spec, "cpu" if self.device_map is not None else self.device, None).state_dict()
+            return (_copy_into(self._live, merged.items(), check_only=True)
+                    and _copy_into(self._live, merged.items(), check_only=False))
         names = _weight_names(spec.files)
         if not _copy_into(self._live, names, check_only=True):
             return False
@@ -627,6 +637,8 @@ def _weight_names(files: Sequence[Path]) -> list[tuple[str, torch.Tensor]]:
 def _copy_into(live: Mapping[str, torch.Tensor], tensors: Any, *, check_only: bool) -> bool:
     """Copy named tensors into ``live`` in place. With ``check_only``, only check that they cover every
     live tensor (tied tensors once) with matching shapes and nothing more."""
+    if any(t.device.type == "meta" for t in live.values()):
+        return False  # offloaded by accelerate: no storage to copy into
     covered: set[int] = set()
     with torch.no_grad():
         for name, value in tensors:
