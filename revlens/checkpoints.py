@@ -690,9 +690,13 @@ def _is_checkpoint_dir(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
+# Folders a run holds that are known not to be checkpoints: revlens.finetune's resume state, TensorBoard logs.
+_NOT_CHECKPOINTS = {"state", "runs"}
+
+
 def _read_run(run_dir: Path, *, warn_all: bool = True) -> dict[int, Path]:
-    """The ``step_<N>/`` and ``checkpoint-<N>/`` folders of one run; warns on every folder skipped and
-    refuses two folders with one step number."""
+    """The ``step_<N>/`` and ``checkpoint-<N>/`` folders of one run; warns on every other folder skipped
+    (but the known ``state/`` and ``runs/``) and refuses two folders with one step number."""
     steps: dict[int, Path] = {}
     for path in sorted(run_dir.iterdir()):
         m = _STEP_DIR.match(path.name)
@@ -702,7 +706,7 @@ def _read_run(run_dir: Path, *, warn_all: bool = True) -> dict[int, Path]:
         elif not path.is_dir():
             continue
         elif m is None:
-            if not warn_all:
+            if not warn_all or path.name in _NOT_CHECKPOINTS:
                 continue
             reason = "its name is not step_<N> or checkpoint-<N> with an integer N"
         elif not _is_checkpoint_dir(path):

@@ -197,9 +197,13 @@ def test_trainer_checkpoint_folders_are_steps_and_pickles_are_never_read(tiny_ll
     for step in (10, 20):
         _trainer_checkpoint(out / f"checkpoint-{step}", chat_tok, 40 + step, marker, tokenizer=step == 10)
     chat_tok.save_pretrained(out)  # the Trainer's output_dir holds the tokenizer; checkpoint-20 has none
-    (out / "runs").mkdir()  # TensorBoard logs: skipped with a warning
-    with pytest.warns(RuntimeWarning, match=r"skipping .*runs"):
+    (out / "runs").mkdir()  # TensorBoard logs: known, skipped without a word
+    (out / "notes").mkdir()  # anything else is named
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         history = History.from_dir(root)
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == [
+        f"skipping {out / 'notes'}: its name is not step_<N> or checkpoint-<N> with an integer N."]
     assert history.runs == ["sft"] and history.steps == [10, 20]
     assert history.finetune["sft"][20].source == out / "checkpoint-20"
     trainer = History.from_trainer(out, pretrain=root / "pretrain", align=root / "align")
