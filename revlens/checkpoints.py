@@ -393,6 +393,7 @@ def _from_pretrained(spec: _Spec, device: str | torch.device | None, device_map:
     from transformers import AutoModelForCausalLM
 
     folder = spec.base if spec.kind == "adapter" else spec.folder
+    peft = _import_peft() if spec.kind == "adapter" else None
     kwargs: dict[str, Any] = {"dtype": spec.dtype, "local_files_only": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -404,8 +405,7 @@ def _from_pretrained(spec: _Spec, device: str | torch.device | None, device_map:
             f"transformers could not load {folder} ({first}); check that config.json matches the weights "
             "(e.g. intermediate_size, hidden_size, vocab_size) or re-save the model with save_pretrained()."
         ) from err
-    if spec.kind == "adapter":
-        peft = _import_peft()
+    if peft is not None:
         try:
             model = peft.PeftModel.from_pretrained(model, str(spec.folder), is_trainable=False).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as err:
