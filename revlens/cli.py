@@ -33,7 +33,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", default="mean_diff", choices=["mean_diff", "per_example", "pca"])
     p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for models under 20M parameters, more for larger ones; "
+                        "or set REVLENS_NUM_THREADS)")
     p.add_argument("--html", action="store_true", help="also write the interactive dashboard.html")
     p.set_defaults(func=_run_analyze)
 
@@ -42,12 +45,14 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from revlens.analysis import analyze, load_prompt_file
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (it will hold report.json and cache/).")
     report = analyze(
         args.ckpt_dir,
         load_prompt_file(args.prompts) if args.prompts else None,
         control=load_prompt_file(args.control) if args.control else None,
         layers=args.layers, hook=args.hook, readout=args.readout, estimator=args.estimator, k=args.k,
-        batch_size=args.batch_size, device=args.device, cache_dir=out / "cache",
+        batch_size=args.batch_size, device=args.device, cache_dir=out / "cache", threads=args.threads,
     )
     path = report.save(out)
     print(report.summary())
@@ -77,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ProbeError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, ProbeError, OSError, ValueError) as err:
         print(f"revlens {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
