@@ -182,7 +182,7 @@ class _MeasurementCache:
             problem = f"cannot be read ({type(err).__name__}: {err})"
         if problem is not None:
             warnings.warn(f"cache entry {path} for {ref.label} {problem}; measuring the checkpoint again.",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             return None
         result = ProbeResult(t["centroid"].double(), t["probe_centroid"].double(),
                              t["control_centroid"].double() if "control_centroid" in t else None,

@@ -70,13 +70,8 @@ def choose_num_threads(n_params: int, cores: int | None = None, override: int | 
 
 
 def count_parameters(model: Any) -> int:
-    """Parameters of a torch module (shared tensors counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel()
-    return total
+    """Parameters of a torch module (a parameter shared by several modules, e.g. tied embeddings, once)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 class ThreadPolicy:
