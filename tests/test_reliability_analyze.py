@@ -242,8 +242,11 @@ def test_interleaved_writers_of_one_entry_never_collide(tmp_path, monkeypatch):
     (src / "model.safetensors").write_bytes(b"weights")
     ref = CheckpointRef("align", src)
     settings = {"prompts": ["a"], "layers": None}
-    result = lambda v: ProbeResult(torch.full((2, 4), v, dtype=torch.float64),  # noqa: E731
-                                   torch.full((2, 4), v, dtype=torch.float64), None, torch.full((1, 2, 4), v), None, 1)
+
+    def result(v: float) -> ProbeResult:
+        centroid = torch.full((2, 4), v, dtype=torch.float64)
+        return ProbeResult(centroid, centroid.clone(), None, torch.full((1, 2, 4), v), None, 1)
+
     writer_a, writer_b = (_MeasurementCache(tmp_path / "cache", settings) for _ in range(2))
     original, calls = st.save_file, []
 
