@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,9 +17,11 @@ from tqdm.auto import tqdm
 from revlens import directions as dirs
 from revlens import nulls
 from revlens._util import atomic_save_tensors
-from revlens.checkpoints import CheckpointLoader, CheckpointRef, History, check_same_architecture
+from revlens.checkpoints import CheckpointError, CheckpointLoader, CheckpointRef, History, check_same_architecture
+from revlens.devices import check_device
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.report import ReversionReport
+from revlens.threads import ThreadPolicy
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_PROMPTS = "harmful_requests.txt"
@@ -44,35 +47,167 @@ def default_control() -> list[str]:
     return load_prompt_file(DEFAULT_CONTROL)
 
 
-class _MeasurementCache:
-    """Per-checkpoint probe results on disk, so an interrupted analysis resumes where it stopped."""
+CACHE_FORMAT = 2
+HASHED_FILE_BYTES = 16 * 2**20  # checkpoint files up to this size are keyed on their content
+EXTREME_READOUT = 1e10  # |readout| beyond this: corrupt or diverged weights (healthy models stay below ~1e5)
 
-    def __init__(self, root: Path | None, key: dict[str, Any]):
+
+def _key_value(obj: Any) -> Any:
+    """An exact, JSON-ready stand-in for one cache-key setting: tensors become a hash of their values."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return {"tensor_sha256": hashlib.sha256(data).hexdigest(), "shape": list(t.shape), "dtype": str(t.dtype)}
+    if isinstance(obj, Mapping):
+        return {str(k): _key_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_key_value(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return repr(obj)
+
+
+def cache_key(settings: Mapping[str, Any]) -> str:
+    """A digest of every setting that changes a checkpoint's readouts (prompts, layers, hook, dtype...).
+
+    Token-id prompts are keyed on their values (a sha256 of each tensor's bytes, with its shape), never
+    on their printed form, which torch abbreviates beyond 1,000 elements.
+    """
+    text = json.dumps({"format": CACHE_FORMAT, "settings": _key_value(dict(settings))}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def checkpoint_stamp(source: str | os.PathLike) -> list[Any]:
+    """What identifies one version of a checkpoint on disk: every (non-hidden) file in its folder.
+
+    Each file contributes its name and size, and its content's sha256 when it is at most
+    ``HASHED_FILE_BYTES`` (configs, tokenizers, small weights), else its modification time in ns. A
+    LoRA adapter folder also carries the stamp of the local base model its ``adapter_config.json`` names.
+    """
+    path = Path(source)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    stamp: list[Any] = []
+    for f in files:
+        st = f.stat()
+        if st.st_size <= HASHED_FILE_BYTES:
+            stamp.append([f.name, st.st_size, hashlib.sha256(f.read_bytes()).hexdigest()])
+        else:
+            stamp.append([f.name, st.st_size, st.st_mtime_ns])
+    adapter = path / "adapter_config.json"
+    if path.is_dir() and adapter.is_file():
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            base = None
+        if isinstance(base, str) and Path(base).is_dir() and Path(base).resolve() != path.resolve():
+            stamp.append(["base", base, checkpoint_stamp(base)])
+    return stamp
+
+
+class _MeasurementCache:
+    """Per-checkpoint probe results on disk, so an interrupted analysis resumes where it stopped.
+
+    ``root/<cache_key(settings)>/<checkpoint label>-<stamp digest>.safetensors``: one folder per set of
+    settings that changes the numbers, one file per checkpoint version (:func:`checkpoint_stamp`). An
+    entry that cannot be read, or whose shapes do not fit this measurement, is a miss: measured again,
+    with a warning that names the file. Writes are atomic with unique temporary names, so concurrent
+    analyses sharing one cache never see half a file and the last writer wins whole.
+    """
+
+    def __init__(self, root: str | Path | None, settings: Mapping[str, Any], *, n_prompts: int | None = None,
+                 n_layers: int | None = None, control: bool = False):
         self.root = None
+        self.n_prompts, self.n_layers, self.control = n_prompts, n_layers, control
+        self._entries: dict[str, Path | None] = {}
+        self._shape: tuple[tuple[int, int], str] | None = None  # (n_layers, d_model), where it came from
         if root is not None:
-            digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-            self.root = Path(root) / digest
+            self.root = Path(root) / cache_key(settings)[:16]
             self.root.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, ref: CheckpointRef) -> Path:
-        """One file per checkpoint version: the name carries the weights' size and modification time,
-        so a checkpoint rewritten in place is measured again."""
-        assert self.root is not None
-        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(ref.source).glob("*.safetensors"))]
-        digest = hashlib.sha256(repr(stamp).encode()).hexdigest()[:12]
-        return self.root / f"{ref.label.replace('/', '__')}-{digest}.safetensors"
+    @staticmethod
+    def _name(ref: CheckpointRef) -> str:
+        return ref.label.replace("/", "__")
+
+    def _path(self, ref: CheckpointRef) -> Path | None:
+        """The entry of the checkpoint's current version (stamped once, before it is loaded)."""
+        if self.root is None or not isinstance(ref.source, (str, os.PathLike)):
+            return None
+        if ref.label not in self._entries:
+            try:
+                stamp = checkpoint_stamp(ref.source)
+            except OSError:
+                stamp = None  # unreadable: loading it will raise the real error
+            digest = None if stamp is None else hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+            self._entries[ref.label] = None if digest is None else self.root / f"{self._name(ref)}-{digest}.safetensors"
+        return self._entries[ref.label]
+
+    def _problem(self, t: Mapping[str, torch.Tensor]) -> str | None:
+        """Why tensors read from an entry cannot serve this measurement, or None."""
+        for name in ("centroid", "probe_centroid", "n_prompts", "per_example"):
+            if name not in t:
+                return f"has no {name!r} tensor"
+        if self.control and "control_centroid" not in t:
+            return "has no 'control_centroid' tensor"
+        c = t["centroid"]
+        if c.ndim != 2 or not c.is_floating_point():
+            return f"holds a centroid of shape {tuple(c.shape)} ({c.dtype}), not [n_layers, d_model]"
+        n_layers, d_model = c.shape
+        n = int(t["n_prompts"].reshape(-1)[0]) if t["n_prompts"].numel() == 1 else -1
+        expected = {"probe_centroid": (n_layers, d_model), "control_centroid": (n_layers, d_model),
+                    "per_example": (n, n_layers, d_model), "covariance": (n_layers, d_model, d_model)}
+        for name, shape in expected.items():
+            if name in t and tuple(t[name].shape) != shape:
+                return f"holds {name} of shape {tuple(t[name].shape)}, expected {shape}"
+        if self.n_prompts is not None and n != self.n_prompts:
+            return f"was measured on {n} prompts, this probe set has {self.n_prompts}"
+        if self.n_layers is not None and n_layers != self.n_layers:
+            return f"holds {n_layers} layers, this measurement reads {self.n_layers}"
+        if self._shape is not None and (n_layers, d_model) != self._shape[0]:
+            return f"holds readouts of shape {(n_layers, d_model)}, {self._shape[1]} gave {self._shape[0]}"
+        return None
 
     def get(self, ref: CheckpointRef) -> ProbeResult | None:
-        if self.root is None or not isinstance(ref.source, (str, Path)) or not self._path(ref).is_file():
+        """The cached result of this version of ``ref``, or None (a miss) when absent, corrupt or stale."""
+        path = self._path(ref)
+        if path is None or not path.is_file():
             return None
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        t = load_file(str(self._path(ref)))
-        return ProbeResult(t["centroid"], t["probe_centroid"], t.get("control_centroid"), t.get("per_example"),
-                           t.get("covariance"), int(t["n_prompts"].item()))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                t = {k: f.get_tensor(k) for k in f.keys()}
+            problem = self._problem(t)
+        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+            problem = f"cannot be read ({type(err).__name__}: {err})"
+        if problem is not None:
+            warnings.warn(f"cache entry {path} for {ref.label} {problem}; measuring the checkpoint again.",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        result = ProbeResult(t["centroid"].double(), t["probe_centroid"].double(),
+                             t["control_centroid"].double() if "control_centroid" in t else None,
+                             t["per_example"].float(), t["covariance"].double() if "covariance" in t else None,
+                             int(t["n_prompts"].reshape(-1)[0]))
+        self._note_shape(ref, result, f"{ref.label} (cache file {path})")
+        return result
+
+    def _note_shape(self, ref: CheckpointRef, result: ProbeResult, where: str) -> None:
+        shape = tuple(result.centroid.shape)
+        if self._shape is None:
+            self._shape = (shape, where)
+        elif shape != self._shape[0]:
+            raise CheckpointError(
+                f"checkpoint {ref.label} gives readouts of shape {list(shape)} [n_layers, d_model] but "
+                f"{self._shape[1]} gave {list(self._shape[0])}: every checkpoint of a history must share one "
+                "architecture (delete a cache file named here if its checkpoint was replaced)."
+            )
 
     def put(self, ref: CheckpointRef, result: ProbeResult) -> None:
-        if self.root is None or not isinstance(ref.source, (str, Path)):
+        """Check a fresh result's shape against earlier ones and store it (atomically) for later runs."""
+        self._note_shape(ref, result, ref.label)
+        path = self._path(ref)
+        if path is None:
             return
         tensors = {"centroid": result.centroid.clone(), "probe_centroid": result.probe_centroid.clone(),
                    "n_prompts": torch.tensor([result.n_prompts])}
@@ -80,7 +215,47 @@ class _MeasurementCache:
             value = getattr(result, name)
             if value is not None:
                 tensors[name] = value.clone().contiguous()
-        atomic_save_tensors(tensors, self._path(ref))
+        atomic_save_tensors(tensors, path, metadata={"checkpoint": ref.label, "revlens_cache_format": str(CACHE_FORMAT)})
+        for old in path.parent.glob(f"{self._name(ref)}-*.safetensors"):
+            if old != path and old.stem.rsplit("-", 1)[0] == self._name(ref):
+                old.unlink(missing_ok=True)  # an earlier version of this checkpoint
+
+
+def _readout_health(result: ProbeResult) -> tuple[torch.Tensor, float]:
+    """(per layer: is any readout NaN/inf?, the largest finite |readout|) of one measurement."""
+    bad = torch.zeros(result.centroid.shape[0], dtype=torch.bool)
+    peak = 0.0
+    for t in (result.centroid, result.probe_centroid, result.control_centroid, result.per_example, result.covariance):
+        if t is None:
+            continue
+        per_layer = t.transpose(0, 1) if t is result.per_example else t
+        finite = torch.isfinite(per_layer).reshape(per_layer.shape[0], -1)
+        bad |= ~finite.all(dim=1)
+        if t is not result.covariance and finite.any():
+            peak = max(peak, float(per_layer.reshape(per_layer.shape[0], -1)[finite].abs().max()))
+    return bad, peak
+
+
+def _check_readouts(ref: CheckpointRef, result: ProbeResult, layer_ids: Sequence[int], fatal: bool) -> torch.Tensor:
+    """Name a checkpoint whose readouts are NaN/inf (an error when ``fatal``) or absurdly large (a warning).
+
+    Returns the per-layer mask of non-finite readouts.
+    """
+    bad, peak = _readout_health(result)
+    if bad.any():
+        layers = [layer_ids[i] for i in torch.nonzero(bad).flatten().tolist()]
+        what = (f"{ref.label}: its readouts are NaN or infinite at layer(s) {layers}: the checkpoint holds "
+                "NaN/inf weights, or its activations overflow their dtype")
+        if fatal:
+            raise CheckpointError(f"{what}. v_rev cannot be measured; check each weight tensor with "
+                                  "torch.isfinite and replace the checkpoint.")
+        warnings.warn(f"{what}. Its alignment and drift there are NaN, and report.config['non_finite'] "
+                      "lists it.", RuntimeWarning, stacklevel=3)
+    if peak > EXTREME_READOUT:
+        warnings.warn(f"{ref.label}: readouts reach |h| = {peak:.3g}, far beyond any healthy model (below ~1e5): "
+                      "its weights are probably corrupt or diverged; its numbers are reported but are unlikely to "
+                      "mean anything.", RuntimeWarning, stacklevel=3)
+    return bad
 
 
 def analyze(
@@ -102,6 +277,7 @@ def analyze(
     dtype: str | torch.dtype = "auto",
     device_map: Any = None,
     base: str | Path | None = None,
+    threads: int | None = None,
 ) -> ReversionReport:
     """Measure v_rev and the alignment of fine-tuning drift with it, layer by layer.
 
@@ -114,25 +290,45 @@ def analyze(
         estimator: ``mean_diff`` (default), ``per_example`` or ``pca`` (rank ``k`` subspace).
         null_samples, seed: Monte Carlo draws and seed of the activation-space null.
         cache_dir: where per-checkpoint measurements are kept, so a rerun after an interruption
-            only measures what is missing.
+            only measures what is missing. An entry is keyed on every setting that changes the numbers
+            and on the checkpoint's files (see README, "Reliability").
         dtype: ``"auto"`` (default) keeps each checkpoint's own dtype; ``"float32"``, ``"bfloat16"``,
             ``"float16"`` cast.
         device_map: ``"auto"`` spreads a Hugging Face model over all visible GPUs (exclusive with ``device``).
         base: base model folder for LoRA adapter checkpoints whose ``base_model_name_or_path`` is not local.
+        threads: torch CPU threads while measuring (default: :func:`revlens.threads.choose_num_threads`,
+            one thread for models under 20M parameters; ``$REVLENS_NUM_THREADS`` also sets it).
+
+    Readouts that are NaN/inf raise a :class:`CheckpointError` for pretrain or align; for a fine-tuning
+    checkpoint they warn, leave its numbers NaN and list it in ``report.config["non_finite"]``.
 
     Checkpoints are loaded one at a time; at most one model is in memory. Checkpoints that share the
     first one's architecture have their weights copied into the model already booted.
     """
+    check_device(device)
+    if isinstance(null_samples, bool) or not isinstance(null_samples, int) or null_samples < 1:
+        raise ValueError(f"null_samples={null_samples!r}: the activation-space null needs at least one Monte Carlo "
+                         "draw; give a positive integer (default 20000).")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise ValueError(f"cache_dir {cache_dir} is a file; give a folder (it is created if missing).")
+    policy = ThreadPolicy(threads)
     history = History.coerce(ckpts, base)
     if estimator != "pca" and k != 1:
         raise ValueError(f"k={k} needs estimator='pca'; mean_diff and per_example give one direction.")
     prompts = default_prompts() if prompts is None else prompts
     probe = ReversionProbe(prompts, layers=layers, hook=hook, readout=readout, control=control,
                            batch_size=batch_size, device=device, per_example=True)
-    cache = _MeasurementCache(cache_dir, {"prompts": [str(p) for p in probe.prompts],
-                                          "control": None if probe.control is None else [str(p) for p in probe.control],
-                                          "layers": layers, "hook": hook, "readout": readout,
-                                          "dtype": str(dtype)})
+    cache = _MeasurementCache(cache_dir, {
+        "prompts": probe.prompts,
+        "control": probe.control,
+        "layers": probe.layers,
+        "hook": hook,
+        "readout": readout,
+        "dtype": str(dtype),
+        "base": None if base is None else str(base),
+    }, n_prompts=probe.n_prompts, n_layers=None if probe.layers is None else len(probe.layers),
+        control=probe.control is not None)
+    non_finite: list[str] = []
     bar = tqdm(total=len(history), desc="revlens analyze", disable=not progress, unit="ckpt")
 
     reference: dict[str, Any] = {}
@@ -144,6 +340,7 @@ def analyze(
             bar.update(1)
             return cached
         model = loader.load(ref)
+        policy.fit(model)
         if "model_cfg" not in reference:
             reference["model_cfg"] = SimpleNamespace(cfg=SimpleNamespace(d_model=model.cfg.d_model,
                                                                          n_layers=model.cfg.n_layers))
@@ -156,9 +353,13 @@ def analyze(
         bar.update(1)
         return result
 
+    policy.start()
     try:
         pre = measure(history.pretrain)
+        layer_ids = reference.get("layers") or probe.layers or list(range(pre.centroid.shape[0]))
+        _check_readouts(history.pretrain, pre, layer_ids, fatal=True)
         ali = measure(history.align, covariance=True)
+        _check_readouts(history.align, ali, layer_ids, fatal=True)
         basis = dirs.estimate_v_rev(estimator, pre.centroid, ali.centroid, pre.per_example, ali.per_example, k)
         v_rev_norm = (pre.centroid - ali.centroid).norm(dim=-1).numpy()
         if np.any(v_rev_norm == 0):
@@ -166,6 +367,7 @@ def analyze(
                           RuntimeWarning, stacklevel=2)
         n_layers, d_model = pre.centroid.shape
         noise = dirs.ROUNDOFF * ali.probe_centroid.norm(dim=-1)
+        undefined = torch.isnan(basis).flatten(1).any(dim=1)  # layers without v_rev: NaN is not zero drift
         runs, steps = history.runs, history.steps
         shape = (len(runs), len(steps), n_layers)
         align_arr = np.full(shape, np.nan)
@@ -176,18 +378,23 @@ def analyze(
             for step, ref in sorted(history.finetune[run].items()):
                 si = steps.index(step)
                 res = measure(ref)
+                bad = _check_readouts(ref, res, layer_ids, fatal=False)
+                if bad.any():
+                    non_finite.append(ref.label)
                 delta = dirs.drift(res.centroid, ali.centroid)
-                a = dirs.alignment(delta, basis, noise)
-                dirs.warn_if_zero_drift(a, ref.label)
+                a = dirs.alignment(delta, basis, noise).masked_fill(bad, float("nan"))
+                dirs.warn_if_zero_drift(a[~bad & ~undefined], ref.label)
                 align_arr[ri, si] = a.numpy()
-                drift_norm[ri, si] = delta.norm(dim=-1).numpy()
+                drift_norm[ri, si] = delta.norm(dim=-1).masked_fill(bad, float("nan")).numpy()
                 ex = dirs.alignment(res.per_example.double() - ali.per_example.double(), basis, noise)
+                ex = ex.masked_fill(bad[None, :], float("nan"))
                 per_example_cos[ri, si] = ex.T.numpy()
                 with np.errstate(all="ignore"), warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     align_ex[ri, si] = np.nanmean(ex.numpy(), axis=0)
     finally:
         bar.close()
+        policy.restore()
 
     null_iso = np.full(n_layers, nulls.isotropic_p99(d_model, k))
     null_act = np.array([
@@ -198,7 +405,7 @@ def analyze(
     config = {"hook": hook, "readout": readout, "estimator": estimator, "k": k,
               "contrast": control is not None, "n_prompts": probe.n_prompts,
               "n_control": 0 if probe.control is None else len(probe.control),
-              "batch_size": batch_size, "null_samples": null_samples, "seed": seed,
+              "batch_size": batch_size, "null_samples": null_samples, "seed": seed, "non_finite": non_finite,
               "checkpoints": {"pretrain": str(history.pretrain.source) if isinstance(history.pretrain.source, (str, Path)) else "<in-memory>",
                               "align": str(history.align.source) if isinstance(history.align.source, (str, Path)) else "<in-memory>"}}
     return ReversionReport(

@@ -33,13 +33,16 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", default="mean_diff", choices=["mean_diff", "per_example", "pca"])
     p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype; auto (default) keeps each checkpoint's own")
     p.add_argument("--device-map", default=None,
                    help="'auto' spreads a Hugging Face model over all visible GPUs (instead of --device)")
     p.add_argument("--base", default=None,
                    help="base model folder for LoRA adapter checkpoints whose base is not a local folder")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for models under 20M parameters, more for larger ones; "
+                        "or set REVLENS_NUM_THREADS)")
     p.add_argument("--html", action="store_true", help="also write the interactive dashboard.html")
     p.set_defaults(func=_run_analyze)
 
@@ -48,12 +51,14 @@ def _run_analyze(args: argparse.Namespace) -> int:
     from revlens.analysis import analyze, load_prompt_file
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (it will hold report.json and cache/).")
     report = analyze(
         args.ckpt_dir,
         load_prompt_file(args.prompts) if args.prompts else None,
         control=load_prompt_file(args.control) if args.control else None,
         layers=args.layers, hook=args.hook, readout=args.readout, estimator=args.estimator, k=args.k,
-        batch_size=args.batch_size, device=args.device, cache_dir=out / "cache",
+        batch_size=args.batch_size, device=args.device, cache_dir=out / "cache", threads=args.threads,
         dtype=args.dtype, device_map=args.device_map, base=args.base,
     )
     path = report.save(out)
@@ -84,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ProbeError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, ProbeError, OSError, ValueError) as err:
         print(f"revlens {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -123,6 +123,10 @@ class ReversionReport:
             f"most aligned layer L{self.layers[li]}: {iso}/{n} run-step pairs above the isotropic p99, "
             f"{act}/{n} above the activation-space p99"
         )
+        if self.config.get("non_finite"):
+            bad = self.config["non_finite"]
+            lines.append(f"non-finite readouts (NaN/inf, left out of the figures above): {len(bad)} checkpoint(s): "
+                         + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
