@@ -99,6 +99,7 @@ class FinetuneResult:
     monitor: dict[int, list[float]] = field(default_factory=dict)
     resumed_from: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    lrs: dict[int, float] = field(default_factory=dict)
 
 
 def _batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
@@ -388,8 +389,8 @@ def finetune(
             (:func:`revlens.lora.apply_lora`, initialised with ``seed``) instead of every weight; checkpoints
             are then adapter folders.
     Returns:
-        :class:`FinetuneResult`: task loss per step, checkpoint folders, monitor readings, the step resumed
-        from and the settings recorded with the state.
+        :class:`FinetuneResult`: task loss and learning rate per step run, checkpoint folders, monitor
+        readings, the step resumed from and the settings recorded with the state.
 
     Example:
         >>> result = finetune(model, tokens, mask, steps=100, lr=1e-4, schedule="cosine", warmup_steps=10,
@@ -475,6 +476,7 @@ def finetune(
                 penalty.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+        result.lrs[step] = float(opt.param_groups[0]["lr"])
         opt.step()
         scheduler.step()
         result.losses[step] = total
