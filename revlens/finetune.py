@@ -280,14 +280,23 @@ def _load_state(folder: Path, trainable: dict[str, torch.Tensor], optimizer: tor
     return int(progress["step"]), {int(k): v for k, v in progress["losses"].items()}
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``"key: saved X, now Y"`` for each differing setting (nested settings as ``key.sub``)."""
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
     out = []
     for key in sorted(set(saved) | set(now)):
         if key == "steps" and now.get("schedule") != "cosine":
             continue
-        if saved.get(key) != now.get(key):
-            out.append(f"{key}: saved {saved.get(key)!r}, now {now.get(key)!r}")
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in _differences(a, b)]
+        elif a != b:
+            out.append(f"{key}: saved {_short(a)}, now {_short(b)}")
     return out
 
 
