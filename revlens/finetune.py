@@ -141,7 +141,7 @@ def weights_fingerprint(model: Any) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}{float(flat.double().sum()):.10e}".encode())
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}{float(flat.double().sum()):.8e}".encode())
             h.update(flat[:64].to("cpu").float().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -337,7 +337,8 @@ def _resume_point(run_dir: Path, settings: dict[str, Any], steps: int, overwrite
 @contextlib.contextmanager
 def _seeded(seed: int, step: int, device: torch.device):
     """Run the block with the global random state seeded by (seed, step), restoring it afterwards."""
-    devices = [device] if device.type == "cuda" else []
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(seed) * 1_000_003 + int(step) + 7)
         yield
