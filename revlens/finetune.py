@@ -340,7 +340,11 @@ def _seeded(seed: int, step: int, device: torch.device):
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed) * 1_000_003 + int(step) + 7)
+        value = int(seed) * 1_000_003 + int(step) + 7
+        torch.random.default_generator.manual_seed(value)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(value)
         yield
 
 
