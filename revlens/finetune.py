@@ -508,6 +508,7 @@ def finetune(
             if (run_dir / f"step_{step}").is_dir():
                 result.checkpoints.setdefault(step, run_dir / f"step_{step}")
     if not math.isfinite(result.losses.get(steps, 0.0)):
-        warnings.warn("fine-tuning loss is not finite at the last step; lower the learning rate.", RuntimeWarning)
+        warnings.warn("fine-tuning loss is not finite at the last step; lower the learning rate.", RuntimeWarning,
+                      stacklevel=2)
     model.eval()
     return result

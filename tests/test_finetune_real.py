@@ -74,7 +74,7 @@ def test_warmup_cosine_schedule_matches_transformers_and_clipping_bounds_the_ste
     before = [p.detach().clone() for p in model.parameters()]
     finetune(model, data.tokens, data.loss_mask, steps=1, lr=1.0, optimizer="sgd", batch_size=4,
              max_grad_norm=1e-3, progress=False)
-    step = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+    step = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before, strict=True)])
     assert float(step.norm()) == pytest.approx(1e-3, rel=1e-3)
 
 
@@ -170,5 +170,5 @@ def test_resume_is_exact_with_schedule_and_clipping(llama, fresh, data, tmp_path
     resumed = fresh()
     result = finetune(resumed, data.tokens, data.loss_mask, out_dir=tmp_path / "b", **kw)
     assert result.resumed_from == 2
-    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(a, b), name

@@ -24,7 +24,7 @@ def toy_data(model, n: int = 16):
 
 
 def same_weights(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 KW = dict(steps=4, lr=1e-3, batch_size=4, seed=1, progress=False)
