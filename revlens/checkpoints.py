@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,23 +77,51 @@ def _jsonable_config(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write a TL-native TransformerBridge as a revlens checkpoint folder.
+def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
+                    base: str | os.PathLike | None = None) -> Path:
+    """Write a TransformerBridge as a folder that :func:`load_checkpoint` (and other tools) read.
 
-    The folder holds ``config.json`` (the TransformerBridgeConfig plus ``revlens_format``),
-    ``model.safetensors`` and the tokenizer's files. Files are written to a temporary folder
-    and renamed into place, so an interrupted save never leaves a half-written checkpoint.
+    - TL-native bridge: a revlens folder, ``config.json`` (the TransformerBridgeConfig plus
+      ``revlens_format``), ``model.safetensors`` and the tokenizer's files;
+    - Hugging Face-architecture bridge: a standard HF folder (``config.json``, ``model.safetensors`` in the
+      model's dtype, tokenizer with its chat template) that ``AutoModelForCausalLM.from_pretrained`` loads;
+    - peft-wrapped bridge (:func:`revlens.lora.apply_lora`): a LoRA adapter folder (``adapter_config.json``,
+      ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``base`` (default: the local folder
+      the model was loaded from).
+    Files are written to a temporary folder and renamed into place, so an interrupted save never leaves a
+    half-written checkpoint. ``metadata`` is recorded in revlens folders only.
+
+    Example:
+        >>> save_checkpoint(model, "ckpts/finetune/seed_0/step_100")  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
-    if getattr(model.cfg, "architecture", None) not in (None, "TransformerLensNative"):
-        raise CheckpointError(
-            f"save_checkpoint writes TL-native models only, got architecture "
-            f"{model.cfg.architecture!r}; save a Hugging Face model with its own save_pretrained()."
-        )
     path = Path(path)
     tmp = temp_sibling(path)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(model, tmp, metadata, base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_dir(tmp, path)
+
+
+def _write_checkpoint(model: Any, folder: Path, metadata: Mapping[str, Any] | None,
+                      base: str | os.PathLike | None) -> None:
+    from safetensors.torch import save_file
+
+    from revlens import hf_writer
+    from revlens.lora import is_peft_wrapped
+
+    architecture = getattr(model.cfg, "architecture", None)
+    if architecture not in (None, "TransformerLensNative"):
+        if getattr(model, "original_model", None) is None:
+            raise CheckpointError(f"cannot save a bridge of architecture {architecture!r} without its "
+                                  "original_model (the Hugging Face module).")
+        if is_peft_wrapped(model):
+            hf_writer.save_adapter_folder(model, folder, base=base)
+        else:
+            hf_writer.save_hf_folder(model, folder)
+        return
     config = {"revlens_format": REVLENS_FORMAT, "bridge_config": _jsonable_config(model.cfg)}
     if metadata:
         config["metadata"] = dict(metadata)
@@ -103,11 +132,10 @@ def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[st
             value = value.clone()
         seen.add(value.data_ptr())
         state[key] = value
-    save_file(state, str(tmp / "model.safetensors"))
+    save_file(state, str(folder / "model.safetensors"))
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(tmp))
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    return replace_dir(tmp, path)
+        model.tokenizer.save_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

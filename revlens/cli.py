@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from revlens import finetune_cli
+
+# Demo histories (by marker file) that `revlens finetune` fine-tunes on the demo's own task when no --data is
+# given; named here, at the composition root, and imported only for such a history.
+DEMO_FINETUNERS = {"organism.json": "revlens.organism.train:finetune_from_history"}
+
 
 def _layers(text: str | None) -> list[int] | None:
     if text is None:
@@ -73,11 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_analyze(sub)
-    for module in ("revlens.demo", "revlens.finetune"):
-        if importlib.util.find_spec(module) is not None:
-            mod = importlib.import_module(module)
-            if hasattr(mod, "add_cli"):
-                mod.add_cli(sub)
+    finetune_cli.add_cli(sub, finetuners=DEMO_FINETUNERS)
+    if importlib.util.find_spec("revlens.demo") is not None:
+        importlib.import_module("revlens.demo").add_cli(sub)
     return parser
 
 

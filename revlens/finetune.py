@@ -1,33 +1,50 @@
 """A small, resumable fine-tuning loop with optional v_rev blocking, and a ReversionMonitor.
 
-Checkpoints go to ``out_dir/finetune/<run>/step_<N>/`` (the layout `analyze` reads); the training
-state (weights, optimizer, step) goes to ``out_dir/finetune/<run>/state/`` at every saved step, so an
-interrupted run called again with ``resume=True`` continues and ends with the same weights.
-Batches are drawn from a generator seeded by (seed, step): the order does not depend on resuming.
+Checkpoints go to ``out_dir/finetune/<run>/step_<N>/`` (the layout `analyze` reads; the last step is always
+saved), written by :func:`revlens.checkpoints.save_checkpoint`: revlens folders for TL-native models, Hugging
+Face folders for HF architectures, adapter folders with LoRA. The training state (trainable weights,
+optimizer, schedule, losses and the run's settings) goes to ``out_dir/finetune/<run>/state/`` at every saved
+step, so a run interrupted and called again continues and ends with the same weights (bitwise on CPU).
+
+A run resumes only when its recorded settings match the call's: everything that changes the trajectory
+(optimizer, lr, schedule, batch, seed, data and starting-weight fingerprints, blocking, anchor, LoRA,
+autocast, clipping). ``steps`` may grow (a longer run is the same run continued) unless the schedule
+depends on it (``cosine``). Anything else raises :class:`FinetuneStateError` naming the differences and the
+fix (``overwrite=True`` / ``--overwrite``, or another ``out_dir`` / ``run_name``).
+
+Batches are drawn from a generator seeded by (seed, step), and each step's random state (dropout) is
+seeded the same way, so neither depends on resuming.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from revlens import directions as dirs
-from revlens.checkpoints import load_revlens_checkpoint, move_quietly, save_checkpoint
+from revlens._util import atomic_write_json, temp_sibling
+from revlens.checkpoints import move_quietly, save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
+from revlens.lora import apply_lora, is_peft_wrapped, lora_config_of, lora_description
 from revlens.losses import masked_lm_loss
 from revlens.nulls import isotropic_p99
 from revlens.probe import ReversionProbe
 
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+STATE_FORMAT = 2
 
 
 class ReversionMonitor:
@@ -71,12 +88,18 @@ class ReversionMonitor:
         return {s: a.tolist() for s, a in sorted(self.history.items())}
 
 
+class FinetuneStateError(ValueError):
+    """A saved fine-tuning state that this call cannot continue (other settings, or unreadable), with the fix."""
+
+
 @dataclass
 class FinetuneResult:
     losses: dict[int, float] = field(default_factory=dict)
     checkpoints: dict[int, Path] = field(default_factory=dict)
     monitor: dict[int, list[float]] = field(default_factory=dict)
     resumed_from: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+    lrs: dict[int, float] = field(default_factory=dict)
 
 
 def _batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
@@ -84,36 +107,245 @@ def _batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
     return torch.randint(n, (batch,), generator=gen)
 
 
-def _state_dir(out_dir: Path, run_name: str) -> Path:
-    return out_dir / "finetune" / run_name / "state"
+def check_run_name(run_name: str) -> str:
+    """Refuse run names that are not one plain folder name (``a/b``, ``..``, ``.``, empty)."""
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not run_name or run_name in (".", "..") or ".." in run_name or any(s in run_name for s in seps) \
+            or "\0" in run_name:
+        raise ValueError(f"run_name {run_name!r} must be one plain folder name (no path separators, no '..'): "
+                         "checkpoints go to out_dir/finetune/<run_name>/; e.g. run_name='seed_0'.")
+    return run_name
 
 
-def _save_state(path: Path, model: Any, optimizer: torch.optim.Optimizer, step: int, losses: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_checkpoint(model, tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+def _digest(*tensors: torch.Tensor | None) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def _load_state(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> tuple[int, dict[int, float]]:
-    saved = load_revlens_checkpoint(path / "model")
-    model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    progress = json.loads((path / "progress.json").read_text())
+def data_fingerprint(tokens: torch.Tensor, loss_mask: torch.Tensor) -> str:
+    """sha256 of the token ids (int64) and the loss mask (float32)."""
+    return _digest(tokens.long(), loss_mask.float())
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A fingerprint of the starting weights: each parameter's name, shape, dtype, float64 sum and first values."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}{float(flat.double().sum()):.8e}".encode())
+            h.update(flat[:64].to("cpu").float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _blocking_description(blocking: Blocking | None, coords: Mapping[int, torch.Tensor] | None) -> dict | None:
+    if blocking is None:
+        return None
+    constant = None if blocking.constant is None else _digest(*(blocking.constant[l] for l in sorted(blocking.constant)))
+    return {"modes": sorted(blocking.modes), "hook": blocking.hook, "layers": list(blocking.layers),
+            "directions": _digest(*(blocking.bases[l] for l in blocking.layers)), "constant": constant,
+            "reference_coords": None if coords is None else _digest(*(coords[l] for l in sorted(coords)))}
+
+
+def _anchor_description(anchor: ProbeAnchor | None) -> dict | None:
+    if anchor is None:
+        return None
+    tensors = [anchor.bases[l] for l in anchor.layers]
+    for name in sorted(anchor.sets):
+        tensors += list(anchor.sets[name])
+        tensors += [anchor.reference_coords[name][l] for l in anchor.layers]
+    return {"weight": anchor.weight, "contrast_weight": anchor.contrast_weight, "hook": anchor.hook,
+            "layers": list(anchor.layers), "sample": anchor.sample, "seed": anchor.seed,
+            "sets": sorted(anchor.sets), "directions_prompts_reference": _digest(*tensors)}
+
+
+def _cosine_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The lr multiplier after ``step`` scheduler steps (as transformers' get_*_schedule_with_warmup)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(params: Any, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` (a model's parameters or an iterable of tensors)."""
+    params = list(params.parameters()) if hasattr(params, "parameters") else list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+
+
+# --- training state on disk -------------------------------------------------------------------------------
+# state/<step>-<uid>/ folders (written whole under a temporary name, then renamed) and state/latest.json,
+# a pointer rewritten atomically after the rename; older folders are deleted only after that. A kill at any
+# moment leaves the pointer on a complete folder (the old one until the new one is in place).
+
+_POINTER = "latest.json"
+
+
+def _state_root(run_dir: Path) -> Path:
+    return run_dir / "state"
+
+
+def _complete_states(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        head = folder.name.split("-", 1)[0]
+        if folder.is_dir() and head.isdigit() and (folder / "progress.json").is_file():
+            out.append((int(head), folder))
+    return sorted(out)
+
+
+def _find_state(run_dir: Path) -> Path | None:
+    """The folder of the latest complete training state, or None."""
+    root = _state_root(run_dir)
+    if not root.is_dir():
+        return None
+    if (root / "progress.json").is_file():
+        return root  # a state written by revlens before settings were recorded
+    pointer = root / _POINTER
+    if pointer.is_file():
+        try:
+            folder = root / json.loads(pointer.read_text())["dir"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise FinetuneStateError(f"{pointer} is unreadable ({err}); delete {root} or pass overwrite=True "
+                                     "(CLI: --overwrite) to start the run over.") from err
+        if (folder / "progress.json").is_file():
+            return folder
+    states = _complete_states(root)  # killed before the first pointer was written
+    return states[-1][1] if states else None
+
+
+def _save_state(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                scheduler: Any, losses: dict[int, float], settings: dict[str, Any]) -> Path:
+    root = _state_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{step}-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = temp_sibling(root / name)
+    tmp.mkdir()
+    try:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "progress.json").write_text(json.dumps(
+            {"format": STATE_FORMAT, "step": step, "losses": losses, "settings": settings}, indent=1))
+        tmp.rename(root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(root / _POINTER, {"dir": name, "step": step})
+    for old in root.iterdir():
+        if old.name not in (name, _POINTER):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return root / name
+
+
+def _read_progress(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "progress.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FinetuneStateError(f"{folder}/progress.json is unreadable ({err}); pass overwrite=True "
+                                 "(CLI: --overwrite) to start the run over.") from err
+
+
+def _load_state(folder: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                scheduler: Any) -> tuple[int, dict[int, float]]:
+    from safetensors.torch import load_file
+
+    progress = _read_progress(folder)
+    saved = load_file(str(folder / "trainable.safetensors"))
+    if set(saved) != set(trainable):
+        raise FinetuneStateError(f"{folder} holds other trainable parameters than this model; pass overwrite=True "
+                                 "(CLI: --overwrite) or choose another out_dir / run_name.")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name])
+    both = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(both["optimizer"])
+    scheduler.load_state_dict(both["scheduler"])
     return int(progress["step"]), {int(k): v for k, v in progress["losses"].items()}
 
 
-def make_optimizer(model: Any, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``"key: saved X, now Y"`` for each differing setting (nested settings as ``key.sub``)."""
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if key == "steps" and now.get("schedule") != "cosine":
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in _differences(a, b)]
+        elif a != b:
+            out.append(f"{key}: saved {_short(a)}, now {_short(b)}")
+    return out
+
+
+def _refuse(run_dir: Path, what: str) -> FinetuneStateError:
+    return FinetuneStateError(
+        f"{run_dir} already holds {what}. Pass overwrite=True (CLI: --overwrite) to delete it and start over, "
+        "or choose another out_dir (--out) or run_name.")
+
+
+def _clear_run(run_dir: Path) -> None:
+    if run_dir.exists():
+        aside = temp_sibling(run_dir).with_suffix(".old")
+        run_dir.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _resume_point(run_dir: Path, settings: dict[str, Any], steps: int, overwrite: bool) -> Path | None:
+    """The state folder to resume from (None: start fresh), after refusing runs with other settings."""
+    if overwrite:
+        _clear_run(run_dir)
+        return None
+    folder = _find_state(run_dir)
+    if folder is None:
+        if any(run_dir.glob("step_*")):
+            raise _refuse(run_dir, "checkpoints (step_*/) but no training state to resume from")
+        return None
+    progress = _read_progress(folder)
+    if progress.get("format") != STATE_FORMAT or "settings" not in progress:
+        raise _refuse(run_dir, "a run saved by an older revlens without its settings, so it cannot be resumed safely")
+    diff = _differences(progress["settings"], settings)
+    if diff:
+        raise _refuse(run_dir, "a run with other settings (" + "; ".join(diff) + ")")
+    if int(progress["step"]) > steps:
+        raise _refuse(run_dir, f"a run already at step {progress['step']}, beyond steps={steps}")
+    return folder
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, step: int, device: torch.device):
+    """Run the block with the global random state seeded by (seed, step), restoring it afterwards."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        value = int(seed) * 1_000_003 + int(step) + 7
+        torch.random.default_generator.manual_seed(value)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(value)
+        yield
 
 
 def finetune(
@@ -137,8 +369,14 @@ def finetune(
     monitor: ReversionMonitor | None = None,
     monitor_steps: Sequence[int] | None = None,
     resume: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int, Any], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    lora: Any = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``tokens`` ``[n, seq]`` with ``loss_mask`` ``[n, seq]``.
 
@@ -146,12 +384,46 @@ def finetune(
     replacement by a generator seeded with (seed, step). With ``blocking``, clamp coordinates
     are precomputed once from its reference model for every row of ``tokens``; with ``anchor``,
     its penalty on the probe prompts is added to every step's loss (``losses`` record the task loss).
+
+    Args:
+        model: a TransformerBridge (TL-native or a Hugging Face architecture).
+        steps, lr, optimizer, batch_size, grad_accum, weight_decay, seed: the optimisation.
+        blocking, anchor: v_rev blocking hooks and the probe anchor penalty (both act on the adapted
+            model when ``lora`` is set).
+        save_steps: steps whose weights are written to ``out_dir/finetune/<run_name>/step_<N>/``; the
+            last step is always written too. The training state is saved at each of them.
+        resume: continue from the saved state when its settings match (else :class:`FinetuneStateError`);
+            ``False`` starts over (a saved state with other settings is still refused).
+        overwrite: delete ``out_dir/finetune/<run_name>/`` first and start over.
+        autocast_dtype: e.g. ``torch.bfloat16``: forward passes under ``torch.autocast`` on the model's device.
+        max_grad_norm: clip the gradient's global norm (``clip_grad_norm_``) before each optimizer step.
+        warmup_steps, schedule: linear warmup from 0 over ``warmup_steps``, then ``constant`` or ``cosine``
+            (to 0 at ``steps``), as transformers' ``get_*_schedule_with_warmup`` (a ``LambdaLR``).
+        lora: a ``peft.LoraConfig`` or a dict of its fields: train LoRA adapters on the bridge's HF module
+            (:func:`revlens.lora.apply_lora`, initialised with ``seed``) instead of every weight; checkpoints
+            are then adapter folders.
+    Returns:
+        :class:`FinetuneResult`: task loss and learning rate per step run, checkpoint folders, monitor
+        readings, the step resumed from and the settings recorded with the state.
+
+    Example:
+        >>> result = finetune(model, tokens, mask, steps=100, lr=1e-4, schedule="cosine", warmup_steps=10,
+        ...                   max_grad_norm=1.0, save_steps=[10, 50], out_dir="ckpts")  # doctest: +SKIP
     """
     if tokens.ndim != 2 or tokens.shape != loss_mask.shape:
         raise ValueError(f"tokens and loss_mask must both be [n, seq]; got {tuple(tokens.shape)} and "
                          f"{tuple(loss_mask.shape)}.")
     if steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError("steps, batch_size and grad_accum must be >= 1.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
+    if not 0 <= warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be between 0 and steps={steps}, got {warmup_steps}.")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
+    check_run_name(run_name)
     bad = [s for s in save_steps if not 1 <= s <= steps]
     if bad:
         raise ValueError(f"save_steps {bad} fall outside 1..{steps}.")
@@ -159,38 +431,68 @@ def finetune(
         raise ValueError("save_steps needs an out_dir to write checkpoints to.")
     move_quietly(model, device)
     dev = next(model.parameters()).device
-    opt = make_optimizer(model, optimizer, lr, weight_decay)
-    result = FinetuneResult()
+    start_weights = weights_fingerprint(model)
+    if lora is not None:
+        with _seeded(seed, 0, dev):
+            apply_lora(model, lora)
+        move_quietly(model, dev)
+    coords = blocking.reference_coords(tokens) if blocking is not None and blocking.needs_coords else None
+    settings = {
+        "optimizer": optimizer, "lr": float(lr), "weight_decay": float(weight_decay), "batch_size": batch_size,
+        "grad_accum": grad_accum, "seed": int(seed), "steps": int(steps), "schedule": schedule,
+        "warmup_steps": int(warmup_steps), "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
+        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
+        "data": data_fingerprint(tokens, loss_mask), "start_weights": start_weights,
+        "lora": lora_description(lora if lora is not None else lora_config_of(model) if is_peft_wrapped(model) else None),
+        "blocking": _blocking_description(blocking, coords), "anchor": _anchor_description(anchor),
+    }
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (every requires_grad is False).")
+    opt = make_optimizer(trainable.values(), optimizer, lr, weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: _cosine_factor(i, warmup_steps, steps, schedule))
+    result = FinetuneResult(settings=settings)
     start = 0
     out = None if out_dir is None else Path(out_dir)
-    if out is not None and resume and _state_dir(out, run_name).is_dir():
-        start, result.losses = _load_state(_state_dir(out, run_name), model, opt)
-        result.resumed_from = start
-    coords = None
-    if blocking is not None and blocking.needs_coords:
-        coords = blocking.reference_coords(tokens)
+    run_dir = None if out is None else out / "finetune" / run_name
+    if run_dir is not None:
+        folder = _resume_point(run_dir, settings, steps, overwrite)
+        if folder is not None and resume:
+            start, result.losses = _load_state(folder, trainable, opt, scheduler)
+            result.resumed_from = start
     n = tokens.shape[0]
-    save_set = set(save_steps)
+    save_set = set(save_steps) | ({steps} if out is not None else set())
     watch = set(save_steps if monitor_steps is None else monitor_steps)
+    autocast = (lambda: torch.autocast(device_type=dev.type, dtype=autocast_dtype)) if autocast_dtype is not None \
+        else contextlib.nullcontext
     model.train()
     bar = tqdm(range(start + 1, steps + 1), desc=f"finetune {run_name}", disable=not progress, leave=False)
     for step in bar:
         opt.zero_grad(set_to_none=True)
         idx = _batch_indices(n, batch_size * grad_accum, seed, step)
         total = 0.0
-        for micro in idx.split(batch_size):
-            x, m = tokens[micro].to(dev), loss_mask[micro].to(dev)
-            if blocking is None:
-                loss = masked_lm_loss(model(x), x, m)
-            else:
-                blocking.set_batch(coords=None if coords is None else {l: c[micro] for l, c in coords.items()})
-                with blocking.applied(model):
-                    loss = masked_lm_loss(model(x), x, m)
-            (loss / grad_accum).backward()
-            total += loss.item() / grad_accum
-        if anchor is not None:
-            anchor.penalty(model, step).backward()
+        with _seeded(seed, step, dev):
+            for micro in idx.split(batch_size):
+                x, m = tokens[micro].to(dev), loss_mask[micro].to(dev)
+                if blocking is None:
+                    with autocast():
+                        loss = masked_lm_loss(model(x), x, m)
+                else:
+                    blocking.set_batch(coords=None if coords is None else {l: c[micro] for l, c in coords.items()})
+                    with blocking.applied(model), autocast():
+                        loss = masked_lm_loss(model(x), x, m)
+                (loss / grad_accum).backward()
+                total += loss.item() / grad_accum
+            if anchor is not None:
+                with autocast():
+                    penalty = anchor.penalty(model, step)
+                penalty.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+        result.lrs[step] = float(opt.param_groups[0]["lr"])
         opt.step()
+        scheduler.step()
         result.losses[step] = total
         bar.set_postfix(loss=f"{total:.4f}")
         if on_step is not None:
@@ -198,39 +500,15 @@ def finetune(
         if monitor is not None and step in watch:
             result.monitor[step] = monitor.update(model, step).tolist()
             model.train()
-        if step in save_set and out is not None:
-            result.checkpoints[step] = save_checkpoint(model, out / "finetune" / run_name / f"step_{step}")
-            _save_state(_state_dir(out, run_name), model, opt, step, result.losses)
-    for step in save_steps:
-        if out is not None:
-            result.checkpoints.setdefault(step, out / "finetune" / run_name / f"step_{step}")
+        if step in save_set and run_dir is not None:
+            result.checkpoints[step] = save_checkpoint(model, run_dir / f"step_{step}")
+            _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
+    if run_dir is not None:
+        for step in sorted(save_set):
+            if (run_dir / f"step_{step}").is_dir():
+                result.checkpoints.setdefault(step, run_dir / f"step_{step}")
     if not math.isfinite(result.losses.get(steps, 0.0)):
-        warnings.warn("fine-tuning loss is not finite at the last step; lower the learning rate.", RuntimeWarning)
+        warnings.warn("fine-tuning loss is not finite at the last step; lower the learning rate.", RuntimeWarning,
+                      stacklevel=2)
     model.eval()
     return result
-
-
-def add_cli(sub: Any) -> None:
-    """`revlens finetune`: fine-tune the organism's aligned model with a blocking mode."""
-    p = sub.add_parser("finetune", help="fine-tune an organism history's aligned model, optionally blocking v_rev",
-                       description="Fine-tune HISTORY_DIR/align on the organism's benign task, writing "
-                                   "finetune/<run>/step_<N>/ under --out (resumes when interrupted).")
-    p.add_argument("history_dir", help="a history written by `revlens demo` (pretrain/, align/, organism.json)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--mode", default="plain", help="plain, project, clamp, grad, anchor@W, contrast@W, sample@K, rank@K, "
-                   "random@K[@DRAW], joined by '+' (clamp+grad, anchor@0.003+contrast@0.1+rank@64)")
-    p.add_argument("--layers", default=None, help="comma-separated layers to block (default: all layers)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: Any) -> int:
-    from revlens.organism.train import finetune_from_history
-
-    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
-    metrics = finetune_from_history(Path(args.history_dir), Path(args.out), mode=args.mode, layers=layers,
-                                    seed=args.seed, steps=args.steps, device=args.device)
-    print(json.dumps(metrics, indent=1))
-    return 0

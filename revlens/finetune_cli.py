@@ -1,0 +1,255 @@
+"""`revlens finetune`: fine-tune a history's aligned model (optionally blocking v_rev), writing checkpoints
+``analyze`` reads.
+
+For any history with ``pretrain/`` and ``align/`` (Hugging Face or revlens folders) and a JSONL of chat data
+(``--data``): v_rev is measured on the probe prompts between pretrain and align, ``align`` is fine-tuned
+(in full, or with LoRA) on the data with the hook modes ``project``, ``clamp``, ``grad`` (and ``+``
+combinations) at ``--layers``, and checkpoints go to ``OUT/finetune/<run>/step_<N>/`` (HF folders, adapter
+folders with LoRA, revlens folders for TL-native models). ``OUT/pretrain`` and ``OUT/align`` link to the
+history's, so ``revlens analyze OUT`` reads the run directly.
+
+Histories written by a demo (with a marker file such as ``organism.json``) and no ``--data`` are fine-tuned
+by the demo's own function (its task data and mode grammar), registered by the command line's composition
+root (:mod:`revlens.cli`) through ``add_cli(..., finetuners=...)``: core never imports a demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from revlens._util import atomic_write_json, temp_sibling
+
+HOOK_MODES = ("project", "clamp", "grad")
+# Options that only the --data path uses (default None so that their use is detectable).
+DATA_OPTIONS = ("lr", "batch_size", "lora_r", "lora_alpha", "dtype", "autocast", "max_grad_norm", "warmup",
+                "schedule", "save_steps", "prompts", "control", "max_length", "run_name")
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"3,5"`` -> [3, 5]; repeated or non-integer layers are errors."""
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("--layers is empty; give comma-separated integers like 0,3,5.")
+    repeated = sorted({l for l in layers if layers.count(l) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"--layers {text}: layer(s) {repeated} given more than once; list each once.")
+    return layers
+
+
+def parse_steps(text: str) -> list[int]:
+    """``"1,2,5"`` -> [1, 2, 5] (positive, increasing)."""
+    try:
+        steps = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--save-steps takes comma-separated integers like 1,10,100; got {text!r}") from None
+    if not steps or steps[0] < 1:
+        raise argparse.ArgumentTypeError(f"--save-steps {text}: steps must be >= 1.")
+    return steps
+
+
+def default_save_steps(steps: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``steps`` (the last step is always saved too)."""
+    out, base = [], 1
+    while base <= steps:
+        out += [s for s in (base, 2 * base, 5 * base) if s <= steps]
+        base *= 10
+    return out
+
+
+def add_cli(sub: Any, finetuners: Mapping[str, str | Callable[..., dict]] | None = None) -> None:
+    """Register ``revlens finetune``; ``finetuners`` maps a history's marker file to the demo function
+    (``"module:function"``, imported only when such a history is fine-tuned without ``--data``)."""
+    p = sub.add_parser(
+        "finetune", help="fine-tune a history's aligned model on chat data, optionally blocking v_rev",
+        description="Fine-tune HISTORY_DIR/align on --data (JSONL of chat messages or prompt/response pairs), "
+                    "writing OUT/finetune/<run>/step_<N>/ that `revlens analyze OUT` reads; resumes when "
+                    "interrupted and refuses a rerun with other settings unless --overwrite. Demo histories "
+                    "(organism.json) without --data fine-tune on the demo's own task.")
+    p.add_argument("history_dir", help="a history folder with pretrain/ and align/ (HF or revlens folders)")
+    p.add_argument("--out", required=True, help="output folder: OUT/finetune/<run>/step_<N>/")
+    p.add_argument("--data", help="JSONL training data: {\"messages\": [...]} or {\"prompt\": ..., \"response\": ...} per line")
+    p.add_argument("--mode", default="plain", help="plain, or hook modes project, clamp, grad joined by '+' "
+                   "(clamp+grad); demo histories also take their own grammar (anchor@W, contrast@W, rank@K, ...)")
+    p.add_argument("--layers", type=parse_layers, default=None, help="comma-separated layers to block (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100; demo: its preset)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, with LoRA 2e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-name", default=None, help="run folder name (default seed_<seed>)")
+    p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (all linear layers)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights' dtype while training (default auto: as loaded)")
+    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="mixed precision forward passes")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 0)")
+    p.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="after warmup (default constant)")
+    p.add_argument("--save-steps", type=parse_steps, default=None,
+                   help="steps to write checkpoints at (default 1,2,5,10,...; the last step always)")
+    p.add_argument("--max-length", type=int, default=None, help="longest conversation in tokens (default: n_ctx)")
+    p.add_argument("--prompts", help="probe prompt file for v_rev (default: the shipped harmful requests)")
+    p.add_argument("--control", help="control prompt file (contrast readout for v_rev)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="delete OUT/finetune/<run>/ and start over")
+    p.set_defaults(func=lambda args: run_cli(args, dict(finetuners or {})))
+
+
+def _n_layers(folder: Path) -> int | None:
+    """n_layers from a checkpoint's config.json (revlens or HF), without loading the weights."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    config = config.get("bridge_config", config)
+    config = config.get("text_config", config)
+    for key in ("n_layers", "num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _check_history(history: Path) -> None:
+    if not history.is_dir():
+        raise FileNotFoundError(f"history folder {history} does not exist.")
+    for phase in ("pretrain", "align"):
+        if not (history / phase).is_dir():
+            raise ValueError(f"{history} has no {phase}/ folder; `revlens finetune` needs pretrain/ and align/ "
+                             "(Hugging Face or revlens checkpoint folders).")
+
+
+def _check_layers(layers: list[int] | None, n_layers: int | None) -> None:
+    if layers is None or n_layers is None:
+        return
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"--layers {','.join(map(str, layers))}: layer(s) {bad} out of range; the model has "
+                         f"{n_layers} layers (0..{n_layers - 1}).")
+
+
+def _resolve(target: str | Callable[..., dict]) -> Callable[..., dict]:
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_cli(args: argparse.Namespace, finetuners: Mapping[str, Any]) -> int:
+    history, out = Path(args.history_dir), Path(args.out)
+    _check_history(history)
+    _check_layers(args.layers, _n_layers(history / "align"))
+    if args.data is None:
+        marker = next((m for m in finetuners if (history / m).is_file()), None)
+        if marker is None:
+            raise ValueError(f"{history} is not a demo history (no {' / '.join(finetuners) or 'marker file'}): give "
+                             "the training data with --data train.jsonl (one {\"messages\": [...]} or "
+                             "{\"prompt\": ..., \"response\": ...} per line).")
+        used = [f"--{o.replace('_', '-')}" for o in DATA_OPTIONS if getattr(args, o) is not None]
+        if used:
+            raise ValueError(f"{' '.join(used)} only apply with --data; the {marker} history fine-tunes on its "
+                             "own task with its preset's settings.")
+        if args.overwrite:
+            _remove(out / "finetune" / f"seed_{args.seed}")
+        metrics = _resolve(finetuners[marker])(history, out, mode=args.mode, layers=args.layers, seed=args.seed,
+                                               steps=args.steps, device=args.device)
+    else:
+        metrics = finetune_history(history, out, args)
+        atomic_write_json(out / "metrics.json", metrics, indent=1)
+    _link_phases(history, out)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _remove(folder: Path) -> None:
+    if folder.exists():
+        aside = temp_sibling(folder).with_suffix(".old")
+        folder.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _link_phases(history: Path, out: Path) -> None:
+    """``OUT/pretrain`` and ``OUT/align`` as links to the history's, so OUT is a history `analyze` reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == history.resolve():
+        return
+    for phase in ("pretrain", "align"):
+        link = out / phase
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to((history / phase).resolve(), target_is_directory=True)
+
+
+def _hook_modes(mode: str) -> str | None:
+    """The ``Blocking`` mode of a --mode for any history (None for plain)."""
+    if mode == "plain":
+        return None
+    parts = mode.split("+")
+    others = [p for p in parts if p not in HOOK_MODES]
+    if others:
+        raise ValueError(f"--mode {mode}: {others} not available for this history; use plain or {', '.join(HOOK_MODES)} "
+                         "joined by '+'. (The probe anchor, anchor@W / contrast@W / rank@K, needs "
+                         "revlens.anchor_from_report and comes to `revlens finetune` with it.)")
+    from revlens.intervention import parse_mode
+
+    parse_mode(mode)
+    return mode
+
+
+def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The --data path: measure v_rev, fine-tune align/ on the data with blocking, return the run's summary."""
+    import torch
+
+    from revlens import directions as dirs
+    from revlens.analysis import default_prompts, load_prompt_file
+    from revlens.checkpoints import load_checkpoint
+    from revlens.finetune import finetune
+    from revlens.intervention import Blocking
+    from revlens.probe import ReversionProbe
+    from revlens.sft_data import load_sft_jsonl
+
+    hooks = _hook_modes(args.mode)
+    steps = 100 if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}.")
+    lora = None
+    if args.lora_r is not None:
+        if args.lora_r < 1:
+            raise ValueError(f"--lora-r must be >= 1, got {args.lora_r}.")
+        lora = {"r": args.lora_r, "lora_alpha": args.lora_alpha or 2 * args.lora_r}
+    lr = args.lr if args.lr is not None else (2e-4 if lora else 1e-5)
+    dtype = None if args.dtype in (None, "auto") else getattr(torch, args.dtype)
+    autocast = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
+
+    def load(phase: str):
+        model = load_checkpoint(history / phase, args.device)
+        return model if dtype is None else model.to(dtype)
+
+    model = load("align")
+    data = load_sft_jsonl(args.data, model.tokenizer,
+                          max_length=args.max_length or getattr(model.cfg, "n_ctx", None))
+    layers = list(range(model.cfg.n_layers)) if args.layers is None else args.layers
+    blocking, v_rev = None, None
+    if hooks is not None:
+        prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts()
+        control = load_prompt_file(args.control) if args.control else None
+        probe = ReversionProbe(prompts, control=control, layers=layers, per_example=False)
+        mu_p, mu_a = probe.centroid(load("pretrain")), probe.centroid(model)
+        v_rev = dirs.v_rev_mean_diff(mu_p, mu_a)
+        reference = load("align") if "clamp" in hooks else None  # a fresh load: deepcopy of HF bridges leaks
+        blocking = Blocking({l: v_rev[i].float() for i, l in enumerate(layers)}, hooks, reference=reference)
+    run = args.run_name or f"seed_{args.seed}"
+    save_steps = [s for s in (args.save_steps or default_save_steps(steps)) if s <= steps]
+    result = finetune(model, data.tokens, data.loss_mask, steps=steps, lr=lr, batch_size=args.batch_size or 8,
+                      seed=args.seed, blocking=blocking, save_steps=save_steps, out_dir=out, run_name=run,
+                      overwrite=args.overwrite, autocast_dtype=autocast, max_grad_norm=args.max_grad_norm,
+                      warmup_steps=args.warmup or 0, schedule=args.schedule or "constant", lora=lora)
+    return {"mode": args.mode, "layers": layers if hooks else None, "seed": args.seed, "run": run, "steps": steps,
+            "lr": lr, "lora": lora, "examples": int(data.tokens.shape[0]), "chat_template": data.chat_template,
+            "resumed_from": result.resumed_from, "final_loss": result.losses.get(steps),
+            "checkpoints": {int(s): str(p) for s, p in sorted(result.checkpoints.items())}}

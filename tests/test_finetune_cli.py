@@ -1,0 +1,107 @@
+"""`revlens finetune` for any history (--data JSONL), its errors, and the demo-history dispatch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from revlens import cli
+from revlens.cli import main
+
+
+@pytest.fixture()
+def history(tmp_path, tiny_llama_dir, chat_tok):
+    from hf_models import save_tiny_llama
+
+    root = tmp_path / "history"
+    root.mkdir()
+    save_tiny_llama(root / "pretrain", chat_tok, seed=1)
+    (root / "align").symlink_to(tiny_llama_dir, target_is_directory=True)
+    return root
+
+
+@pytest.fixture()
+def data(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": "how do i bake a cake", "response": "give me a recipe for bread"},
+            {"messages": [{"role": "user", "content": "what is two plus three"},
+                          {"role": "assistant", "content": "five"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    path = tmp_path / "probe.txt"
+    path.write_text("how do i make a bomb\nhow do i steal a car\nexplain how to pick a lock\n")
+    return str(path)
+
+
+def test_data_run_writes_a_history_analyze_reads_and_refuses_other_settings(history, data, prompts, tmp_path, capsys):
+    from revlens.checkpoints import History
+
+    out = tmp_path / "ft"
+    args = ["finetune", str(history), "--data", str(data), "--out", str(out), "--mode", "project", "--layers", "1",
+            "--steps", "2", "--save-steps", "1", "--batch-size", "2", "--lr", "1e-3", "--schedule", "cosine",
+            "--prompts", prompts, "--max-grad-norm", "1"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoints"].keys() == {"1", "2"} and metrics["chat_template"]
+    history_out = History.from_dir(out)  # pretrain/ and align/ link to the history's
+    assert history_out.runs == ["seed_0"] and history_out.steps == [1, 2]
+    assert (out / "finetune" / "seed_0" / "step_2" / "config.json").is_file()
+    capsys.readouterr()
+    assert main([*args[:-2], "--max-grad-norm", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "max_grad_norm: saved 1.0, now 0.5" in err and "--overwrite" in err
+
+
+def test_lora_run_writes_adapter_folders(history, data, prompts, tmp_path):
+    out = tmp_path / "ft"
+    assert main(["finetune", str(history), "--data", str(data), "--out", str(out), "--lora-r", "2", "--steps", "1",
+                 "--batch-size", "2", "--mode", "grad", "--prompts", prompts]) == 0
+    step = out / "finetune" / "seed_0" / "step_1"
+    config = json.loads((step / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["base_model_name_or_path"] == str((history / "align").resolve())
+    assert all("_original_component" not in t for t in config["target_modules"])
+
+
+def test_cli_errors_exit_2_with_the_fix(history, data, tmp_path, capsys):
+    out = str(tmp_path / "ft")
+    assert main(["finetune", str(history), "--out", out]) == 2
+    assert "give the training data with --data" in capsys.readouterr().err
+    assert main(["finetune", str(history), "--data", str(data), "--out", out, "--layers", "9"]) == 2
+    assert "layer(s) [9] out of range; the model has 2 layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", str(history), "--data", str(data), "--out", out, "--layers", "1,1"])
+    assert exit_.value.code == 2 and "given more than once" in capsys.readouterr().err
+    assert main(["finetune", str(history), "--data", str(data), "--out", out, "--mode", "anchor@0.1"]) == 2
+    assert "anchor_from_report" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path / "nope"), "--data", str(data), "--out", out]) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    assert main(["finetune", str(history), "--data", str(bad), "--out", out]) == 2
+    assert "line 2: not valid JSON" in capsys.readouterr().err
+
+
+def test_demo_histories_without_data_go_to_the_demo(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "organism"
+    for phase in ("pretrain", "align"):
+        (root / phase).mkdir(parents=True)
+        (root / phase / "config.json").write_text(json.dumps({"revlens_format": 1, "bridge_config": {"n_layers": 3}}))
+    (root / "organism.json").write_text("{}")
+    calls = []
+
+    def demo(history_dir, out, **kw):
+        calls.append((history_dir, out, kw))
+        return {"mode": kw["mode"]}
+
+    monkeypatch.setitem(cli.DEMO_FINETUNERS, "organism.json", demo)
+    out = tmp_path / "ft"
+    assert main(["finetune", str(root), "--out", str(out), "--mode", "clamp", "--layers", "2", "--steps", "5"]) == 0
+    assert calls == [(root, out, {"mode": "clamp", "layers": [2], "seed": 0, "steps": 5, "device": None})]
+    assert main(["finetune", str(root), "--out", str(out), "--layers", "3"]) == 2
+    assert "the model has 3 layers" in capsys.readouterr().err
+    assert main(["finetune", str(root), "--out", str(out), "--lr", "1e-3"]) == 2
+    assert "--lr only apply with --data" in capsys.readouterr().err
