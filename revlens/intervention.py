@@ -581,7 +581,8 @@ class ProbeAnchor:
         def grab(layer: int) -> Callable[[torch.Tensor], None]:
             def fn(act: torch.Tensor) -> None:
                 last = _reduce_positions(act, lengths, "last")
-                store[layer] = last.float() @ self.bases[layer].to(device).T
+                dtype = torch.promote_types(last.dtype, torch.float32)  # float32, or float64 for a float64 model
+                store[layer] = last.to(dtype) @ self.bases[layer].to(device, dtype).T
 
             return fn
 
