@@ -77,7 +77,8 @@ class BlockingSpec:
         if len(set(hooks)) != len(hooks):
             raise InterventionError(f"hook modes {list(hooks)} repeat one; give each once.")
         if {"project", "clamp"} <= set(hooks):
-            raise InterventionError("'project' and 'clamp' both set the coordinate; choose one (add '+grad' if wanted).")
+            raise InterventionError("'project' and 'clamp' both set the coordinate; choose one "
+                                    "(add '+grad' if wanted).")
         object.__setattr__(self, "hooks", tuple(h for h in HOOK_MODES if h in hooks))
         for name in ("anchor", "contrast"):
             w = getattr(self, name)
@@ -123,7 +124,7 @@ class BlockingSpec:
         return "+".join(self.hooks) or None
 
     @classmethod
-    def parse(cls, text: str | "BlockingSpec") -> "BlockingSpec":
+    def parse(cls, text: str | BlockingSpec) -> BlockingSpec:
         """Read a compact string strictly: unknown, repeated or malformed parts raise InterventionError.
 
         Example:
@@ -133,7 +134,8 @@ class BlockingSpec:
         if isinstance(text, BlockingSpec):
             return text
         if not isinstance(text, str):
-            raise InterventionError(f"a blocking mode is a string, got {type(text).__name__}; the grammar is {GRAMMAR}.")
+            raise InterventionError(f"a blocking mode is a string, got {type(text).__name__}; "
+                                    f"the grammar is {GRAMMAR}.")
         if text.strip() == PLAIN:
             return cls()
         fields: dict = {}
@@ -196,7 +198,7 @@ class BlockingSpec:
             parts.append("layers@" + "/".join(str(l) for l in self.layers))
         return "+".join(parts)
 
-    def with_layers(self, layers: Iterable[int] | None) -> "BlockingSpec":
+    def with_layers(self, layers: Iterable[int] | None) -> BlockingSpec:
         """The same setup at other layers (None: the caller's default)."""
         from dataclasses import replace
 

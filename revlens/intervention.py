@@ -260,7 +260,7 @@ class Blocking:
         return c[:, :seq]
 
     @contextlib.contextmanager
-    def applied(self, model: Any) -> Iterator["Blocking"]:
+    def applied(self, model: Any) -> Iterator[Blocking]:
         """Hooks on while inside; removed on exit, also when the step raises.
 
         ``model`` is a TransformerBridge or a Hugging Face causal LM (peft-wrapped or not).
@@ -356,7 +356,7 @@ def build_blocking(
     probe: Any = None,
     device: str | None = None,
     seed: int = 0,
-) -> tuple[Blocking | None, "ProbeAnchor | None"]:
+) -> tuple[Blocking | None, ProbeAnchor | None]:
     """The hooks and the anchor a :class:`BlockingSpec` asks for, along ``directions`` (``{layer: v or [k, d]}``).
 
     ``spec.layers`` (when set) picks among ``directions``' layers; ``rank@k`` / ``random@k`` replace the
@@ -406,7 +406,7 @@ def blocking_from_spec(
     system: str | None = None,
     device: str | None = None,
     seed: int = 0,
-) -> tuple[Blocking | None, "ProbeAnchor | None"]:
+) -> tuple[Blocking | None, ProbeAnchor | None]:
     """Everything a compact blocking string asks for, along a report's directions.
 
     Args:
@@ -474,7 +474,7 @@ def anchor_from_report(
     chat_template: Any = "auto",
     system: str | None = None,
     seed: int = 0,
-) -> "ProbeAnchor":
+) -> ProbeAnchor:
     """A :class:`ProbeAnchor` along a report's v_rev (or its rank-k reversion subspace), for any history.
 
     Args:

@@ -83,7 +83,8 @@ class HFReadouts:
                 tokens, lengths = pad_right(prompts[start:start + self.batch_size], self.pad_id)
                 mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
                 index = (torch.arange(tokens.shape[0], device=device), (lengths - 1).to(device))
-                fns = {l: (lambda act, l=l: store.__setitem__(l, act[index].double())) for l in self.layers}
+                fns = {l: (lambda act, l=l, index=index: store.__setitem__(l, act[index].double()))
+                       for l in self.layers}
                 with hf_hooks.layer_output_hooks(model, fns, stop_after=deepest):
                     hf_hooks.run_stopping(model, input_ids=tokens.to(device), attention_mask=mask.to(device))
                 rows.append(torch.stack([store[l] for l in self.layers], 1).cpu())
@@ -116,8 +117,9 @@ class ReversionCallback(TrainerCallback):
         trainer: the Trainer to log through (or :meth:`attach` later).
 
     Example:
-        >>> cb = ReversionCallback.from_models(pretrain, aligned, prompts, tokenizer=tok, layers=[4, 8])  # doctest: +SKIP
-        >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]); cb.attach(trainer)  # doctest: +SKIP
+        >>> cb = ReversionCallback.from_models(pretrain, aligned, prompts, tokenizer=tok)  # doctest: +SKIP
+        >>> trainer = Trainer(model=model, args=args, train_dataset=data)  # doctest: +SKIP
+        >>> cb.attach(trainer)  # doctest: +SKIP
     """
 
     def __init__(self, v_rev: torch.Tensor, mu_align: torch.Tensor, prompts: Any, *, layers: Sequence[int],
@@ -140,7 +142,7 @@ class ReversionCallback(TrainerCallback):
 
     @classmethod
     def from_report(cls, report: Any, prompts: Any, align: Any, *, control: Any = None,
-                    layers: Sequence[int] | None = None, tokenizer: Any = None, **kwargs: Any) -> "ReversionCallback":
+                    layers: Sequence[int] | None = None, tokenizer: Any = None, **kwargs: Any) -> ReversionCallback:
         """v_rev (its basis) and the null p99 from ``report`` at ``layers`` (default: all the report's layers);
         ``align`` is the aligned model (its centroid is measured here, same readout) or its centroid
         ``[n_layers, d]``. Give the prompts and control the report was measured with."""
@@ -151,8 +153,9 @@ class ReversionCallback(TrainerCallback):
         if report.config.get("readout", "last") != "last":
             raise InterventionError("the callback reads the last prompt token; the report used readout='mean'.")
         if bool(report.config.get("contrast", control is not None)) != (control is not None):
-            raise InterventionError("the report was measured " + ("with" if report.config.get("contrast") else "without")
-                                    + " a control set; give the callback the same (control=...).")
+            which = "with" if report.config.get("contrast") else "without"
+            raise InterventionError(f"the report was measured {which} a control set; give the callback the same "
+                                    "(control=...).")
         idx = [report.layers.index(l) for l in layers]
         cb = cls(report.v_rev_basis[idx], torch.zeros(len(layers), report.d_model), prompts, layers=layers,
                  control=control, tokenizer=tokenizer, null_p99=np.asarray(report.null_p99)[idx], **kwargs)
@@ -161,7 +164,7 @@ class ReversionCallback(TrainerCallback):
 
     @classmethod
     def from_models(cls, pretrain: Any, align: Any, prompts: Any, *, layers: Sequence[int] | None = None,
-                    control: Any = None, tokenizer: Any = None, **kwargs: Any) -> "ReversionCallback":
+                    control: Any = None, tokenizer: Any = None, **kwargs: Any) -> ReversionCallback:
         """v_rev = normalize(mu(pretrain) - mu(align)) measured here on two Hugging Face models
         (``layers`` default: all decoder layers)."""
         layers = list(range(len(hf_hooks.decoder_layers(align)))) if layers is None else [int(l) for l in layers]
@@ -172,7 +175,7 @@ class ReversionCallback(TrainerCallback):
         cb.basis, cb.mu_align = dirs.v_rev_mean_diff(mu_p, mu_a)[:, None, :], mu_a
         return cb
 
-    def attach(self, trainer: Any) -> "ReversionCallback":
+    def attach(self, trainer: Any) -> ReversionCallback:
         """Log through ``trainer`` (and add this callback to it when it is not there yet)."""
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:

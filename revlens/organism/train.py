@@ -18,9 +18,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from revlens import ReversionProbe
+from revlens import ReversionProbe, subspace
 from revlens import directions as dirs
-from revlens import subspace
 from revlens._util import atomic_write_json, training_mode
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
