@@ -278,3 +278,27 @@ def test_blocked_sft_trainer_from_trl(tok, tmp_path):
     finally:
         handle.remove()
     assert float((seen["next_input"] @ u).abs().max()) < 1e-5
+
+
+def test_callback_warns_once_above_the_null_and_without_a_trainer_still_records(tok, tokens):
+    from types import SimpleNamespace
+
+    from revlens.integrations.transformers import METRIC, ReversionCallback
+
+    probe, _ = tokens
+    pretrain, align, moved = llama(tok, 1), llama(tok, 0), llama(tok, 2)
+    callback = ReversionCallback.from_models(pretrain, align, probe, layers=[1], null_p99=[-2.0])
+    state = SimpleNamespace(global_step=4, log_history=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.on_save(None, state, None, model=moved)
+        callback.on_evaluate(None, state, None, model=moved)  # same step: measured once
+        state.global_step = 5
+        callback.on_evaluate(None, state, None, model=moved)
+    messages = [str(w.message) for w in caught]
+    assert sum("above the null" in m for m in messages) == 1
+    assert sum("not attached" in m for m in messages) == 1
+    assert [h["step"] for h in state.log_history] == [4, 5]
+    assert state.log_history[0][METRIC.format(layer=1)] == pytest.approx(float(callback.alignment(moved)[0]))
+    with pytest.raises(InterventionError, match="one row per layer"):
+        ReversionCallback(torch.zeros(2, 32), torch.zeros(1, 32), probe, layers=[0, 1])
