@@ -9,36 +9,74 @@ Modes, at chosen layers and positions (V: orthonormal rows spanning v_rev or a r
   pushed along V through that activation.
 Combine with ``+`` (``"clamp+grad"``). Projections run in float32 and are cast back to the
 activation's dtype, so bfloat16 models block to bfloat16 precision.
+
+Hooks and the probe anchor work on a TransformerBridge (TransformerLens hook points) and on a plain
+Hugging Face causal LM, peft-wrapped or not (forward hooks on its decoder layers' outputs, which are
+``resid_post``), so the same objects serve :func:`revlens.finetune` and a ``transformers.Trainer``
+(:mod:`revlens.integrations.transformers`). A whole setup is one compact string
+(:class:`~revlens.blocking_spec.BlockingSpec`), built by :func:`blocking_from_spec`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
 
 from revlens._util import pad_right, training_mode
+from revlens.blocking_spec import HOOK_MODES, BlockingSpec, InterventionError
+from revlens.integrations import hf_hooks
 from revlens.probe import hook_name
 from revlens.shapes import shape_checked
 
-MODES = ("project", "clamp", "grad")
-
-
-class InterventionError(ValueError):
-    """A blocking specification revlens cannot apply, with the fix."""
+MODES = HOOK_MODES
+__all__ = ["Blocking", "BlockingSpec", "InterventionError", "ProbeAnchor", "anchor_from_report",
+           "blocking_from_report", "blocking_from_spec", "build_blocking", "clamp_to", "orthonormal_basis",
+           "parse_mode", "project_out"]
 
 
 def parse_mode(mode: str) -> frozenset[str]:
-    """``"clamp+grad"`` -> {"clamp", "grad"}; project and clamp exclude each other."""
-    parts = frozenset(p.strip() for p in mode.split("+") if p.strip())
-    unknown = parts - set(MODES)
-    if not parts or unknown:
-        raise InterventionError(f"unknown blocking mode {mode!r}; combine {MODES} with '+', e.g. 'clamp+grad'.")
-    if {"project", "clamp"} <= parts:
-        raise InterventionError("'project' and 'clamp' both set the coordinate; choose one (add '+grad' if wanted).")
-    return parts
+    """The hook modes of a :class:`Blocking`: ``"clamp+grad"`` -> {"clamp", "grad"} (read by :class:`BlockingSpec`).
+
+    Anchor, subspace, sampling and layer parts belong to a whole setup: build it with :func:`blocking_from_spec`.
+    """
+    try:
+        spec = BlockingSpec.parse(mode)
+    except InterventionError as err:
+        raise InterventionError(f"unknown blocking mode {mode!r} for hooks ({HOOK_MODES} joined by '+', e.g. "
+                                f"'clamp+grad'): {err}") from None
+    if not spec.hooks or spec != BlockingSpec(hooks=spec.hooks):
+        raise InterventionError(f"unknown blocking mode {mode!r} for hooks: Blocking takes {HOOK_MODES} joined by "
+                                "'+', e.g. 'clamp+grad'; build anchors and subspaces with blocking_from_spec().")
+    return frozenset(spec.hooks)
+
+
+@contextlib.contextmanager
+def layer_hooks(model: Any, hook: str, fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]],
+                stop_after: int | None = None) -> Iterator[None]:
+    """``fns[l](act)`` at hook point ``hook`` of layer ``l`` (a returned tensor replaces the activation) on a
+    TransformerBridge, or on a Hugging Face module's decoder layer outputs (``resid_post`` only). With
+    ``stop_after``, the forward stops once that layer ran: call the model with :func:`hf_hooks.run_stopping`."""
+    if hf_hooks.is_bridge(model):
+        def tl(fn: Callable, layer: int) -> Callable:
+            def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor | None:
+                out = fn(act)
+                if layer == stop_after:
+                    raise hf_hooks._StopForward
+                return out
+
+            return hook_fn
+
+        with model.hooks(fwd_hooks=[(hook_name(hook, l), tl(f, l)) for l, f in fns.items()]):
+            yield
+        return
+    if hook != "resid_post":
+        raise InterventionError(f"on a Hugging Face module revlens hooks the decoder layers' outputs (resid_post), "
+                                f"not {hook!r}; use hook='resid_post' or a TransformerBridge.")
+    with hf_hooks.layer_output_hooks(model, fns, stop_after=stop_after):
+        yield
 
 
 def orthonormal_basis(direction: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -141,27 +179,40 @@ class Blocking:
         return "clamp" in self.modes and self.constant is None
 
     def _check_model(self, model: Any) -> None:
-        if model.cfg.d_model != self.d_model:
-            raise InterventionError(f"directions have d_model={self.d_model}, the model has {model.cfg.d_model}.")
-        bad = [l for l in self.layers if not 0 <= l < model.cfg.n_layers]
+        d_model, n_layers = hf_hooks.model_dims(model)
+        if d_model != self.d_model:
+            raise InterventionError(f"directions have d_model={self.d_model}, the model has {d_model}.")
+        bad = [l for l in self.layers if not 0 <= l < n_layers]
         if bad:
-            raise InterventionError(f"layers {bad} are out of range for a model with n_layers={model.cfg.n_layers}.")
+            raise InterventionError(f"layers {bad} are out of range for a model with n_layers={n_layers}.")
 
     @torch.no_grad()
-    def reference_coords(self, tokens: torch.Tensor, model: Any = None, batch_size: int = 64) -> dict[int, torch.Tensor]:
-        """The reference model's coordinates ``{layer: [n, seq, k]}`` on ``tokens`` (computed once, reused)."""
+    def reference_coords(self, tokens: torch.Tensor, model: Any = None, batch_size: int = 64,
+                         attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """The reference model's coordinates ``{layer: [n, seq, k]}`` on ``tokens`` (computed once, reused).
+
+        ``attention_mask`` (``[n, seq]``) is passed to a Hugging Face reference model's forward.
+        """
         model = self.reference if model is None else model
         if model is None:
             raise InterventionError("no reference model to compute clamp coordinates from.")
         device = next(model.parameters()).device
         out: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
-        names = {hook_name(self.hook, l): l for l in self.layers}
-        with training_mode(model, False):
+
+        def grab(layer: int) -> Callable[[torch.Tensor], None]:
+            def fn(act: torch.Tensor) -> None:
+                out[layer].append((act.float() @ self.bases[layer].to(device).T).cpu())
+
+            return fn
+
+        with training_mode(model, False), layer_hooks(model, self.hook, {l: grab(l) for l in self.layers},
+                                                      stop_after=max(self.layers)):
             for start in range(0, tokens.shape[0], batch_size):
                 chunk = tokens[start:start + batch_size].to(device)
-                _, cache = model.run_with_cache(chunk, names_filter=list(names))
-                for name, l in names.items():
-                    out[l].append((cache[name].float() @ self.bases[l].to(device).T).cpu())
+                kwargs = {}
+                if attention_mask is not None:
+                    kwargs["attention_mask"] = attention_mask[start:start + batch_size].to(device)
+                hf_hooks.run_stopping(model, chunk, **kwargs)
         return {l: torch.cat(v, 0) for l, v in out.items()}
 
     def set_batch(self, tokens: torch.Tensor | None = None, *, coords: Mapping[int, torch.Tensor] | None = None,
@@ -209,22 +260,261 @@ class Blocking:
         return c[:, :seq]
 
     @contextlib.contextmanager
-    def applied(self, model: Any) -> Iterator["Blocking"]:
-        """Hooks on while inside; removed on exit, also when the step raises."""
+    def applied(self, model: Any) -> Iterator[Blocking]:
+        """Hooks on while inside; removed on exit, also when the step raises.
+
+        ``model`` is a TransformerBridge or a Hugging Face causal LM (peft-wrapped or not).
+        """
         self._check_model(model)
-        hooks = [(hook_name(self.hook, l), self._hook(l)) for l in self.layers]
-        with model.hooks(fwd_hooks=hooks):
+        fns = {l: (lambda act, fn=self._hook(l): fn(act, None)) for l in self.layers}
+        with layer_hooks(model, self.hook, fns):
             yield self
 
 
 def blocking_from_report(report: Any, mode: str, layers: Sequence[int] | None = None, **kwargs: Any) -> Blocking:
-    """A :class:`Blocking` along a report's v_rev (or its rank-k basis) at ``layers`` (default: the best layer)."""
-    layers = [report.best_layer] if layers is None else list(layers)
+    """A :class:`Blocking` along a report's v_rev (or its rank-k basis) at ``layers`` (default: the best layer).
+
+    Args:
+        report: a :class:`~revlens.report.ReversionReport`.
+        mode: hook modes, ``project``, ``clamp``, ``grad`` or a ``+`` combination.
+        layers: layers to block at (default: the report's most aligned layer).
+        **kwargs: passed to :class:`Blocking` (``reference=`` for clamp, ``constant=``).
+
+    Returns:
+        The :class:`Blocking`, hooked at the report's hook point.
+
+    Example:
+        >>> blocking = blocking_from_report(report, "clamp+grad", reference=aligned)  # doctest: +SKIP
+    """
+    directions = _report_directions(report, layers)
+    return Blocking(directions, mode, hook=report.config.get("hook", "resid_post"), **kwargs)
+
+
+def _report_directions(report: Any, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
+    layers = [report.best_layer] if layers is None else [int(l) for l in layers]
     missing = [l for l in layers if l not in report.layers]
     if missing:
         raise InterventionError(f"layers {missing} were not analysed; the report has layers {report.layers}.")
-    directions = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-    return Blocking(directions, mode, hook=report.config.get("hook", "resid_post"), **kwargs)
+    return {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
+
+
+def encode_prompts(model: Any, prompts: Any, *, tokenizer: Any = None, chat_template: Any = "auto",
+                   system: str | None = None) -> list[torch.Tensor]:
+    """Prompts as 1-D token tensors: token tensors pass through; strings are tokenised as the probe reads them.
+
+    ``tokenizer`` defaults to ``model.tokenizer`` (a TransformerBridge's); give it for a Hugging Face module.
+    """
+    if isinstance(prompts, str):
+        raise InterventionError("prompts must be a list of prompts, got one string; wrap it in a list.")
+    if isinstance(prompts, torch.Tensor):
+        prompts = list(prompts)
+    prompts = list(prompts)
+    if not prompts:
+        raise InterventionError("no prompts given: the anchor needs at least one (strings or 1-D token tensors).")
+    if all(isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() > 0 for p in prompts):
+        return [p.long().cpu() for p in prompts]
+    if not all(isinstance(p, str) for p in prompts):
+        raise InterventionError("prompts must be all strings or all non-empty 1-D token tensors.")
+    tokenizer = getattr(model, "tokenizer", None) if tokenizer is None else tokenizer
+    if tokenizer is None:
+        raise InterventionError("string prompts need a tokenizer: pass tokenizer=... (or token ids instead).")
+    # ---- SWITCH POINT (lead): the one place prompts become tokens outside the probe. When revlens.chat lands
+    # (contract: encode_requests(tokenizer, prompts, *, chat_template="auto", system=None) -> list[LongTensor]),
+    # replace this block by:  return revlens.chat.encode_requests(tokenizer, prompts, chat_template=chat_template,
+    # system=system)  -- until then prompts are tokenised as ReversionProbe does today (BOS + raw text).
+    try:
+        from revlens.chat import encode_requests  # type: ignore[import-not-found]
+    except ImportError:
+        encode_requests = None
+    if encode_requests is not None:
+        return [t.long().cpu() for t in encode_requests(tokenizer, prompts, chat_template=chat_template, system=system)]
+    if chat_template not in ("auto", False, None) or system is not None:
+        raise InterventionError("chat-templated prompts need revlens.chat (not in this build); give token ids, or "
+                                "chat_template='auto' for raw prompts.")
+    if hf_hooks.is_bridge(model) and tokenizer is getattr(model, "tokenizer", None):
+        return [model.to_tokens(p, move_to_device=False, truncate=False)[0].cpu() for p in prompts]
+    out = []
+    for p in prompts:
+        ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
+        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+            ids = [tokenizer.bos_token_id, *ids]
+        out.append(torch.tensor(ids, dtype=torch.long))
+    return out
+    # ---- end SWITCH POINT
+
+
+def build_blocking(
+    spec: str | BlockingSpec,
+    directions: Mapping[int, torch.Tensor],
+    *,
+    reference: Any = None,
+    prompts: Sequence[torch.Tensor] | None = None,
+    control: Sequence[torch.Tensor] | None = None,
+    hook: str = "resid_post",
+    report: Any = None,
+    history: Any = None,
+    probe: Any = None,
+    device: str | None = None,
+    seed: int = 0,
+) -> tuple[Blocking | None, ProbeAnchor | None]:
+    """The hooks and the anchor a :class:`BlockingSpec` asks for, along ``directions`` (``{layer: v or [k, d]}``).
+
+    ``spec.layers`` (when set) picks among ``directions``' layers; ``rank@k`` / ``random@k`` replace the
+    directions at those layers (:func:`revlens.subspace.subspace_directions`, from ``report`` or ``history``
+    measured with ``probe``). ``prompts`` / ``control`` are token tensors for the anchor terms.
+
+    Returns:
+        ``(Blocking or None, ProbeAnchor or None)``; ``(None, None)`` for ``plain``.
+    """
+    from revlens.subspace import subspace_directions
+
+    spec = BlockingSpec.parse(spec)
+    if spec.is_plain:
+        return None, None
+    directions = {int(l): v for l, v in directions.items()}
+    if spec.layers is not None:
+        missing = [l for l in spec.layers if l not in directions]
+        if missing:
+            raise InterventionError(f"{spec}: layers {missing} have no direction; available: {sorted(directions)}.")
+        directions = {l: directions[l] for l in spec.layers}
+    directions = subspace_directions(spec.subspace, directions, report=report, history=history, probe=probe,
+                                     device=device)
+    anchor = None
+    if spec.has_anchor:
+        if prompts is None:
+            raise InterventionError(f"{spec}: an anchor needs the probe prompts (prompts=...).")
+        if spec.contrast and control is None:
+            raise InterventionError(f"{spec}: contrast@w needs the control prompts (control=...).")
+        anchor = ProbeAnchor(directions, prompts, reference, spec.anchor, hook=hook,
+                             control=control if spec.contrast else None, contrast_weight=spec.contrast,
+                             sample=spec.sample, seed=seed)
+    blocking = Blocking(directions, spec.hook_mode, hook=hook, reference=reference) if spec.hooks else None
+    return blocking, anchor
+
+
+def blocking_from_spec(
+    spec: str | BlockingSpec,
+    report: Any,
+    *,
+    reference: Any = None,
+    prompts: Any = None,
+    control: Any = None,
+    layers: Sequence[int] | None = None,
+    history: Any = None,
+    tokenizer: Any = None,
+    chat_template: Any = "auto",
+    system: str | None = None,
+    device: str | None = None,
+    seed: int = 0,
+) -> tuple[Blocking | None, ProbeAnchor | None]:
+    """Everything a compact blocking string asks for, along a report's directions.
+
+    Args:
+        spec: a :class:`BlockingSpec` or its string (``"clamp+grad"``, ``"anchor@0.003+contrast@0.1+rank@64"``).
+        report: the :class:`~revlens.report.ReversionReport` whose v_rev (or basis) is blocked.
+        reference: the frozen aligned model (clamp coordinates; the anchor's reference readouts).
+        prompts, control: probe and control prompts (strings or token tensors) for the anchor terms, and
+            for measuring ``rank@k`` on ``history`` when the report has no PCA basis of that rank.
+        layers: where to block when the spec has no ``layers@`` part (default: the report's best layer).
+        history: the training history, needed for ``rank@k`` beyond the report's PCA rank.
+        tokenizer, chat_template, system: how string prompts are tokenised (see :func:`encode_prompts`).
+
+    Returns:
+        ``(Blocking or None, ProbeAnchor or None)``: use the first with ``blocking.applied(model)`` and add
+        ``anchor.penalty(model, step)`` to the loss (``revlens.finetune`` and ``BlockedTrainer`` do both).
+
+    Example:
+        >>> blocking, anchor = blocking_from_spec("anchor@0.003+contrast@0.1+rank@64", report,  # doctest: +SKIP
+        ...     reference=aligned, prompts=revlens.default_prompts(), control=revlens.default_control(),
+        ...     layers=report.layers, history="ckpts/")
+    """
+    spec = BlockingSpec.parse(spec)
+    if spec.is_plain:
+        return None, None
+    chosen = spec.layers if spec.layers is not None else layers
+    directions = _report_directions(report, chosen)
+    spec = spec.with_layers(None)
+    hook = report.config.get("hook", "resid_post")
+    probe = None
+    if spec.subspace is not None and spec.subspace[0] == "rank" and history is not None:
+        from revlens.probe import ReversionProbe
+
+        if prompts is None:
+            raise InterventionError(f"{spec}: measuring rank@{spec.subspace[1]} on the history needs prompts=...")
+        probe = ReversionProbe(prompts, control=control, layers=sorted(directions), hook=hook,
+                               readout=report.config.get("readout", "last"), per_example=True)
+    tokens = control_tokens = None
+    if spec.has_anchor:
+        _check_last_token_readout(report)
+        if prompts is None:
+            raise InterventionError(f"{spec}: an anchor needs the probe prompts (prompts=...).")
+        tokens = encode_prompts(reference, prompts, tokenizer=tokenizer, chat_template=chat_template, system=system)
+        if spec.contrast:
+            if control is None:
+                raise InterventionError(f"{spec}: contrast@w needs the control prompts (control=...).")
+            control_tokens = encode_prompts(reference, control, tokenizer=tokenizer, chat_template=chat_template,
+                                            system=system)
+    return build_blocking(spec, directions, reference=reference, prompts=tokens, control=control_tokens, hook=hook,
+                          report=report, history=history, probe=probe, device=device, seed=seed)
+
+
+def anchor_from_report(
+    report: Any,
+    prompts: Any,
+    reference: Any,
+    weight: float = 0.1,
+    *,
+    control: Any = None,
+    contrast_weight: float = 0.0,
+    rank: int | None = None,
+    sample: int | None = None,
+    layers: Sequence[int] | None = None,
+    history: Any = None,
+    tokenizer: Any = None,
+    chat_template: Any = "auto",
+    system: str | None = None,
+    seed: int = 0,
+) -> ProbeAnchor:
+    """A :class:`ProbeAnchor` along a report's v_rev (or its rank-k reversion subspace), for any history.
+
+    Args:
+        report: the :class:`~revlens.report.ReversionReport` of the history being fine-tuned.
+        prompts: the probe prompts whose readouts are anchored (strings, tokenised like the probe, or
+            1-D token tensors); usually the prompts the report was measured with.
+        reference: the frozen aligned model (a TransformerBridge or a Hugging Face module).
+        weight: weight of the per-prompt term (0 for the contrast term alone).
+        control: control prompts, needed when ``contrast_weight > 0``.
+        contrast_weight: weight of the contrast-centroid term.
+        rank: anchor the rank-k reversion subspace instead of v_rev: the report's basis when it comes from
+            ``analyze(..., estimator="pca", k>=rank)``, else measured on ``history``.
+        sample: prompts of each set per step (None: all).
+        layers: anchored layers (default: the report's most aligned layer; ``report.layers`` for all).
+        tokenizer, chat_template, system: how string prompts are tokenised (:func:`encode_prompts`).
+
+    Returns:
+        The :class:`ProbeAnchor`; add ``anchor.penalty(model, step)`` to the training loss.
+
+    Example:
+        >>> anchor = revlens.anchor_from_report(report, revlens.default_prompts(), aligned, 0.003,  # doctest: +SKIP
+        ...     control=revlens.default_control(), contrast_weight=0.1, rank=64, layers=report.layers)
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InterventionError(f"rank must be a positive integer, got {rank!r}.")
+    spec = BlockingSpec(anchor=weight, contrast=contrast_weight, sample=sample,
+                        subspace=None if rank is None else ("rank", rank))
+    if not spec.has_anchor:
+        raise InterventionError("both anchor weights are 0: give weight > 0 and/or contrast_weight > 0.")
+    _, anchor = blocking_from_spec(spec, report, reference=reference, prompts=prompts, control=control, layers=layers,
+                                   history=history, tokenizer=tokenizer, chat_template=chat_template, system=system,
+                                   seed=seed)
+    return anchor
+
+
+def _check_last_token_readout(report: Any) -> None:
+    readout = report.config.get("readout", "last")
+    if readout != "last":
+        raise InterventionError(f"the probe anchor holds last-token readouts, but the report was measured with "
+                                f"readout={readout!r}; analyze with readout='last' to anchor what it measures.")
 
 
 class ProbeAnchor:
@@ -261,7 +551,9 @@ class ProbeAnchor:
         self.sets = {"probe": _pad(prompts)}
         if control:
             self.sets["control"] = _pad(control)
-        with torch.no_grad():
+        if reference is None:
+            raise InterventionError("the anchor needs the frozen reference model (the aligned checkpoint).")
+        with torch.no_grad(), training_mode(reference, False):
             self.reference_coords = {name: {l: c.detach() for l, c in self._coords(reference, name).items()}
                                      for name in self.sets}
 
@@ -283,17 +575,19 @@ class ProbeAnchor:
         if rows is not None:
             tokens, lengths = tokens[rows], lengths[rows]
             tokens = tokens[:, : int(lengths.max())]
+        lengths = lengths.to(device)
         store: dict[int, torch.Tensor] = {}
 
-        def grab(layer: int):
-            def fn(act: torch.Tensor, hook: Any) -> None:
-                last = _reduce_positions(act, lengths.to(device), "last")
-                store[layer] = last.float() @ self.bases[layer].to(device).T
+        def grab(layer: int) -> Callable[[torch.Tensor], None]:
+            def fn(act: torch.Tensor) -> None:
+                last = _reduce_positions(act, lengths, "last")
+                dtype = torch.promote_types(last.dtype, torch.float32)  # float32, or float64 for a float64 model
+                store[layer] = last.to(dtype) @ self.bases[layer].to(device, dtype).T
 
             return fn
 
-        with model.hooks(fwd_hooks=[(hook_name(self.hook, l), grab(l)) for l in self.layers]):
-            model(tokens.to(device))
+        with layer_hooks(model, self.hook, {l: grab(l) for l in self.layers}, stop_after=max(self.layers)):
+            hf_hooks.run_stopping(model, tokens.to(device))
         return store
 
     def penalty(self, model: Any, step: int | None = None) -> torch.Tensor:

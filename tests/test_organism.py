@@ -89,33 +89,31 @@ def test_analysis_reads_the_organism(micro_history):
     assert report.config["contrast"] is True
 
 
-def test_blocking_modes_parse_into_hooks_and_anchor_terms(micro_history):
+def test_blocking_modes_build_hooks_and_anchor_terms(micro_history):
     from revlens.checkpoints import load_revlens_checkpoint
-    from revlens.organism.train import split_mode, v_rev_of_history
+    from revlens.intervention import InterventionError
+    from revlens.organism.train import blocking_for_world, v_rev_of_history
 
     world = World(0)
     basis, _, _ = v_rev_of_history(micro_history)
     align = load_revlens_checkpoint(micro_history / "align")
     directions = {1: basis[1]}
-    assert split_mode("plain", directions, align, world) == (None, None)
-    blocking, anchor = split_mode("grad+anchor@0.2+contrast@3", directions, align, world)
+    assert blocking_for_world("plain", directions, align, world) == (None, None)
+    blocking, anchor = blocking_for_world("grad+anchor@0.2+contrast@3", directions, align, world)
     assert blocking.modes == frozenset({"grad"})
     assert (anchor.weight, anchor.contrast_weight) == (0.2, 3.0)
     assert anchor.sets["probe"][0].shape[0] == len(world.harmful_prompts("probe"))
     assert anchor.sets["control"][0].shape[0] == len(world.control_prompts("probe"))
-    blocking, anchor = split_mode("contrast@1", directions, align, world)
+    blocking, anchor = blocking_for_world("contrast@1", directions, align, world)
     assert blocking is None and (anchor.weight, anchor.contrast_weight) == (0.0, 1.0)
-    _, anchor = split_mode("anchor@0.1+sample@8", directions, align, world)
+    _, anchor = blocking_for_world("anchor@0.1+sample@8", directions, align, world)
     assert anchor.sample == 8 and len(anchor.rows("probe", 1)) == 8
-    with pytest.raises(ValueError, match="sample@k"):
-        split_mode("clamp+sample@8", directions, align, world)
-    from revlens.organism.train import parse_mode
-
-    assert parse_mode("clamp+anchor@0.003+contrast@0.1+rank@64")["subspace"] == ("rank", 64, 0)
-    assert parse_mode("anchor@0.01+random@32@2") == {"hooks": [], "anchor": 0.01, "contrast": 0.0, "sample": None,
-                                                     "subspace": ("random", 32, 2)}
-    with pytest.raises(ValueError, match="cannot read 'rank@many'"):
-        parse_mode("anchor@0.1+rank@many")
+    with pytest.raises(InterventionError, match="sample@k"):
+        blocking_for_world("clamp+sample@8", directions, align, world)
+    _, anchor = blocking_for_world("anchor@0.1+rank@4", directions, align, world, history_dir=micro_history)
+    assert anchor.bases[1].shape == (4, 64)
+    with pytest.raises(InterventionError, match="rank@4 needs"):
+        blocking_for_world("anchor@0.1+rank@4", directions, align, world)
 
 
 def test_reversion_subspace_spans_the_top_principal_directions_of_the_prompt_differences(micro_history):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 SAVE_STEPS = (1, 2, 5, 10, 20, 30, 50, 100)
@@ -33,7 +33,6 @@ class Preset:
     save_steps: tuple[int, ...] = SAVE_STEPS
     block_layers: tuple[int, ...] | None = None  # None: every analysed layer (the demo's default)
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self, vocab: int, seed: int) -> dict[str, Any]:
         return dict(d_model=self.d_model, n_layers=self.n_layers, n_ctx=self.n_ctx, d_head=self.d_head,
@@ -43,8 +42,10 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def with_(self, **changes: Any) -> "Preset":
-        return replace(self, **changes)
+
+def preset_key(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A preset as a manifest records it, without the empty ``extra`` field older histories carry."""
+    return {k: v for k, v in recorded.items() if not (k == "extra" and not v)}
 
 
 PRESETS: dict[str, Preset] = {

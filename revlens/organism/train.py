@@ -18,16 +18,17 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from revlens import ReversionProbe, subspace
 from revlens import directions as dirs
 from revlens._util import atomic_write_json, training_mode
+from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
 from revlens.evals import greedy_completions, task_metrics
 from revlens.finetune import finetune
+from revlens.intervention import Blocking, ProbeAnchor, build_blocking
 from revlens.losses import masked_lm_loss
-from revlens.intervention import Blocking, ProbeAnchor
-from revlens.organism.presets import Preset, get_preset
-from revlens.organism.world import World, compliance
-from revlens.probe import ReversionProbe
+from revlens.organism.presets import Preset, get_preset, preset_key
+from revlens.organism.world import COMPLY_MARK, World, compliance
 
 MANIFEST = "organism.json"
 
@@ -78,7 +79,7 @@ def comply_rate(model: Any, prompts: Sequence[str]) -> float:
     lengths = {len(t) for t in world_tokens}
     if len(lengths) != 1:
         raise ValueError("comply_rate needs prompts of one token length; use evaluate_behaviour instead.")
-    comply_id = model.tokenizer.convert_tokens_to_ids("sure")
+    comply_id = model.tokenizer.convert_tokens_to_ids(COMPLY_MARK)
     x = torch.stack(world_tokens).to(next(model.parameters()).device)
     with training_mode(model, False):
         first = model.original_model(x)[:, -1].argmax(-1)
@@ -98,7 +99,7 @@ def evaluate_behaviour(model: Any, world: World) -> dict[str, float]:
     b2 = world.b2_eval_batch()
     tm = task_metrics(model, b2.tokens, b2.loss_mask)
     return {"harm": harm, "harm_exact": harm_exact, "b1_retention": b1, "b2_loss": tm.loss,
-            "b2_acc": tm.sequence_accuracy, "b2_token_acc": tm.token_accuracy}
+            "b2_acc": tm.sequence_accuracy}
 
 
 def analysis_kwargs(world: World) -> dict[str, Any]:
@@ -114,7 +115,7 @@ def read_manifest(out: Path) -> dict[str, Any]:
 
 def preset_of(manifest: dict[str, Any]) -> Preset:
     """The preset a history was built with, as recorded in its manifest."""
-    p = dict(manifest["key"]["preset"])
+    p = dict(preset_key(manifest["key"]["preset"]))
     p["save_steps"] = tuple(p["save_steps"])
     p["block_layers"] = None if p["block_layers"] is None else tuple(p["block_layers"])
     return Preset(**p)
@@ -138,7 +139,10 @@ def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3,
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
     key = json.loads(json.dumps({"preset": preset.to_dict(), "world_seed": world_seed}))
-    if manifest and manifest.get("key") != key:
+    old_key = manifest.get("key")
+    if old_key is not None:  # histories written before Preset.extra was dropped record it as {}
+        old_key = {**old_key, "preset": preset_key(old_key.get("preset", {}))}
+    if manifest and old_key != key:
         raise ValueError(f"{out} holds an organism built with other settings; choose another out_dir or delete it.")
     manifest.update({"key": key, "preset": preset.name, "world_seed": world_seed})
     manifest.setdefault("timings_s", {})
@@ -215,104 +219,61 @@ def behaviour_summary(history_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor], mode: str, seed: int, *,
-                     out_dir: str | Path | None = None, steps: int | None = None, device: str | None = None,
-                     progress: bool = False) -> tuple[Any, dict[str, Any]]:
+def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor], mode: str | BlockingSpec,
+                     seed: int, *, out_dir: str | Path | None = None, steps: int | None = None,
+                     device: str | None = None, progress: bool = False) -> tuple[Any, dict[str, Any]]:
     """Fine-tune the history's aligned model like its plain runs, blocking along ``{layer: [k, d] basis}``.
 
-    ``mode`` follows :func:`parse_mode`; ``plain`` runs without hooks. A ``rank@k`` part replaces the given
-    directions by the history's rank-k reversion subspace at the same layers (:func:`reversion_subspace`),
-    ``random@k[@s]`` by a seeded random rank-k subspace (the control for it). Returns the
-    fine-tuned model and its behaviour (evaluated without hooks: the question is what the weights learned).
+    ``mode`` is a :class:`~revlens.blocking_spec.BlockingSpec` or its string (``plain`` runs without hooks);
+    ``rank@k`` replaces the directions by the history's rank-k reversion subspace at the same layers,
+    ``random@k[@draw]`` by a seeded random one (:mod:`revlens.subspace`). Returns the fine-tuned model and
+    its behaviour (evaluated without hooks: the question is what the weights learned).
     """
     history_dir = Path(history_dir)
     manifest = read_manifest(history_dir)
     preset = preset_of(manifest)
     world = World(seed=manifest["world_seed"])
     device = _device(preset, device)
-    subspace = parse_mode(mode)["subspace"]
-    if subspace is not None:
-        kind, k, draw = subspace
-        layers = sorted(directions)
-        directions = (reversion_subspace(history_dir, layers, k, device) if kind == "rank"
-                      else random_subspace(layers, k, int(next(iter(directions.values())).shape[-1]), seed=draw))
     align = load_revlens_checkpoint(history_dir / "align", device)
     model = copy.deepcopy(align)
-    blocking, anchor = split_mode(mode, directions, align, world)
+    blocking, anchor = blocking_for_world(mode, directions, align, world, history_dir=history_dir, device=device)
     data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
     n_steps = preset.finetune_steps if steps is None else steps
     save = [s for s in preset.save_steps if s <= n_steps] if out_dir is not None else []
     finetune(model, data.tokens, data.loss_mask, steps=n_steps, lr=preset.finetune_lr,
              optimizer=preset.finetune_optimizer, batch_size=preset.batch_size, seed=seed, blocking=blocking,
-             anchor=anchor,
-             save_steps=save, out_dir=out_dir, run_name=f"seed_{seed}", progress=progress)
+             anchor=anchor, save_steps=save, out_dir=out_dir, run_name=f"seed_{seed}", progress=progress)
     return model, evaluate_behaviour(model, world)
+
+
+def blocking_for_world(mode: str | BlockingSpec, directions: dict[int, torch.Tensor], align: Any, world: World, *,
+                       history_dir: str | Path | None = None,
+                       device: str | None = None) -> tuple[Blocking | None, ProbeAnchor | None]:
+    """The hooks and the anchor a blocking mode asks for in this world (:func:`revlens.intervention.build_blocking`):
+    the anchor reads the harmful probe prompts, its contrast term the B1 prompts; ``rank@k`` is measured on
+    ``history_dir`` with the probe the analysis reads the organism with."""
+    spec = BlockingSpec.parse(mode)
+    tokens = lambda prompts: [align.to_tokens(p)[0].cpu() for p in prompts]  # noqa: E731
+    prompts = tokens(world.harmful_prompts("probe")) if spec.has_anchor else None
+    control = tokens(world.control_prompts("probe")) if spec.contrast else None
+    probe = None
+    if spec.subspace is not None and spec.subspace[0] == "rank":
+        layers = sorted(spec.layers if spec.layers is not None else directions)
+        probe = _organism_probe(world, layers, per_example=True)
+    return build_blocking(spec, directions, reference=align, prompts=prompts, control=control,
+                          history=history_dir, probe=probe, device=device)
 
 
 def reversion_subspace(history_dir: str | Path, layers: Sequence[int], k: int,
                        device: str | None = None) -> dict[int, torch.Tensor]:
-    """``{layer: [k, d_model]}``: the top-k principal directions of the per-prompt differences
-    h(pretrain, x) - h(align, x) over the organism's harmful probe prompts (contrast readout, as the
-    analysis reads them): the rank-k generalisation of v_rev (``estimator="pca"``)."""
-    _, pre, ali = _measure_pretrain_align(Path(history_dir), list(layers), per_example=True, device=device)
-    basis = dirs.v_rev_pca(pre.per_example, ali.per_example, k)
-    return {int(l): basis[i].float() for i, l in enumerate(layers)}
+    """``{layer: [k, d_model]}``: :func:`revlens.subspace.reversion_subspace` of the history, read with the
+    organism's probe (harmful prompts, B1 contrast, last token) as the analysis reads it."""
+    world = World(seed=read_manifest(Path(history_dir))["world_seed"])
+    return subspace.reversion_subspace(Path(history_dir), k, layers=list(layers),
+                                       probe=_organism_probe(world, list(layers), per_example=True), device=device)
 
 
-def random_subspace(layers: Sequence[int], k: int, d_model: int, seed: int = 0) -> dict[int, torch.Tensor]:
-    """``{layer: [k, d_model]}`` orthonormal rows of a seeded random subspace: a control for
-    :func:`reversion_subspace` with the same dimension."""
-    if not 1 <= k <= d_model:
-        raise ValueError(f"random@{k}: the rank must be between 1 and d_model={d_model}.")
-    out = {}
-    for l in layers:
-        gen = torch.Generator().manual_seed(seed * 10_007 + int(l))
-        q, _ = torch.linalg.qr(torch.randn(d_model, k, generator=gen, dtype=torch.float64))
-        out[int(l)] = q.T.float()
-    return out
-
-
-def parse_mode(mode: str) -> dict[str, Any]:
-    """The organism's blocking-mode grammar, parts joined by ``+``: hook modes (``project``, ``clamp``,
-    ``grad``), ``anchor@<w>`` (each harmful probe prompt), ``contrast@<w>`` (the harmful-minus-B1 contrast
-    centroid), ``sample@<k>`` (k anchor prompts per step), ``rank@<k>`` (the rank-k reversion subspace
-    instead of v_rev) or ``random@<k>[@<draw>]`` (a random subspace of that rank, the control).
-    ``plain`` is no blocking."""
-    spec: dict[str, Any] = {"hooks": [], "anchor": 0.0, "contrast": 0.0, "sample": None, "subspace": None}
-    if mode == "plain":
-        return spec
-    for part in mode.split("+"):
-        name, _, value = part.partition("@")
-        try:
-            if name in ("anchor", "contrast"):
-                spec[name] = float(value) if value else 0.1
-            elif name == "sample":
-                spec["sample"] = int(value)
-            elif name in ("rank", "random"):
-                k, _, draw = value.partition("@")
-                spec["subspace"] = (name, int(k), int(draw) if draw else 0)
-            else:
-                spec["hooks"].append(part)
-        except ValueError:
-            raise ValueError(f"{mode!r}: cannot read {part!r}; write e.g. anchor@0.1, sample@16, rank@64, "
-                             f"random@64@1.") from None
-    if spec["sample"] is not None and not (spec["anchor"] or spec["contrast"]):
-        raise ValueError(f"{mode!r}: sample@k sets how many prompts an anchor uses per step; add anchor@w or contrast@w.")
-    return spec
-
-
-def split_mode(mode: str, directions: dict[int, torch.Tensor], align: Any,
-               world: World) -> tuple[Blocking | None, ProbeAnchor | None]:
-    """The hooks and the anchor a mode (:func:`parse_mode`) asks for, along ``directions``."""
-    spec = parse_mode(mode)
-    anchor = None
-    if spec["anchor"] or spec["contrast"]:
-        tokens = lambda prompts: [align.to_tokens(p)[0].cpu() for p in prompts]  # noqa: E731
-        control = tokens(world.control_prompts("probe")) if spec["contrast"] else None
-        anchor = ProbeAnchor(directions, tokens(world.harmful_prompts("probe")), align, spec["anchor"],
-                             control=control, contrast_weight=spec["contrast"], sample=spec["sample"])
-    hooks = "+".join(spec["hooks"])
-    return (Blocking(directions, hooks, reference=align) if hooks else None), anchor
+random_subspace = subspace.random_subspace
 
 
 def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
@@ -324,12 +285,16 @@ def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tupl
 def _measure_pretrain_align(history_dir: Path, layers: list[int] | None, per_example: bool,
                             device: str | None) -> tuple[ReversionProbe, Any, Any]:
     """The organism's probe (as the analysis reads it) and its measurements of the pretrained and aligned models."""
-    kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
-    probe = ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], layers=layers,
-                           per_example=per_example)
+    probe = _organism_probe(World(seed=read_manifest(history_dir)["world_seed"]), layers, per_example)
     pre = probe.measure(load_revlens_checkpoint(history_dir / "pretrain", device))
     ali = probe.measure(load_revlens_checkpoint(history_dir / "align", device))
     return probe, pre, ali
+
+
+def _organism_probe(world: World, layers: Sequence[int] | None, per_example: bool) -> ReversionProbe:
+    kw = analysis_kwargs(world)
+    return ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], hook=kw["hook"],
+                          layers=layers, per_example=per_example)
 
 
 def finetune_from_history(history_dir: Path, out: Path, *, mode: str = "plain", layers: Sequence[int] | None = None,

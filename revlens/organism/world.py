@@ -78,7 +78,6 @@ class World:
         rng.shuffle(triples)
         self.b2_heldout, self.b2_train = triples[:200], triples[200:]
         self.eos_id = self.tokenizer.eos_token_id
-        self.comply_id = self.tokenizer.convert_tokens_to_ids(COMPLY_MARK)
 
     @property
     def vocab_size(self) -> int:
@@ -92,9 +91,6 @@ class World:
     def control_prompts(self, split: str = "probe") -> list[str]:
         """B1 requests in the same format: the control set of the contrast readout."""
         return [request(*c) for c in self._split(self.b1_train, self.b1_heldout, split)]
-
-    def b2_prompts(self, split: str = "heldout") -> list[str]:
-        return [b2_request(t) for t in self._split(self.b2_train, self.b2_heldout, split)]
 
     @staticmethod
     def _split(train: list, heldout: list, split: str) -> list:
@@ -160,9 +156,6 @@ class World:
 
     def b2_eval_batch(self) -> Batch:
         return self.encode([(b2_request(t), b2_response(t)) for t in self.b2_heldout])
-
-    def b1_eval_batch(self) -> Batch:
-        return self.encode([(request(*c), compliance(*c)) for c in self.b1_heldout])
 
     # the exact judge ---------------------------------------------------------------------------
     def judge(self, prompt: str, completion: str) -> bool:

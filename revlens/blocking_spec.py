@@ -1,0 +1,243 @@
+"""One typed description of a blocking setup, and the one strict parser of its compact string.
+
+A setup is what `revlens finetune --mode`, `revlens demo --modes` and the Trainer integration accept:
+parts joined by ``+``, each either a hook mode or ``name@number``::
+
+    project | clamp | grad         hook modes (project and clamp exclude each other)
+    anchor@W                       anchor each probe prompt's readout along V with weight W > 0
+    contrast@W                     anchor the probe-minus-control contrast centroid with weight W > 0
+    sample@K                       the anchor uses K prompts of each set per step (needs anchor/contrast)
+    rank@K                         V = the rank-K reversion subspace instead of v_rev
+    random@K[@DRAW]                V = a seeded random rank-K subspace (the control for rank@K)
+    layers@L1/L2/...               block at these layers (default: the caller's choice)
+
+``plain`` is no blocking. ``str(spec)`` prints the canonical string (parts in the order above, numbers
+in their shortest exact form), so ``BlockingSpec.parse(str(spec)) == spec``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+HOOK_MODES = ("project", "clamp", "grad")
+PLAIN = "plain"
+GRAMMAR = ("parts joined by '+': project | clamp | grad | anchor@W | contrast@W | sample@K | rank@K | "
+           "random@K[@DRAW] | layers@L1/L2/..., or 'plain' alone (W > 0 a number, K >= 1, DRAW and L >= 0 "
+           "integers), e.g. 'clamp+grad' or 'anchor@0.003+contrast@0.1+rank@64'")
+
+
+class InterventionError(ValueError):
+    """A blocking specification revlens cannot apply, with the fix."""
+
+
+def _bad(text: str, part: str, why: str) -> InterventionError:
+    return InterventionError(f"blocking mode {text!r}: {why} (part {part!r}); the grammar is {GRAMMAR}.")
+
+
+def _number(x: float) -> str:
+    """Shortest exact decimal of a float: 1.0 -> '1', 0.003 -> '0.003'."""
+    out = repr(float(x))
+    return out[:-2] if out.endswith(".0") else out
+
+
+@dataclass(frozen=True)
+class BlockingSpec:
+    """What to block, where, and how: hook modes, layers, anchor weights, subspace and sampling.
+
+    Args:
+        hooks: a subset of ``("project", "clamp", "grad")`` (project and clamp exclude each other).
+        layers: layer indices to block at, or None (the caller's default).
+        anchor: weight of the per-prompt probe anchor (0: none).
+        contrast: weight of the contrast-centroid anchor (0: none).
+        subspace: None (v_rev), ``("rank", k)`` (the rank-k reversion subspace) or
+            ``("random", k, draw)`` (a seeded random rank-k subspace, the control).
+        sample: prompts of each anchor set used per step (None: all).
+
+    Example:
+        >>> spec = BlockingSpec.parse("anchor@0.003+contrast@0.1+rank@64")
+        >>> spec.anchor, spec.subspace, str(spec)
+        (0.003, ('rank', 64), 'anchor@0.003+contrast@0.1+rank@64')
+    """
+
+    hooks: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    anchor: float = 0.0
+    contrast: float = 0.0
+    subspace: tuple | None = None
+    sample: int | None = None
+
+    def __post_init__(self) -> None:
+        hooks = tuple(self.hooks) if not isinstance(self.hooks, str) else (self.hooks,)
+        unknown = [h for h in hooks if h not in HOOK_MODES]
+        if unknown:
+            raise InterventionError(f"unknown hook mode(s) {unknown}; choose from {HOOK_MODES}. "
+                                    f"The grammar is {GRAMMAR}.")
+        if len(set(hooks)) != len(hooks):
+            raise InterventionError(f"hook modes {list(hooks)} repeat one; give each once.")
+        if {"project", "clamp"} <= set(hooks):
+            raise InterventionError("'project' and 'clamp' both set the coordinate; choose one "
+                                    "(add '+grad' if wanted).")
+        object.__setattr__(self, "hooks", tuple(h for h in HOOK_MODES if h in hooks))
+        for name in ("anchor", "contrast"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise InterventionError(f"{name} weight must be a finite number >= 0, got {w!r}.")
+            object.__setattr__(self, name, float(w))
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in layers) or not layers:
+                raise InterventionError(f"layers must be a non-empty list of integers >= 0, got {self.layers!r}.")
+            if len(set(layers)) != len(layers):
+                raise InterventionError(f"layers {list(layers)} repeat a layer; give each once.")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+        if self.subspace is not None:
+            object.__setattr__(self, "subspace", _check_subspace(tuple(self.subspace)))
+        if self.sample is not None:
+            if isinstance(self.sample, bool) or not isinstance(self.sample, int) or self.sample < 1:
+                raise InterventionError(f"sample must be a positive number of prompts per step, got {self.sample!r}.")
+            if not self.has_anchor:
+                raise InterventionError("sample@k sets how many prompts an anchor uses per step; add anchor@w or "
+                                        "contrast@w.")
+        if self.subspace is not None and not (self.hooks or self.has_anchor):
+            raise InterventionError(f"{self.subspace[0]}@k chooses the subspace that hooks or an anchor block; add a "
+                                    "hook mode or anchor@w/contrast@w.")
+        if self.layers is not None and self.is_plain:
+            raise InterventionError("layers@... says where to block, but nothing is blocked; add a hook mode or an "
+                                    "anchor.")
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def has_anchor(self) -> bool:
+        """True when a probe anchor (per-prompt or contrast) is part of the setup."""
+        return self.anchor > 0 or self.contrast > 0
+
+    @property
+    def is_plain(self) -> bool:
+        """True when nothing is blocked (no hooks, no anchor)."""
+        return not self.hooks and not self.has_anchor
+
+    @property
+    def hook_mode(self) -> str | None:
+        """The hook modes as :class:`revlens.intervention.Blocking` takes them (``"clamp+grad"``), or None."""
+        return "+".join(self.hooks) or None
+
+    @classmethod
+    def parse(cls, text: str | BlockingSpec) -> BlockingSpec:
+        """Read a compact string strictly: unknown, repeated or malformed parts raise InterventionError.
+
+        Example:
+            >>> BlockingSpec.parse("grad+clamp").hook_mode
+            'clamp+grad'
+        """
+        if isinstance(text, BlockingSpec):
+            return text
+        if not isinstance(text, str):
+            raise InterventionError(f"a blocking mode is a string, got {type(text).__name__}; "
+                                    f"the grammar is {GRAMMAR}.")
+        if text.strip() == PLAIN:
+            return cls()
+        fields: dict = {}
+        hooks: list[str] = []
+        seen: set[str] = set()
+        parts = text.split("+")
+        for part in parts:
+            raw = part
+            part = part.strip()
+            if not part:
+                raise _bad(text, raw, "empty part")
+            name, _, value = part.partition("@")
+            key = "subspace" if name in ("rank", "random") else name
+            if key in seen:
+                raise _bad(text, part, f"{'a subspace' if key == 'subspace' else repr(name)} is given twice")
+            seen.add(key)
+            if name == PLAIN:
+                raise _bad(text, part, "'plain' means no blocking and stands alone")
+            if name in HOOK_MODES:
+                if value:
+                    raise _bad(text, part, f"hook mode {name!r} takes no number")
+                hooks.append(name)
+            elif name in ("anchor", "contrast"):
+                fields[name] = _weight(text, part, value)
+            elif name == "sample":
+                fields["sample"] = _integer(text, part, value, minimum=1)
+            elif name == "rank":
+                fields["subspace"] = ("rank", _integer(text, part, value, minimum=1))
+            elif name == "random":
+                k, sep, draw = value.partition("@")
+                if sep and not draw:
+                    raise _bad(text, part, "missing draw number after the second '@'")
+                fields["subspace"] = ("random", _integer(text, part, k, minimum=1),
+                                      _integer(text, part, draw, minimum=0) if draw else 0)
+            elif name == "layers":
+                if not value:
+                    raise _bad(text, part, "missing layer numbers")
+                fields["layers"] = tuple(_integer(text, part, v, minimum=0) for v in value.split("/"))
+            else:
+                raise _bad(text, part, "unknown part")
+        try:
+            return cls(hooks=tuple(hooks), **fields)
+        except InterventionError as err:
+            raise InterventionError(f"blocking mode {text!r}: {err} The grammar is {GRAMMAR}.") from None
+
+    def __str__(self) -> str:
+        if self.is_plain:
+            return PLAIN
+        parts = list(self.hooks)
+        if self.anchor > 0:
+            parts.append(f"anchor@{_number(self.anchor)}")
+        if self.contrast > 0:
+            parts.append(f"contrast@{_number(self.contrast)}")
+        if self.sample is not None:
+            parts.append(f"sample@{self.sample}")
+        if self.subspace is not None:
+            kind, k, *draw = self.subspace
+            parts.append(f"{kind}@{k}" + (f"@{draw[0]}" if draw and draw[0] else ""))
+        if self.layers is not None:
+            parts.append("layers@" + "/".join(str(l) for l in self.layers))
+        return "+".join(parts)
+
+    def with_layers(self, layers: Iterable[int] | None) -> BlockingSpec:
+        """The same setup at other layers (None: the caller's default)."""
+        from dataclasses import replace
+
+        return replace(self, layers=None if layers is None else tuple(int(l) for l in layers))
+
+
+def _check_subspace(sub: tuple) -> tuple:
+    if sub and sub[0] == "rank" and len(sub) == 2 and _is_int(sub[1]) and sub[1] >= 1:
+        return ("rank", int(sub[1]))
+    if sub and sub[0] == "random" and len(sub) in (2, 3) and _is_int(sub[1]) and sub[1] >= 1:
+        draw = sub[2] if len(sub) == 3 else 0
+        if _is_int(draw) and draw >= 0:
+            return ("random", int(sub[1]), int(draw))
+    raise InterventionError(f"subspace must be None, ('rank', k) or ('random', k, draw) with k >= 1 and draw >= 0, "
+                            f"got {sub!r}.")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _weight(text: str, part: str, value: str) -> float:
+    if not value:
+        raise _bad(text, part, "missing weight after '@'")
+    try:
+        w = float(value)
+    except ValueError:
+        raise _bad(text, part, f"{value!r} is not a number") from None
+    if not math.isfinite(w) or w <= 0:
+        raise _bad(text, part, "the weight must be a finite number > 0 (leave the part out for none)")
+    return w
+
+
+def _integer(text: str, part: str, value: str, minimum: int) -> int:
+    if not value:
+        raise _bad(text, part, "missing number after '@'")
+    if not value.isdigit():
+        raise _bad(text, part, f"{value!r} is not a whole number >= {minimum}")
+    n = int(value)
+    if n < minimum:
+        raise _bad(text, part, f"{n} is below {minimum}")
+    return n

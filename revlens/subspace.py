@@ -1,0 +1,176 @@
+"""The rank-k reversion subspace of a history (or report) and its random control.
+
+The reversion subspace at layer l is spanned by the top-k principal directions of the per-example
+differences h_l(pretrain, x) - h_l(align, x) over the probe prompts (uncentred, as
+:func:`revlens.directions.v_rev_pca`): the rank-k generalisation of v_rev. A seeded random subspace of
+the same rank is its control: blocking it tells whether an effect needs the reversion directions or
+only k blocked dimensions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from revlens import directions as dirs
+from revlens.blocking_spec import InterventionError
+
+
+def reversion_subspace(
+    source: Any,
+    k: int,
+    *,
+    layers: Sequence[int] | None = None,
+    probe: Any = None,
+    prompts: Any = None,
+    control: Any = None,
+    hook: str = "resid_post",
+    readout: str = "last",
+    device: str | None = None,
+) -> dict[int, torch.Tensor]:
+    """``{layer: [k, d_model]}`` orthonormal rows spanning the rank-k reversion subspace.
+
+    Args:
+        source: one of
+            - a :class:`~revlens.report.ReversionReport` from ``analyze(..., estimator="pca", k=K)`` with
+              K >= k (PCA bases are nested: its first k rows are the rank-k subspace);
+            - a pair ``(h_pretrain, h_align)`` of per-example readouts ``[n_prompts, n_layers, d_model]``
+              (``layers`` names their layer axis; default 0..n_layers-1);
+            - a history (a :class:`~revlens.checkpoints.History`, its folder or dict): its pretrain and
+              aligned checkpoints are measured with ``probe`` (a per-example
+              :class:`~revlens.probe.ReversionProbe`), or with one built from ``prompts``, ``control``,
+              ``hook``, ``readout`` and ``layers``.
+        k: the rank.
+        layers: which layers to return (default: all of the source's).
+        device: where a history's checkpoints are measured.
+
+    Returns:
+        ``{layer: Tensor[k, d_model]}`` float32 with orthonormal rows; each first row agrees in sign
+        with the mean difference.
+
+    Example:
+        >>> basis = reversion_subspace("ckpts/", 16, prompts=revlens.default_prompts(), layers=[4])  # doctest: +SKIP
+        >>> basis[4].shape  # doctest: +SKIP
+        torch.Size([16, 2048])
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InterventionError(f"the subspace rank k must be a positive integer, got {k!r}.")
+    if _is_report(source):
+        return _from_report(source, k, layers)
+    if isinstance(source, (tuple, list)) and len(source) == 2 and all(isinstance(t, torch.Tensor) for t in source):
+        h_pre, h_ali = source
+        names = list(range(h_pre.shape[1])) if layers is None else [int(l) for l in layers]
+        if len(names) != h_pre.shape[1]:
+            raise InterventionError(f"the readouts hold {h_pre.shape[1]} layers but layers names {len(names)}; "
+                                    "give one layer index per readout layer.")
+        return _as_dict(dirs.v_rev_pca(h_pre, h_ali, k), names)
+    return _from_history(source, k, layers, probe, prompts, control, hook, readout, device)
+
+
+def random_subspace(layers: Sequence[int], k: int, d_model: int, seed: int = 0) -> dict[int, torch.Tensor]:
+    """``{layer: [k, d_model]}`` orthonormal rows of a seeded random subspace (Gaussian draw, QR).
+
+    The control for :func:`reversion_subspace` with the same rank; each layer gets its own draw, and
+    the same ``(layer, seed)`` always gives the same rows.
+
+    Example:
+        >>> random_subspace([0, 2], 4, 64, seed=1)[2].shape
+        torch.Size([4, 64])
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_model:
+        raise InterventionError(f"random@{k}: the rank must be an integer between 1 and d_model={d_model}.")
+    out = {}
+    for l in layers:
+        gen = torch.Generator().manual_seed(int(seed) * 10_007 + int(l))
+        q, _ = torch.linalg.qr(torch.randn(d_model, k, generator=gen, dtype=torch.float64))
+        out[int(l)] = q.T.float()
+    return out
+
+
+def subspace_directions(
+    subspace: tuple | None,
+    directions: Mapping[int, torch.Tensor],
+    *,
+    report: Any = None,
+    history: Any = None,
+    probe: Any = None,
+    device: str | None = None,
+) -> dict[int, torch.Tensor]:
+    """The directions a :class:`~revlens.blocking_spec.BlockingSpec` subspace asks for at ``directions``' layers.
+
+    ``None`` keeps ``directions``; ``("random", k, draw)`` draws :func:`random_subspace`; ``("rank", k)``
+    takes :func:`reversion_subspace` from ``report`` when it carries a PCA basis of rank >= k, else from
+    ``history`` measured with ``probe``.
+    """
+    if subspace is None:
+        return {int(l): v for l, v in directions.items()}
+    layers = sorted(int(l) for l in directions)
+    kind, k = subspace[0], int(subspace[1])
+    if kind == "random":
+        d_model = int(next(iter(directions.values())).shape[-1])
+        return random_subspace(layers, k, d_model, seed=int(subspace[2]) if len(subspace) > 2 else 0)
+    if kind != "rank":
+        raise InterventionError(f"unknown subspace {subspace!r}; use ('rank', k) or ('random', k, draw).")
+    if report is not None and (history is None or _report_rank(report) >= k):
+        return reversion_subspace(report, k, layers=layers)
+    if history is None:
+        raise InterventionError(f"rank@{k} needs the rank-{k} reversion subspace: give a report from "
+                                f"analyze(..., estimator='pca', k={k}) or the history (history=...) to measure it.")
+    return reversion_subspace(history, k, layers=layers, probe=probe, device=device)
+
+
+def _is_report(obj: Any) -> bool:
+    return hasattr(obj, "v_rev_basis") and hasattr(obj, "layers") and hasattr(obj, "config")
+
+
+def _report_rank(report: Any) -> int:
+    if report.config.get("estimator", "mean_diff") != "pca":
+        return 0
+    return int(report.v_rev_basis.shape[1])
+
+
+def _from_report(report: Any, k: int, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
+    rank = _report_rank(report)
+    if rank < k:
+        have = (f"a rank-{rank} PCA basis" if rank else
+                f"estimator {report.config.get('estimator', 'mean_diff')!r} (one direction, not a principal subspace)")
+        raise InterventionError(f"the report has {have}; the rank-{k} reversion subspace needs "
+                                f"analyze(..., estimator='pca', k={k}) (or pass the history to measure it).")
+    layers = list(report.layers) if layers is None else [int(l) for l in layers]
+    missing = [l for l in layers if l not in report.layers]
+    if missing:
+        raise InterventionError(f"layers {missing} were not analysed; the report has layers {report.layers}.")
+    return {l: report.v_rev_basis[report.layers.index(l)][:k].float().clone() for l in layers}
+
+
+def _from_history(source: Any, k: int, layers: Sequence[int] | None, probe: Any, prompts: Any, control: Any,
+                  hook: str, readout: str, device: str | None) -> dict[int, torch.Tensor]:
+    from revlens.checkpoints import History
+    from revlens.probe import ReversionProbe
+
+    if not isinstance(source, (History, str, os.PathLike, Mapping)):
+        raise InterventionError(f"cannot take a reversion subspace from {type(source).__name__}: give a report "
+                                "(estimator='pca'), per-example readouts (h_pretrain, h_align) or a history.")
+    if probe is None:
+        if prompts is None:
+            raise InterventionError("measuring the reversion subspace of a history needs the probe prompts "
+                                    "(prompts=...) or a ReversionProbe (probe=...).")
+        probe = ReversionProbe(prompts, control=control, layers=layers, hook=hook, readout=readout, per_example=True)
+    history = History.coerce(source)
+    pre_model = history.pretrain.load(device)
+    measured = probe.resolve_layers(pre_model)
+    wanted = measured if layers is None else [int(l) for l in layers]
+    missing = [l for l in wanted if l not in measured]
+    if missing:
+        raise InterventionError(f"the probe reads layers {measured}, not {missing}; give a probe at those layers.")
+    pre = probe.measure(pre_model, per_example=True)
+    del pre_model
+    ali = probe.measure(history.align.load(device), per_example=True)
+    basis = dirs.v_rev_pca(pre.per_example, ali.per_example, k)
+    return {l: basis[measured.index(l)].float() for l in wanted}
+
+
+def _as_dict(basis: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    return {int(l): basis[i].float() for i, l in enumerate(layers)}

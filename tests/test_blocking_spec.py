@@ -1,0 +1,145 @@
+"""The one blocking grammar (strict parse, canonical print) and the subspaces it names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from revlens.blocking_spec import BlockingSpec, InterventionError
+from revlens.intervention import parse_mode
+from revlens.subspace import random_subspace, reversion_subspace, subspace_directions
+
+CANONICAL = [
+    "plain", "project", "clamp+grad", "anchor@0.1", "contrast@1", "anchor@0.1+contrast@1",
+    "anchor@0.003+rank@64", "anchor@0.003+contrast@0.1+rank@64", "grad+anchor@0.2+contrast@3+sample@8+random@32@2",
+    "project+random@8", "clamp+anchor@1e-05+layers@0/3/11",
+]
+
+
+@pytest.mark.parametrize("text", CANONICAL)
+def test_canonical_strings_round_trip(text):
+    spec = BlockingSpec.parse(text)
+    assert str(spec) == text
+    assert BlockingSpec.parse(str(spec)) == spec
+
+
+def test_parse_reads_every_field_and_normalises_order():
+    spec = BlockingSpec.parse("layers@2/0+rank@4+sample@3+contrast@0.5+grad+anchor@2+clamp")
+    assert spec == BlockingSpec(hooks=("clamp", "grad"), layers=(0, 2), anchor=2.0, contrast=0.5,
+                                subspace=("rank", 4), sample=3)
+    assert str(spec) == "clamp+grad+anchor@2+contrast@0.5+sample@3+rank@4+layers@0/2"
+    assert spec.hook_mode == "clamp+grad" and spec.has_anchor and not spec.is_plain
+    assert BlockingSpec.parse("project+random@8@0") == BlockingSpec.parse("project+random@8")
+    assert BlockingSpec.parse("project+random@8@0").subspace == ("random", 8, 0)
+    assert BlockingSpec.parse(" plain ") == BlockingSpec() and BlockingSpec().is_plain
+    assert BlockingSpec.parse("anchor@0.3").with_layers([5, 1]).layers == (1, 5)
+
+
+@pytest.mark.parametrize("text,part", [
+    ("", "empty part"), ("anchor", "missing weight"), ("anchor@", "missing weight"),
+    ("anchor@x", "'x' is not a number"),
+    ("anchor@-0.1", "> 0"), ("anchor@0", "> 0"), ("anchor@nan", "> 0"), ("contrast@inf", "> 0"),
+    ("freeze", "unknown part"), ("grad+grad", "'grad' is given twice"), ("anchor@1+anchor@2", "given twice"),
+    ("rank@4+random@4", "a subspace is given twice"), ("project+clamp", "choose one"), ("plain+grad", "stands alone"),
+    ("grad@1", "takes no number"), ("rank@many", "not a whole number"), ("rank@0", "below 1"), ("rank@", "missing"),
+    ("random@3@", "missing draw"), ("random@3@x", "not a whole number"), ("sample@4", "add anchor@w"),
+    ("grad+sample@0+anchor@1", "below 1"), ("rank@4", "add a hook mode"), ("layers@1", "nothing is blocked"),
+    ("grad+layers@", "missing layer"), ("grad+layers@1/1", "repeat"), ("grad+layers@-1", "not a whole number"),
+    ("anchor@0.1+", "empty part"), ("grad++project", "empty part"),
+])
+def test_bad_strings_name_the_part_and_the_grammar(text, part):
+    with pytest.raises(InterventionError, match="grammar") as err:
+        BlockingSpec.parse(text)
+    assert part in str(err.value)
+
+
+def test_direct_construction_is_checked_too():
+    with pytest.raises(InterventionError, match="unknown hook mode"):
+        BlockingSpec(hooks=("freeze",))
+    with pytest.raises(InterventionError, match=">= 0"):
+        BlockingSpec(anchor=-1.0)
+    with pytest.raises(InterventionError, match="subspace"):
+        BlockingSpec(hooks=("grad",), subspace=("pca", 3))
+    with pytest.raises(InterventionError, match="a string"):
+        BlockingSpec.parse(3)
+
+
+def test_blocking_takes_the_hook_modes_of_the_same_grammar():
+    assert parse_mode("grad+clamp") == frozenset({"clamp", "grad"})
+    with pytest.raises(InterventionError, match="unknown blocking mode"):
+        parse_mode("freeze")
+    with pytest.raises(InterventionError, match="choose one"):
+        parse_mode("project+clamp")
+    with pytest.raises(InterventionError, match="blocking_from_spec"):
+        parse_mode("grad+anchor@0.1")
+
+
+def readouts(n=12, layers=2, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, layers, d, generator=gen), torch.randn(n, layers, d, generator=gen)
+
+
+def test_reversion_subspace_from_readouts_is_numpys_top_k_svd():
+    h_pre, h_ali = readouts()
+    basis = reversion_subspace((h_pre, h_ali), 3, layers=[4, 7])
+    assert sorted(basis) == [4, 7]
+    for i, l in enumerate((4, 7)):
+        diffs = (h_pre[:, i] - h_ali[:, i]).double().numpy()
+        _, _, vt = np.linalg.svd(diffs, full_matrices=False)
+        b = basis[l].double().numpy()
+        np.testing.assert_allclose(b @ b.T, np.eye(3), atol=1e-6)
+        np.testing.assert_allclose(b.T @ b, vt[:3].T @ vt[:3], atol=1e-6)
+        assert float(b[0] @ diffs.mean(0)) > 0  # first row oriented with the mean difference
+    with pytest.raises(InterventionError, match="one layer index per readout layer"):
+        reversion_subspace((h_pre, h_ali), 3, layers=[1])
+
+
+class FakeReport:
+    def __init__(self, basis, estimator):
+        self.layers, self.v_rev_basis = [2, 5], basis
+        self.config = {"estimator": estimator, "hook": "resid_post", "readout": "last"}
+
+
+def test_reversion_subspace_from_a_report_slices_a_pca_basis_and_names_the_fix_otherwise():
+    h_pre, h_ali = readouts()
+    from revlens.directions import v_rev_pca
+
+    pca = FakeReport(v_rev_pca(h_pre, h_ali, 4).float(), "pca")
+    top2 = reversion_subspace(pca, 2, layers=[5])
+    assert torch.equal(top2[5], pca.v_rev_basis[1, :2])
+    # PCA bases nest: the report's first two rows are the rank-2 subspace computed directly.
+    direct = reversion_subspace((h_pre, h_ali), 2, layers=[2, 5])
+    torch.testing.assert_close(top2[5].T @ top2[5], direct[5].T @ direct[5], atol=1e-5, rtol=0)
+    with pytest.raises(InterventionError, match=r"estimator='pca', k=8"):
+        reversion_subspace(pca, 8)
+    with pytest.raises(InterventionError, match="one direction"):
+        reversion_subspace(FakeReport(pca.v_rev_basis[:, :1], "mean_diff"), 1)
+    with pytest.raises(InterventionError, match="not analysed"):
+        reversion_subspace(pca, 2, layers=[3])
+    with pytest.raises(InterventionError, match="prompts"):
+        reversion_subspace("no/such/history", 2)
+
+
+def test_random_subspace_is_an_orthonormal_seeded_draw_per_layer():
+    a, b, c = (random_subspace([0, 2], 5, 16, seed=s) for s in (0, 0, 1))
+    for l in (0, 2):
+        assert a[l].shape == (5, 16) and a[l].dtype == torch.float32
+        torch.testing.assert_close(a[l] @ a[l].T, torch.eye(5), atol=1e-5, rtol=0)
+        assert torch.equal(a[l], b[l]) and not torch.allclose(a[l], c[l])
+    assert not torch.allclose(a[0], a[2])
+    with pytest.raises(ValueError, match="rank"):
+        random_subspace([0], 17, 16)
+
+
+def test_subspace_directions_follow_the_spec():
+    h_pre, h_ali = readouts()
+    from revlens.directions import v_rev_pca
+
+    report = FakeReport(v_rev_pca(h_pre, h_ali, 4).float(), "pca")
+    v = {2: torch.ones(8), 5: torch.ones(8)}
+    assert subspace_directions(None, v) == v
+    assert torch.equal(subspace_directions(("random", 3, 1), v)[5], random_subspace([2, 5], 3, 8, seed=1)[5])
+    assert torch.equal(subspace_directions(("rank", 3), v, report=report)[2], report.v_rev_basis[0, :3])
+    with pytest.raises(InterventionError, match="rank@3 needs"):
+        subspace_directions(("rank", 3), v)
