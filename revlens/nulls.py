@@ -127,22 +127,23 @@ def activation_null_draws_from_readouts(
     basis: Float[torch.Tensor, "k d"],
     n_draws: int = 20_000,
     seed: int = 0,
-    chunk: int = 4096,
+    chunk: int = 65_536,
 ) -> Float[torch.Tensor, " n_draws"]:
     """Alignments of ``n_draws`` N(0, Sigma_A) directions with v_rev, without forming Sigma_A.
 
     With X_c the centred readouts (n x d) and g ~ N(0, I_n), u = X_c^T g / sqrt(n-1) is exactly
-    N(0, Sigma_A) for Sigma_A = X_c^T X_c / (n-1), the sample covariance of the readouts. Only
-    u . basis = g . (X_c basis^T) and ||u||^2 = g^T (X_c X_c^T) g are needed, so memory is O(n d)
-    (the n x n Gram matrix when n <= d, else chunks of u of ``chunk`` x d); no d x d matrix is
-    ever built. The 1/sqrt(n-1) scale cancels in the alignment (a ratio).
+    N(0, Sigma_A) for Sigma_A = X_c^T X_c / (n-1), the sample covariance of the readouts. With the
+    thin SVD X_c = U S W^T (r = min(n, d) singular values), u = W S z / sqrt(n-1) where z = U^T g is
+    again N(0, I_r); so u . basis = z . (S W^T basis^T) and ||u||^2 = sum_i s_i^2 z_i^2 (up to the
+    1/(n-1) that cancels in the alignment, a ratio). Memory is O(n d) (no d x d matrix is ever
+    built) and each draw costs O(r k).
 
     Args:
         readouts: per-example readouts of the aligned model on the probe set, one layer.
         basis: v_rev (k=1) or a rank-k subspace (rows need not be orthonormal; they are made so).
         n_draws: Monte Carlo draws.
         seed: seed of the draws (a CPU generator: results do not depend on the device).
-        chunk: draws per matrix product (bounds memory at ``chunk`` x max(n, d)).
+        chunk: draws per batch (bounds memory at ``chunk`` x r).
 
     Returns:
         The alignment of each draw: the signed cosine for k=1, the projection norm ratio for k>1.
@@ -157,26 +158,24 @@ def activation_null_draws_from_readouts(
     if n_draws < 1:
         raise ValueError(f"n_draws must be >= 1, got {n_draws}.")
     x = readouts.detach().cpu().double()
-    n, d = x.shape
+    n = x.shape[0]
+    nan = torch.full((n_draws,), float("nan"), dtype=torch.float64)
     if n < 2:
-        return torch.full((n_draws,), float("nan"), dtype=torch.float64)
+        return nan
     x = x - x.mean(dim=0, keepdim=True)
-    if float(x.square().sum()) <= 0:
-        return torch.full((n_draws,), float("nan"), dtype=torch.float64)
+    _, s, wh = torch.linalg.svd(x, full_matrices=False)
+    if float(s.max()) <= 0:
+        return nan
     b = _orthonormal_rows(basis.detach().cpu().double())
-    xb = x @ b.T
-    gram = x @ x.T if n <= d else None
+    coord_map = s[:, None] * (wh @ b.T)  # [r, k]: u . basis = z @ coord_map
+    s2 = s.square()
     gen = torch.Generator().manual_seed(seed)
     out = torch.empty(n_draws, dtype=torch.float64)
     for start in range(0, n_draws, chunk):
         m = min(chunk, n_draws - start)
-        g = torch.randn(m, n, generator=gen, dtype=torch.float64)
-        coords = g @ xb
-        if gram is not None:
-            sq = ((g @ gram) * g).sum(dim=-1)
-        else:
-            sq = (g @ x).square().sum(dim=-1)
-        norm = sq.clamp_min(0).sqrt()
+        z = torch.randn(m, s.shape[0], generator=gen, dtype=torch.float64)
+        coords = z @ coord_map
+        norm = (z.square() @ s2).sqrt()
         numer = coords[:, 0] if b.shape[0] == 1 else coords.norm(dim=-1)
         out[start:start + m] = numer / norm
     return out

@@ -221,17 +221,17 @@ class ReversionReport:
         iso, n = self.exceedance(best, "isotropic")
         act, _ = self.exceedance(best, "activation")
         thr = test.thresholds
-        act_max = ("activation-space max: n/a" if test.above.get("activation_max") is None
-                   else f"{test.above['activation_max']}/{n} above the activation-space max ({thr['activation_max']:.3f})")
+        act_max = ("activation max n/a" if test.above.get("activation_max") is None
+                   else f"{test.above['activation_max']}/{n} above activation max {thr['activation_max']:.3f}")
         pv = test.p_value
         notes = [
             (f"best layer L{self.layers[best]}: {iso}/{n} run-step pairs above its isotropic p99, "
-            f"{act}/{n} above its activation-space p99 (per-layer nulls)"),
-            (f"corrected for choosing 1 of {test.m} layers: {test.above['bonferroni']}/{n} above the Bonferroni "
-            f"p99 ({thr['bonferroni']:.3f}), {test.above['sidak']}/{n} Sidak ({thr['sidak']:.3f}), {act_max}"),
-            (f"p-value of L{self.layers[best]}'s mean alignment {test.mean_alignment:+.3f} under 'no layer "
-            f"aligned': {_fmt_p(pv['bonferroni'])} Bonferroni, {_fmt_p(pv['sidak'])} Sidak, "
-            f"{_fmt_p(pv['activation_max'])} activation-space max"),
+             f"{act}/{n} above its activation-space p99 (per-layer nulls, no correction)"),
+            (f"corrected for choosing 1 of {test.m} layers: {test.above['bonferroni']}/{n} above Bonferroni p99 "
+             f"{thr['bonferroni']:.3f}, {test.above['sidak']}/{n} above Sidak {thr['sidak']:.3f}, {act_max}"),
+            (f"p-value of L{self.layers[best]}'s mean alignment ({test.mean_alignment:+.3f}), null 'no layer aligned': "
+             f"{_fmt_p(pv['bonferroni'])} Bonferroni, {_fmt_p(pv['sidak'])} Sidak, "
+             f"{_fmt_p(pv['activation_max'])} activation max"),
         ]
         flagged = self.flagged_layers
         if flagged:
