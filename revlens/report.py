@@ -278,7 +278,10 @@ class ReversionReport:
         idx = np.indices((r, s, n_l)).reshape(3, -1)
         m = int(max(1, (self._eligible() & np.isfinite(sel.layer_means(self.alignment))).sum()))
         p = self.p_value.reshape(-1)
-        per_layer = lambda x: np.asarray(x, dtype=np.float64)[idx[2]]
+
+        def per_layer(x: Any) -> np.ndarray:
+            return np.asarray(x, dtype=np.float64)[idx[2]]
+
         return pd.DataFrame({
             "run": np.asarray(self.runs, dtype=object)[idx[0]],
             "step": np.asarray(self.steps, dtype=np.int64)[idx[1]],

@@ -26,7 +26,8 @@ def deep_report(n_runs: int = 3, n_steps: int = 4, n_layers: int = 6, d: int = 1
     return ReversionReport(
         layers=list(range(2, 2 + n_layers)), runs=[f"seed_{i}" for i in range(n_runs)],
         steps=[1, 2, 5, 10, 20, 50, 100, 200][:n_steps], d_model=d, v_rev=v, v_rev_basis=v[:, None],
-        alignment=alignment, alignment_per_example=alignment * 0.9, per_example_cos=rng.uniform(-1, 1, shape + (n_prompts,)),
+        alignment=alignment, alignment_per_example=alignment * 0.9,
+        per_example_cos=rng.uniform(-1, 1, shape + (n_prompts,)),
         drift_norm=rng.uniform(0, 2, shape), p_value=rng.uniform(0, 1, shape), null_p99=np.full(n_layers, 0.5),
         null_p99_activation=rng.uniform(0.5, 0.9, n_layers), v_rev_norm=rng.uniform(0, 3, n_layers),
         v_rev_snr=np.r_[0.5, rng.uniform(5, 50, n_layers - 1)],
