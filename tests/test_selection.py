@@ -54,7 +54,7 @@ def test_corrected_pair_p_value_matches_a_simulated_maximum_over_layers():
     test = report.selection()
     assert test.layer == 17 and test.m == n_layers and test.pairs == 12
     # Simulate the null "no layer aligned": 40 independent isotropic cosines, keep the largest.
-    sims = 200_000
+    sims = 100_000
     null_max = null_cosines(np.random.default_rng(1), (sims, n_layers)).max(axis=1)
     # A moderate pair value so the simulated tail is well resolved.
     value = 0.32
@@ -82,7 +82,7 @@ def test_corrected_p_value_is_valid_under_the_global_null():
     """With no layer aligned, the best layer's corrected p-value is <= alpha at most alpha of the time,
     while the uncorrected count at the chosen layer is inflated."""
     rng = np.random.default_rng(2)
-    reps, alpha = 300, 0.05
+    reps, alpha = 200, 0.05
     corrected, naive_any = [], []
     iso99 = revlens.nulls.isotropic_p99(D)
     for _ in range(reps):
