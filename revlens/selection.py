@@ -68,13 +68,13 @@ def v_rev_snr(
         h_align: per-example readouts of the aligned model.
 
     Returns:
-        ``[n_layers]`` float64: about 1 where pretrain and align differ only by noise; ``inf`` where
-        every prompt moves by the same nonzero vector; NaN with fewer than two prompts or no difference.
+        ``[n_layers]`` float64: about 1 where pretrain and align differ only by noise; very large (``inf``
+        if exact) where every prompt moves by the same vector; NaN with fewer than two prompts or no difference.
 
     Example:
         >>> h = torch.randn(40, 2, 8)
-        >>> snr = v_rev_snr(h + torch.tensor([1.0] + [0.0] * 7), h)  # a shared shift: no noise
-        >>> bool(np.isinf(snr).all())
+        >>> snr = v_rev_snr(h + torch.tensor([1.0] + [0.0] * 7), h)  # a shared shift: no noise but float32 rounding
+        >>> bool((snr > 1e3).all())
         True
     """
     n, n_layers, _ = h_pretrain.shape
