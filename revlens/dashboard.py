@@ -192,7 +192,9 @@ def _overview_traces(report: Any, rows: dict[str, tuple[int, int]], selection: A
                 *rows["profile"]))
     for values, color, label in ((report.null_p99, ISO_COLOR, "isotropic null p99"),
                                  (report.null_p99_activation, ACT_COLOR, "activation-space null p99")):
-        out.append((_tr("scatter", x=x, y=np.asarray(values, float), mode="lines", line={"color": color, "dash": "dash"},
+        seg_x = [v for i in x for v in (i - 0.45, i + 0.45, None)]  # one threshold segment per layer
+        seg_y = [v for y in np.asarray(values, float) for v in (y, y, None)]
+        out.append((_tr("scatter", x=seg_x, y=seg_y, mode="lines", line={"color": color, "dash": "dash"},
                                name=f"per layer: {label}", legendgroup=label, showlegend=False,
                                hovertemplate=f"{label}: %{{y:.4f}}<extra></extra>"), *rows["profile"]))
     thr = selection.thresholds
@@ -363,9 +365,13 @@ def _style_axes(fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]], i
         ticks = _layer_ticks(n, max_ticks)
         fig.update_xaxes(title_text="layer", tickmode="array", tickvals=ticks, ticktext=[labels[i] for i in ticks],
                          range=[-0.5, n - 0.5], tickangle=0, row=rows[panel][0], col=rows[panel][1])
-    snr_log = bool(np.isfinite(np.asarray(report.v_rev_snr, float)).any())
-    fig.update_yaxes(title_text="SNR (log)" if snr_log else "L2 norm (log)", type="log", dtick=1,
-                     row=rows["snr"][0], col=rows["snr"][1])
+    snr = np.asarray(report.v_rev_snr, float)
+    snr_log = bool(np.isfinite(snr).any())
+    shown = snr if snr_log else np.asarray(report.v_rev_norm, float)
+    shown = shown[np.isfinite(shown) & (shown > 0)]
+    decades = {"dtick": 1} if shown.size and shown.max() / shown.min() > 100 else {}  # long ranges: decades only
+    fig.update_yaxes(title_text="SNR (log)" if snr_log else "L2 norm (log)", type="log",
+                     row=rows["snr"][0], col=rows["snr"][1], **decades)
     fig.update_yaxes(title_text="cosine", row=rows["profile"][0], col=rows["profile"][1])
     fig.update_yaxes(title_text="step", type="category", row=rows["heatmap"][0], col=rows["heatmap"][1])
     if iv:
