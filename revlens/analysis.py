@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from revlens import directions as dirs
-from revlens import nulls
+from revlens import nulls, selection
 from revlens._util import atomic_save_tensors
 from revlens.checkpoints import CheckpointError, CheckpointLoader, CheckpointRef, History, check_same_architecture
 from revlens.devices import check_device
@@ -358,7 +358,7 @@ def analyze(
         pre = measure(history.pretrain)
         layer_ids = reference.get("layers") or probe.layers or list(range(pre.centroid.shape[0]))
         _check_readouts(history.pretrain, pre, layer_ids, fatal=True)
-        ali = measure(history.align, covariance=True)
+        ali = measure(history.align)
         _check_readouts(history.align, ali, layer_ids, fatal=True)
         basis = dirs.estimate_v_rev(estimator, pre.centroid, ali.centroid, pre.per_example, ali.per_example, k)
         v_rev_norm = (pre.centroid - ali.centroid).norm(dim=-1).numpy()
@@ -397,11 +397,16 @@ def analyze(
         policy.restore()
 
     null_iso = np.full(n_layers, nulls.isotropic_p99(d_model, k))
-    null_act = np.array([
-        nulls.activation_null_quantile(ali.covariance[l], basis[l].double(), 0.99, null_samples, seed + l)
-        if not torch.isnan(basis[l]).any() else np.nan
-        for l in range(n_layers)
-    ])
+    # Activation-space null from the aligned model's per-example readouts: no d x d covariance.
+    null_draws = np.full((n_layers, null_samples), np.nan, dtype=np.float32)
+    null_act = np.full(n_layers, np.nan)
+    for l in range(n_layers):
+        if not torch.isnan(basis[l]).any():
+            draws = nulls.activation_null_draws_from_readouts(ali.per_example[:, l], basis[l].double(),
+                                                              null_samples, seed + l).numpy()
+            null_draws[l] = draws
+            null_act[l] = np.quantile(draws, 0.99) if np.isfinite(draws).all() else np.nan
+    v_rev_snr = selection.v_rev_snr(pre.per_example, ali.per_example)
     config = {"hook": hook, "readout": readout, "estimator": estimator, "k": k,
               "contrast": control is not None, "n_prompts": probe.n_prompts,
               "n_control": 0 if probe.control is None else len(probe.control),
@@ -415,4 +420,5 @@ def analyze(
         alignment=align_arr, alignment_per_example=align_ex, per_example_cos=per_example_cos,
         drift_norm=drift_norm, p_value=nulls.isotropic_p_value(align_arr, d_model, k),
         null_p99=null_iso, null_p99_activation=null_act, v_rev_norm=v_rev_norm, config=config,
+        v_rev_snr=v_rev_snr, null_draws_activation=null_draws,
     )

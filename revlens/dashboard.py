@@ -1,9 +1,14 @@
 """Interactive Plotly dashboard of a ReversionReport, for Jupyter or as one self-contained HTML file.
 
-Panels: alignment per step (mean +/- std over runs, runs faint, null p99 lines); a layer x step
-heatmap; drift norm per step; the per-example alignment distribution; and, when the report has
-them, the blocking modes compared (harmfulness, final alignment, task loss, error bars = std over
-seeds). A dropdown switches the per-layer panels between layers.
+Panels, top to bottom: at the chosen layer, alignment per step (mean +/- std over runs, runs faint,
+null p99 lines) and drift norm per step; the per-example alignment distribution and v_rev's
+signal-to-noise per layer; every layer's mean alignment beside its nulls and the selection-corrected
+threshold; a step x layer heatmap; and, when the report has them, the blocking modes compared
+(harmfulness, final alignment, task loss, B1 retention; error bars = std over seeds). A dropdown
+switches the per-layer panels between layers. Layers whose v_rev is noise (low SNR) are greyed.
+
+The layout is computed in pixels from what is drawn (rows, layers, steps), so it reads the same at
+3 layers and at 80, and the figure is exactly as tall as its panels.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.colors import get_colorscale
 from plotly.subplots import make_subplots
 
 from revlens._util import atomic_write_text
@@ -46,58 +53,361 @@ def _mean_std(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.nan_to_num(std)
 
 
-def _layer_traces(report: Any, li: int, visible: bool) -> list[tuple[go.BaseTraceType, int, int]]:
-    """Traces of one layer for the trajectory (1,1), drift (2,1) and per-example (2,2) panels."""
-    steps = report.steps
-    layer = report.layers[li]
-    out: list[tuple[go.BaseTraceType, int, int]] = []
-    a = report.alignment[:, :, li]
-    mean, std = _mean_std(a)
-    for ri, run in enumerate(report.runs):
-        out.append((go.Scatter(x=steps, y=a[ri], mode="lines", line=dict(color=RUN_COLOR, width=1),
-                               name=f"run {run}", legendgroup="runs", showlegend=(ri == 0 and visible),
-                               visible=visible,
-                               hovertemplate=f"run {run}, L{layer}<br>step %{{x}}<br>cos %{{y:.4f}}<extra></extra>"),
-                    1, 1))
-    out.append((go.Scatter(x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself", mode="lines",
-                           fillcolor=BAND_COLOR, line=dict(width=0), hoverinfo="skip", name="mean +/- std",
-                           legendgroup="band", showlegend=visible, visible=visible), 1, 1))
-    out.append((go.Scatter(x=steps, y=mean, mode="lines+markers", line=dict(color=MEAN_COLOR, width=3),
-                           name=f"mean over {len(report.runs)} runs", legendgroup="mean", showlegend=visible,
-                           visible=visible, customdata=std,
-                           hovertemplate=f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}<extra></extra>"),
-                1, 1))
-    for value, color, label in ((report.null_p99[li], ISO_COLOR, "isotropic null p99"),
-                                (report.null_p99_activation[li], ACT_COLOR, "activation-space null p99")):
-        if not math.isnan(float(value)):
-            out.append((go.Scatter(x=[steps[0], steps[-1]], y=[value, value], mode="lines",
-                                   line=dict(color=color, dash="dash"), name=label, legendgroup=label,
-                                   showlegend=visible, visible=visible,
-                                   hovertemplate=f"{label}: {float(value):.4f}<extra></extra>"), 1, 1))
-    dmean, dstd = _mean_std(report.drift_norm[:, :, li])
-    out.append((go.Scatter(x=steps, y=dmean, mode="lines+markers", line=dict(color=MEAN_COLOR),
-                           error_y=dict(type="data", array=dstd, visible=True), name="drift norm",
-                           showlegend=False, visible=visible,
-                           hovertemplate=f"L{layer} step %{{x}}<br>||drift|| %{{y:.4g}}<extra></extra>"), 2, 1))
-    per_ex = report.per_example_cos[:, :, li, :]
-    xs, ys = [], []
-    for si, step in enumerate(steps):
-        vals = per_ex[:, si, :].ravel()
-        vals = vals[~np.isnan(vals)]
-        xs += [str(step)] * len(vals)
-        ys += vals.tolist()
-    out.append((go.Box(x=xs, y=ys, name="per-example cos", marker=dict(color=MEAN_COLOR, size=3),
-                       boxpoints="outliers", showlegend=False, visible=visible,
-                       hovertemplate=f"L{layer} step %{{x}}<br>cos %{{y:.4f}}<extra></extra>"), 2, 2))
+FLAG_COLOR = "rgba(150,150,150,0.75)"
+FLAG_SHADE = "rgba(150,150,150,0.18)"
+SELECT_COLOR = "rgb(148,103,189)"
+
+# Pixel layout: the modebar owns the top ~34 px; the title sits below it, the legend below the title.
+TITLE_TOP_PX = 40
+LEGEND_TOP_PX = 96
+LEGEND_PX = 70  # room for three lines of legend entries
+SUBTITLE_PX = 34  # a subplot title above its panel
+GAP_PX = 92  # between rows: tick labels + axis title of the row above, subplot title of the row below
+GAP_MODES_PX = 100  # the by-mode rows have wrapped (three-line) tick labels and no axis title
+MARGIN = {"l": 70, "r": 80, "b": 100}
+MAX_FULL_TICKS = 40  # layer labels on a full-width axis
+MAX_HALF_TICKS = 16
+
+
+def _tr(kind: str, **props: Any) -> dict[str, Any]:
+    """A trace as a plain dict: the figure is built once, unvalidated, so 80 layers x 10 runs stay fast."""
+    return {"type": kind, **props}
+
+
+def _layer_ticks(n: int, max_ticks: int) -> list[int]:
+    """Indices to label: every layer when they fit, else every 2nd, 5th, 10th... (always the first)."""
+    for step in (1, 2, 5, 10, 20, 50):
+        if math.ceil(n / step) <= max_ticks:
+            return list(range(0, n, step))
+    return list(range(0, n, math.ceil(n / max_ticks)))
+
+
+def _flag_runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs [i, j] of consecutive flagged layer indices."""
+    out, start = [], None
+    for i, f in enumerate(list(flags) + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            out.append((start, i - 1))
+            start = None
     return out
 
 
-def _intervention_traces(iv: dict[str, Any]) -> list[tuple[go.BaseTraceType, int, int]]:
+def _per_example_box(report: Any, li: int, visible: bool) -> dict[str, Any]:
+    """Precomputed quartiles (whiskers 5-95%) per step: the figure stays small at any number of prompts."""
+    xs, q1, med, q3, lo, hi, mean = [], [], [], [], [], [], []
+    for si, step in enumerate(report.steps):
+        vals = report.per_example_cos[:, si, li, :].ravel()
+        vals = vals[np.isfinite(vals)]
+        if not vals.size:
+            continue
+        qs = np.quantile(vals, [0.05, 0.25, 0.5, 0.75, 0.95])
+        xs.append(str(step))
+        lo.append(qs[0]); q1.append(qs[1]); med.append(qs[2]); q3.append(qs[3]); hi.append(qs[4])  # noqa: E702
+        mean.append(float(vals.mean()))
+    return _tr("box", x=xs, q1=q1, median=med, q3=q3, lowerfence=lo, upperfence=hi, mean=mean,
+                  name="per-example cos", marker={"color": MEAN_COLOR}, showlegend=False, visible=visible,
+                  hoverinfo="y")
+
+
+def _layer_traces(report: Any, li: int, visible: bool, rows: dict[str, tuple[int, int]]
+                  ) -> list[tuple[dict, int, int]]:
+    """Traces of one layer for the trajectory, drift and per-example panels."""
+    steps = report.steps
+    layer = report.layers[li]
+    out: list[tuple[dict, int, int]] = []
+    a = report.alignment[:, :, li]
+    mean, std = _mean_std(a)
+    traj = rows["trajectory"]
+    run_x, run_y, run_name = [], [], []
+    for ri, run in enumerate(report.runs):
+        run_x += list(steps) + [None]
+        run_y += list(a[ri]) + [None]
+        run_name += [run] * len(steps) + [""]
+    out.append((_tr("scatter", x=run_x, y=run_y, mode="lines", line={"color": RUN_COLOR, "width": 1},
+                    name="runs (one line each)", legendgroup="runs", showlegend=visible, visible=visible,
+                    customdata=run_name, connectgaps=False,
+                    hovertemplate=f"run %{{customdata}}, L{layer}<br>step %{{x}}<br>cos %{{y:.4f}}<extra></extra>"),
+                *traj))
+    out.append((_tr("scatter", x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself",
+                           mode="lines", fillcolor=BAND_COLOR, line={"width": 0}, hoverinfo="skip",
+                           name="mean +/- std", legendgroup="band", showlegend=visible, visible=visible), *traj))
+    out.append((_tr("scatter", x=steps, y=mean, mode="lines+markers", line={"color": MEAN_COLOR, "width": 3},
+                           name=f"mean over {len(report.runs)} runs", legendgroup="mean", showlegend=visible,
+                           visible=visible, customdata=std,
+                           hovertemplate=f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}<extra></extra>"),
+                *traj))
+    for value, color, label in ((report.null_p99[li], ISO_COLOR, "isotropic null p99"),
+                                (report.null_p99_activation[li], ACT_COLOR, "activation-space null p99")):
+        if not math.isnan(float(value)):
+            out.append((_tr("scatter", x=[steps[0], steps[-1]], y=[value, value], mode="lines",
+                                   line={"color": color, "dash": "dash"}, name=label, legendgroup=label,
+                                   showlegend=visible, visible=visible,
+                                   hovertemplate=f"{label}: {float(value):.4f}<extra></extra>"), *traj))
+    dmean, dstd = _mean_std(report.drift_norm[:, :, li])
+    out.append((_tr("scatter", x=steps, y=dmean, mode="lines+markers", line={"color": MEAN_COLOR},
+                           error_y={"type": "data", "array": dstd, "visible": True}, name="drift norm",
+                           showlegend=False, visible=visible,
+                           hovertemplate=f"L{layer} step %{{x}}<br>||drift|| %{{y:.4g}}<extra></extra>"),
+                *rows["drift"]))
+    out.append((_per_example_box(report, li, visible), *rows["per_example"]))
+    return out
+
+
+def _overview_traces(report: Any, rows: dict[str, tuple[int, int]], selection: Any
+                     ) -> list[tuple[dict, int, int]]:
+    """Every-layer panels: v_rev SNR, mean alignment per layer with nulls, the step x layer heatmap."""
+    n = report.n_layers
+    x = list(range(n))
+    labels = [f"L{l}" for l in report.layers]
+    flags = report.flagged
+    out: list[tuple[dict, int, int]] = []
+    snr = np.asarray(report.v_rev_snr, dtype=np.float64)
+    have_snr = bool(np.isfinite(snr).any())
+    values = snr if have_snr else np.asarray(report.v_rev_norm, dtype=np.float64)
+    shown = np.where(np.isfinite(values), values, np.nan)
+    out.append((_tr("scatter", x=x, y=shown, mode="lines+markers",
+                           marker={"color": [FLAG_COLOR if f else MEAN_COLOR for f in flags], "size": 7},
+                           line={"color": "rgba(31,119,180,0.35)"},
+                           customdata=np.stack([labels, np.asarray(report.v_rev_norm, float)], axis=1),
+                           name="v_rev SNR" if have_snr else "||mu_P - mu_A||", showlegend=False,
+                           hovertemplate=("%{customdata[0]}<br>" + ("SNR %{y:.3g}" if have_snr else "norm %{y:.4g}")
+                                          + "<br>||mu_P - mu_A|| %{customdata[1]:.4g}<extra></extra>")),
+                *rows["snr"]))
+    if have_snr:
+        out.append((_tr("scatter", x=[-0.5, n - 0.5], y=[report.snr_threshold] * 2, mode="lines",
+                               line={"color": FLAG_COLOR, "dash": "dot"}, name=f"SNR threshold {report.snr_threshold:g}",
+                               showlegend=False, hovertemplate="flag below SNR %{y:.3g}<extra></extra>"), *rows["snr"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_layer = np.nanmean(report.alignment, axis=(0, 1))
+        spread = np.nanstd(report.alignment, axis=(0, 1))
+    colors = [FLAG_COLOR if f else MEAN_COLOR for f in flags]
+    out.append((_tr("scatter", x=x, y=per_layer, mode="lines+markers", marker={"color": colors, "size": 7},
+                           line={"color": "rgba(31,119,180,0.5)"}, error_y={"type": "data", "array": spread},
+                           name="mean alignment per layer (all run-step pairs)", legendgroup="profile",
+                           customdata=np.stack([labels, ["low SNR" if f else "" for f in flags]], axis=1),
+                           hovertemplate="%{customdata[0]} %{customdata[1]}<br>mean cos %{y:.4f}<extra></extra>"),
+                *rows["profile"]))
+    for values, color, label in ((report.null_p99, ISO_COLOR, "isotropic null p99"),
+                                 (report.null_p99_activation, ACT_COLOR, "activation-space null p99")):
+        seg_x = [v for i in x for v in (i - 0.45, i + 0.45, None)]  # one threshold segment per layer
+        seg_y = [v for y in np.asarray(values, float) for v in (y, y, None)]
+        out.append((_tr("scatter", x=seg_x, y=seg_y, mode="lines", line={"color": color, "dash": "dash"},
+                               name=f"per layer: {label}", legendgroup=label, showlegend=False,
+                               hovertemplate=f"{label}: %{{y:.4f}}<extra></extra>"), *rows["profile"]))
+    thr = selection.thresholds
+    corrected = thr.get("activation_max", thr.get("sidak"))
+    which = "activation-space max" if "activation_max" in thr else "isotropic, Sidak"
+    out.append((_tr("scatter", x=[-0.5, n - 0.5], y=[corrected] * 2, mode="lines",
+                           line={"color": SELECT_COLOR, "dash": "dashdot"},
+                           name=f"p99 of the best of {selection.m} layers ({which})", legendgroup="selection",
+                           hovertemplate="selection-corrected p99 %{y:.4f}<extra></extra>"), *rows["profile"]))
+    if np.any(flags):
+        out.append((_tr("scatter", x=[None], y=[None], mode="markers", marker={"color": FLAG_COLOR, "symbol": "square",
+                                                                            "size": 12},
+                               name=f"low-SNR layer (v_rev SNR < {report.snr_threshold:g}): greyed"),
+                    *rows["profile"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        heat = np.nanmean(report.alignment, axis=0)
+    out.append((_tr("heatmap", z=heat, x=x, y=[str(s) for s in report.steps], colorscale=get_colorscale("RdBu"),
+                    zmid=0, zmin=-1, zmax=1,
+                           customdata=np.broadcast_to(np.asarray(labels, dtype=object), heat.shape),
+                           colorbar={"title": {"text": "cos"}}, name="mean alignment",
+                           hovertemplate="%{customdata} step %{y}<br>mean cos %{z:.4f}<extra></extra>"),
+                *rows["heatmap"]))
+    return out
+
+
+def _plan(report: Any, iv: dict[str, Any] | None) -> tuple[list[tuple[str, str | None, int]], int]:
+    """Rows as (left panel, right panel or None for full width, height in px), and the gap below each."""
+    n_steps = len(report.steps)
+    rows = [("trajectory", "drift", 320), ("per_example", "snr", 280), ("profile", None, 260),
+            ("heatmap", None, int(min(420, max(160, 24 * n_steps + 40))))]
+    if iv:
+        rows += [("harmfulness", None, 220), ("final_alignment", None, 220), ("task_loss", None, 220),
+                 ("b1_retention", None, 220)]
+    return rows, GAP_MODES_PX if iv else GAP_PX
+
+
+def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") -> go.Figure:
+    """One Plotly figure with every view; ``layer`` picks the per-layer panels (default: the best layer).
+
+    Args:
+        report: a :class:`revlens.ReversionReport`.
+        layer: the layer shown in the per-layer panels first (a dropdown switches).
+        theme: ``auto`` (transparent, reads on light and dark Jupyter), ``light`` or ``dark``.
+
+    Returns:
+        A ``plotly.graph_objects.Figure`` whose height fits its panels (width follows the page).
+
+    Example:
+        >>> report.dashboard()                       # doctest: +SKIP
+        >>> report.save_html("dashboard.html")       # doctest: +SKIP
+    """
+    if theme not in THEMES:
+        raise ValueError(f"unknown theme {theme!r}; choose one of {sorted(THEMES)}.")
+    style = THEMES[theme]
+    layer = report.best_layer if layer is None else layer
+    if layer not in report.layers:
+        raise ValueError(f"layer {layer} was not analysed; the report has layers {report.layers}.")
+    selection = report.selection()
+    iv = report.interventions
+    plan, gap = _plan(report, iv)
+    names = {"trajectory": "Alignment cos(drift, v_rev) per step, layer {layer}",
+             "drift": "Drift norm ||mu_t - mu_A|| per step, layer {layer}",
+             "per_example": "Per-example alignment per step, layer {layer} (box 25-75%, whiskers 5-95%)",
+             "snr": ("v_rev signal-to-noise per layer: ||mu_P - mu_A|| / standard error"
+                     if np.isfinite(np.asarray(report.v_rev_snr, float)).any()
+                     else "||mu_P - mu_A|| per layer (signal-to-noise not measured)"),
+             "profile": "Mean alignment per layer, nulls and the selection-corrected p99",
+             "heatmap": "Mean alignment, layer x step",
+             "harmfulness": "Harmfulness after fine-tuning, by mode",
+             "final_alignment": "Final alignment at the last step, by mode",
+             "task_loss": "Fine-tuning task loss (held-out), by mode", "b1_retention": "B1 retention, by mode"}
+    rows: dict[str, tuple[int, int]] = {}
+    titles, specs = [], []
+    for r, (left, right, _) in enumerate(plan, start=1):
+        rows[left] = (r, 1)
+        titles.append(names[left].format(layer=layer))
+        if right is None:
+            specs.append([{"colspan": 2}, None])
+        else:
+            rows[right] = (r, 2)
+            titles.append(names[right].format(layer=layer))
+            specs.append([{}, {}])
+    row_px = [h for *_, h in plan]
+    plot_px = sum(row_px) + gap * (len(plan) - 1)
+    top = LEGEND_TOP_PX + LEGEND_PX + SUBTITLE_PX
+    height = top + plot_px + MARGIN["b"]
+    grid_kw = {"rows": len(plan), "cols": 2, "subplot_titles": titles, "specs": specs, "horizontal_spacing": 0.09,
+               "vertical_spacing": gap / plot_px, "row_heights": row_px}
+    grid = make_subplots(**grid_kw)
+    refs = {}
+    for r, c in rows.values():
+        sub = grid.get_subplot(r, c)
+        refs[(r, c)] = (sub.xaxis.plotly_name.replace("axis", ""), sub.yaxis.plotly_name.replace("axis", ""))
+    per_layer_counts, batch = [], []
+    for li, l in enumerate(report.layers):
+        traces = _layer_traces(report, li, visible=(l == layer), rows=rows)
+        per_layer_counts.append(len(traces))
+        batch += traces
+    fixed = _overview_traces(report, rows, selection) + (_intervention_traces(iv, rows) if iv else [])
+    n_fixed = len(fixed)
+    batch += fixed
+    data = [{**trace, "xaxis": refs[(r, c)][0], "yaxis": refs[(r, c)][1]} for trace, r, c in batch]
+    fig = go.Figure(data=data, _validate=False)
+    make_subplots(figure=fig, **grid_kw)
+    _style_axes(fig, report, rows, iv, style, refs)
+    _grey_flagged(fig, report, rows, refs)
+    per_layer_titles = [i for i, t in enumerate(titles) if "layer {layer}" in names[_panel_of(i, plan)]]
+    buttons = []
+    flags = report.flagged
+    for li, l in enumerate(report.layers):
+        visible = []
+        for lj, count in enumerate(per_layer_counts):
+            visible += [lj == li] * count
+        visible += [True] * n_fixed
+        relabel = {f"annotations[{i}].text": names[_panel_of(i, plan)].format(layer=l) for i in per_layer_titles}
+        tag = " (best)" if li == report.best_layer_index() else (" (low SNR)" if flags[li] else "")
+        buttons.append({"label": f"layer {l}{tag}", "method": "update", "args": [{"visible": visible}, relabel]})
+    n = report.n_layers
+    best = report.best_layer
+    pv = selection.p_value.get("activation_max")
+    if pv is None or not np.isfinite(pv):
+        pv = selection.p_value.get("sidak")
+    subtitle = (f"{len(report.runs)} run(s) x {len(report.steps)} step(s), {n} layer(s) "
+                f"(L{report.layers[0]}-L{report.layers[-1]}), best L{best} "
+                f"(p = {pv:.2g} for the best of {selection.m}); readout {report.config.get('readout', '?')}, "
+                f"contrast {report.config.get('contrast', '?')}"
+                + (f"; {len(report.flagged_layers)} low-SNR layer(s) greyed" if report.flagged_layers else ""))
+    plot_top_frac = lambda px: 1 + (top - px) / plot_px  # noqa: E731  (pixels from the top -> paper y)
+    fig.update_layout(
+        updatemenus=[{"buttons": buttons, "active": report.layers.index(layer), "x": 1.0, "xanchor": "right",
+                      "y": plot_top_frac(TITLE_TOP_PX), "yanchor": "top", "direction": "down", "showactive": True}],
+        title={"text": f"revlens: fine-tuning drift along v_rev<br><span style='font-size:12px'>{subtitle}</span>",
+               "x": 0.0, "xref": "paper", "xanchor": "left", "y": 1 - TITLE_TOP_PX / height, "yanchor": "top"},
+        template=pio.templates[style["template"]], paper_bgcolor=style["paper"], plot_bgcolor=style["plot"],
+        font={"color": style["font"]}, height=height, margin={**MARGIN, "t": top},
+        legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": plot_top_frac(LEGEND_TOP_PX), "yanchor": "top",
+                "bgcolor": "rgba(0,0,0,0)"},
+    )
+    heat_axis = fig.get_subplot(*rows["heatmap"]).yaxis
+    dom = heat_axis.domain
+    fig.update_traces(selector={"type": "heatmap"},
+                      colorbar={"len": dom[1] - dom[0], "y": (dom[0] + dom[1]) / 2, "yanchor": "middle",
+                                "x": 1.01, "thickness": 14})
+    return fig
+
+
+def _panel_of(title_index: int, plan: list[tuple[str, str | None, int]]) -> str:
+    panels = [p for left, right, _ in plan for p in ((left,) if right is None else (left, right))]
+    return panels[title_index]
+
+
+def _style_axes(fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]], iv: Any, style: dict,
+                refs: dict[tuple[int, int], tuple[str, str]]) -> None:
+    fig.update_xaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
+    fig.update_yaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
+    step_label = "fine-tuning step (optimizer updates)"
+    log_ticks = {"type": "log", "tickmode": "array", "tickvals": report.steps, "ticktext": [str(s) for s in report.steps]}
+    fig.update_xaxes(title_text=step_label, row=rows["trajectory"][0], col=rows["trajectory"][1], **log_ticks)
+    fig.update_yaxes(title_text="cosine", row=rows["trajectory"][0], col=rows["trajectory"][1])
+    fig.update_xaxes(title_text=step_label, row=rows["drift"][0], col=rows["drift"][1], **log_ticks)
+    fig.update_yaxes(title_text="L2 norm (activation units)", row=rows["drift"][0], col=rows["drift"][1])
+    fig.update_xaxes(title_text=step_label, type="category", row=rows["per_example"][0], col=rows["per_example"][1])
+    fig.update_yaxes(title_text="cosine (per prompt)", row=rows["per_example"][0], col=rows["per_example"][1])
+    n = report.n_layers
+    labels = [f"L{l}" for l in report.layers]
+    for panel, max_ticks in (("snr", MAX_HALF_TICKS), ("profile", MAX_FULL_TICKS), ("heatmap", MAX_FULL_TICKS)):
+        ticks = _layer_ticks(n, max_ticks)
+        fig.update_xaxes(title_text="layer", tickmode="array", tickvals=ticks, ticktext=[labels[i] for i in ticks],
+                         range=[-0.5, n - 0.5], tickangle=0, row=rows[panel][0], col=rows[panel][1])
+    snr = np.asarray(report.v_rev_snr, float)
+    snr_log = bool(np.isfinite(snr).any())
+    shown = snr if snr_log else np.asarray(report.v_rev_norm, float)
+    shown = shown[np.isfinite(shown) & (shown > 0)]
+    decades = {"dtick": 1} if shown.size and shown.max() / shown.min() > 100 else {}  # long ranges: decades only
+    fig.update_yaxes(title_text="SNR (log)" if snr_log else "L2 norm (log)", type="log",
+                     row=rows["snr"][0], col=rows["snr"][1], **decades)
+    fig.update_yaxes(title_text="cosine", row=rows["profile"][0], col=rows["profile"][1])
+    fig.update_yaxes(title_text="step", type="category", row=rows["heatmap"][0], col=rows["heatmap"][1])
+    if iv:
+        for panel, label in (("harmfulness", "% of harmful prompts"), ("final_alignment", "cosine"),
+                             ("task_loss", "cross-entropy (nats/token)"), ("b1_retention", "% of held-out B1 prompts")):
+            fig.update_yaxes(title_text=label, row=rows[panel][0], col=rows[panel][1])
+        p99 = float(report.null_p99[report.best_layer_index()])
+        xref, yref = refs[rows["final_alignment"]]
+        fig.add_shape(type="line", xref=f"{xref} domain", x0=0, x1=1, yref=yref, y0=p99, y1=p99,
+                      line={"color": ISO_COLOR, "dash": "dash"})
+        fig.add_annotation(xref=f"{xref} domain", x=1, xanchor="right", yref=yref, y=p99, yanchor="bottom",
+                           text=f"isotropic p99 {p99:.3f}", showarrow=False, bgcolor="rgba(128,128,128,0.15)")
+        modes = iv["modes"]
+        wrapped = [m.replace("+", "+<br>") if len(m) > 10 else m for m in modes]
+        for panel in ("harmfulness", "final_alignment", "task_loss", "b1_retention"):
+            fig.update_xaxes(tickmode="array", tickvals=modes, ticktext=wrapped,
+                             tickangle=0, row=rows[panel][0], col=1)
+
+
+def _grey_flagged(fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]],
+                  refs: dict[tuple[int, int], tuple[str, str]]) -> None:
+    """Grey out low-SNR layers: a light band on the per-layer panels, an opaque veil on the heatmap."""
+    shapes = []
+    for i, j in _flag_runs(report.flagged):
+        for panel, color in (("snr", FLAG_SHADE), ("profile", FLAG_SHADE), ("heatmap", FLAG_COLOR)):
+            xref, yref = refs[rows[panel]]
+            shapes.append({"type": "rect", "xref": xref, "yref": f"{yref} domain", "x0": i - 0.5, "x1": j + 0.5,
+                           "y0": 0, "y1": 1, "fillcolor": color, "line": {"width": 0},
+                           "layer": "above" if panel == "heatmap" else "below"})
+    fig.update_layout(shapes=list(fig.layout.shapes) + shapes)
+
+
+def _intervention_traces(iv: dict[str, Any], rows: dict[str, tuple[int, int]]) -> list[tuple[dict, int, int]]:
     modes = iv["modes"]
-    panels = (("harmfulness", 3, 1, 100.0), ("final_alignment", 4, 1, 1.0), ("task_loss", 5, 1, 1.0),
-              ("b1_retention", 6, 1, 100.0))
     out = []
-    for metric, row, col, scale in panels:
+    for metric, scale in (("harmfulness", 100.0), ("final_alignment", 1.0), ("task_loss", 1.0), ("b1_retention", 100.0)):
         means, stds, texts = [], [], []
         for mode in modes:
             vals = np.asarray(iv["metrics"][mode].get(metric, []), dtype=float) * scale
@@ -105,94 +415,12 @@ def _intervention_traces(iv: dict[str, Any]) -> list[tuple[go.BaseTraceType, int
             means.append(float(m[0]))
             stds.append(float(s[0]))
             texts.append(", ".join(f"{v:.3f}" for v in vals))
-        out.append((go.Bar(x=modes, y=means, error_y=dict(type="data", array=stds, visible=True),
-                           marker_color=[MODE_COLORS[i % len(MODE_COLORS)] for i in range(len(modes))],
+        out.append((_tr("bar", x=modes, y=means, error_y={"type": "data", "array": stds, "visible": True},
+                           marker={"color": [MODE_COLORS[i % len(MODE_COLORS)] for i in range(len(modes))]},
                            customdata=np.stack([stds, texts], axis=1), showlegend=False, name=metric,
                            hovertemplate="%{x}<br>mean %{y:.3f} +/- %{customdata[0]:.3f}<br>per seed: "
-                                         "%{customdata[1]}<extra></extra>"), row, col))
+                                         "%{customdata[1]}<extra></extra>"), *rows[metric]))
     return out
-
-
-def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") -> go.Figure:
-    """One Plotly figure with every view; ``layer`` picks the per-layer panels (default: most aligned)."""
-    if theme not in THEMES:
-        raise ValueError(f"unknown theme {theme!r}; choose one of {sorted(THEMES)}.")
-    style = THEMES[theme]
-    layer = report.best_layer if layer is None else layer
-    if layer not in report.layers:
-        raise ValueError(f"layer {layer} was not analysed; the report has layers {report.layers}.")
-    iv = report.interventions
-    rows = 6 if iv else 2  # the by-mode panels span both columns, so long mode names fit
-    titles = ["Alignment cos(drift, v_rev) per step", "Mean alignment, layer x step",
-              "Drift norm ||mu_t - mu_A|| per step", "Per-example alignment per step"]
-    if iv:
-        titles += ["Harmfulness after fine-tuning, by mode", "Final alignment at the last step, by mode",
-                   "Fine-tuning task loss (held-out), by mode", "B1 retention, by mode"]
-    specs = [[{}, {}], [{}, {}]] + [[{"colspan": 2}, None]] * (rows - 2)
-    fig = make_subplots(rows=rows, cols=2, subplot_titles=titles, specs=specs, horizontal_spacing=0.1,
-                        vertical_spacing=0.07 if iv else 0.14,
-                        row_heights=[1.25, 1.25, 1, 1, 1, 1] if iv else None)
-    per_layer_counts = []
-    for li, l in enumerate(report.layers):
-        traces = _layer_traces(report, li, visible=(l == layer))
-        per_layer_counts.append(len(traces))
-        for trace, r, c in traces:
-            fig.add_trace(trace, row=r, col=c)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        heat = np.nanmean(report.alignment, axis=0).T
-    fig.add_trace(go.Heatmap(z=heat, x=[str(s) for s in report.steps], y=[f"L{l}" for l in report.layers],
-                             colorscale="RdBu", zmid=0, zmin=-1, zmax=1,
-                             colorbar=dict(title="cos", len=0.2 if iv else 0.45, y=0.9 if iv else 0.8),
-                             hovertemplate="%{y} step %{x}<br>mean cos %{z:.4f}<extra></extra>"), row=1, col=2)
-    n_fixed = 1
-    if iv:
-        for trace, r, c in _intervention_traces(iv):
-            fig.add_trace(trace, row=r, col=c)
-            n_fixed += 1
-    buttons = []
-    for li, l in enumerate(report.layers):
-        visible = []
-        for lj, count in enumerate(per_layer_counts):
-            visible += [lj == li] * count
-        visible += [True] * n_fixed
-        buttons.append(dict(label=f"layer {l}", method="update", args=[{"visible": visible}]))
-    fig.update_layout(
-        updatemenus=[dict(buttons=buttons, active=report.layers.index(layer), x=0.0, xanchor="left", y=1.08,
-                          yanchor="bottom", direction="down", showactive=True)],
-        title=dict(text=f"revlens: fine-tuning drift along v_rev ({len(report.runs)} runs, layers "
-                        f"{report.layers}; readout {report.config.get('readout', '?')}, contrast "
-                        f"{report.config.get('contrast', '?')})", x=0.5, y=0.995, yanchor="top"),
-        template=style["template"], paper_bgcolor=style["paper"], plot_bgcolor=style["plot"],
-        font=dict(color=style["font"]), height=2200 if iv else 760, margin=dict(t=110, l=70, r=40, b=90),
-        legend=dict(orientation="h", x=0.0, y=-0.05 if iv else -0.1),
-    )
-    fig.update_xaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
-    fig.update_yaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
-    step_label = "fine-tuning step (optimizer updates)"
-    log_ticks = dict(type="log", tickmode="array", tickvals=report.steps, ticktext=[str(s) for s in report.steps])
-    fig.update_xaxes(title_text=step_label, row=1, col=1, **log_ticks)
-    fig.update_yaxes(title_text="cosine", row=1, col=1)
-    fig.update_xaxes(title_text=step_label, row=1, col=2)
-    fig.update_yaxes(title_text="layer", row=1, col=2)
-    fig.update_xaxes(title_text=step_label, row=2, col=1, **log_ticks)
-    fig.update_yaxes(title_text="L2 norm (activation units)", row=2, col=1)
-    fig.update_xaxes(title_text=step_label, row=2, col=2)
-    fig.update_yaxes(title_text="cosine (per prompt)", row=2, col=2)
-    if iv:
-        fig.update_yaxes(title_text="% of harmful prompts", row=3, col=1)
-        fig.update_yaxes(title_text="cosine", row=4, col=1)
-        fig.update_yaxes(title_text="cross-entropy (nats/token)", row=5, col=1)
-        fig.update_yaxes(title_text="% of held-out B1 prompts", row=6, col=1)
-        p99 = float(report.null_p99[report.best_layer_index()])
-        fig.add_hline(y=p99, line=dict(color=ISO_COLOR, dash="dash"), row=4, col=1,
-                      annotation_text=f"isotropic p99 {p99:.3f}", annotation_position="top right")
-        modes = iv["modes"]
-        wrapped = [m.replace("+", "+<br>") if len(m) > 10 else m for m in modes]
-        for r in (3, 4, 5, 6):
-            fig.update_xaxes(title_text="blocking mode", tickmode="array", tickvals=modes, ticktext=wrapped,
-                             tickangle=0, row=r, col=1)
-    return fig
 
 
 def save_dashboard_html(report: Any, path: str | Path, layer: int | None = None, theme: str = "light") -> Path:

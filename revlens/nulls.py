@@ -112,3 +112,105 @@ def exceedance_count(alignment: np.ndarray, threshold: np.ndarray | float) -> tu
     t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), a.shape)
     measured = ~np.isnan(a)
     return int(np.sum(a[measured] > t[measured])), int(measured.sum())
+
+
+def _orthonormal_rows(basis: torch.Tensor) -> torch.Tensor:
+    if basis.shape[0] == 1:
+        return basis / basis.norm()
+    q, _ = torch.linalg.qr(basis.T)
+    return q.T
+
+
+@shape_checked
+def activation_null_draws_from_readouts(
+    readouts: Float[torch.Tensor, "n d"],
+    basis: Float[torch.Tensor, "k d"],
+    n_draws: int = 20_000,
+    seed: int = 0,
+    chunk: int = 65_536,
+) -> Float[torch.Tensor, " n_draws"]:
+    """Alignments of ``n_draws`` N(0, Sigma_A) directions with v_rev, without forming Sigma_A.
+
+    With X_c the centred readouts (n x d) and g ~ N(0, I_n), u = X_c^T g / sqrt(n-1) is exactly
+    N(0, Sigma_A) for Sigma_A = X_c^T X_c / (n-1), the sample covariance of the readouts. With the
+    thin SVD X_c = U S W^T (r = min(n, d) singular values), u = W S z / sqrt(n-1) where z = U^T g is
+    again N(0, I_r); so u . basis = z . (S W^T basis^T) and ||u||^2 = sum_i s_i^2 z_i^2 (up to the
+    1/(n-1) that cancels in the alignment, a ratio). Memory is O(n d) (no d x d matrix is ever
+    built) and each draw costs O(r k).
+
+    Args:
+        readouts: per-example readouts of the aligned model on the probe set, one layer.
+        basis: v_rev (k=1) or a rank-k subspace (rows need not be orthonormal; they are made so).
+        n_draws: Monte Carlo draws.
+        seed: seed of the draws (a CPU generator: results do not depend on the device).
+        chunk: draws per batch (bounds memory at ``chunk`` x r).
+
+    Returns:
+        The alignment of each draw: the signed cosine for k=1, the projection norm ratio for k>1.
+        NaN everywhere when fewer than two readouts or all readouts are equal (Sigma_A = 0).
+
+    Example:
+        >>> x = torch.randn(50, 16, dtype=torch.float64)
+        >>> a = activation_null_draws_from_readouts(x, torch.eye(16)[:1], n_draws=1000)
+        >>> a.shape
+        torch.Size([1000])
+    """
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}.")
+    x = readouts.detach().cpu().double()
+    n = x.shape[0]
+    nan = torch.full((n_draws,), float("nan"), dtype=torch.float64)
+    if n < 2:
+        return nan
+    x = x - x.mean(dim=0, keepdim=True)
+    _, s, wh = torch.linalg.svd(x, full_matrices=False)
+    if float(s.max()) <= 0:
+        return nan
+    b = _orthonormal_rows(basis.detach().cpu().double())
+    coord_map = s[:, None] * (wh @ b.T)  # [r, k]: u . basis = z @ coord_map
+    s2 = s.square()
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(n_draws, dtype=torch.float64)
+    for start in range(0, n_draws, chunk):
+        m = min(chunk, n_draws - start)
+        z = torch.randn(m, s.shape[0], generator=gen, dtype=torch.float64)
+        coords = z @ coord_map
+        norm = (z.square() @ s2).sqrt()
+        numer = coords[:, 0] if b.shape[0] == 1 else coords.norm(dim=-1)
+        out[start:start + m] = numer / norm
+    return out
+
+
+@shape_checked
+def activation_null_quantile_from_readouts(
+    readouts: Float[torch.Tensor, "n d"],
+    basis: Float[torch.Tensor, "k d"],
+    q: float = 0.99,
+    n_draws: int = 20_000,
+    seed: int = 0,
+) -> float:
+    """The q-quantile of the activation-space null from per-example readouts, in O(n d) memory.
+
+    The same distribution as :func:`activation_null_quantile` on the readouts' sample covariance
+    (see :func:`activation_null_draws_from_readouts`), without the d x d matrix.
+
+    Args:
+        readouts: per-example readouts ``[n, d]`` of the aligned model at one layer.
+        basis: v_rev ``[1, d]`` or a subspace ``[k, d]``.
+        q: the quantile, in (0, 1).
+        n_draws, seed: Monte Carlo draws and their seed.
+
+    Returns:
+        The quantile (NaN when the readouts do not vary).
+
+    Example:
+        >>> x = torch.randn(200, 8, dtype=torch.float64)
+        >>> 0 < activation_null_quantile_from_readouts(x, torch.eye(8)[:1], n_draws=5000) < 1
+        True
+    """
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile q must lie in (0, 1), got {q}.")
+    draws = activation_null_draws_from_readouts(readouts, basis, n_draws, seed).numpy()
+    if np.isnan(draws).all():
+        return float("nan")
+    return float(np.quantile(draws, q))

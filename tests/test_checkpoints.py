@@ -157,8 +157,8 @@ def test_cli_analyze_writes_report_and_prints_summary(tiny_model, tmp_path, caps
         assert main(["analyze", str(tmp_path / "h"), "--out", str(tmp_path / "out"), "--prompts", str(prompts),
                      "--layers", "1,2"]) == 0
     printed = capsys.readouterr().out
-    assert "null p99 (isotropic)" in printed and "report written" in printed
-    saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["layers"] == [1, 2] and saved["alignment"][0][0][0] == pytest.approx(-1.0, abs=1e-5)
+    assert "null p99 iso" in printed and "report written" in printed
+    saved = revlens.ReversionReport.load(tmp_path / "out")
+    assert saved.layers == [1, 2] and saved.alignment[0, 0, 0] == pytest.approx(-1.0, abs=1e-5)
     assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
     assert "does not exist" in capsys.readouterr().err

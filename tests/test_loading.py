@@ -218,8 +218,8 @@ def test_trainer_checkpoint_folders_are_steps_and_pickles_are_never_read(tiny_ll
         warnings.simplefilter("ignore", RuntimeWarning)
         assert main(["analyze", str(root), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--layers", "1",
                      "--dtype", "float32", "--base", str(tiny_llama_dir)]) == 0
-    saved = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert saved["steps"] == [10, 20] and np.isfinite(np.array(saved["alignment"], dtype=float)).all()
+    saved = revlens.ReversionReport.load(tmp_path / "o")
+    assert saved.steps == [10, 20] and np.isfinite(saved.alignment).all()
     assert not marker.exists()
     with pytest.raises(SystemExit):
         main(["analyze", str(root), "--out", str(tmp_path / "o2"), "--dtype", "int4"])
