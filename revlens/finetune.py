@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens._util import atomic_write_json, temp_sibling
+from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import move_quietly, save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
 from revlens.lora import apply_lora, is_peft_wrapped, lora_config_of, lora_description
@@ -377,6 +378,7 @@ def finetune(
     warmup_steps: int = 0,
     schedule: str = "constant",
     lora: Any = None,
+    spec: Any = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``tokens`` ``[n, seq]`` with ``loss_mask`` ``[n, seq]``.
 
@@ -402,6 +404,8 @@ def finetune(
         lora: a ``peft.LoraConfig`` or a dict of its fields: train LoRA adapters on the bridge's HF module
             (:func:`revlens.lora.apply_lora`, initialised with ``seed``) instead of every weight; checkpoints
             are then adapter folders.
+        spec: the :class:`~revlens.blocking_spec.BlockingSpec` (or its string) that built ``blocking`` and
+            ``anchor``; its canonical string is recorded with the settings, so a resume refuses another mode.
     Returns:
         :class:`FinetuneResult`: task loss and learning rate per step run, checkpoint folders, monitor
         readings, the step resumed from and the settings recorded with the state.
@@ -446,6 +450,8 @@ def finetune(
         "lora": lora_description(lora if lora is not None else lora_config_of(model) if is_peft_wrapped(model) else None),
         "blocking": _blocking_description(blocking, coords), "anchor": _anchor_description(anchor),
     }
+    if spec is not None:
+        settings["spec"] = str(BlockingSpec.parse(spec))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no trainable parameters (every requires_grad is False).")

@@ -3,9 +3,11 @@
 
 For any history with ``pretrain/`` and ``align/`` (Hugging Face or revlens folders) and a JSONL of chat data
 (``--data``): v_rev is measured on the probe prompts between pretrain and align, ``align`` is fine-tuned
-(in full, or with LoRA) on the data with the hook modes ``project``, ``clamp``, ``grad`` (and ``+``
-combinations) at ``--layers``, and checkpoints go to ``OUT/finetune/<run>/step_<N>/`` (HF folders, adapter
-folders with LoRA, revlens folders for TL-native models). ``OUT/pretrain`` and ``OUT/align`` link to the
+(in full, or with LoRA) on the data with the blocking setup ``--mode`` (any
+:class:`~revlens.blocking_spec.BlockingSpec` string: hook modes, the probe anchor ``anchor@W`` /
+``contrast@W``, ``rank@K`` / ``random@K`` subspaces, ``sample@K``, ``layers@...``) at ``--layers``, and
+checkpoints go to ``OUT/finetune/<run>/step_<N>/`` (HF folders, adapter folders with LoRA, revlens folders for
+TL-native models). ``OUT/pretrain`` and ``OUT/align`` link to the
 history's, so ``revlens analyze OUT`` reads the run directly.
 
 Histories written by a demo (with a marker file such as ``organism.json``) and no ``--data`` are fine-tuned
@@ -20,11 +22,14 @@ import importlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from revlens._util import atomic_write_json, temp_sibling
+from revlens.blocking_spec import BlockingSpec
 
-HOOK_MODES = ("project", "clamp", "grad")
+if TYPE_CHECKING:
+    from revlens.report import ReversionReport
+
 # Options that only the --data path uses (default None so that their use is detectable).
 DATA_OPTIONS = ("lr", "batch_size", "lora_r", "lora_alpha", "dtype", "autocast", "max_grad_norm", "warmup",
                 "schedule", "save_steps", "prompts", "control", "max_length", "run_name")
@@ -76,8 +81,9 @@ def add_cli(sub: Any, finetuners: Mapping[str, str | Callable[..., dict]] | None
     p.add_argument("history_dir", help="a history folder with pretrain/ and align/ (HF or revlens folders)")
     p.add_argument("--out", required=True, help="output folder: OUT/finetune/<run>/step_<N>/")
     p.add_argument("--data", help="JSONL training data: {\"messages\": [...]} or {\"prompt\": ..., \"response\": ...} per line")
-    p.add_argument("--mode", default="plain", help="plain, or hook modes project, clamp, grad joined by '+' "
-                   "(clamp+grad); demo histories also take their own grammar (anchor@W, contrast@W, rank@K, ...)")
+    p.add_argument("--mode", default="plain", help="plain, or parts joined by '+': hook modes project, clamp, grad; "
+                   "the probe anchor anchor@W, contrast@W (needs --control), sample@K; subspaces rank@K, "
+                   "random@K[@DRAW]; layers@L1/L2 (e.g. anchor@0.003+contrast@0.1+rank@64)")
     p.add_argument("--layers", type=parse_layers, default=None, help="comma-separated layers to block (default: all)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100; demo: its preset)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, with LoRA 2e-4)")
@@ -125,12 +131,12 @@ def _check_history(history: Path) -> None:
                              "(Hugging Face or revlens checkpoint folders).")
 
 
-def _check_layers(layers: list[int] | None, n_layers: int | None) -> None:
+def _check_layers(layers: list[int] | None, n_layers: int | None, what: str = "--layers") -> None:
     if layers is None or n_layers is None:
         return
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
-        raise ValueError(f"--layers {','.join(map(str, layers))}: layer(s) {bad} out of range; the model has "
+        raise ValueError(f"{what} {','.join(map(str, layers))}: layer(s) {bad} out of range; the model has "
                          f"{n_layers} layers (0..{n_layers - 1}).")
 
 
@@ -185,35 +191,78 @@ def _link_phases(history: Path, out: Path) -> None:
             link.symlink_to((history / phase).resolve(), target_is_directory=True)
 
 
-def _hook_modes(mode: str) -> str | None:
-    """The ``Blocking`` mode of a --mode for any history (None for plain)."""
-    if mode == "plain":
-        return None
-    parts = mode.split("+")
-    others = [p for p in parts if p not in HOOK_MODES]
-    if others:
-        raise ValueError(f"--mode {mode}: {others} not available for this history; use plain or {', '.join(HOOK_MODES)} "
-                         "joined by '+'. (The probe anchor, anchor@W / contrast@W / rank@K, needs "
-                         "revlens.anchor_from_report and comes to `revlens finetune` with it.)")
-    from revlens.intervention import parse_mode
+def blocking_setup(mode: str, layers: list[int] | None, n_layers: int | None) -> tuple[BlockingSpec, list[int] | None]:
+    """The ``--mode`` setup with its layers settled, and those layers (None for plain).
 
-    parse_mode(mode)
-    return mode
+    ``--layers`` and a ``layers@`` part of the mode say the same thing: either may be given, both only when
+    they agree; neither means every layer. Bad modes raise the strict parser's error (it names the part).
+    """
+    spec = BlockingSpec.parse(mode)
+    if spec.is_plain:
+        if layers is not None:
+            raise ValueError("--layers says where to block, but --mode plain blocks nothing; give a blocking mode "
+                             "(e.g. --mode project or anchor@0.003) or drop --layers.")
+        return spec, None
+    if spec.layers is not None:
+        _check_layers(list(spec.layers), n_layers, what=f"--mode {mode}: layers@")
+        if layers is not None and sorted(layers) != list(spec.layers):
+            raise ValueError(f"--layers {','.join(map(str, layers))} and the mode's layers@"
+                             f"{'/'.join(map(str, spec.layers))} disagree; give the layers once (either).")
+        layers = list(spec.layers)
+    if layers is None:
+        if n_layers is None:
+            raise ValueError("cannot tell how many layers align/ has (no config.json); give --layers.")
+        layers = list(range(n_layers))
+    return spec.with_layers(layers), sorted(layers)
+
+
+def _directions_report(pre: Any, ali: Any, layers: list[int], rank: int | None, n_prompts: int) -> ReversionReport:
+    """A :class:`~revlens.report.ReversionReport` of pretrain -> align alone (no fine-tuning runs yet): v_rev
+    (the mean difference) per layer, and with ``rank`` the rank-k reversion subspace (PCA basis) as its basis."""
+    import numpy as np
+
+    from revlens import directions as dirs
+    from revlens.report import ReversionReport
+
+    diff = pre.centroid.double() - ali.centroid.double()
+    v_rev = dirs.v_rev_mean_diff(pre.centroid, ali.centroid).float()
+    if rank is None:
+        basis = v_rev[:, None, :]
+    else:
+        basis = dirs.v_rev_pca(pre.per_example, ali.per_example, rank).float()
+    n, empty = len(layers), np.empty((0, 0, len(layers)))
+    return ReversionReport(
+        layers=list(layers), runs=[], steps=[], d_model=int(v_rev.shape[-1]), v_rev=basis[:, 0].clone(),
+        v_rev_basis=basis, alignment=empty, alignment_per_example=empty.copy(),
+        per_example_cos=np.empty((0, 0, n, n_prompts)), drift_norm=empty.copy(), p_value=empty.copy(),
+        null_p99=np.full(n, np.nan), null_p99_activation=np.full(n, np.nan),
+        v_rev_norm=diff.norm(dim=-1).numpy(),
+        config={"hook": "resid_post", "readout": "last", "estimator": "mean_diff" if rank is None else "pca",
+                "k": 1 if rank is None else rank, "n_prompts": n_prompts})
 
 
 def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The --data path: measure v_rev, fine-tune align/ on the data with blocking, return the run's summary."""
     import torch
 
-    from revlens import directions as dirs
     from revlens.analysis import default_prompts, load_prompt_file
     from revlens.checkpoints import load_checkpoint
     from revlens.finetune import finetune
-    from revlens.intervention import Blocking
+    from revlens.intervention import blocking_from_spec
     from revlens.probe import ReversionProbe
     from revlens.sft_data import load_sft_jsonl
 
-    hooks = _hook_modes(args.mode)
+    spec, layers = blocking_setup(args.mode, args.layers, _n_layers(history / "align"))
+    if spec.contrast and not args.control:
+        raise ValueError(f"--mode {args.mode}: contrast@W anchors the probe-minus-control contrast; give the control "
+                         "prompts with --control FILE (e.g. --control harmless_requests.txt, the shipped set).")
+    prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts()
+    control = load_prompt_file(args.control) if args.control else None
+    rank = spec.subspace[1] if spec.subspace is not None and spec.subspace[0] == "rank" else None
+    if rank is not None and rank > len(prompts):
+        raise ValueError(f"--mode {args.mode}: rank@{rank} needs at least {rank} probe prompts (the subspace is "
+                         f"spanned by their differences); the probe set has {len(prompts)}: give more with --prompts "
+                         "or a lower rank.")
     steps = 100 if args.steps is None else args.steps
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}.")
@@ -233,23 +282,23 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
     model = load("align")
     data = load_sft_jsonl(args.data, model.tokenizer,
                           max_length=args.max_length or getattr(model.cfg, "n_ctx", None))
-    layers = list(range(model.cfg.n_layers)) if args.layers is None else args.layers
-    blocking, v_rev = None, None
-    if hooks is not None:
-        prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts()
-        control = load_prompt_file(args.control) if args.control else None
-        probe = ReversionProbe(prompts, control=control, layers=layers, per_example=False)
-        mu_p, mu_a = probe.centroid(load("pretrain")), probe.centroid(model)
-        v_rev = dirs.v_rev_mean_diff(mu_p, mu_a)
-        reference = load("align") if "clamp" in hooks else None  # a fresh load: deepcopy of HF bridges leaks
-        blocking = Blocking({l: v_rev[i].float() for i, l in enumerate(layers)}, hooks, reference=reference)
+    blocking = anchor = None
+    if not spec.is_plain:
+        probe = ReversionProbe(prompts, control=control, layers=layers, per_example=rank is not None)
+        pre, ali = probe.measure(load("pretrain")), probe.measure(model)
+        report = _directions_report(pre, ali, layers, rank, probe.n_prompts)
+        # a fresh load: deepcopy of HF bridges leaks
+        reference = load("align") if "clamp" in spec.hooks or spec.has_anchor else None
+        blocking, anchor = blocking_from_spec(spec, report, reference=reference, prompts=prompts, control=control,
+                                              seed=args.seed)
     run = args.run_name or f"seed_{args.seed}"
     save_steps = [s for s in (args.save_steps or default_save_steps(steps)) if s <= steps]
     result = finetune(model, data.tokens, data.loss_mask, steps=steps, lr=lr, batch_size=args.batch_size or 8,
                       seed=args.seed, blocking=blocking, save_steps=save_steps, out_dir=out, run_name=run,
                       overwrite=args.overwrite, autocast_dtype=autocast, max_grad_norm=args.max_grad_norm,
-                      warmup_steps=args.warmup or 0, schedule=args.schedule or "constant", lora=lora)
-    return {"mode": args.mode, "layers": layers if hooks else None, "seed": args.seed, "run": run, "steps": steps,
+                      warmup_steps=args.warmup or 0, schedule=args.schedule or "constant", lora=lora,
+                      spec=spec, anchor=anchor)
+    return {"mode": str(spec), "layers": layers, "seed": args.seed, "run": run, "steps": steps,
             "lr": lr, "lora": lora, "examples": int(data.tokens.shape[0]), "chat_template": data.chat_template,
             "resumed_from": result.resumed_from, "final_loss": result.losses.get(steps),
             "checkpoints": {int(s): str(p) for s, p in sorted(result.checkpoints.items())}}
