@@ -19,28 +19,9 @@ from revlens.checkpoints import CheckpointRef, History, check_same_architecture
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.report import ReversionReport
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_PROMPTS = "harmful_requests.txt"
-DEFAULT_CONTROL = "harmless_requests.txt"
-
-
-def load_prompt_file(name: str) -> list[str]:
-    """Prompts shipped in ``data/``: one per line, ``#`` comments and blank lines skipped."""
-    path = Path(name) if Path(name).is_file() else DATA_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {name} not found (looked in {DATA_DIR}).")
-    lines = [l.strip() for l in path.read_text().splitlines()]
-    return [l for l in lines if l and not l.startswith("#")]
-
-
-def default_prompts() -> list[str]:
-    """The shipped probe set: hand-written harmful requests for chat models."""
-    return load_prompt_file(DEFAULT_PROMPTS)
-
-
-def default_control() -> list[str]:
-    """The shipped control set: harmless requests in the same format as the probe set."""
-    return load_prompt_file(DEFAULT_CONTROL)
+from revlens.prompts import (  # noqa: F401  (re-exported: the prompt-file API lived here)
+    DEFAULT_CONTROL, DEFAULT_PROMPTS, default_control, default_prompts, load_prompt_file,
+)
 
 
 class _MeasurementCache:
@@ -104,7 +85,7 @@ def analyze(
     Args:
         ckpts: a :class:`History`, a folder laid out as ``pretrain/ align/ finetune/<run>/step_<N>/``,
             or ``{"pretrain": src, "align": src, "finetune": {run: {step: src}}}``.
-        prompts: the probe set (default: ``data/harmful_requests.txt``).
+        prompts: the probe set (default: the packaged ``harmful_requests.txt``).
         control: an optional control set; alignment is then measured on the contrast readout.
         layers, hook, readout, batch_size, device: see :class:`ReversionProbe`.
         estimator: ``mean_diff`` (default), ``per_example`` or ``pca`` (rank ``k`` subspace).

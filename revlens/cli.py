@@ -25,7 +25,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                                    "report.json to --out and print the summary table.")
     p.add_argument("ckpt_dir", help="history folder: pretrain/ align/ finetune/<run>/step_<N>/")
     p.add_argument("--out", required=True, help="folder for report.json (and dashboard.html with --html)")
-    p.add_argument("--prompts", help="probe prompt file, one per line (default: data/harmful_requests.txt)")
+    p.add_argument("--prompts", help="probe prompt file, one per line (default: the packaged harmful_requests.txt)")
     p.add_argument("--control", help="control prompt file; enables the contrast readout")
     p.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: all)")
     p.add_argument("--hook", default="resid_post")
