@@ -79,6 +79,8 @@ def analyze(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    chat_template: Any = "auto",
+    system: str | None = None,
 ) -> ReversionReport:
     """Measure v_rev and the alignment of fine-tuning drift with it, layer by layer.
 
@@ -92,6 +94,9 @@ def analyze(
         null_samples, seed: Monte Carlo draws and seed of the activation-space null.
         cache_dir: where per-checkpoint measurements are kept, so a rerun after an interruption
             only measures what is missing.
+        chat_template, system: how string prompts are read (see :class:`ReversionProbe`): ``"auto"``
+            reads each request inside the aligned checkpoint's chat template when its tokenizer has one,
+            for every checkpoint alike; ``report.config`` records whether a template was used.
 
     Checkpoints are loaded one at a time; at most one model is in memory.
     """
@@ -100,10 +105,13 @@ def analyze(
         raise ValueError(f"k={k} needs estimator='pca'; mean_diff and per_example give one direction.")
     prompts = default_prompts() if prompts is None else prompts
     probe = ReversionProbe(prompts, layers=layers, hook=hook, readout=readout, control=control,
-                           batch_size=batch_size, device=device, per_example=True)
+                           batch_size=batch_size, device=device, per_example=True, chat_template=chat_template,
+                           system=system)
+    probe.use_template_of(history.align.source)
     cache = _MeasurementCache(cache_dir, {"prompts": [str(p) for p in probe.prompts],
                                           "control": None if probe.control is None else [str(p) for p in probe.control],
-                                          "layers": layers, "hook": hook, "readout": readout})
+                                          "layers": layers, "hook": hook, "readout": readout,
+                                          "chat_template": probe.chat_template, "system": system})
     bar = tqdm(total=len(history), desc="revlens analyze", disable=not progress, unit="ckpt")
 
     reference: dict[str, Any] = {}
@@ -168,6 +176,7 @@ def analyze(
               "contrast": control is not None, "n_prompts": probe.n_prompts,
               "n_control": 0 if probe.control is None else len(probe.control),
               "batch_size": batch_size, "null_samples": null_samples, "seed": seed,
+              "chat_template": probe.chat_template_used, "system": system,
               "checkpoints": {"pretrain": str(history.pretrain.source) if isinstance(history.pretrain.source, (str, Path)) else "<in-memory>",
                               "align": str(history.align.source) if isinstance(history.align.source, (str, Path)) else "<in-memory>"}}
     return ReversionReport(

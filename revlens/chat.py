@@ -10,20 +10,24 @@ tokens: templates that begin with the BOS token (ChatML's ``<|im_start|>``, Llam
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 AUTO = "auto"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def check_chat_template_choice(chat_template: Any) -> None:
     """Raise ValueError unless ``chat_template`` is 'auto', True, False or a non-empty template string."""
     if chat_template is True or chat_template is False or chat_template == AUTO:
         return
-    if isinstance(chat_template, str) and chat_template.strip():
+    if isinstance(chat_template, str) and ("{{" in chat_template or "{%" in chat_template):
         return
-    raise ValueError(f"chat_template must be 'auto', True, False or a Jinja template string; got {chat_template!r}.")
+    raise ValueError(f"chat_template must be 'auto', True, False or a Jinja template string (with '{{{{' or "
+                     f"'{{%'); got {chat_template!r}.")
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: Any = AUTO) -> str | None:
@@ -120,3 +124,36 @@ def encode_requests(tokenizer: Any, prompts: Sequence[str], *, chat_template: An
             raise ValueError(f"request {prompt!r} encodes to no tokens.")
         out.append(torch.tensor(ids, dtype=torch.long))
     return out
+
+
+def tokenizer_of(source: Any) -> Any | None:
+    """The tokenizer of a checkpoint source without loading its weights: a model's ``.tokenizer``, or the
+    tokenizer files of a local folder (read offline); None when there is none."""
+    if hasattr(source, "tokenizer"):
+        return source.tokenizer
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if folder.is_dir() and any((folder / n).is_file() for n in _TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return None
+
+
+def template_for_history(reference: Any, chat_template: Any = AUTO) -> Any:
+    """``chat_template`` fixed by the reference (aligned) checkpoint, so every checkpoint reads the same tokens.
+
+    A base model often has no chat template while its instruct model has one; reading the base model's
+    prompts raw and the instruct model's inside the template would compare different positions. So
+    ``"auto"``/``True`` become the reference tokenizer's template text (or False when it has none);
+    False and template strings are returned unchanged, as is the choice when the reference has no
+    readable tokenizer.
+    """
+    check_chat_template_choice(chat_template)
+    if chat_template is not True and chat_template != AUTO:
+        return chat_template
+    tokenizer = tokenizer_of(reference)
+    if tokenizer is None:
+        return chat_template
+    template = resolve_chat_template(tokenizer, chat_template)
+    return False if template is None else template

@@ -14,9 +14,12 @@ def _layers(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}")
+    if len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"--layers lists a layer more than once ({text!r}); give each layer once")
+    return layers
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +37,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="read each prompt as a user turn in the aligned model's chat template (default: when its "
+                        "tokenizer has one)")
+    p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--html", action="store_true", help="also write the interactive dashboard.html")
     p.set_defaults(func=_run_analyze)
 
@@ -48,6 +55,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         control=load_prompt_file(args.control) if args.control else None,
         layers=args.layers, hook=args.hook, readout=args.readout, estimator=args.estimator, k=args.k,
         batch_size=args.batch_size, device=args.device, cache_dir=out / "cache",
+        chat_template="auto" if args.chat_template is None else args.chat_template, system=args.system,
     )
     path = report.save(out)
     print(report.summary())

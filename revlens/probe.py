@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from revlens._util import pad_right, training_mode
-from revlens.chat import AUTO, check_chat_template_choice, encode_requests, resolve_chat_template
+from revlens.chat import AUTO, check_chat_template_choice, encode_requests, resolve_chat_template, template_for_history
 from revlens.shapes import shape_checked
 
 HOOK_ALIASES = {
@@ -217,8 +217,23 @@ class ReversionProbe:
 
     @property
     def chat_template_used(self) -> bool | None:
-        """Whether the models measured so far read the prompts through a chat template (None: none measured yet)."""
-        return None if self._rendering is _UNSET else self._rendering is not None
+        """Whether prompts are read through a chat template: as measured, else as fixed by the settings
+        (None: "auto" and no model measured yet)."""
+        if self._rendering is not _UNSET:
+            return self._rendering is not None
+        if not isinstance(self.prompts[0], str) or self.chat_template is False:
+            return False
+        return None if self.chat_template is True or self.chat_template == AUTO else True
+
+    def use_template_of(self, reference: Any) -> None:
+        """Read every model's string prompts like ``reference`` (a model or checkpoint folder, usually the
+        aligned one): ``"auto"``/``True`` become its tokenizer's template text, or False when it has none.
+        A base model without a template is then read through its instruct model's template."""
+        if isinstance(self.prompts[0], str):
+            try:
+                self.chat_template = template_for_history(reference, self.chat_template)
+            except ValueError as err:
+                raise ProbeError(str(err)) from None
 
     def resolve_layers(self, model: Any) -> list[int]:
         n_layers = model.cfg.n_layers
