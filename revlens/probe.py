@@ -195,8 +195,8 @@ class ReversionProbe:
             raise ProbeError(str(err)) from None
         self.prompts = _as_token_list(prompts, "prompts")
         self.control = None if control is None else _as_token_list(control, "control prompts")
-        if not isinstance(self.prompts[0], str) and (chat_template is True or isinstance(chat_template, str)
-                                                     and chat_template != AUTO or system is not None):
+        templated = chat_template is True or (isinstance(chat_template, str) and chat_template != AUTO)
+        if not isinstance(self.prompts[0], str) and (templated or system is not None):
             raise ProbeError("token-id prompts are read as given, so chat_template/system do not apply; pass the "
                              "request strings, or encode them yourself with revlens.chat.encode_requests.")
         self.layers = None if layers is None else _check_layers(layers)
