@@ -209,6 +209,9 @@ def _greedy_loop(model: Any, encoded: list[torch.Tensor], max_new_tokens: int, b
                 chunk = rows[start:start + batch_size]
                 x = torch.stack([encoded[i] for i in chunk]).to(device)
                 steps = min(max_new_tokens, model.cfg.n_ctx - length)
+                if steps < 1:
+                    raise ValueError(f"a prompt of {length} tokens leaves no room to generate within the model's "
+                                     f"context (n_ctx={model.cfg.n_ctx}); shorten it.")
                 for _ in range(steps):
                     nxt = model(x)[:, -1].argmax(-1)
                     x = torch.cat([x, nxt[:, None]], 1)
