@@ -8,6 +8,7 @@ generated greedily in batches with a KV cache (:func:`generate_greedy`), inside 
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -59,7 +60,12 @@ def hf_causal_lm(model: Any) -> Any | None:
     original = getattr(model, "original_model", None)
     if original is None or not hasattr(original, "generate") or not hasattr(original, "config"):
         return None
-    return _unwrapped(original)
+    try:
+        return _unwrapped(original)
+    except ValueError as err:
+        warnings.warn(f"{err} Generating with the uncached loop instead (slower, same answers).", RuntimeWarning,
+                      stacklevel=2)
+        return None
 
 
 def _unwrapped(original: Any) -> Any:
@@ -84,6 +90,10 @@ def _unwrapped(original: Any) -> Any:
                 if slot == "_parameters" and not isinstance(shared, torch.nn.Parameter):
                     shared = torch.nn.Parameter(shared, requires_grad=False)
                 getattr(module, slot)[name] = shared
+    for prefix, module in plain.named_modules():
+        if any(isinstance(v, torch.Tensor) and v.is_meta for v in vars(module).values()):
+            raise ValueError(f"cannot map the bridge's weights onto a plain {type(plain).__name__}: {prefix} keeps "
+                             "a tensor outside its parameters and buffers.")
     plain.generation_config = original.generation_config
     return plain.eval()
 
