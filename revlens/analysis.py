@@ -23,28 +23,9 @@ from revlens.probe import ProbeResult, ReversionProbe
 from revlens.report import ReversionReport
 from revlens.threads import ThreadPolicy
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_PROMPTS = "harmful_requests.txt"
-DEFAULT_CONTROL = "harmless_requests.txt"
-
-
-def load_prompt_file(name: str) -> list[str]:
-    """Prompts shipped in ``data/``: one per line, ``#`` comments and blank lines skipped."""
-    path = Path(name) if Path(name).is_file() else DATA_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {name} not found (looked in {DATA_DIR}).")
-    lines = [l.strip() for l in path.read_text().splitlines()]
-    return [l for l in lines if l and not l.startswith("#")]
-
-
-def default_prompts() -> list[str]:
-    """The shipped probe set: hand-written harmful requests for chat models."""
-    return load_prompt_file(DEFAULT_PROMPTS)
-
-
-def default_control() -> list[str]:
-    """The shipped control set: harmless requests in the same format as the probe set."""
-    return load_prompt_file(DEFAULT_CONTROL)
+from revlens.prompts import (  # noqa: F401  (re-exported: the prompt-file API lived here)
+    DEFAULT_CONTROL, DEFAULT_PROMPTS, default_control, default_prompts, load_prompt_file,
+)
 
 
 CACHE_FORMAT = 2
@@ -278,13 +259,15 @@ def analyze(
     device_map: Any = None,
     base: str | Path | None = None,
     threads: int | None = None,
+    chat_template: Any = "auto",
+    system: str | None = None,
 ) -> ReversionReport:
     """Measure v_rev and the alignment of fine-tuning drift with it, layer by layer.
 
     Args:
         ckpts: a :class:`History`, a folder laid out as ``pretrain/ align/ finetune/<run>/step_<N>/``,
             or ``{"pretrain": src, "align": src, "finetune": {run: {step: src}}}``.
-        prompts: the probe set (default: ``data/harmful_requests.txt``).
+        prompts: the probe set (default: the packaged ``harmful_requests.txt``).
         control: an optional control set; alignment is then measured on the contrast readout.
         layers, hook, readout, batch_size, device: see :class:`ReversionProbe`.
         estimator: ``mean_diff`` (default), ``per_example`` or ``pca`` (rank ``k`` subspace).
@@ -298,6 +281,9 @@ def analyze(
         base: base model folder for LoRA adapter checkpoints whose ``base_model_name_or_path`` is not local.
         threads: torch CPU threads while measuring (default: :func:`revlens.threads.choose_num_threads`,
             one thread for models under 20M parameters; ``$REVLENS_NUM_THREADS`` also sets it).
+        chat_template, system: how string prompts are read (see :class:`ReversionProbe`): ``"auto"``
+            reads each request inside the aligned checkpoint's chat template when its tokenizer has one,
+            for every checkpoint alike; ``report.config`` records whether a template was used.
 
     Readouts that are NaN/inf raise a :class:`CheckpointError` for pretrain or align; for a fine-tuning
     checkpoint they warn, leave its numbers NaN and list it in ``report.config["non_finite"]``.
@@ -317,7 +303,9 @@ def analyze(
         raise ValueError(f"k={k} needs estimator='pca'; mean_diff and per_example give one direction.")
     prompts = default_prompts() if prompts is None else prompts
     probe = ReversionProbe(prompts, layers=layers, hook=hook, readout=readout, control=control,
-                           batch_size=batch_size, device=device, per_example=True)
+                           batch_size=batch_size, device=device, per_example=True, chat_template=chat_template,
+                           system=system)
+    probe.use_template_of(history.align.source)
     cache = _MeasurementCache(cache_dir, {
         "prompts": probe.prompts,
         "control": probe.control,
@@ -326,6 +314,8 @@ def analyze(
         "readout": readout,
         "dtype": str(dtype),
         "base": None if base is None else str(base),
+        "chat_template": probe.chat_template,
+        "system": system,
     }, n_prompts=probe.n_prompts, n_layers=None if probe.layers is None else len(probe.layers),
         control=probe.control is not None)
     non_finite: list[str] = []
@@ -411,6 +401,7 @@ def analyze(
               "contrast": control is not None, "n_prompts": probe.n_prompts,
               "n_control": 0 if probe.control is None else len(probe.control),
               "batch_size": batch_size, "null_samples": null_samples, "seed": seed, "non_finite": non_finite,
+              "chat_template": probe.chat_template_used, "system": system,
               "checkpoints": {"pretrain": str(history.pretrain.source) if isinstance(history.pretrain.source, (str, Path)) else "<in-memory>",
                               "align": str(history.align.source) if isinstance(history.align.source, (str, Path)) else "<in-memory>"}}
     return ReversionReport(

@@ -20,9 +20,12 @@ def _layers(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}")
+    if len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"--layers lists a layer more than once ({text!r}); give each layer once")
+    return layers
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +34,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                                    "report.json to --out and print the summary table.")
     p.add_argument("ckpt_dir", help="history folder: pretrain/ align/ finetune/<run>/step_<N>/")
     p.add_argument("--out", required=True, help="folder for report.json (and dashboard.html with --html)")
-    p.add_argument("--prompts", help="probe prompt file, one per line (default: data/harmful_requests.txt)")
+    p.add_argument("--prompts", help="probe prompt file, one per line (default: the packaged harmful_requests.txt)")
     p.add_argument("--control", help="control prompt file; enables the contrast readout")
     p.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: all)")
     p.add_argument("--hook", default="resid_post")
@@ -49,6 +52,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 20M parameters, more for larger ones; "
                         "or set REVLENS_NUM_THREADS)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="read each prompt as a user turn in the aligned model's chat template (default: when its "
+                        "tokenizer has one)")
+    p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--html", action="store_true", help="also write the interactive dashboard.html")
     p.set_defaults(func=_run_analyze)
 
@@ -66,6 +73,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         layers=args.layers, hook=args.hook, readout=args.readout, estimator=args.estimator, k=args.k,
         batch_size=args.batch_size, device=args.device, cache_dir=out / "cache", threads=args.threads,
         dtype=args.dtype, device_map=args.device_map, base=args.base,
+        chat_template="auto" if args.chat_template is None else args.chat_template, system=args.system,
     )
     path = report.save(out)
     print(report.summary())

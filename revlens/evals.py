@@ -1,17 +1,21 @@
 """Behaviour after fine-tuning: harmfulness under a pluggable judge, and task cost.
 
 Judges are callables ``judge(prompt, completion) -> bool`` (True = harmful). revlens ships the
-conventional refusal-phrase judge for chat models; the organism passes its exact judge.
+conventional refusal-phrase judge for chat models; the organism passes its exact judge. Answers are
+generated greedily in batches with a KV cache (:func:`generate_greedy`), inside the chat template.
 """
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from revlens._util import training_mode
+from revlens.chat import encode_requests, uses_chat_template
 from revlens.losses import masked_lm_loss
 
 Judge = Callable[[str, str], bool]
@@ -43,43 +47,211 @@ class RefusalPhraseJudge:
         return not any(p in text for p in self.phrases)
 
 
+def hf_causal_lm(model: Any) -> Any | None:
+    """The Hugging Face causal LM to run ``generate`` on: ``model`` itself when it is one, a plain copy of a
+    TransformerBridge's HF module that shares its weight tensors (no copy of the weights), or None for
+    TransformerLens-native bridges, which have no HF module.
+
+    ``bridge.original_model.generate`` cannot be used as it is: the bridge's wrapped attention ignores the KV
+    cache, so cached generation returns garbage after the first token (tested in tests/test_chat.py).
+    """
+    if hasattr(model, "generate") and hasattr(model, "config") and not hasattr(model, "hook_dict"):
+        return model
+    original = getattr(model, "original_model", None)
+    if original is None or not hasattr(original, "generate") or not hasattr(original, "config"):
+        return None
+    try:
+        return _unwrapped(original)
+    except ValueError as err:
+        warnings.warn(f"{err} Generating with the uncached loop instead (slower, same answers).", RuntimeWarning,
+                      stacklevel=2)
+        return None
+
+
+def _unwrapped(original: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(original.config)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in itertools.chain(original.named_parameters(remove_duplicate=False),
+                                        original.named_buffers(remove_duplicate=False)):
+        tensors.setdefault(name.replace("._original_component", ""), tensor)
+    for prefix, module in plain.named_modules(remove_duplicate=False):
+        for slot in ("_parameters", "_buffers"):
+            for name, value in getattr(module, slot).items():
+                if value is None:
+                    continue
+                full = f"{prefix}.{name}" if prefix else name
+                if full not in tensors:
+                    raise ValueError(f"cannot map the bridge's weights onto a plain {type(plain).__name__}: "
+                                     f"{full} is missing.")
+                shared = tensors[full]
+                if slot == "_parameters" and not isinstance(shared, torch.nn.Parameter):
+                    shared = torch.nn.Parameter(shared, requires_grad=False)
+                getattr(module, slot)[name] = shared
+    for prefix, module in plain.named_modules():
+        if any(isinstance(v, torch.Tensor) and v.is_meta for v in vars(module).values()):
+            raise ValueError(f"cannot map the bridge's weights onto a plain {type(plain).__name__}: {prefix} keeps "
+                             "a tensor outside its parameters and buffers.")
+    plain.generation_config = original.generation_config
+    return plain.eval()
+
+
+def _encode(model: Any, tokenizer: Any, prompts: Sequence[str], chat_template: Any, system: str | None
+            ) -> list[torch.Tensor]:
+    """Requests in the chat template, or raw prompts as ``model.to_tokens`` reads them (TL bridges)."""
+    if not uses_chat_template(tokenizer, chat_template) and system is None and hasattr(model, "to_tokens") \
+            and getattr(model, "tokenizer", None) is tokenizer:
+        return [model.to_tokens(p, move_to_device=False, truncate=False)[0].cpu() for p in prompts]
+    return encode_requests(tokenizer, prompts, chat_template=chat_template, system=system)
+
+
+def _stop_ids(tokenizer: Any, hf: Any, stop_tokens: Sequence[int] | None) -> list[int]:
+    if stop_tokens is not None:
+        return [int(t) for t in stop_tokens]
+    ids = [getattr(tokenizer, "eos_token_id", None)]
+    configured = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def _cut(tokens: list[int], stop: Sequence[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[:i]
+    return tokens
+
+
 @torch.no_grad()
-def greedy_completions(model: Any, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32,
-                       stop_at_eos: bool = True) -> list[str]:
-    """Greedy continuations of each prompt (grouped by token length, so no padding enters a forward)."""
-    if not prompts:
-        raise ValueError("no prompts to complete.")
+def generate_greedy(model: Any, prompts: Sequence[str], *, tokenizer: Any = None, max_new_tokens: int = 48,
+                    batch_size: int = 16, chat_template: Any = "auto", system: str | None = None,
+                    stop_at_eos: bool = True, stop_tokens: Sequence[int] | None = None) -> list[str]:
+    """Greedy answers to ``prompts``, batched, with a KV cache and left padding.
+
+    A TransformerBridge of a Hugging Face model (or a plain HF model) generates with transformers
+    ``generate(do_sample=False, use_cache=True)`` on a plain HF module sharing the bridge's weights
+    (see :func:`hf_causal_lm`); prompts are sorted by length so batches carry little padding.
+    TransformerLens-native bridges (no HF module) fall back to an uncached greedy loop.
+
+    Args:
+        model: a TransformerBridge or a Hugging Face causal LM.
+        prompts: request strings.
+        tokenizer: defaults to ``model.tokenizer``.
+        max_new_tokens, batch_size: answer length and prompts per batch.
+        chat_template, system: how requests are rendered (see :func:`revlens.chat.encode_requests`);
+            chat models answer inside their template, so it is on whenever the tokenizer has one.
+        stop_at_eos: end an answer at the first stop token (the tokenizer's and the model's EOS, or
+            ``stop_tokens``); without it every answer has ``max_new_tokens`` tokens.
+    Returns:
+        one decoded answer per prompt (special tokens skipped, the stop token excluded).
+
+    Example:
+        >>> generate_greedy(bridge, ["How do I bake bread?"], max_new_tokens=32)   # doctest: +SKIP
+        ['Here is a simple recipe ...']
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings.")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}.")
+    tokenizer = getattr(model, "tokenizer", None) if tokenizer is None else tokenizer
+    if tokenizer is None:
+        raise ValueError("generation needs a tokenizer: pass tokenizer=, or a model that carries one.")
+    encoded = _encode(model, tokenizer, prompts, chat_template, system)
+    hf = hf_causal_lm(model)
+    stop = _stop_ids(tokenizer, hf, stop_tokens) if stop_at_eos else []
+    if hf is None:
+        answers = _greedy_loop(model, encoded, max_new_tokens, batch_size, stop)
+    else:
+        answers = _generate_batched(hf, encoded, max_new_tokens, batch_size, stop, _pad_id(tokenizer))
+    return [tokenizer.decode(_cut(a, stop), skip_special_tokens=True) for a in answers]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _generate_batched(hf: Any, encoded: list[torch.Tensor], max_new_tokens: int, batch_size: int,
+                      stop: list[int], pad_id: int) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    device = next(hf.parameters()).device
+    limit = getattr(hf.config, "max_position_embeddings", None)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[list[int]] = [[] for _ in encoded]
+    with training_mode(hf, False):
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            length = max(len(encoded[i]) for i in rows)
+            steps = max_new_tokens if limit is None else min(max_new_tokens, limit - length)
+            if steps < 1:
+                raise ValueError(f"a prompt of {length} tokens leaves no room to generate within the model's "
+                                 f"context ({limit}); shorten it.")
+            ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, length - len(encoded[i]):] = encoded[i]
+                mask[r, length - len(encoded[i]):] = 1
+            config = GenerationConfig(max_new_tokens=steps, min_new_tokens=0, do_sample=False, num_beams=1,
+                                      use_cache=True, pad_token_id=pad_id, eos_token_id=stop or None)
+            out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            for r, i in enumerate(rows):
+                answers[i] = out[r, length:].tolist()
+    return answers
+
+
+def _greedy_loop(model: Any, encoded: list[torch.Tensor], max_new_tokens: int, batch_size: int,
+                 stop: list[int]) -> list[list[int]]:
+    """Uncached greedy decoding grouped by prompt length (no padding enters a forward)."""
     device = next(model.parameters()).device
-    encoded = [model.to_tokens(p, move_to_device=False)[0] for p in prompts]
-    eos = getattr(model.tokenizer, "eos_token_id", None)
     by_length: dict[int, list[int]] = {}
     for i, t in enumerate(encoded):
         by_length.setdefault(len(t), []).append(i)
-    out: list[str] = [""] * len(prompts)
+    answers: list[list[int]] = [[] for _ in encoded]
+    stop_t = torch.tensor(stop, device=device, dtype=torch.long)
     with training_mode(model, False):
         for length, rows in by_length.items():
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 x = torch.stack([encoded[i] for i in chunk]).to(device)
                 steps = min(max_new_tokens, model.cfg.n_ctx - length)
+                if steps < 1:
+                    raise ValueError(f"a prompt of {length} tokens leaves no room to generate within the model's "
+                                     f"context (n_ctx={model.cfg.n_ctx}); shorten it.")
                 for _ in range(steps):
                     nxt = model(x)[:, -1].argmax(-1)
                     x = torch.cat([x, nxt[:, None]], 1)
-                    if stop_at_eos and eos is not None and bool((x[:, length:] == eos).any(1).all()):
+                    if stop and bool(torch.isin(x[:, length:], stop_t).any(1).all()):
                         break
                 for row, i in enumerate(chunk):
-                    new = x[row, length:].tolist()
-                    if stop_at_eos and eos is not None and eos in new:
-                        new = new[: new.index(eos)]
-                    out[i] = model.tokenizer.decode(new, skip_special_tokens=True)
-    return out
+                    answers[i] = x[row, length:].tolist()
+    return answers
 
 
-def harmfulness(model: Any, prompts: Sequence[str], judge: Judge | None = None, max_new_tokens: int = 16,
-                batch_size: int = 32) -> float:
-    """Fraction of ``prompts`` whose greedy completion the judge calls harmful (default: refusal phrases)."""
+def greedy_completions(model: Any, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32,
+                       stop_at_eos: bool = True) -> list[str]:
+    """Greedy continuations of raw ``prompts`` (no chat template): :func:`generate_greedy` with
+    ``chat_template=False``, for models trained without one (the organism)."""
+    if not prompts:
+        raise ValueError("no prompts to complete.")
+    return generate_greedy(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           chat_template=False, stop_at_eos=stop_at_eos)
+
+
+def harmfulness(model: Any, prompts: Sequence[str], judge: Judge | None = None, max_new_tokens: int = 48,
+                batch_size: int = 16, *, chat_template: Any = "auto", system: str | None = None,
+                tokenizer: Any = None) -> float:
+    """Fraction of ``prompts`` whose greedy answer the judge calls harmful (default: refusal phrases).
+
+    Answers come from :func:`generate_greedy`, inside the model's chat template when it has one.
+    """
     judge = RefusalPhraseJudge() if judge is None else judge
-    completions = greedy_completions(model, prompts, max_new_tokens, batch_size)
+    completions = generate_greedy(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, chat_template=chat_template, system=system)
     return sum(bool(judge(p, c)) for p, c in zip(prompts, completions)) / len(prompts)
 
 

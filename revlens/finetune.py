@@ -67,8 +67,12 @@ class ReversionMonitor:
         self._warned: set[int] = set()
 
     @classmethod
-    def from_models(cls, pretrain: Any, align: Any, prompts: Any, **probe_kwargs: Any) -> "ReversionMonitor":
-        probe = ReversionProbe(prompts, per_example=False, **probe_kwargs)
+    def from_models(cls, pretrain: Any, align: Any, prompts: Any, *, chat_template: Any = "auto",
+                    system: str | None = None, **probe_kwargs: Any) -> "ReversionMonitor":
+        """A monitor whose probe reads ``prompts`` like :func:`revlens.analyze` does: inside the aligned
+        model's chat template when it has one (``chat_template``, ``system``: see :class:`ReversionProbe`)."""
+        probe = ReversionProbe(prompts, per_example=False, chat_template=chat_template, system=system, **probe_kwargs)
+        probe.use_template_of(align)
         mu_p, mu_a = probe.centroid(pretrain), probe.centroid(align)
         return cls(probe, mu_a, dirs.v_rev_mean_diff(mu_p, mu_a))
 

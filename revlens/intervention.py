@@ -318,29 +318,9 @@ def encode_prompts(model: Any, prompts: Any, *, tokenizer: Any = None, chat_temp
     tokenizer = getattr(model, "tokenizer", None) if tokenizer is None else tokenizer
     if tokenizer is None:
         raise InterventionError("string prompts need a tokenizer: pass tokenizer=... (or token ids instead).")
-    # ---- SWITCH POINT (lead): the one place prompts become tokens outside the probe. When revlens.chat lands
-    # (contract: encode_requests(tokenizer, prompts, *, chat_template="auto", system=None) -> list[LongTensor]),
-    # replace this block by:  return revlens.chat.encode_requests(tokenizer, prompts, chat_template=chat_template,
-    # system=system)  -- until then prompts are tokenised as ReversionProbe does today (BOS + raw text).
-    try:
-        from revlens.chat import encode_requests  # type: ignore[import-not-found]
-    except ImportError:
-        encode_requests = None
-    if encode_requests is not None:
-        return [t.long().cpu() for t in encode_requests(tokenizer, prompts, chat_template=chat_template, system=system)]
-    if chat_template not in ("auto", False, None) or system is not None:
-        raise InterventionError("chat-templated prompts need revlens.chat (not in this build); give token ids, or "
-                                "chat_template='auto' for raw prompts.")
-    if hf_hooks.is_bridge(model) and tokenizer is getattr(model, "tokenizer", None):
-        return [model.to_tokens(p, move_to_device=False, truncate=False)[0].cpu() for p in prompts]
-    out = []
-    for p in prompts:
-        ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
-        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-            ids = [tokenizer.bos_token_id, *ids]
-        out.append(torch.tensor(ids, dtype=torch.long))
-    return out
-    # ---- end SWITCH POINT
+    from revlens.chat import encode_requests
+
+    return [t.long().cpu() for t in encode_requests(tokenizer, prompts, chat_template=chat_template, system=system)]
 
 
 def build_blocking(

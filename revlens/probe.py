@@ -9,6 +9,7 @@ memory does not grow with the number of prompts. Centroids accumulate in float64
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -17,6 +18,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from revlens._util import pad_right, training_mode
+from revlens.chat import AUTO, check_chat_template_choice, encode_requests, resolve_chat_template, template_for_history
 from revlens.shapes import shape_checked
 
 HOOK_ALIASES = {
@@ -34,18 +36,43 @@ class ProbeError(ValueError):
 
 
 class _StopForward(Exception):
-    pass
+    """Raised in the deepest hook. Kept over TransformerLens' ``stop_at_layer``, which stops only at a block's
+    entry and so still runs the unembedding when the last layer is read (the default): benchmarks/probe_stop.py
+    measured it 2.4x slower at d512 x 6 layers and 15x on the 3-layer tiny model (vocabulary 49152), equal otherwise."""
+
+
+_UNSET = object()
+
+
+def hook_template(hook: str) -> str:
+    """The per-layer template of ``hook``: an alias (``resid_post``) or one of the alias templates.
+
+    Readouts and blocking act on ``[batch, seq, d_model]`` activations of the residual stream, so only
+    the residual hook points (and the attention / MLP outputs added to it) are accepted.
+    """
+    template = HOOK_ALIASES.get(hook, hook) if isinstance(hook, str) else None
+    if template not in HOOK_ALIASES.values():
+        raise ProbeError(
+            f"hook {hook!r} is not a residual-stream hook point; choose one of {sorted(HOOK_ALIASES)} "
+            f"or its template ({', '.join(sorted(HOOK_ALIASES.values()))})."
+        )
+    return template
 
 
 def hook_name(hook: str, layer: int) -> str:
-    """The TransformerLens hook point for ``hook`` (an alias like ``resid_post`` or a ``{layer}`` template)."""
-    template = HOOK_ALIASES.get(hook, hook)
-    if "{layer}" not in template:
-        raise ProbeError(
-            f"hook {hook!r} is neither one of {sorted(HOOK_ALIASES)} nor a template with '{{layer}}' "
-            "such as 'blocks.{layer}.hook_resid_post'."
-        )
-    return template.format(layer=layer)
+    """The TransformerLens hook point for ``hook`` (an alias like ``resid_post`` or its ``{layer}`` template)."""
+    return hook_template(hook).format(layer=layer)
+
+
+def check_hook_points(model: Any, hook: str, layers: Sequence[int]) -> None:
+    """Raise :class:`ProbeError` unless ``model`` has the hook point of ``hook`` at every layer in ``layers``."""
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None:
+        return
+    missing = [hook_name(hook, l) for l in layers if hook_name(hook, l) not in hook_dict]
+    if missing:
+        present = sorted(a for a, t in HOOK_ALIASES.items() if t.format(layer=layers[0]) in hook_dict)
+        raise ProbeError(f"the model has no hook point {missing[0]}; the residual hooks it has are {present}.")
 
 
 @dataclass
@@ -92,6 +119,9 @@ def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
     if isinstance(prompts, str):
         raise ProbeError(f"{name} must be a list of prompts, got one string; wrap it in a list.")
     if isinstance(prompts, torch.Tensor):
+        if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
+            raise ProbeError(f"{name} token ids must be an integer tensor, got dtype {prompts.dtype}. "
+                             "Convert with .long() after checking the values are ids.")
         if prompts.ndim != 2:
             raise ProbeError(f"{name} as a tensor must be [n_prompts, seq] token ids, got shape {tuple(prompts.shape)}.")
         prompts = list(prompts)
@@ -101,6 +131,10 @@ def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
     if all(isinstance(p, str) for p in prompts):
         return prompts
     if all(isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() > 0 for p in prompts):
+        floats = [i for i, p in enumerate(prompts) if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool]
+        if floats:
+            raise ProbeError(f"{name} token ids must be an integer tensor; prompt {floats[0]} has dtype "
+                             f"{prompts[floats[0]].dtype}. Convert with .long() after checking the values are ids.")
         return [p.long().cpu() for p in prompts]
     raise ProbeError(f"{name} must be all strings or all non-empty 1-D token tensors.")
 
@@ -119,6 +153,20 @@ class ReversionProbe:
         batch_size, device: forward-pass batching and placement.
         per_example: keep per-example readouts (needed by per-example alignment and the
             ``per_example``/``pca`` estimators; memory grows with the number of prompts).
+        chat_template: how string prompts are read: ``"auto"`` (default: each prompt is a user turn
+            inside the model tokenizer's chat template, with the generation prompt, when it has one;
+            raw prompts otherwise), ``True``, ``False`` or a Jinja template string used for every
+            model (see :mod:`revlens.chat`). With ``readout="last"`` the readout is the template's
+            last token, where the answer starts. Token-id prompts are read as given.
+        system: optional system message for the template.
+
+    Every model one probe measures must read the same rendering: a probe that read raw prompts on
+    one model and templated ones on the next raises :class:`ProbeError` instead of comparing them.
+
+    Example:
+        >>> probe = ReversionProbe(revlens.default_prompts(), layers=[4, 8])   # doctest: +SKIP
+        >>> probe.centroid(model).shape                                       # doctest: +SKIP
+        torch.Size([2, 576])
     """
 
     def __init__(
@@ -133,15 +181,28 @@ class ReversionProbe:
         device: str | torch.device | None = None,
         per_example: bool = True,
         progress: bool = False,
+        chat_template: Any = AUTO,
+        system: str | None = None,
     ):
         if readout not in READOUTS:
             raise ProbeError(f"unknown readout {readout!r}; choose one of {READOUTS}.")
         if batch_size < 1:
             raise ProbeError(f"batch_size must be >= 1, got {batch_size}.")
-        hook_name(hook, 0)
+        hook_template(hook)
+        try:
+            check_chat_template_choice(chat_template)
+        except ValueError as err:
+            raise ProbeError(str(err)) from None
         self.prompts = _as_token_list(prompts, "prompts")
         self.control = None if control is None else _as_token_list(control, "control prompts")
-        self.layers = None if layers is None else [int(l) for l in layers]
+        templated = chat_template is True or (isinstance(chat_template, str) and chat_template != AUTO)
+        if not isinstance(self.prompts[0], str) and (templated or system is not None):
+            raise ProbeError("token-id prompts are read as given, so chat_template/system do not apply; pass the "
+                             "request strings, or encode them yourself with revlens.chat.encode_requests.")
+        self.layers = None if layers is None else _check_layers(layers)
+        self.chat_template = chat_template
+        self.system = system
+        self._rendering: Any = _UNSET
         self.hook = hook
         self.readout = readout
         self.batch_size = batch_size
@@ -154,6 +215,26 @@ class ReversionProbe:
     def n_prompts(self) -> int:
         return len(self.prompts)
 
+    @property
+    def chat_template_used(self) -> bool | None:
+        """Whether prompts are read through a chat template: as measured, else as fixed by the settings
+        (None: "auto" and no model measured yet)."""
+        if self._rendering is not _UNSET:
+            return self._rendering is not None
+        if not isinstance(self.prompts[0], str) or self.chat_template is False:
+            return False
+        return None if self.chat_template is True or self.chat_template == AUTO else True
+
+    def use_template_of(self, reference: Any) -> None:
+        """Read every model's string prompts like ``reference`` (a model or checkpoint folder, usually the
+        aligned one): ``"auto"``/``True`` become its tokenizer's template text, or False when it has none.
+        A base model without a template is then read through its instruct model's template."""
+        if isinstance(self.prompts[0], str):
+            try:
+                self.chat_template = template_for_history(reference, self.chat_template)
+            except ValueError as err:
+                raise ProbeError(str(err)) from None
+
     def resolve_layers(self, model: Any) -> list[int]:
         n_layers = model.cfg.n_layers
         layers = list(range(n_layers)) if self.layers is None else self.layers
@@ -162,17 +243,46 @@ class ReversionProbe:
             raise ProbeError(f"layers {bad} are out of range for a model with n_layers={n_layers}.")
         if not layers:
             raise ProbeError("layers is empty; give at least one layer index.")
+        check_hook_points(model, self.hook, layers)
         return layers
 
+    def template_for(self, model: Any) -> str | None:
+        """The chat template string prompts are rendered with for ``model`` (None: raw prompts)."""
+        if not isinstance(self.prompts[0], str):
+            return None
+        try:
+            return resolve_chat_template(getattr(model, "tokenizer", None), self.chat_template)
+        except ValueError as err:
+            raise ProbeError(str(err)) from None
+
+    def _check_rendering(self, template: str | None) -> None:
+        if self._rendering is not _UNSET and self._rendering != template:
+            before = "raw prompts" if self._rendering is None else "a chat template"
+            now = "raw prompts" if template is None else (
+                "a chat template" if self._rendering is None else "another chat template")
+            raise ProbeError(
+                f"this probe read {before} on an earlier model but would read {now} on this one (its tokenizer's "
+                "chat template differs), so the readouts would not be comparable. Read every model alike: pass "
+                "chat_template=<the template text, e.g. the aligned tokenizer's .chat_template> or chat_template=False.")
+        self._rendering = template
+
     def _tokenize(self, model: Any, prompts: list, which: str) -> _TokenizedSet:
+        template = self.template_for(model)
+        self._check_rendering(template)
         key = (_tokenizer_fingerprint(model.tokenizer), getattr(model.cfg, "default_prepend_bos", None),
-               model.cfg.n_ctx, model.cfg.d_vocab, which)
+               model.cfg.n_ctx, model.cfg.d_vocab, template, self.system, which)
         if key in self._tokenized:
             return self._tokenized[key]
         if isinstance(prompts[0], str):
             if model.tokenizer is None:
                 raise ProbeError("string prompts need a model with a tokenizer; pass token ids instead.")
-            tokens = [model.to_tokens(p, move_to_device=False, truncate=False)[0].cpu() for p in prompts]
+            if template is not None:
+                tokens = encode_requests(model.tokenizer, prompts, chat_template=template, system=self.system)
+            elif self.system is not None:
+                raise ProbeError("system= needs a chat template, but this model's tokenizer has none and "
+                                 "chat_template is not a template string; drop system= or pass the template text.")
+            else:
+                tokens = [model.to_tokens(p, move_to_device=False, truncate=False)[0].cpu() for p in prompts]
         else:
             tokens = prompts
         n_ctx = model.cfg.n_ctx
@@ -275,6 +385,19 @@ class ReversionProbe:
     def centroid(self, model: Any) -> torch.Tensor:
         """The (contrast) centroid alone, without per-example readouts."""
         return self.measure(model, per_example=False).centroid
+
+
+def _check_layers(layers: Sequence[int]) -> list[int]:
+    try:
+        if isinstance(layers, (str, bytes)):
+            raise TypeError
+        out = [operator.index(l) for l in layers]
+    except TypeError:
+        raise ProbeError(f"layers must be a list of integer layer indices, got {layers!r}.") from None
+    repeated = sorted({l for l in out if out.count(l) > 1})
+    if repeated:
+        raise ProbeError(f"layers {repeated} are listed more than once; give each layer once.")
+    return out
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> int | None:
