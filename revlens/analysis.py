@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from revlens import directions as dirs
+from revlens import distributed as dist_
 from revlens import nulls, selection
 from revlens._util import atomic_save_tensors
 from revlens.checkpoints import CheckpointError, CheckpointLoader, CheckpointRef, History, check_same_architecture
@@ -239,6 +240,52 @@ def _check_readouts(ref: CheckpointRef, result: ProbeResult, layer_ids: Sequence
     return bad
 
 
+def _distributed_context(distributed: bool, history: History, cache_dir: Any, device_map: Any) -> dist_.DistContext:
+    """This process's rank in the torchrun job (a world of one unless ``distributed``), after checking that
+    the ranks can hand their measurements over through the cache."""
+    if not distributed:
+        return dist_.DistContext()
+    if cache_dir is None:
+        raise ValueError("distributed analysis needs cache_dir: ranks hand their measurements over through it. "
+                         "Give a folder on a filesystem every rank sees.")
+    in_memory = [ref.label for ref in history if not isinstance(ref.source, (str, Path))]
+    if in_memory:
+        raise ValueError(f"distributed analysis reads checkpoints from disk; {in_memory[:3]} are in-memory models. "
+                         "Save them with save_checkpoint, or analyze them in one process.")
+    ctx = dist_.init()
+    if device_map is not None and ctx.local_world_size > 1:
+        raise ValueError(f"device_map={device_map!r} spreads each checkpoint over all GPUs of a node, but "
+                         f"{ctx.local_world_size} ranks run on this node: start one rank per node "
+                         "(torchrun --nproc-per-node 1 --nnodes N).")
+    dist_.check_shared_folder(cache_dir, ctx)
+    dist_.check_same([ref.label for ref in history], ctx, "the history's checkpoints")
+    return ctx
+
+
+def _measure_shard(history: History, ctx: dist_.DistContext, cache: _MeasurementCache, measure: Any, bar: Any) -> None:
+    """The distributed pre-pass of :func:`analyze`: this rank measures its share of the checkpoints that the
+    cache lacks, then waits for the others, so that the sequential pass finds every measurement cached.
+
+    Rank 0 lists the missing checkpoints (before anyone writes) and deals them round robin. Each is
+    measured with the same ``measure(ref)`` call the sequential pass makes, so nothing is measured twice.
+    """
+    missing = [i for i, ref in enumerate(history) if cache.get(ref) is None] if ctx.is_main else None
+    missing = dist_.broadcast_object(missing, ctx)
+    refs = list(history)
+    mine = dist_.shard(missing, ctx)
+    bar.reset(total=len(mine))
+    bar.set_description(f"revlens analyze (rank {ctx.rank}/{ctx.world_size})")
+    error = None
+    try:
+        for i in mine:
+            measure(refs[i])
+    except Exception as err:  # noqa: BLE001  every rank must hear of it, or the others wait until the timeout
+        error = err
+    dist_.raise_if_any_failed(error, ctx, "measuring checkpoints")
+    bar.reset(total=len(history))
+    bar.set_description("revlens analyze")
+
+
 def analyze(
     ckpts: Any,
     prompts: Any = None,
@@ -261,6 +308,7 @@ def analyze(
     threads: int | None = None,
     chat_template: Any = "auto",
     system: str | None = None,
+    distributed: bool = False,
 ) -> ReversionReport:
     """Measure v_rev and the alignment of fine-tuning drift with it, layer by layer.
 
@@ -284,6 +332,10 @@ def analyze(
         chat_template, system: how string prompts are read (see :class:`ReversionProbe`): ``"auto"``
             reads each request inside the aligned checkpoint's chat template when its tokenizer has one,
             for every checkpoint alike; ``report.config`` records whether a template was used.
+        distributed: inside a ``torchrun`` job, split the checkpoints across ranks (see
+            :func:`_measure_shard`); needs ``cache_dir`` on a filesystem every rank sees. Every rank returns
+            the same report; write it from rank 0 only. Each rank uses ``cuda:<LOCAL_RANK>`` (or the CPU)
+            unless ``device``/``device_map`` say otherwise; with ``device_map="auto"`` run one rank per node.
 
     Readouts that are NaN/inf raise a :class:`CheckpointError` for pretrain or align; for a fine-tuning
     checkpoint they warn, leave its numbers NaN and list it in ``report.config["non_finite"]``.
@@ -299,6 +351,10 @@ def analyze(
         raise ValueError(f"cache_dir {cache_dir} is a file; give a folder (it is created if missing).")
     policy = ThreadPolicy(threads)
     history = History.coerce(ckpts, base)
+    ctx = _distributed_context(distributed, history, cache_dir, device_map)
+    if ctx.active and device is None and device_map is None:
+        device = ctx.device
+    progress = progress and ctx.is_main
     if estimator != "pca" and k != 1:
         raise ValueError(f"k={k} needs estimator='pca'; mean_diff and per_example give one direction.")
     prompts = default_prompts() if prompts is None else prompts
@@ -345,6 +401,8 @@ def analyze(
 
     policy.start()
     try:
+        if ctx.active:
+            _measure_shard(history, ctx, cache, measure, bar)
         pre = measure(history.pretrain)
         layer_ids = reference.get("layers") or probe.layers or list(range(pre.centroid.shape[0]))
         _check_readouts(history.pretrain, pre, layer_ids, fatal=True)

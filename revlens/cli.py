@@ -61,20 +61,24 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    from revlens import distributed
     from revlens.analysis import analyze, load_prompt_file
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (it will hold report.json and cache/).")
+    in_job = distributed.launched_by_torchrun()  # under torchrun with N > 1: ranks share the checkpoints
     report = analyze(
         args.ckpt_dir,
         load_prompt_file(args.prompts) if args.prompts else None,
         control=load_prompt_file(args.control) if args.control else None,
         layers=args.layers, hook=args.hook, readout=args.readout, estimator=args.estimator, k=args.k,
         batch_size=args.batch_size, device=args.device, cache_dir=out / "cache", threads=args.threads,
-        dtype=args.dtype, device_map=args.device_map, base=args.base,
+        dtype=args.dtype, device_map=args.device_map, base=args.base, distributed=in_job,
         chat_template="auto" if args.chat_template is None else args.chat_template, system=args.system,
     )
+    if in_job and not distributed.current().is_main:
+        return 0
     path = report.save(out)
     print(report.summary())
     print(f"report written to {path}")
@@ -96,17 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `revlens` command; user errors print one line and exit 2."""
     from revlens.checkpoints import CheckpointError
+    from revlens.distributed import DistributedError, shutdown
     from revlens.probe import ProbeError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ProbeError, OSError, ValueError) as err:
+    except (CheckpointError, ProbeError, OSError, ValueError, DistributedError) as err:
         print(f"revlens {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"revlens {args.command}: interrupted; finished work is kept and a rerun resumes it.", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from revlens import directions as dirs
+from revlens import distributed as dist_
 from revlens._util import atomic_write_json, temp_sibling
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import move_quietly, save_checkpoint
@@ -383,6 +384,7 @@ def finetune(
     schedule: str = "constant",
     lora: Any = None,
     spec: Any = None,
+    distributed: bool | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``tokens`` ``[n, seq]`` with ``loss_mask`` ``[n, seq]``.
 
@@ -410,6 +412,14 @@ def finetune(
             are then adapter folders.
         spec: the :class:`~revlens.blocking_spec.BlockingSpec` (or its string) that built ``blocking`` and
             ``anchor``; its canonical string is recorded with the settings, so a resume refuses another mode.
+        distributed: data-parallel over the ranks of a ``torchrun`` job (default: when one is running;
+            ``False``: every rank trains alone). The ``batch_size * grad_accum`` rows of each step are the
+            same as in one process; their micro-batches are dealt across ranks
+            (:func:`revlens.distributed.step_micro_batches`) and the gradients summed, so the weights
+            equal a one-process run's up to float summation order (dropout aside: each rank's random
+            stream restarts at every step). Blocking hooks act per rank on its micro-batches; the anchor
+            penalty is computed on every rank and counted once (scaled by 1/world_size). Rank 0 alone
+            writes checkpoints and state (``out_dir`` must be shared by all nodes) and runs ``monitor``.
     Returns:
         :class:`FinetuneResult`: task loss and learning rate per step run, checkpoint folders, monitor
         readings, the step resumed from and the settings recorded with the state.
@@ -437,8 +447,10 @@ def finetune(
         raise ValueError(f"save_steps {bad} fall outside 1..{steps}.")
     if save_steps and out_dir is None:
         raise ValueError("save_steps needs an out_dir to write checkpoints to.")
-    move_quietly(model, device)
+    ctx = dist_.context(distributed)
+    move_quietly(model, ctx.device if ctx.active and device is None else device)
     dev = next(model.parameters()).device
+    dist_.broadcast_parameters([t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()], ctx)
     start_weights = weights_fingerprint(model)
     if lora is not None:
         with _seeded(seed, 0, dev):
@@ -456,6 +468,7 @@ def finetune(
     }
     if spec is not None:
         settings["spec"] = str(BlockingSpec.parse(spec))
+    dist_.check_same(settings, ctx, "the fine-tuning settings")
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no trainable parameters (every requires_grad is False).")
@@ -467,7 +480,9 @@ def finetune(
     out = None if out_dir is None else Path(out_dir)
     run_dir = None if out is None else out / "finetune" / run_name
     if run_dir is not None:
-        folder = _resume_point(run_dir, settings, steps, overwrite)
+        dist_.check_shared_folder(out, ctx, "out_dir")
+        folder = dist_.on_main(lambda: _resume_point(run_dir, settings, steps, overwrite), ctx,
+                               "checking the saved state")
         if folder is not None and resume:
             start, result.losses = _load_state(folder, trainable, opt, scheduler)
             result.resumed_from = start
@@ -477,13 +492,14 @@ def finetune(
     autocast = (lambda: torch.autocast(device_type=dev.type, dtype=autocast_dtype)) if autocast_dtype is not None \
         else contextlib.nullcontext
     model.train()
-    bar = tqdm(range(start + 1, steps + 1), desc=f"finetune {run_name}", disable=not progress, leave=False)
+    bar = tqdm(range(start + 1, steps + 1), desc=f"finetune {run_name}", disable=not (progress and ctx.is_main),
+               leave=False)
     for step in bar:
         opt.zero_grad(set_to_none=True)
         idx = _batch_indices(n, batch_size * grad_accum, seed, step)
         total = 0.0
         with _seeded(seed, step, dev):
-            for micro in idx.split(batch_size):
+            for micro in dist_.step_micro_batches(idx, batch_size, ctx):
                 x, m = tokens[micro].to(dev), loss_mask[micro].to(dev)
                 if blocking is None:
                     with autocast():
@@ -497,7 +513,9 @@ def finetune(
             if anchor is not None:
                 with autocast():
                     penalty = anchor.penalty(model, step)
-                penalty.backward()
+                (penalty * dist_.replicated_loss_scale(ctx) if ctx.active else penalty).backward()
+        dist_.all_reduce_gradients(trainable.values(), ctx)
+        total = dist_.all_reduce_sum(total, ctx)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
         result.lrs[step] = float(opt.param_groups[0]["lr"])
@@ -507,12 +525,16 @@ def finetune(
         bar.set_postfix(loss=f"{total:.4f}")
         if on_step is not None:
             on_step(step, model)
-        if monitor is not None and step in watch:
+        if monitor is not None and step in watch and ctx.is_main:
             result.monitor[step] = monitor.update(model, step).tolist()
             model.train()
         if step in save_set and run_dir is not None:
-            result.checkpoints[step] = save_checkpoint(model, run_dir / f"step_{step}")
-            _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
+            def save(step: int = step) -> Path:
+                path = save_checkpoint(model, run_dir / f"step_{step}")
+                _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
+                return path
+
+            result.checkpoints[step] = dist_.on_main(save, ctx, f"saving step {step}")
     if run_dir is not None:
         for step in sorted(save_set):
             if (run_dir / f"step_{step}").is_dir():

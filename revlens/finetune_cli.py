@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from revlens.report import ReversionReport
 
 # Options that only the --data path uses (default None so that their use is detectable).
-DATA_OPTIONS = ("lr", "batch_size", "lora_r", "lora_alpha", "dtype", "autocast", "max_grad_norm", "warmup",
-                "schedule", "save_steps", "prompts", "control", "max_length", "run_name")
+DATA_OPTIONS = ("lr", "batch_size", "grad_accum", "lora_r", "lora_alpha", "dtype", "autocast", "max_grad_norm",
+                "warmup", "schedule", "save_steps", "prompts", "control", "max_length", "run_name")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -87,7 +87,11 @@ def add_cli(sub: Any, finetuners: Mapping[str, str | Callable[..., dict]] | None
     p.add_argument("--layers", type=parse_layers, default=None, help="comma-separated layers to block (default: all)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100; demo: its preset)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, with LoRA 2e-4)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 8)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per micro-batch (default 8); a step reads batch size x grad accum rows")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches of --batch-size rows per optimizer step (default 1); under torchrun they are "
+                        "dealt across the ranks, so give a multiple of the number of processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-name", default=None, help="run folder name (default seed_<seed>)")
     p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (all linear layers)")
@@ -148,9 +152,17 @@ def _resolve(target: str | Callable[..., dict]) -> Callable[..., dict]:
 
 
 def run_cli(args: argparse.Namespace, finetuners: Mapping[str, Any]) -> int:
+    from revlens import distributed
+
     history, out = Path(args.history_dir), Path(args.out)
     _check_history(history)
     _check_layers(args.layers, _n_layers(history / "align"))
+    ctx = distributed.context(None)  # under torchrun: data-parallel, each rank on cuda:LOCAL_RANK (or the CPU)
+    if ctx.active:
+        if args.data is None:
+            raise ValueError("under torchrun, `revlens finetune` needs --data (demo histories fine-tune in one "
+                             "process).")
+        args.device = args.device or ctx.device
     if args.data is None:
         marker = next((m for m in finetuners if (history / m).is_file()), None)
         if marker is None:
@@ -167,6 +179,8 @@ def run_cli(args: argparse.Namespace, finetuners: Mapping[str, Any]) -> int:
                                                steps=args.steps, device=args.device)
     else:
         metrics = finetune_history(history, out, args)
+        if not ctx.is_main:
+            return 0
         atomic_write_json(out / "metrics.json", metrics, indent=1)
     _link_phases(history, out)
     print(json.dumps(metrics, indent=1))
@@ -294,7 +308,8 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
     run = args.run_name or f"seed_{args.seed}"
     save_steps = [s for s in (args.save_steps or default_save_steps(steps)) if s <= steps]
     result = finetune(model, data.tokens, data.loss_mask, steps=steps, lr=lr, batch_size=args.batch_size or 8,
-                      seed=args.seed, blocking=blocking, save_steps=save_steps, out_dir=out, run_name=run,
+                      grad_accum=args.grad_accum or 1, seed=args.seed, blocking=blocking, save_steps=save_steps,
+                      out_dir=out, run_name=run,
                       overwrite=args.overwrite, autocast_dtype=autocast, max_grad_norm=args.max_grad_norm,
                       warmup_steps=args.warmup or 0, schedule=args.schedule or "constant", lora=lora,
                       spec=spec, anchor=anchor)
