@@ -64,6 +64,8 @@ def test_two_rank_analyze_matches_one_process_and_measures_each_checkpoint_once(
     assert sorted(measured) == sorted(everything - partial)  # each missing checkpoint once, on one rank
     assert loads[0] and loads[1]
     got = ReversionReport.load(out)
+    reference.save(tmp_path / "single")  # through the same storage (it keeps per-example cosines in float32)
+    reference = ReversionReport.load(tmp_path / "single")
     for name in ("alignment", "alignment_per_example", "per_example_cos", "drift_norm", "p_value",
                  "null_p99_activation", "v_rev_norm"):
         np.testing.assert_array_equal(getattr(got, name), getattr(reference, name), err_msg=name)
