@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc-per-node nproc ARGS`` with this checkout's revlens, one thread each."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
