@@ -2,14 +2,16 @@
 
 Writes a history of a small Llama-shaped Hugging Face model (pretrain, align, 2 runs x 19 steps = 40
 checkpoints, float32), then runs, alternating, ``--repeats`` times each:
-- ``torchrun --standalone --nproc-per-node N benchmarks/analyze_distributed.py --worker ...`` for N in 1, 2,
-  every process at one torch thread (``OMP_NUM_THREADS=1``, ``--threads 1``), each run with an empty cache;
-and records the wall time and per-rank CPU time of ``revlens.analyze(..., distributed=True)`` inside the job (from a barrier
-before the call to the report on rank 0: booting the model, measuring, the barrier, assembling the report
-from the cache) and of the whole job (interpreter start, imports, process group, rendezvous), the load average around each run, and checks
-that the reports of 1 and 2 processes are identical. Target: speed-up >= 1.6x with 2 processes.
+- ``torchrun --standalone --nproc-per-node N benchmarks/analyze_distributed.py --worker ...`` for N in
+  1, 2, every process at one torch thread (``OMP_NUM_THREADS=1``, ``threads=1``), each with an empty cache;
+and records the wall time and per-rank CPU time of ``revlens.analyze(..., distributed=True)`` inside the
+job (from a barrier before the call to the report on rank 0: booting the model, measuring, the barrier,
+assembling the report from the cache), the wall time of the whole job (interpreter start, imports,
+rendezvous), the load average around each run, and checks that the reports of 1 and 2 processes are
+identical. Target: speed-up >= 1.6x with 2 processes. The busiest rank's CPU time gives the speed-up that
+idle cores would show when the machine is shared.
 
-    .venv/bin/python benchmarks/analyze_distributed.py [--hidden 256 --layers 4] [--repeats 2] [--nproc 2]
+    .venv/bin/python benchmarks/analyze_distributed.py [--hidden 256 --layers 4] [--repeats 3] [--nproc 2]
 """
 
 from __future__ import annotations
