@@ -29,7 +29,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -711,8 +711,6 @@ class CheckpointRef:
             raise CheckpointError(f"[{self.label}] {err}") from err
 
 
-Source = Union[str, os.PathLike, Any]
-
 
 def _is_checkpoint_dir(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
@@ -855,7 +853,7 @@ class History:
         return cls.from_dict({"pretrain": root / "pretrain", "align": root / "align", "finetune": finetune}, base)
 
     @classmethod
-    def from_trainer(cls, output_dir: str | os.PathLike, *, pretrain: Source, align: Source,
+    def from_trainer(cls, output_dir: str | os.PathLike, *, pretrain: Any, align: Any,
                      run: str | None = None, base: str | os.PathLike | None = None) -> "History":
         """A history whose one fine-tuning run is a Hugging Face Trainer ``output_dir``.
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from revlens import finetune_cli
+from revlens import demo, finetune_cli
 
 # Demo histories (by marker file) that `revlens finetune` fine-tunes on the demo's own task when no --data is
 # given; named here, at the composition root, and imported only for such a history.
@@ -88,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_analyze(sub)
     finetune_cli.add_cli(sub, finetuners=DEMO_FINETUNERS)
-    if importlib.util.find_spec("revlens.demo") is not None:
-        importlib.import_module("revlens.demo").add_cli(sub)
+    demo.add_cli(sub)
     return parser
 
 
