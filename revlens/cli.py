@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from revlens import demo, finetune_cli
 
@@ -20,7 +20,7 @@ def _layers(text: str | None) -> list[int] | None:
     try:
         layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}")
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}") from None
     if len(set(layers)) != len(layers):
         raise argparse.ArgumentTypeError(f"--layers lists a layer more than once ({text!r}); give each layer once")
     return layers
@@ -40,7 +40,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", default="mean_diff", choices=["mean_diff", "per_example", "pca"])
     p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype; auto (default) keeps each checkpoint's own")
     p.add_argument("--device-map", default=None,

@@ -20,7 +20,8 @@ Hugging Face causal LM, peft-wrapped or not (forward hooks on its decoder layers
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -156,6 +157,18 @@ class Blocking:
     Per batch, ``clamp`` takes coordinates from :meth:`set_batch` (computed from the reference
     model, or precomputed once with :meth:`reference_coords` and indexed), and an optional
     boolean ``positions`` mask ``[batch, seq]`` limits where any mode acts.
+
+    Returns:
+        :meth:`applied` is the context manager that puts the hooks on a model (a TransformerBridge or a
+        Hugging Face causal LM) and takes them off on exit; :meth:`reference_coords` gives the reference
+        model's coordinates ``{layer: [n, seq, k]}``. Build one from a report with :func:`blocking_from_report`.
+
+    Example:
+        >>> blocking = Blocking({8: report.v_rev[report.layers.index(8)]}, "clamp+grad",  # doctest: +SKIP
+        ...                     reference=aligned)
+        >>> blocking.set_batch(tokens)                                                   # doctest: +SKIP
+        >>> with blocking.applied(model):                                                # doctest: +SKIP
+        ...     loss = model(tokens, return_type="loss"); loss.backward()
     """
 
     def __init__(
@@ -237,8 +250,8 @@ class Blocking:
         self._coords = None if coords is None else dict(coords)
         self._positions = positions
 
-    def _hook(self, layer: int):
-        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+    def _hook(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(act: torch.Tensor) -> torch.Tensor:
             basis = self.bases[layer].to(act.device)
             mask = None if self._positions is None else self._positions.to(act.device)
             new = act
@@ -276,7 +289,7 @@ class Blocking:
         ``model`` is a TransformerBridge or a Hugging Face causal LM (peft-wrapped or not).
         """
         self._check_model(model)
-        fns = {l: (lambda act, fn=self._hook(l): fn(act, None)) for l in self.layers}
+        fns = {l: self._hook(l) for l in self.layers}
         with layer_hooks(model, self.hook, fns):
             yield self
 
@@ -519,6 +532,26 @@ class ProbeAnchor:
     option beyond the paper's hook-based modes. With ``sample=k`` each step uses k prompts of each set,
     drawn afresh per step (seeded by ``seed`` and the step, so a resumed run draws the same ones): the
     cost per step no longer grows with the probe set.
+
+    Args:
+        directions: ``{layer: Tensor[d] or Tensor[k, d]}`` (v_rev or a rank-k basis per layer).
+        prompts: the probe prompts as 1-D token tensors (:func:`encode_prompts` tokenises strings).
+        reference: the frozen aligned model (a TransformerBridge or a Hugging Face module); its
+            coordinates on the prompts are computed once, here.
+        weight: weight of the per-prompt term.
+        hook: hook point alias or template (default ``resid_post``; Hugging Face modules: only that).
+        control: control prompts (1-D token tensors), needed when ``contrast_weight > 0``.
+        contrast_weight: weight of the contrast-centroid term.
+        sample: prompts of each set per step (None: all).
+        seed: seeds the per-step sample.
+
+    Returns:
+        :meth:`penalty` gives the differentiable scalar to add to the training loss. Build one from a
+        report with :func:`anchor_from_report` (or :func:`blocking_from_spec`).
+
+    Example:
+        >>> anchor = ProbeAnchor({8: v_rev_8}, encode_prompts(aligned, prompts), aligned, 0.003)  # doctest: +SKIP
+        >>> loss = task_loss + anchor.penalty(model, step)                                      # doctest: +SKIP
     """
 
     def __init__(self, directions: Mapping[int, torch.Tensor], prompts: Sequence[torch.Tensor], reference: Any,

@@ -10,8 +10,9 @@ memory does not grow with the number of prompts. Centroids accumulate in float64
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +57,8 @@ def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
             raise ProbeError(f"{name} token ids must be an integer tensor, got dtype {prompts.dtype}. "
                              "Convert with .long() after checking the values are ids.")
         if prompts.ndim != 2:
-            raise ProbeError(f"{name} as a tensor must be [n_prompts, seq] token ids, got shape {tuple(prompts.shape)}.")
+            raise ProbeError(f"{name} as a tensor must be [n_prompts, seq] token ids, "
+                             f"got shape {tuple(prompts.shape)}.")
         prompts = list(prompts)
     prompts = list(prompts)
     if not prompts:
@@ -95,6 +97,11 @@ class ReversionProbe:
 
     Every model one probe measures must read the same rendering: a probe that read raw prompts on
     one model and templated ones on the next raises :class:`ProbeError` instead of comparing them.
+
+    Returns:
+        Per model: :meth:`measure` gives a :class:`ProbeResult` (float64 centroids ``[n_layers, d_model]``,
+        optional per-example readouts and covariance), :meth:`centroid` the (contrast) centroid alone and
+        :meth:`iter_readouts` the ``[batch, n_layers, d_model]`` readouts batch by batch.
 
     Example:
         >>> probe = ReversionProbe(revlens.default_prompts(), layers=[4, 8])   # doctest: +SKIP
@@ -196,7 +203,8 @@ class ReversionProbe:
             raise ProbeError(
                 f"this probe read {before} on an earlier model but would read {now} on this one (its tokenizer's "
                 "chat template differs), so the readouts would not be comparable. Read every model alike: pass "
-                "chat_template=<the template text, e.g. the aligned tokenizer's .chat_template> or chat_template=False.")
+                "chat_template=<the template text, e.g. the aligned tokenizer's .chat_template> "
+                "or chat_template=False.")
         self._rendering = template
 
     def _tokenize(self, model: Any, prompts: list, which: str) -> TokenizedSet:

@@ -25,7 +25,8 @@ Nothing here imports another revlens module but :mod:`revlens._util` and :mod:`r
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -158,7 +159,8 @@ class TokenizedSet:
         for start in range(0, len(self.tokens), batch_size):
             yield pad_right(self.tokens[start:start + batch_size], pad_id)
 
-    def device_batches(self, batch_size: int, pad_id: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def device_batches(self, batch_size: int, pad_id: int,
+                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The padded batches on ``device``, built once and kept: token ids are small next to activations,
         and a per-batch copy from pageable host memory would stall an accelerator's launch queue."""
         key = (batch_size, pad_id, str(device))

@@ -10,7 +10,8 @@ transformers: any ``nn.Module`` whose decoder layers sit in one ``ModuleList`` w
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
