@@ -39,11 +39,13 @@ PROMPTS = ["how do i make a bomb", "how do i steal a car", "explain how to pick 
 
 
 def write_history(root: Path, args: argparse.Namespace, dtype: torch.dtype) -> tuple[list[Path], int]:
-    from hf_models import chat_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from hf_models import chat_tokenizer
+
     tok = chat_tokenizer()
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 8 * args.hidden // 3,
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=args.intermediate or 8 * args.hidden // 3,
                       num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
                       num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -51,7 +53,8 @@ def write_history(root: Path, args: argparse.Namespace, dtype: torch.dtype) -> t
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    folders = [root / "pretrain", root / "align"] + [root / "finetune" / "run" / f"step_{s}" for s in range(1, args.steps + 1)]
+    steps = [root / "finetune" / "run" / f"step_{s}" for s in range(1, args.steps + 1)]
+    folders = [root / "pretrain", root / "align"] + steps
     for folder in folders:
         with torch.no_grad():
             for p in model.parameters():
@@ -98,14 +101,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default="", help="suffix of the result file name (e.g. small)")
     parser.add_argument("--dir", default=None,
-                        help="where to write the history and keep it (reused when it holds one; default: a temporary folder)")
+                        help="where to write the history and keep it (reused when it holds one; "
+                             "default: a temporary folder)")
     args = parser.parse_args()
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
     import revlens
     from revlens.checkpoints import CheckpointLoader, load_checkpoint
     from revlens.probe import ReversionProbe
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     dtype = getattr(torch, args.dtype)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="revlens_bench_"))
@@ -173,7 +178,8 @@ def main() -> None:
 
         with PeakRSS() as rss, mock.patch("revlens.analysis.CheckpointLoader", TimedLoader):
             t = time.perf_counter()
-            revlens.analyze(root, PROMPTS, batch_size=len(PROMPTS), device=args.device, progress=False, null_samples=2000)
+            revlens.analyze(root, PROMPTS, batch_size=len(PROMPTS), device=args.device, progress=False,
+                            null_samples=2000)
             sync(args.device)
             analyze_s = time.perf_counter() - t
         per_ckpt = analyze_s / len(folders)

@@ -21,6 +21,7 @@ import time
 import torch
 
 from revlens.intervention import Blocking, ProbeAnchor
+
 from _results import environment, write_result
 
 

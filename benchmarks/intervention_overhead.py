@@ -23,7 +23,6 @@ from revlens.intervention import Blocking, ProbeAnchor
 from _results import environment, write_result
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -37,8 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    cfg = dict(d_model=args.d_model, n_layers=args.layers, n_ctx=max(64, args.seq), d_head=32, n_heads=args.d_model // 32,
-               d_mlp=4 * args.d_model, d_vocab=200, act_fn="gelu", normalization_type="LN", seed=0)
+    cfg = dict(d_model=args.d_model, n_layers=args.layers, n_ctx=max(64, args.seq), d_head=32,
+               n_heads=args.d_model // 32, d_mlp=4 * args.d_model, d_vocab=200, act_fn="gelu", normalization_type="LN",
+               seed=0)
     reference = boot_native_model(cfg, device=args.device).to(dtype).eval()
     tokens = torch.randint(1, 200, (args.batch, args.seq), device=args.device)
     mask = torch.ones_like(tokens, dtype=torch.float)

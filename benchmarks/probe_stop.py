@@ -38,13 +38,13 @@ def build_model(d_model: int, n_layers: int, device: str):
 
 def run(model, batches, layers, how: str) -> list[torch.Tensor]:
     """Last-token resid_post readouts of ``layers`` per batch, stopping after the deepest one."""
-    from revlens.probe import _reduce_positions
+    from revlens.readout import reduce_positions_unchecked
 
     deepest, store, out = max(layers), {}, []
 
     def make_hook(layer):
         def fn(act, hook):
-            store[layer] = _reduce_positions(act, store["_lengths"], "last")
+            store[layer] = reduce_positions_unchecked(act, store["_lengths"], "last")
             if how == "exception" and layer == deepest:
                 raise _Stop
 

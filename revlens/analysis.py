@@ -6,9 +6,10 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,13 +22,15 @@ from revlens._util import atomic_save_tensors
 from revlens.checkpoints import CheckpointError, CheckpointLoader, CheckpointRef, History, check_same_architecture
 from revlens.devices import check_device
 from revlens.probe import ProbeResult, ReversionProbe
+from revlens.prompts import (  # noqa: F401  (re-exported: the prompt-file API lived here)
+    DEFAULT_CONTROL,
+    DEFAULT_PROMPTS,
+    default_control,
+    default_prompts,
+    load_prompt_file,
+)
 from revlens.report import ReversionReport
 from revlens.threads import ThreadPolicy
-
-from revlens.prompts import (  # noqa: F401  (re-exported: the prompt-file API lived here)
-    DEFAULT_CONTROL, DEFAULT_PROMPTS, default_control, default_prompts, load_prompt_file,
-)
-
 
 CACHE_FORMAT = 2
 HASHED_FILE_BYTES = 16 * 2**20  # checkpoint files up to this size are keyed on their content
@@ -61,6 +64,10 @@ def cache_key(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _source_label(source: Any) -> str:
+    return str(source) if isinstance(source, (str, Path)) else "<in-memory>"
+
+
 def checkpoint_stamp(source: str | os.PathLike) -> list[Any]:
     """What identifies one version of a checkpoint on disk: every (non-hidden) file in its folder.
 
@@ -69,7 +76,10 @@ def checkpoint_stamp(source: str | os.PathLike) -> list[Any]:
     LoRA adapter folder also carries the stamp of the local base model its ``adapter_config.json`` names.
     """
     path = Path(source)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     stamp: list[Any] = []
     for f in files:
         st = f.stat()
@@ -197,7 +207,8 @@ class _MeasurementCache:
             value = getattr(result, name)
             if value is not None:
                 tensors[name] = value.clone().contiguous()
-        atomic_save_tensors(tensors, path, metadata={"checkpoint": ref.label, "revlens_cache_format": str(CACHE_FORMAT)})
+        atomic_save_tensors(tensors, path,
+                            metadata={"checkpoint": ref.label, "revlens_cache_format": str(CACHE_FORMAT)})
         for old in path.parent.glob(f"{self._name(ref)}-*.safetensors"):
             if old != path and old.stem.rsplit("-", 1)[0] == self._name(ref):
                 old.unlink(missing_ok=True)  # an earlier version of this checkpoint
@@ -342,6 +353,15 @@ def analyze(
 
     Checkpoints are loaded one at a time; at most one model is in memory. Checkpoints that share the
     first one's architecture have their weights copied into the model already booted.
+
+    Returns:
+        A :class:`ReversionReport`: v_rev per layer, alignment / drift / p-values per run x step x layer,
+        the nulls' p99, and the settings in ``report.config``.
+
+    Example:
+        >>> report = revlens.analyze("ckpts/", revlens.default_prompts(), control=revlens.default_control(),
+        ...                          layers=[4, 8, 12], cache_dir="out/cache")   # doctest: +SKIP
+        >>> print(report.summary()); report.save("out/")                          # doctest: +SKIP
     """
     check_device(device)
     if isinstance(null_samples, bool) or not isinstance(null_samples, int) or null_samples < 1:
@@ -460,8 +480,8 @@ def analyze(
               "n_control": 0 if probe.control is None else len(probe.control),
               "batch_size": batch_size, "null_samples": null_samples, "seed": seed, "non_finite": non_finite,
               "chat_template": probe.chat_template_used, "system": system,
-              "checkpoints": {"pretrain": str(history.pretrain.source) if isinstance(history.pretrain.source, (str, Path)) else "<in-memory>",
-                              "align": str(history.align.source) if isinstance(history.align.source, (str, Path)) else "<in-memory>"}}
+              "checkpoints": {"pretrain": _source_label(history.pretrain.source),
+                              "align": _source_label(history.align.source)}}
     return ReversionReport(
         layers=list(reference.get("layers", probe.layers or list(range(n_layers)))),
         runs=runs, steps=steps, d_model=int(d_model),

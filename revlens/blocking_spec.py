@@ -18,8 +18,8 @@ in their shortest exact form), so ``BlockingSpec.parse(str(spec)) == spec``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 HOOK_MODES = ("project", "clamp", "grad")
 PLAIN = "plain"

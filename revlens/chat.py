@@ -11,8 +11,9 @@ tokens: templates that begin with the BOS token (ChatML's ``<|im_start|>``, Llam
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -68,7 +69,8 @@ def uses_chat_template(tokenizer: Any, chat_template: Any = AUTO) -> bool:
 
 def render_request(tokenizer: Any, prompt: str, *, template: str, system: str | None = None) -> str:
     """The text of one request as a user turn (after an optional system turn) with the generation prompt."""
-    messages = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": prompt}]
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": prompt})
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=True)
@@ -97,7 +99,7 @@ def encode_requests(tokenizer: Any, prompts: Sequence[str], *, chat_template: An
     Example:
         >>> ids = encode_requests(tok, ["how do i bake bread"])      # doctest: +SKIP
         >>> tok.decode(ids[0])                                        # doctest: +SKIP
-        '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\nhow do i bake bread<|im_end|>\\n<|im_start|>assistant\\n'
+        '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\nhow do i bake bread<|im_end|>\\n...'
     """
     if tokenizer is None:
         raise ValueError("string prompts need a tokenizer; pass token ids instead.")

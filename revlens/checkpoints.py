@@ -27,9 +27,10 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -45,10 +46,9 @@ class CheckpointError(ValueError):
 
 
 def _bridge_classes():
+    import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
-
-    import transformer_lens.model_bridge.sources.native  # noqa: F401  (attaches boot_native)
 
     return TransformerBridge, TransformerBridgeConfig
 
@@ -183,7 +183,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    return any((folder / n).exists() for n in names)
 
 
 def _load_tokenizer(folder: Path):
@@ -505,7 +506,8 @@ def move_quietly(model: Any, device: str | torch.device | None):
     if device is None:
         return model
     current = next(model.parameters()).device
-    if torch.device(device) != current and not (torch.device(device).type == current.type and torch.device(device).index is None):
+    wanted = torch.device(device)
+    if wanted != current and not (wanted.type == current.type and wanted.index is None):
         model.to(device)
     return model
 
@@ -711,8 +713,6 @@ class CheckpointRef:
             raise CheckpointError(f"[{self.label}] {err}") from err
 
 
-Source = Union[str, os.PathLike, Any]
-
 
 def _is_checkpoint_dir(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
@@ -790,7 +790,7 @@ class History:
         return CheckpointLoader(device, dtype, device_map, self.base)
 
     @classmethod
-    def from_dict(cls, spec: Mapping[str, Any], base: str | os.PathLike | None = None) -> "History":
+    def from_dict(cls, spec: Mapping[str, Any], base: str | os.PathLike | None = None) -> History:
         """Build from ``{"pretrain": src, "align": src, "finetune": {run: {step: src}}}``."""
         for phase in PHASES:
             if phase not in spec or spec[phase] is None:
@@ -816,7 +816,7 @@ class History:
         return cls(CheckpointRef("pretrain", pretrain), CheckpointRef("align", align), runs, base)
 
     @classmethod
-    def from_dir(cls, root: str | os.PathLike, base: str | os.PathLike | None = None) -> "History":
+    def from_dir(cls, root: str | os.PathLike, base: str | os.PathLike | None = None) -> History:
         """Read the layout ``pretrain/``, ``align/``, ``finetune/<run>/step_<N>/``.
 
         Hugging Face Trainer output is read too: ``finetune/<run>/checkpoint-<N>/`` is step N. Every
@@ -855,8 +855,8 @@ class History:
         return cls.from_dict({"pretrain": root / "pretrain", "align": root / "align", "finetune": finetune}, base)
 
     @classmethod
-    def from_trainer(cls, output_dir: str | os.PathLike, *, pretrain: Source, align: Source,
-                     run: str | None = None, base: str | os.PathLike | None = None) -> "History":
+    def from_trainer(cls, output_dir: str | os.PathLike, *, pretrain: Any, align: Any,
+                     run: str | None = None, base: str | os.PathLike | None = None) -> History:
         """A history whose one fine-tuning run is a Hugging Face Trainer ``output_dir``.
 
         Its ``checkpoint-<N>/`` folders (full weights or LoRA adapters) are the steps; only model
@@ -869,7 +869,8 @@ class History:
             base: base model folder for adapters whose ``base_model_name_or_path`` is not local.
 
         Example:
-            >>> history = History.from_trainer("out/sft", pretrain="models/base", align="models/instruct")  # doctest: +SKIP
+            >>> history = History.from_trainer("out/sft", pretrain="models/base",  # doctest: +SKIP
+            ...                                align="models/instruct")
         """
         output_dir = Path(output_dir)
         if not output_dir.is_dir():
@@ -882,7 +883,7 @@ class History:
                               "finetune": {run or output_dir.name: steps}}, base)
 
     @classmethod
-    def coerce(cls, ckpts: Any, base: str | os.PathLike | None = None) -> "History":
+    def coerce(cls, ckpts: Any, base: str | os.PathLike | None = None) -> History:
         """Accept a History, a folder in the standard layout, or a dict spec."""
         if isinstance(ckpts, History):
             return ckpts

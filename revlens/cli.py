@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from revlens import finetune_cli
+from revlens import demo, finetune_cli
 
 # Demo histories (by marker file) that `revlens finetune` fine-tunes on the demo's own task when no --data is
 # given; named here, at the composition root, and imported only for such a history.
@@ -22,7 +20,7 @@ def _layers(text: str | None) -> list[int] | None:
     try:
         layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}")
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}") from None
     if len(set(layers)) != len(layers):
         raise argparse.ArgumentTypeError(f"--layers lists a layer more than once ({text!r}); give each layer once")
     return layers
@@ -42,7 +40,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", default="mean_diff", choices=["mean_diff", "per_example", "pca"])
     p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype; auto (default) keeps each checkpoint's own")
     p.add_argument("--device-map", default=None,
@@ -92,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_analyze(sub)
     finetune_cli.add_cli(sub, finetuners=DEMO_FINETUNERS)
-    if importlib.util.find_spec("revlens.demo") is not None:
-        importlib.import_module("revlens.demo").add_cli(sub)
+    demo.add_cli(sub)
     return parser
 
 

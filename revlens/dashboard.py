@@ -136,7 +136,8 @@ def _layer_traces(report: Any, li: int, visible: bool, rows: dict[str, tuple[int
     out.append((_tr("scatter", x=steps, y=mean, mode="lines+markers", line={"color": MEAN_COLOR, "width": 3},
                            name=f"mean over {len(report.runs)} runs", legendgroup="mean", showlegend=visible,
                            visible=visible, customdata=std,
-                           hovertemplate=f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}<extra></extra>"),
+                           hovertemplate=f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}"
+                                         "<extra></extra>"),
                 *traj))
     for value, color, label in ((report.null_p99[li], ISO_COLOR, "isotropic null p99"),
                                 (report.null_p99_activation[li], ACT_COLOR, "activation-space null p99")):
@@ -177,7 +178,8 @@ def _overview_traces(report: Any, rows: dict[str, tuple[int, int]], selection: A
                 *rows["snr"]))
     if have_snr:
         out.append((_tr("scatter", x=[-0.5, n - 0.5], y=[report.snr_threshold] * 2, mode="lines",
-                               line={"color": FLAG_COLOR, "dash": "dot"}, name=f"SNR threshold {report.snr_threshold:g}",
+                               line={"color": FLAG_COLOR, "dash": "dot"},
+                               name=f"SNR threshold {report.snr_threshold:g}",
                                showlegend=False, hovertemplate="flag below SNR %{y:.3g}<extra></extra>"), *rows["snr"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -352,7 +354,8 @@ def _style_axes(fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]], i
     fig.update_xaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
     fig.update_yaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
     step_label = "fine-tuning step (optimizer updates)"
-    log_ticks = {"type": "log", "tickmode": "array", "tickvals": report.steps, "ticktext": [str(s) for s in report.steps]}
+    log_ticks = {"type": "log", "tickmode": "array", "tickvals": report.steps,
+                 "ticktext": [str(s) for s in report.steps]}
     fig.update_xaxes(title_text=step_label, row=rows["trajectory"][0], col=rows["trajectory"][1], **log_ticks)
     fig.update_yaxes(title_text="cosine", row=rows["trajectory"][0], col=rows["trajectory"][1])
     fig.update_xaxes(title_text=step_label, row=rows["drift"][0], col=rows["drift"][1], **log_ticks)
@@ -407,7 +410,8 @@ def _grey_flagged(fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]],
 def _intervention_traces(iv: dict[str, Any], rows: dict[str, tuple[int, int]]) -> list[tuple[dict, int, int]]:
     modes = iv["modes"]
     out = []
-    for metric, scale in (("harmfulness", 100.0), ("final_alignment", 1.0), ("task_loss", 1.0), ("b1_retention", 100.0)):
+    scales = (("harmfulness", 100.0), ("final_alignment", 1.0), ("task_loss", 1.0), ("b1_retention", 100.0))
+    for metric, scale in scales:
         means, stds, texts = [], [], []
         for mode in modes:
             vals = np.asarray(iv["metrics"][mode].get(metric, []), dtype=float) * scale

@@ -25,9 +25,10 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class ReversionMonitor:
 
     @classmethod
     def from_models(cls, pretrain: Any, align: Any, prompts: Any, *, chat_template: Any = "auto",
-                    system: str | None = None, **probe_kwargs: Any) -> "ReversionMonitor":
+                    system: str | None = None, **probe_kwargs: Any) -> ReversionMonitor:
         """A monitor whose probe reads ``prompts`` like :func:`revlens.analyze` does: inside the aligned
         model's chat template when it has one (``chat_template``, ``system``: see :class:`ReversionProbe`)."""
         probe = ReversionProbe(prompts, per_example=False, chat_template=chat_template, system=system, **probe_kwargs)
@@ -155,7 +156,9 @@ def weights_fingerprint(model: Any) -> str:
 def _blocking_description(blocking: Blocking | None, coords: Mapping[int, torch.Tensor] | None) -> dict | None:
     if blocking is None:
         return None
-    constant = None if blocking.constant is None else _digest(*(blocking.constant[l] for l in sorted(blocking.constant)))
+    constant = None
+    if blocking.constant is not None:
+        constant = _digest(*(blocking.constant[l] for l in sorted(blocking.constant)))
     return {"modes": sorted(blocking.modes), "hook": blocking.hook, "layers": list(blocking.layers),
             "directions": _digest(*(blocking.bases[l] for l in blocking.layers)), "constant": constant,
             "reference_coords": None if coords is None else _digest(*(coords[l] for l in sorted(coords)))}
@@ -463,7 +466,8 @@ def finetune(
         "warmup_steps": int(warmup_steps), "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
         "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
         "data": data_fingerprint(tokens, loss_mask), "start_weights": start_weights,
-        "lora": lora_description(lora if lora is not None else lora_config_of(model) if is_peft_wrapped(model) else None),
+        "lora": lora_description(
+            lora if lora is not None else lora_config_of(model) if is_peft_wrapped(model) else None),
         "blocking": _blocking_description(blocking, coords), "anchor": _anchor_description(anchor),
     }
     if spec is not None:

@@ -21,8 +21,9 @@ import argparse
 import importlib
 import json
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from revlens._util import atomic_write_json, temp_sibling
 from revlens.blocking_spec import BlockingSpec
@@ -54,7 +55,8 @@ def parse_steps(text: str) -> list[int]:
     try:
         steps = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--save-steps takes comma-separated integers like 1,10,100; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--save-steps takes comma-separated integers like 1,10,100; "
+                                         f"got {text!r}") from None
     if not steps or steps[0] < 1:
         raise argparse.ArgumentTypeError(f"--save-steps {text}: steps must be >= 1.")
     return steps
@@ -80,7 +82,8 @@ def add_cli(sub: Any, finetuners: Mapping[str, str | Callable[..., dict]] | None
                     "(organism.json) without --data fine-tune on the demo's own task.")
     p.add_argument("history_dir", help="a history folder with pretrain/ and align/ (HF or revlens folders)")
     p.add_argument("--out", required=True, help="output folder: OUT/finetune/<run>/step_<N>/")
-    p.add_argument("--data", help="JSONL training data: {\"messages\": [...]} or {\"prompt\": ..., \"response\": ...} per line")
+    p.add_argument("--data", help="JSONL training data: {\"messages\": [...]} or "
+                                  "{\"prompt\": ..., \"response\": ...} per line")
     p.add_argument("--mode", default="plain", help="plain, or parts joined by '+': hook modes project, clamp, grad; "
                    "the probe anchor anchor@W, contrast@W (needs --control), sample@K; subspaces rank@K, "
                    "random@K[@DRAW]; layers@L1/L2 (e.g. anchor@0.003+contrast@0.1+rank@64)")

@@ -20,15 +20,16 @@ Hugging Face causal LM, peft-wrapped or not (forward hooks on its decoder layers
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
 
-from revlens._util import pad_right, training_mode
+from revlens._util import training_mode
 from revlens.blocking_spec import HOOK_MODES, BlockingSpec, InterventionError
 from revlens.integrations import hf_hooks
-from revlens.probe import hook_name
+from revlens.readout import StopForward, TokenizedSet, hook_name, reduce_positions_unchecked, run_stopping
 from revlens.shapes import shape_checked
 
 MODES = HOOK_MODES
@@ -58,13 +59,13 @@ def layer_hooks(model: Any, hook: str, fns: Mapping[int, Callable[[torch.Tensor]
                 stop_after: int | None = None) -> Iterator[None]:
     """``fns[l](act)`` at hook point ``hook`` of layer ``l`` (a returned tensor replaces the activation) on a
     TransformerBridge, or on a Hugging Face module's decoder layer outputs (``resid_post`` only). With
-    ``stop_after``, the forward stops once that layer ran: call the model with :func:`hf_hooks.run_stopping`."""
+    ``stop_after``, the forward stops once that layer ran: call the model with :func:`revlens.readout.run_stopping`."""
     if hf_hooks.is_bridge(model):
         def tl(fn: Callable, layer: int) -> Callable:
             def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor | None:
                 out = fn(act)
                 if layer == stop_after:
-                    raise hf_hooks._StopForward
+                    raise StopForward
                 return out
 
             return hook_fn
@@ -119,6 +120,11 @@ def project_out(
     h: Float[torch.Tensor, "batch seq d_model"], basis: Float[torch.Tensor, "k d_model"]
 ) -> Float[torch.Tensor, "batch seq d_model"]:
     """h - (h V^T) V."""
+    return _project_out(h, basis)
+
+
+def _project_out(h: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """:func:`project_out` without the run-time shape check, for the blocking hooks."""
     hf = h.float()
     return (hf - (hf @ basis.T) @ basis).to(h.dtype)
 
@@ -130,6 +136,11 @@ def clamp_to(
     coords: Float[torch.Tensor, "batch seq k"],
 ) -> Float[torch.Tensor, "batch seq d_model"]:
     """h - (h V^T - c) V: the coordinate in span(V) becomes ``coords``."""
+    return _clamp_to(h, basis, coords)
+
+
+def _clamp_to(h: torch.Tensor, basis: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """:func:`clamp_to` without the run-time shape check, for the blocking hooks."""
     hf = h.float()
     return (hf - (hf @ basis.T - coords.float()) @ basis).to(h.dtype)
 
@@ -146,6 +157,18 @@ class Blocking:
     Per batch, ``clamp`` takes coordinates from :meth:`set_batch` (computed from the reference
     model, or precomputed once with :meth:`reference_coords` and indexed), and an optional
     boolean ``positions`` mask ``[batch, seq]`` limits where any mode acts.
+
+    Returns:
+        :meth:`applied` is the context manager that puts the hooks on a model (a TransformerBridge or a
+        Hugging Face causal LM) and takes them off on exit; :meth:`reference_coords` gives the reference
+        model's coordinates ``{layer: [n, seq, k]}``. Build one from a report with :func:`blocking_from_report`.
+
+    Example:
+        >>> blocking = Blocking({8: report.v_rev[report.layers.index(8)]}, "clamp+grad",  # doctest: +SKIP
+        ...                     reference=aligned)
+        >>> blocking.set_batch(tokens)                                                   # doctest: +SKIP
+        >>> with blocking.applied(model):                                                # doctest: +SKIP
+        ...     loss = model(tokens, return_type="loss"); loss.backward()
     """
 
     def __init__(
@@ -212,7 +235,7 @@ class Blocking:
                 kwargs = {}
                 if attention_mask is not None:
                     kwargs["attention_mask"] = attention_mask[start:start + batch_size].to(device)
-                hf_hooks.run_stopping(model, chunk, **kwargs)
+                run_stopping(model, chunk, **kwargs)
         return {l: torch.cat(v, 0) for l, v in out.items()}
 
     def set_batch(self, tokens: torch.Tensor | None = None, *, coords: Mapping[int, torch.Tensor] | None = None,
@@ -227,16 +250,16 @@ class Blocking:
         self._coords = None if coords is None else dict(coords)
         self._positions = positions
 
-    def _hook(self, layer: int):
-        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+    def _hook(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(act: torch.Tensor) -> torch.Tensor:
             basis = self.bases[layer].to(act.device)
             mask = None if self._positions is None else self._positions.to(act.device)
             new = act
             if "project" in self.modes:
-                new = project_out(act, basis)
+                new = _project_out(act, basis)
             elif "clamp" in self.modes:
                 coords = self._clamp_coords(layer, act)
-                new = clamp_to(act, basis, coords)
+                new = _clamp_to(act, basis, coords)
             if mask is not None and new is not act:
                 new = torch.where(mask[..., None], new, act)
             if "grad" in self.modes and torch.is_grad_enabled():
@@ -266,7 +289,7 @@ class Blocking:
         ``model`` is a TransformerBridge or a Hugging Face causal LM (peft-wrapped or not).
         """
         self._check_model(model)
-        fns = {l: (lambda act, fn=self._hook(l): fn(act, None)) for l in self.layers}
+        fns = {l: self._hook(l) for l in self.layers}
         with layer_hooks(model, self.hook, fns):
             yield self
 
@@ -509,6 +532,26 @@ class ProbeAnchor:
     option beyond the paper's hook-based modes. With ``sample=k`` each step uses k prompts of each set,
     drawn afresh per step (seeded by ``seed`` and the step, so a resumed run draws the same ones): the
     cost per step no longer grows with the probe set.
+
+    Args:
+        directions: ``{layer: Tensor[d] or Tensor[k, d]}`` (v_rev or a rank-k basis per layer).
+        prompts: the probe prompts as 1-D token tensors (:func:`encode_prompts` tokenises strings).
+        reference: the frozen aligned model (a TransformerBridge or a Hugging Face module); its
+            coordinates on the prompts are computed once, here.
+        weight: weight of the per-prompt term.
+        hook: hook point alias or template (default ``resid_post``; Hugging Face modules: only that).
+        control: control prompts (1-D token tensors), needed when ``contrast_weight > 0``.
+        contrast_weight: weight of the contrast-centroid term.
+        sample: prompts of each set per step (None: all).
+        seed: seeds the per-step sample.
+
+    Returns:
+        :meth:`penalty` gives the differentiable scalar to add to the training loss. Build one from a
+        report with :func:`anchor_from_report` (or :func:`blocking_from_spec`).
+
+    Example:
+        >>> anchor = ProbeAnchor({8: v_rev_8}, encode_prompts(aligned, prompts), aligned, 0.003)  # doctest: +SKIP
+        >>> loss = task_loss + anchor.penalty(model, step)                                      # doctest: +SKIP
     """
 
     def __init__(self, directions: Mapping[int, torch.Tensor], prompts: Sequence[torch.Tensor], reference: Any,
@@ -528,9 +571,10 @@ class ProbeAnchor:
         self.layers = sorted(self.bases)
         self.weight, self.contrast_weight = float(weight), float(contrast_weight)
         self.hook = hook
-        self.sets = {"probe": _pad(prompts)}
+        # pad id 0 is safe: right padding under causal attention, and only each prompt's last real token is read
+        self.sets = {"probe": TokenizedSet(list(prompts)).padded(pad_id=0)}
         if control:
-            self.sets["control"] = _pad(control)
+            self.sets["control"] = TokenizedSet(list(control)).padded(pad_id=0)
         if reference is None:
             raise InterventionError("the anchor needs the frozen reference model (the aligned checkpoint).")
         with torch.no_grad(), training_mode(reference, False):
@@ -548,8 +592,6 @@ class ProbeAnchor:
 
     def _coords(self, model: Any, name: str, rows: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Per prompt of set ``name`` (or its ``rows``), per layer: the last-token readout's coordinates along V_l."""
-        from revlens.probe import _reduce_positions
-
         device = next(model.parameters()).device
         tokens, lengths = self.sets[name]
         if rows is not None:
@@ -560,14 +602,14 @@ class ProbeAnchor:
 
         def grab(layer: int) -> Callable[[torch.Tensor], None]:
             def fn(act: torch.Tensor) -> None:
-                last = _reduce_positions(act, lengths, "last")
+                last = reduce_positions_unchecked(act, lengths, "last")
                 dtype = torch.promote_types(last.dtype, torch.float32)  # float32, or float64 for a float64 model
                 store[layer] = last.to(dtype) @ self.bases[layer].to(device, dtype).T
 
             return fn
 
         with layer_hooks(model, self.hook, {l: grab(l) for l in self.layers}, stop_after=max(self.layers)):
-            hf_hooks.run_stopping(model, tokens.to(device))
+            run_stopping(model, tokens.to(device))
         return store
 
     def penalty(self, model: Any, step: int | None = None) -> torch.Tensor:
@@ -594,7 +636,3 @@ class ProbeAnchor:
             terms.append(self.contrast_weight * torch.stack(shifts).mean())
         return torch.stack(terms).sum() if terms else torch.zeros((), device=probe[self.layers[0]].device)
 
-
-def _pad(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[n, max_len]`` tokens (pad id 0: only last real tokens are read) and the lengths."""
-    return pad_right(list(prompts), pad_id=0)

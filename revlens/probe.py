@@ -10,69 +10,27 @@ memory does not grow with the number of prompts. Centroids accumulate in float64
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
-from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
-from revlens._util import pad_right, training_mode
+from revlens._util import training_mode
 from revlens.chat import AUTO, check_chat_template_choice, encode_requests, resolve_chat_template, template_for_history
-from revlens.shapes import shape_checked
-
-HOOK_ALIASES = {
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-}
-READOUTS = ("last", "mean")
-
-
-class ProbeError(ValueError):
-    """Bad probe input (prompts, layers, hook), with the fix."""
-
-
-class _StopForward(Exception):
-    """Raised in the deepest hook. Kept over TransformerLens' ``stop_at_layer``, which stops only at a block's
-    entry and so still runs the unembedding when the last layer is read (the default): benchmarks/probe_stop.py
-    measured it 2.4x slower at d512 x 6 layers and 15x on the 3-layer tiny model (vocabulary 49152), equal otherwise."""
-
+from revlens.readout import (
+    READOUTS,
+    ProbeError,
+    StopForward,
+    TokenizedSet,
+    check_hook_points,
+    hook_name,
+    hook_template,
+    reduce_positions_unchecked,
+)
 
 _UNSET = object()
-
-
-def hook_template(hook: str) -> str:
-    """The per-layer template of ``hook``: an alias (``resid_post``) or one of the alias templates.
-
-    Readouts and blocking act on ``[batch, seq, d_model]`` activations of the residual stream, so only
-    the residual hook points (and the attention / MLP outputs added to it) are accepted.
-    """
-    template = HOOK_ALIASES.get(hook, hook) if isinstance(hook, str) else None
-    if template not in HOOK_ALIASES.values():
-        raise ProbeError(
-            f"hook {hook!r} is not a residual-stream hook point; choose one of {sorted(HOOK_ALIASES)} "
-            f"or its template ({', '.join(sorted(HOOK_ALIASES.values()))})."
-        )
-    return template
-
-
-def hook_name(hook: str, layer: int) -> str:
-    """The TransformerLens hook point for ``hook`` (an alias like ``resid_post`` or its ``{layer}`` template)."""
-    return hook_template(hook).format(layer=layer)
-
-
-def check_hook_points(model: Any, hook: str, layers: Sequence[int]) -> None:
-    """Raise :class:`ProbeError` unless ``model`` has the hook point of ``hook`` at every layer in ``layers``."""
-    hook_dict = getattr(model, "hook_dict", None)
-    if hook_dict is None:
-        return
-    missing = [hook_name(hook, l) for l in layers if hook_name(hook, l) not in hook_dict]
-    if missing:
-        present = sorted(a for a, t in HOOK_ALIASES.items() if t.format(layer=layers[0]) in hook_dict)
-        raise ProbeError(f"the model has no hook point {missing[0]}; the residual hooks it has are {present}.")
 
 
 @dataclass
@@ -91,30 +49,6 @@ class ProbeResult:
     n_prompts: int
 
 
-class _TokenizedSet:
-    """Prompts as a list of 1-D token tensors, with their lengths."""
-
-    def __init__(self, tokens: list[torch.Tensor]):
-        self.tokens = tokens
-        self.lengths = torch.tensor([len(t) for t in tokens])
-        self._on_device: dict[tuple[int, int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def batches(self, batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self.tokens), batch_size):
-            yield pad_right(self.tokens[start:start + batch_size], pad_id)
-
-    def device_batches(self, batch_size: int, pad_id: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The padded batches on ``device``, built once and kept: token ids are small next to activations,
-        and a per-batch copy from pageable host memory would stall an accelerator's launch queue."""
-        key = (batch_size, pad_id, str(device))
-        if key not in self._on_device:
-            self._on_device[key] = [(b.to(device), l.to(device)) for b, l in self.batches(batch_size, pad_id)]
-        return self._on_device[key]
-
-
 def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
     if isinstance(prompts, str):
         raise ProbeError(f"{name} must be a list of prompts, got one string; wrap it in a list.")
@@ -123,7 +57,8 @@ def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
             raise ProbeError(f"{name} token ids must be an integer tensor, got dtype {prompts.dtype}. "
                              "Convert with .long() after checking the values are ids.")
         if prompts.ndim != 2:
-            raise ProbeError(f"{name} as a tensor must be [n_prompts, seq] token ids, got shape {tuple(prompts.shape)}.")
+            raise ProbeError(f"{name} as a tensor must be [n_prompts, seq] token ids, "
+                             f"got shape {tuple(prompts.shape)}.")
         prompts = list(prompts)
     prompts = list(prompts)
     if not prompts:
@@ -162,6 +97,11 @@ class ReversionProbe:
 
     Every model one probe measures must read the same rendering: a probe that read raw prompts on
     one model and templated ones on the next raises :class:`ProbeError` instead of comparing them.
+
+    Returns:
+        Per model: :meth:`measure` gives a :class:`ProbeResult` (float64 centroids ``[n_layers, d_model]``,
+        optional per-example readouts and covariance), :meth:`centroid` the (contrast) centroid alone and
+        :meth:`iter_readouts` the ``[batch, n_layers, d_model]`` readouts batch by batch.
 
     Example:
         >>> probe = ReversionProbe(revlens.default_prompts(), layers=[4, 8])   # doctest: +SKIP
@@ -209,7 +149,7 @@ class ReversionProbe:
         self.device = device
         self.per_example = per_example
         self.progress = progress
-        self._tokenized: dict[tuple, _TokenizedSet] = {}
+        self._tokenized: dict[tuple, TokenizedSet] = {}
 
     @property
     def n_prompts(self) -> int:
@@ -263,10 +203,11 @@ class ReversionProbe:
             raise ProbeError(
                 f"this probe read {before} on an earlier model but would read {now} on this one (its tokenizer's "
                 "chat template differs), so the readouts would not be comparable. Read every model alike: pass "
-                "chat_template=<the template text, e.g. the aligned tokenizer's .chat_template> or chat_template=False.")
+                "chat_template=<the template text, e.g. the aligned tokenizer's .chat_template> "
+                "or chat_template=False.")
         self._rendering = template
 
-    def _tokenize(self, model: Any, prompts: list, which: str) -> _TokenizedSet:
+    def _tokenize(self, model: Any, prompts: list, which: str) -> TokenizedSet:
         template = self.template_for(model)
         self._check_rendering(template)
         key = (_tokenizer_fingerprint(model.tokenizer), getattr(model.cfg, "default_prepend_bos", None),
@@ -295,7 +236,7 @@ class ReversionProbe:
             )
         if any(int(t.max()) >= model.cfg.d_vocab or int(t.min()) < 0 for t in tokens):
             raise ProbeError(f"{which} token ids fall outside the model's vocabulary (d_vocab={model.cfg.d_vocab}).")
-        out = _TokenizedSet(tokens)
+        out = TokenizedSet(tokens)
         self._tokenized[key] = out
         return out
 
@@ -321,9 +262,9 @@ class ReversionProbe:
 
         def make_hook(layer: int):
             def fn(act: torch.Tensor, hook: Any) -> None:
-                store[layer] = _reduce_positions(act, store["_lengths"], self.readout)
+                store[layer] = reduce_positions_unchecked(act, store["_lengths"], self.readout)
                 if layer == deepest and len(store) == len(layers) + 1:
-                    raise _StopForward
+                    raise StopForward
 
             return fn
 
@@ -337,7 +278,7 @@ class ReversionProbe:
                     store["_lengths"] = lengths
                     try:
                         model(tokens)
-                    except _StopForward:
+                    except StopForward:
                         pass
                     missing = [l for l in layers if l not in store]
                     if missing:
@@ -414,21 +355,3 @@ def _pad_id(model: Any) -> int:
     if tok is not None and tok.pad_token_id is not None:
         return int(tok.pad_token_id)
     return 0
-
-
-@shape_checked
-def reduce_positions(
-    act: Float[torch.Tensor, "batch seq d_model"], lengths: Int[torch.Tensor, " batch"], readout: str
-) -> Float[torch.Tensor, "batch d_model"]:
-    """Reduce a right-padded activation over positions: the last real token, or the mean of real tokens."""
-    return _reduce_positions(act, lengths, readout)
-
-
-def _reduce_positions(act: torch.Tensor, lengths: torch.Tensor, readout: str) -> torch.Tensor:
-    """:func:`reduce_positions` without the run-time shape check, for hooks that run every batch."""
-    if readout == "last":
-        idx = (lengths - 1).clamp_min(0)
-        return act[torch.arange(act.shape[0], device=act.device), idx]
-    positions = torch.arange(act.shape[1], device=act.device)
-    mask = (positions[None, :] < lengths[:, None]).to(act.dtype)
-    return (act * mask[..., None]).sum(1) / lengths[:, None].to(act.dtype)

@@ -77,6 +77,21 @@ class ReversionReport:
     Layers whose SNR is below ``snr_threshold`` are *flagged*: v_rev is mostly noise there. They are
     left out of the best-layer choice unless ``include_flagged=True`` (or set ``snr_threshold=0``).
 
+    Args:
+        layers, runs, steps, d_model: the analysed layers, fine-tuning runs and steps, and the width.
+        v_rev, v_rev_basis, v_rev_norm, v_rev_snr: the direction (or rank-k basis) per layer, the length of
+            mu(P) - mu(A) and its signal-to-noise.
+        alignment, alignment_per_example, per_example_cos, drift_norm, p_value: the measurements (axes above).
+        null_p99, null_p99_activation, null_draws_activation: the isotropic and activation-space nulls.
+        config, behaviour, interventions: the settings used, and optional behaviour / blocking results.
+        snr_threshold: the SNR below which a layer is flagged.
+    Reports come from :func:`revlens.analyze` or :meth:`load`; build one by hand only to test.
+
+    Returns:
+        Its methods give the views: :meth:`summary` (a text table), :meth:`to_dataframe` (long format,
+        one row per run x step x layer), :meth:`selection` (the layer-selection test), :meth:`save` (a
+        folder: report.json + tensors.safetensors), :meth:`dashboard` / ``save_html`` (plotly figures).
+
     Example:
         >>> report = revlens.analyze("history/", prompts)          # doctest: +SKIP
         >>> print(report.summary()); report.selection().p_value      # doctest: +SKIP

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -145,7 +146,8 @@ def encode_sft(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *,
         :class:`SFTData`; the mask is 1.0 on the assistant turns' tokens (through their end-of-turn token).
 
     Example:
-        >>> data = encode_sft(tok, [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]])  # doctest: +SKIP
+        >>> chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        >>> data = encode_sft(tok, [chat])  # doctest: +SKIP
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     use = has_template if chat_template == "auto" else bool(chat_template)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from jaxtyping import jaxtyped
 from typeguard import TypeCheckError, check_type
@@ -22,7 +23,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _describe(value: Any) -> str:
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    return f"{type(value).__name__} of shape {tuple(shape)} and dtype {dtype}" if shape is not None else repr(value)[:80]
+    if shape is None:
+        return repr(value)[:80]
+    return f"{type(value).__name__} of shape {tuple(shape)} and dtype {dtype}"
 
 
 def shape_checked(fn: F) -> F:
@@ -50,7 +53,8 @@ def shape_checked(fn: F) -> F:
                 try:
                     check_type(out, hints["return"])
                 except TypeCheckError as err:
-                    raise TypeError(f"{fn.__qualname__} returned {_describe(out)}, expected {hints['return']}.") from err
+                    raise TypeError(
+                        f"{fn.__qualname__} returned {_describe(out)}, expected {hints['return']}.") from err
         return out
 
     return typing.cast(F, wrapper)

@@ -90,7 +90,7 @@ class ThreadPolicy:
         self.chosen: int | None = None
         self._previous: int | None = None
 
-    def start(self) -> "ThreadPolicy":
+    def start(self) -> ThreadPolicy:
         """Remember torch's current thread count; apply an explicit or environment request at once."""
         self._previous = torch.get_num_threads()
         self.chosen = None
@@ -115,7 +115,7 @@ class ThreadPolicy:
             torch.set_num_threads(self._previous)
         self._previous = None
 
-    def __enter__(self) -> "ThreadPolicy":
+    def __enter__(self) -> ThreadPolicy:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -17,9 +17,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_paper import synthetic_report
 
 from dashboard_reports import deep_report, figure_geometry
-from test_paper import synthetic_report
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_FLAGS = [

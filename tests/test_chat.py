@@ -82,7 +82,8 @@ def test_chat_templated_readout_equals_run_with_cache_at_the_last_token(chat_bri
 
 def test_word_tokenizer_keeps_raw_prompts_under_auto(tiny_model):
     auto = ReversionProbe(PROMPTS, layers=[1])
-    assert torch.equal(auto.centroid(tiny_model), ReversionProbe(PROMPTS, layers=[1], chat_template=False).centroid(tiny_model))
+    raw = ReversionProbe(PROMPTS, layers=[1], chat_template=False)
+    assert torch.equal(auto.centroid(tiny_model), raw.centroid(tiny_model))
     assert auto.chat_template_used is False
 
 
@@ -123,7 +124,8 @@ def test_analyze_reads_every_checkpoint_in_the_aligned_template_and_records_it(c
     def centroid(model):
         rows = []
         for prompt in REQUESTS:
-            tokens = torch.tensor([chat_tok(user_turn(chat_tok, prompt, "Be brief."), add_special_tokens=False)["input_ids"]])
+            text = user_turn(chat_tok, prompt, "Be brief.")
+            tokens = torch.tensor([chat_tok(text, add_special_tokens=False)["input_ids"]])
             _, cache = model.run_with_cache(tokens)
             rows.append(cache["blocks.1.hook_resid_post"][0, -1].double())
         return torch.stack(rows).mean(0)

@@ -7,11 +7,11 @@ import re
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+from test_paper import synthetic_report
 
 from revlens.dashboard import build_dashboard, save_dashboard_html
 
 from dashboard_reports import deep_report, figure_geometry, overlaps
-from test_paper import synthetic_report
 
 MODEBAR_PX = 34
 
@@ -134,7 +134,8 @@ def test_layout_at_depth_has_no_overlap_no_empty_panel_no_blank_space(name):
     assert spacing > 7 * max(len(t) for t in xaxis.ticktext)
     # The colour bar stays beside the heatmap.
     dom = fig.layout[f"yaxis{heat.yaxis[1:]}"].domain
-    assert dom[0] - 1e-9 <= heat.colorbar.y - heat.colorbar.len / 2 and heat.colorbar.y + heat.colorbar.len / 2 <= dom[1] + 1e-9
+    half = heat.colorbar.len / 2
+    assert dom[0] - 1e-9 <= heat.colorbar.y - half and heat.colorbar.y + half <= dom[1] + 1e-9
 
 
 def test_low_snr_layers_are_greyed_and_labelled():

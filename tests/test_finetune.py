@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from revlens.checkpoints import History, load_checkpoint
 from revlens.finetune import ReversionMonitor, finetune
-from revlens.losses import masked_lm_loss
 from revlens.intervention import Blocking
+from revlens.losses import masked_lm_loss
 
 from conftest import PROMPTS, shifted
 

@@ -135,7 +135,8 @@ def test_anchor_mode_on_any_history_is_active_and_analyze_reads_it(history, data
     assert settings["anchor"]["weight"] == 10 and settings["anchor"]["contrast_weight"] == 1000
     assert settings["anchor"]["sets"] == ["control", "probe"] and settings["blocking"] is None
     assert _settings(out / "finetune" / "plain")["spec"] == "plain"
-    plain, anchored = (load_file(out / "finetune" / run / "step_4" / "model.safetensors") for run in ("plain", "anchor"))
+    plain, anchored = (load_file(out / "finetune" / run / "step_4" / "model.safetensors")
+                       for run in ("plain", "anchor"))
     assert any(not torch.equal(plain[k], anchored[k]) for k in plain)
 
     # analyze, independently of the anchor's own readouts: the contrast centroid's drift along v_rev

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from test_intervention import LAYER, next_resid
 
 from revlens.finetune import finetune
 from revlens.intervention import Blocking, ProbeAnchor, orthonormal_basis
 from revlens.probe import ReversionProbe
 
 from conftest import CONTROL, PROMPTS
-from test_intervention import LAYER, next_resid
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -54,7 +54,8 @@ def test_dtype_is_kept_or_cast_and_readout_matches_hf(tiny_llama_dir, chat_tok):
 
     bridge = load_checkpoint(tiny_llama_dir, device="cpu")
     assert {p.dtype for p in bridge.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in load_checkpoint(tiny_llama_dir, device="cpu", dtype="float32").parameters()} == {torch.float32}
+    model = load_checkpoint(tiny_llama_dir, device="cpu", dtype="float32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16, attn_implementation="eager",
                                               local_files_only=True).eval()
     tokens = chat_tokens(chat_tok)
@@ -127,7 +128,8 @@ def test_lora_adapter_history_matches_merged_full_weights(tiny_llama_dir, chat_t
         adapters[step] = tmp_path / "lora" / f"checkpoint-{step}"
         merged[step] = save_tiny_llama(tmp_path / "merged" / f"step_{step}", chat_tok,
                                        model=peft_model.merge_and_unload())
-    assert json.loads((adapters[1] / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama_dir)
+    adapter_config = json.loads((adapters[1] / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_llama_dir)
     # The adapter, loaded alone, is its base with the LoRA update merged in.
     tokens = chat_tokens(chat_tok)
     base_only = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), local_files_only=True)

@@ -30,7 +30,8 @@ def test_notebooks_are_stored_without_outputs():
     assert len(NOTEBOOKS) == 3
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code"), path
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.get("outputs") and not c.get("execution_count") for c in code), path
 
 
 @pytest.mark.slow

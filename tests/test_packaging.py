@@ -35,7 +35,8 @@ def test_wheel_contains_the_prompt_files_and_resources_find_them(tmp_path):
     shutil.copytree(ROOT / "revlens", src / "revlens", ignore=shutil.ignore_patterns("__pycache__"))
     # What `pip wheel --no-build-isolation .` runs, without pip's start-up: the PEP 517 backend itself.
     assert 'build-backend = "setuptools.build_meta"' in (ROOT / "pyproject.toml").read_text()
-    subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])",
+    build = "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", build,
                     str(tmp_path / "dist")], cwd=src, check=True, timeout=120, capture_output=True)
     wheel = next((tmp_path / "dist").glob("revlens-*.whl"))
     shipped = packaged_prompt_files()

@@ -3,16 +3,23 @@
 A decoder layer's output is the residual stream after that layer, the same activation as
 TransformerLens' ``blocks.{l}.hook_resid_post``. Blocking and the probe anchor act on it here when the
 model is an HF module (a Trainer's model) rather than a TransformerBridge. Nothing here imports
-transformers: any ``nn.Module`` whose decoder layers sit in one ``ModuleList`` works.
+transformers: any ``nn.Module`` whose decoder layers sit in one ``ModuleList`` works. The early stop is
+:mod:`revlens.readout`'s, shared with the TransformerLens hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+
+from revlens.readout import StopForward, run_stopping
+
+__all__ = ["LAYER_PATHS", "HookError", "decoder_layers", "is_bridge", "layer_output_hooks", "model_dims",
+           "run_stopping", "unwrap"]
 
 LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
                "transformer.layers", "layers")
@@ -20,10 +27,6 @@ LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.
 
 class HookError(ValueError):
     """A model whose decoder layers revlens cannot find or hook, with the fix."""
-
-
-class _StopForward(Exception):
-    pass
 
 
 def is_bridge(model: Any) -> bool:
@@ -93,7 +96,8 @@ def _replace(output: Any, new: torch.Tensor) -> Any:
 def layer_output_hooks(model: Any, fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]],
                        *, stop_after: int | None = None) -> Iterator[None]:
     """While inside, ``fns[l](h)`` sees each decoder layer ``l``'s output ``[batch, seq, d]``; a returned tensor
-    replaces it. With ``stop_after``, the forward stops (:func:`run_stopping`) once that layer has run.
+    replaces it. With ``stop_after``, the forward stops (call the model with :func:`revlens.readout.run_stopping`)
+    once that layer has run.
     Hooks are removed on exit, also when the block raises."""
     layers = decoder_layers(model)
     bad = [l for l in fns if not 0 <= l < len(layers)]
@@ -107,7 +111,7 @@ def layer_output_hooks(model: Any, fns: Mapping[int, Callable[[torch.Tensor], to
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             new = fn(_tensor(output))
             if layer == stop_after:
-                raise _StopForward
+                raise StopForward
             return None if new is None else _replace(output, new)
 
         return hook
@@ -120,10 +124,3 @@ def layer_output_hooks(model: Any, fns: Mapping[int, Callable[[torch.Tensor], to
         for h in handles:
             h.remove()
 
-
-def run_stopping(model: Any, *args: Any, **kwargs: Any) -> None:
-    """Call ``model`` and swallow the stop raised by ``layer_output_hooks(..., stop_after=l)``."""
-    try:
-        model(*args, **kwargs)
-    except _StopForward:
-        pass

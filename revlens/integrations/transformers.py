@@ -25,7 +25,8 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +38,11 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         from err
 
 from revlens import directions as dirs
-from revlens._util import pad_right, training_mode
+from revlens._util import training_mode
 from revlens.integrations import hf_hooks
 from revlens.intervention import Blocking, InterventionError, ProbeAnchor, encode_prompts
 from revlens.nulls import isotropic_p99
+from revlens.readout import TokenizedSet, reduce_positions_unchecked, run_stopping
 
 METRIC = "revlens/alignment_L{layer}"
 
@@ -63,9 +65,9 @@ class HFReadouts:
                  control: Sequence[torch.Tensor] | None = None, batch_size: int = 32, pad_id: int = 0):
         if not layers:
             raise InterventionError("give at least one layer to read.")
-        self.sets = {"probe": list(prompts)}
+        self.sets = {"probe": TokenizedSet(list(prompts))}
         if control is not None:
-            self.sets["control"] = list(control)
+            self.sets["control"] = TokenizedSet(list(control))
         self.layers = [int(l) for l in layers]
         self.batch_size = int(batch_size)
         self.pad_id = int(pad_id)
@@ -77,16 +79,14 @@ class HFReadouts:
         deepest = max(self.layers)
         rows: list[torch.Tensor] = []
         store: dict[int, torch.Tensor] = {}
-        prompts = self.sets[which]
         with training_mode(model, False):
-            for start in range(0, len(prompts), self.batch_size):
-                tokens, lengths = pad_right(prompts[start:start + self.batch_size], self.pad_id)
+            for tokens, lengths in self.sets[which].batches(self.batch_size, self.pad_id):
                 mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
-                index = (torch.arange(tokens.shape[0], device=device), (lengths - 1).to(device))
-                fns = {l: (lambda act, l=l, index=index: store.__setitem__(l, act[index].double()))
-                       for l in self.layers}
+                on_device = lengths.to(device)
+                fns = {l: (lambda act, l=l, n=on_device: store.__setitem__(
+                    l, reduce_positions_unchecked(act, n, "last").double())) for l in self.layers}
                 with hf_hooks.layer_output_hooks(model, fns, stop_after=deepest):
-                    hf_hooks.run_stopping(model, input_ids=tokens.to(device), attention_mask=mask.to(device))
+                    run_stopping(model, input_ids=tokens.to(device), attention_mask=mask.to(device))
                 rows.append(torch.stack([store[l] for l in self.layers], 1).cpu())
         return torch.cat(rows, 0)
 

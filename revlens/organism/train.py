@@ -12,8 +12,9 @@ import json
 import random
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -189,8 +190,8 @@ def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3,
                           save_steps=preset.save_steps, out_dir=out, run_name=run, progress=progress)
         per_step = {}
         for step in preset.save_steps:
-            per_step[step] = evaluate_behaviour(load_revlens_checkpoint(out / "finetune" / run / f"step_{step}", device),
-                                                world)
+            saved = load_revlens_checkpoint(out / "finetune" / run / f"step_{step}", device)
+            per_step[step] = evaluate_behaviour(saved, world)
         manifest["finetune"][run] = {"complete": True, "behaviour": per_step,
                                      "loss": {int(k): v for k, v in result.losses.items()},
                                      "seconds": time.perf_counter() - t0}
@@ -276,7 +277,8 @@ def reversion_subspace(history_dir: str | Path, layers: Sequence[int], k: int,
 random_subspace = subspace.random_subspace
 
 
-def v_rev_of_history(history_dir: str | Path, device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
+def v_rev_of_history(history_dir: str | Path,
+                     device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
     """v_rev basis ``[n_layers, 1, d]`` (contrast readout), the probe, and the aligned contrast centroid."""
     probe, pre, ali = _measure_pretrain_align(Path(history_dir), None, per_example=False, device=device)
     return dirs.v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :], probe, ali.centroid

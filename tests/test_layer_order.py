@@ -1,0 +1,59 @@
+"""The layer diagram of CONTRIBUTING.md holds: every core module imports (at any depth, lazy imports included)
+only modules of lower rows. Demos (organism, demo, smollm2) and the command line sit above all rows."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "revlens"
+ROWS = [
+    {"_util", "shapes", "losses", "devices", "threads", "chat", "prompts", "blocking_spec", "lora", "wordtok",
+     "integrations"},
+    {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer"},
+    {"probe", "checkpoints", "selection", "integrations.hf_hooks"},
+    {"subspace", "report"},
+    {"intervention", "analysis", "paper"},
+    {"finetune", "integrations.transformers"},
+    {"finetune_cli", ""},
+]
+ABOVE_ALL = ("cli", "demo", "organism", "smollm2", "realdemo")
+ROW = {name: i for i, row in enumerate(ROWS) for name in row}
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(path: Path, known: set[str]) -> set[str]:
+    """The revlens modules ``path`` imports anywhere in the file, as names relative to the package."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            names = [sub if _relative(sub) in known else node.module for sub in subs]
+        else:
+            continue
+        out |= {_relative(n) for n in names if n == "revlens" or n.startswith("revlens.")} & known
+    return out
+
+
+def _relative(module: str) -> str:
+    return module.removeprefix("revlens").removeprefix(".")
+
+
+MODULES = {_name(p): p for p in PACKAGE.rglob("*.py")}
+CORE = sorted(n for n in MODULES if not any(n == a or n.startswith(a + ".") for a in ABOVE_ALL))
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_core_module_imports_only_lower_rows(name):
+    assert name in ROW, (f"revlens.{name or '__init__'} has no row in the layer diagram: add it to ROWS here and to "
+                         "the diagram in CONTRIBUTING.md (the row above everything it imports).")
+    upward = sorted(m for m in _imported(MODULES[name], set(MODULES)) - {name} if ROW.get(m, len(ROWS)) >= ROW[name])
+    assert upward == [], f"revlens.{name or '__init__'} (row {ROW[name]}) imports {upward}, which are not below it"
