@@ -34,8 +34,9 @@ def write_history(root: Path, hidden: int, layers: int, runs: int, steps: int) -
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from hf_models import chat_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_models import chat_tokenizer
 
     tok = chat_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
@@ -61,7 +62,6 @@ def worker(args: argparse.Namespace) -> None:
 
     import revlens
     from revlens import distributed
-
     from revlens.checkpoints import _bridge_classes
 
     torch.set_num_threads(1)
@@ -121,9 +121,9 @@ def main() -> None:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _results import environment, write_result
-
     from revlens.report import ReversionReport
+
+    from _results import environment, write_result
 
     with tempfile.TemporaryDirectory() as tmp:
         hist = Path(tmp) / "history"

@@ -51,9 +51,10 @@ def case_model():
     """The tiny TL-native model (d_model 32, 3 layers) that :func:`finetune_case` starts from."""
     import torch
 
-    from conftest import WORDS, tiny_config
     from revlens.checkpoints import boot_native_model
     from revlens.wordtok import word_tokenizer
+
+    from conftest import WORDS, tiny_config
 
     tok = word_tokenizer(WORDS)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "revlens"
 ROWS = [
     {"_util", "shapes", "losses", "devices", "threads", "chat", "prompts", "blocking_spec", "lora", "wordtok",
-     "integrations"},
+     "distributed", "integrations"},
     {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer"},
     {"probe", "checkpoints", "selection", "integrations.hf_hooks"},
     {"subspace", "report"},
@@ -19,7 +19,7 @@ ROWS = [
     {"finetune", "integrations.transformers"},
     {"finetune_cli", ""},
 ]
-ABOVE_ALL = ("cli", "demo", "organism", "smollm2", "realdemo")
+ABOVE_ALL = ("cli", "__main__", "demo", "organism", "smollm2", "realdemo")
 ROW = {name: i for i, row in enumerate(ROWS) for name in row}
 
 
