@@ -1,7 +1,12 @@
-"""`revlens demo`: train (or reuse) the organism, analyze it, compare blocking modes, print the paper's table."""
+"""`revlens demo`: train (or reuse) the organism, analyze it, compare blocking modes, print the paper's table.
+
+Three stages, each announced with a time estimate and shown with a progress bar: history (train or reuse
+the organism), analysis (measure drift along v_rev), blocking (fine-tune again per mode and seed).
+"""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,13 +18,17 @@ from revlens import directions as dirs
 from revlens.analysis import analyze
 from revlens.checkpoints import load_revlens_checkpoint
 from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history
-from revlens.organism.train import blocked_finetune, preset_of, read_manifest
+from revlens.organism.presets import Preset, get_preset
+from revlens.organism.train import blocked_finetune, parse_mode, preset_of, read_manifest
 from revlens.paper import comparison_rows, comparison_table
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport, fmt_pm
 
-DEFAULT_MODES = ("plain", "project", "clamp", "grad", "clamp+grad", "anchor@0.1", "contrast@1",
-                 "anchor@0.1+contrast@1", "anchor@0.003+rank@64", "anchor@0.003+contrast@0.1+rank@64")
+ALL_MODES = ("plain", "project", "clamp", "grad", "clamp+grad", "anchor@0.1", "contrast@1",
+             "anchor@0.1+contrast@1", "anchor@0.003+rank@64", "anchor@0.003+contrast@0.1+rank@64")
+# The modes that tell the story: no blocking, a hook mode (no effect on harm), the best anchor (cuts it).
+DEFAULT_MODES = ("plain", "clamp", "anchor@0.003+contrast@0.1+rank@64")
+MODE_SETS = {"all": ALL_MODES, "default": DEFAULT_MODES}
 TASK_LOSS_TOLERANCE = 0.05  # a blocking mode "costs little" if its task loss is within 5% of plain's
 
 
@@ -43,7 +52,7 @@ def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence
     block = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
     metrics: dict[str, dict[str, list[float]]] = {}
     jobs = [(m, s) for m in modes for s in seeds]
-    for mode, seed in tqdm(jobs, desc="blocking modes", disable=not progress):
+    for mode, seed in tqdm(jobs, desc="blocking", unit="run", disable=not progress):
         model, behaviour = blocked_finetune(history_dir, block, mode, seed)
         a = dirs.alignment(dirs.drift(probe.centroid(model), mu_align), basis).numpy()
         row = metrics.setdefault(mode, {k: [] for k in ("final_alignment", "harmfulness", "task_loss",
@@ -91,15 +100,118 @@ def intervention_table(interventions: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_modes(text: str) -> list[str]:
+    """The ``--modes`` list: comma-separated modes (:func:`revlens.organism.train.parse_mode`), where ``all``
+    stands for :data:`ALL_MODES` (the README's full table) and ``default`` for :data:`DEFAULT_MODES`;
+    duplicates are dropped, ``''`` is no blocking.
+
+    Example:
+        >>> parse_modes("default,anchor@0.003+random@64")
+        ['plain', 'clamp', 'anchor@0.003+contrast@0.1+rank@64', 'anchor@0.003+random@64']
+    """
+    modes: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        for mode in MODE_SETS.get(part, (part,) if part else ()):
+            parse_mode(mode)  # a typo fails here, before any training
+            if mode not in modes:
+                modes.append(mode)
+    return modes
+
+
+# Seconds per training step (batch 32) of the tiny preset on this project's 2-core CPU machine, idle, one
+# thread per process, and the fixed cost per step in units of n_layers * d_model**2 (fitted on micro, tiny
+# and small); the other costs are in steps of the same preset.
+_TINY_STEP_S = 0.040
+_STEP_OVERHEAD_UNITS = 19_000
+_EVAL_STEPS = 6  # evaluate_behaviour: greedy answers to the held-out prompts
+_MEASURE_STEPS = 3  # one checkpoint loaded and read by the probe
+_ALIGN_FRACTION = 0.15  # the calibrated alignment phase stops early (tiny: 90 of 600 steps)
+
+
+def _step_seconds(p: Preset) -> float:
+    tiny = get_preset("tiny")
+
+    def units(q: Preset) -> float:
+        return (_STEP_OVERHEAD_UNITS + q.n_layers * q.d_model ** 2) * q.batch_size * q.n_ctx
+
+    return _TINY_STEP_S * units(p) / units(tiny)
+
+
+def mode_cost(mode: str) -> float:
+    """A blocked fine-tuning step's cost relative to a plain one (benchmarks/intervention_overhead.py): hooks
+    add a few percent each, the anchor a forward and backward pass over the probe prompts, the contrast
+    term one more over the control prompts."""
+    spec = parse_mode(mode)
+    cost = 1.0 + 0.05 * len(spec["hooks"])
+    if spec["anchor"] or spec["contrast"]:
+        cost += 1.0 + (1.1 if spec["contrast"] else 0.0)
+    return cost
+
+
+def estimate_seconds(preset: str | Preset, seeds: int, modes: Sequence[str], *,
+                     history_done: bool = False) -> dict[str, float]:
+    """Rough wall-clock seconds of each demo stage on 2 idle CPU cores (``history``, ``analysis``, ``blocking``).
+
+    Calibrated on the tiny preset (README, "demo runtime"); other presets scale with the work per step.
+    Meant for the announcement before each stage, not for decisions.
+
+    Example:
+        >>> est = estimate_seconds("tiny", 3, DEFAULT_MODES)
+        >>> 60 < sum(est.values()) < 180
+        True
+    """
+    p = get_preset(preset)
+    step = _step_seconds(p)
+    n_ckpt = 2 + seeds * len(p.save_steps)
+    history = 0.0 if history_done else step * (
+        p.pretrain_steps + _ALIGN_FRACTION * p.align_max_steps + seeds * p.finetune_steps
+        + _EVAL_STEPS * n_ckpt)
+    analysis = step * _MEASURE_STEPS * n_ckpt
+    blocking = seeds * sum(step * (p.finetune_steps * mode_cost(m) + _EVAL_STEPS + _MEASURE_STEPS
+                                   + (2 * _MEASURE_STEPS if parse_mode(m)["subspace"] else 0)) for m in modes)
+    return {"history": history, "analysis": analysis, "blocking": blocking}
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = max(1, round(seconds))
+    return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def _announce(stage: int, name: str, what: str, seconds: float, progress: bool) -> None:
+    if progress:
+        print(f"[{stage}/3] {name}: {what}; about {_fmt_seconds(seconds)}", file=sys.stderr, flush=True)
+
+
 def run_demo(preset: str = "tiny", seeds: int = 3, out: str | Path = "revlens_out/demo", *,
              modes: Sequence[str] = DEFAULT_MODES, block_layers: Sequence[int] | None = None,
              device: str | None = None, html: bool = True, progress: bool = True) -> ReversionReport:
-    """The whole pipeline on the organism; writes ``report.json`` (+ ``dashboard.html``) under ``out``."""
+    """The whole pipeline on the organism; writes ``report.json`` (+ ``dashboard.html``) under ``out``.
+
+    Before each stage it prints (to stderr, with ``progress``) what the stage does and a time estimate
+    (:func:`estimate_seconds`, rescaled by how fast the history trained when it did).
+
+    Example:
+        >>> report = run_demo("micro", seeds=2, out="demo_micro", modes=["plain", "clamp"])  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
     out = Path(out)
+    p = get_preset(preset)
+    history_dir = out / "history"
+    runs = read_manifest(history_dir).get("finetune", {})
+    reused = all(runs.get(f"seed_{s}", {}).get("complete") for s in range(seeds))
+    est = estimate_seconds(p, seeds, modes, history_done=reused)
     t0 = time.perf_counter()
-    history = build_history(preset, seeds, out / "history", device=device, progress=progress)
+    _announce(1, "history", f"preset {p.name}, {seeds} fine-tuning seed(s) in {history_dir}"
+              + (" (reused)" if reused else ""), est["history"], progress)
+    parts = [[]] + [[s] for s in range(seeds)]  # pretrain + align, then one fine-tuning run per seed
+    for part in tqdm(parts, desc="[1/3] history", unit="part", disable=not progress):
+        history = build_history(p, part, history_dir, device=device, progress=progress)
     t_build = time.perf_counter() - t0
+    speed = min(4.0, max(0.25, t_build / est["history"])) if est["history"] > 10 else 1.0
     world = World(seed=read_manifest(history)["world_seed"])
+    n_ckpt = 2 + seeds * len(p.save_steps)
+    _announce(2, "analysis", f"{n_ckpt} checkpoints", speed * est["analysis"], progress)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         report = analyze(history, **analysis_kwargs(world), cache_dir=out / "cache", progress=progress)
@@ -108,9 +220,12 @@ def run_demo(preset: str = "tiny", seeds: int = 3, out: str | Path = "revlens_ou
     if modes:
         layers = block_layers if block_layers is not None else preset_of(read_manifest(history)).block_layers
         layers = list(layers) if layers else list(report.layers)  # default: every analysed layer
+        _announce(3, "blocking", f"{len(modes)} mode(s) x {seeds} seed(s) = {len(modes) * seeds} fine-tuning runs "
+                  f"at layers {layers}", speed * est["blocking"], progress)
         report.interventions = compare_blocking(history, report, modes, list(range(seeds)), layers, progress)
-    report.config["demo"] = {"preset": preset, "seeds": seeds, "timings_s": {
-        "history": t_build, "analyze": t_analyze, "total": time.perf_counter() - t0}}
+    report.config["demo"] = {"preset": p.name, "seeds": seeds, "modes": list(modes), "timings_s": {
+        "history": t_build, "analyze": t_analyze, "blocking": time.perf_counter() - t0 - t_build - t_analyze,
+        "total": time.perf_counter() - t0}, "estimate_s": est}
     report.config["paper_comparison"] = comparison_rows(report)
     report.save(out)
     if html:
@@ -143,7 +258,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--preset", default="tiny", help="micro, tiny (default), small or gpu")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="revlens_out/demo")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated blocking modes ('' for none)")
+    p.add_argument("--modes", default="default",
+                   help=f"comma-separated blocking modes ('' for none); 'default' = {','.join(DEFAULT_MODES)}; "
+                        "'all' = the README's full table (10 modes, about 3x longer)")
     p.add_argument("--block-layers", default=None, help="comma-separated layers to block (default: all layers)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-html", action="store_true")
@@ -151,7 +268,7 @@ def add_cli(sub: Any) -> None:
 
 
 def _run_cli(args: Any) -> int:
-    modes = [m for m in args.modes.split(",") if m]
+    modes = parse_modes(args.modes)
     layers = None if args.block_layers is None else [int(x) for x in args.block_layers.split(",")]
     report = run_demo(args.preset, args.seeds, args.out, modes=modes, block_layers=layers, device=args.device,
                       html=not args.no_html)
