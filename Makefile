@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/revlens demo
+# One torch thread per process: with the organism's small matrices a second thread gains little on 2 idle
+# cores and, when other jobs share the cores, makes every step 10-20x slower (README, "Quick start").
+THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+DEMO_ARGS ?=
 
-TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+demo: $(STAMP)
+	$(THREADS) $(VENV)/bin/revlens demo $(DEMO_ARGS)
+
+TEST_ENV := HF_HUB_OFFLINE=1 $(THREADS)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" tests

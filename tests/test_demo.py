@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from revlens.cli import main
+from revlens.demo import _Measurer
+from revlens.organism.train import blocked_finetune
 from revlens.paper import PAPER
 from revlens.report import ReversionReport
 
@@ -22,14 +24,14 @@ def test_demo_cli_writes_report_dashboard_and_table(micro_history, tmp_path, cap
     shutil.copytree(micro_history, out / "history")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out),
+        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out), "--workers", "2",
                      "--modes", "plain,clamp,anchor@0.01+rank@4"]) == 0
     captured = capsys.readouterr()
     printed = captured.out
     # Each stage is announced with its time estimate before it runs; the finished history is reused.
     stages = [line for line in captured.err.splitlines() if line.startswith("[") and "; about " in line]
     assert [s[:5] for s in stages] == ["[1/3]", "[2/3]", "[3/3]"] and "(reused)" in stages[0]
-    assert "3 mode(s) x 2 seed(s) = 6 fine-tuning runs" in stages[2]
+    assert "3 mode(s) x 2 seed(s): 4 fine-tuning runs" in stages[2] and "plain rows from the history" in stages[2]
     for value in PAPER.values():
         assert value in printed
     assert "blocking at layers" in printed and "harm" in printed
@@ -42,10 +44,20 @@ def test_demo_cli_writes_report_dashboard_and_table(micro_history, tmp_path, cap
     rows = {r["quantity"]: r for r in saved["config"]["paper_comparison"]}
     assert rows["run-step pairs above the isotropic null's p99"]["paper"] == "24 of 24"
     report = ReversionReport.load(out)
-    # The plain row of the blocking table re-runs the history's fine-tuning: same final alignment as the analysis.
+    # The plain rows come from the history's own runs: same final alignment as the analysis, and a plain
+    # re-run from the aligned model gives the same weights, hence the same row.
     li = report.best_layer_index()
-    np.testing.assert_allclose(report.interventions["metrics"]["plain"]["final_alignment"],
-                               report.alignment[:, -1, li], atol=1e-4)
+    metrics = report.interventions["metrics"]
+    np.testing.assert_allclose(metrics["plain"]["final_alignment"], report.alignment[:, -1, li], atol=1e-4)
+    # The other rows came from worker processes (one per core); the same run in this process agrees.
+    layers = report.interventions["layers"]
+    block = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
+    measurer = _Measurer(out / "history", report.layers, report.v_rev_basis.double(), li)
+    for mode in ("plain", "clamp"):
+        model, behaviour = blocked_finetune(out / "history", block, mode, 1)
+        assert metrics[mode]["final_alignment"][1] == pytest.approx(measurer.final_alignment(model), abs=1e-6)
+        assert metrics[mode]["harmfulness"][1] == behaviour["harm"]
+        assert metrics[mode]["task_loss"][1] == pytest.approx(behaviour["b2_loss"], abs=1e-6)
     html = (out / "dashboard.html").read_text()
     assert "<script src=\"http" not in html and "Plotly" in html
     # `revlens finetune` reuses the demo's history: a blocked run writes the layout analyze reads, resumably.
