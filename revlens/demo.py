@@ -194,10 +194,11 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
-# Seconds per training step (batch 32) of the tiny preset on this project's 2-core CPU machine, idle, one
-# thread per process, and the fixed cost per step in units of n_layers * d_model**2 (fitted on micro, tiny
-# and small); the other costs are in steps of the same preset.
-_TINY_STEP_S = 0.040
+# Seconds per training step (batch 32) of the tiny preset with one torch thread on this project's 2-core CPU
+# machine (its CPU time, measured while another job shared the machine: about the wall time on an idle core),
+# and the fixed cost per step in units of n_layers * d_model**2 (fitted on micro, tiny and small); the other
+# costs are in steps of the same preset.
+_TINY_STEP_S = 0.060
 _STEP_OVERHEAD_UNITS = 19_000
 _EVAL_STEPS = 6  # evaluate_behaviour: greedy answers to the held-out prompts
 _MEASURE_STEPS = 3  # one checkpoint loaded and read by the probe
