@@ -12,7 +12,14 @@ import torch
 
 import revlens
 from revlens.checkpoints import load_checkpoint
-from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history, evaluate_behaviour, get_preset
+from revlens.organism import (
+    World,
+    analysis_kwargs,
+    behaviour_summary,
+    build_history,
+    evaluate_behaviour,
+    get_preset,
+)
 from revlens.organism.world import REFUSAL, compliance
 
 
