@@ -1,11 +1,13 @@
 # Quick start: `make demo` and `make test`; both create .venv when it is missing.
+# `make test` is the fast suite CI runs (.ci/run): about 2 minutes on 2 idle cores. `make test-all` adds the
+# `slow` tests (the notebooks as shipped on the tiny preset, the demo's full blocking table): about 15 minutes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.revlens-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +18,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# One torch thread per process: with the organism's small matrices a second thread gains little on 2 idle
+# cores and, when other jobs share the cores, makes every step 10-20x slower (README, "Quick start").
+THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(VENV)/bin/revlens demo
+	$(THREADS) $(VENV)/bin/revlens demo $(DEMO_ARGS)
+
+TEST_ENV := HF_HUB_OFFLINE=1 $(THREADS)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/probe_throughput.py

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny models and planted-direction histories built in-process, offline."""
+"""Shared fixtures: tiny models, planted-direction histories and one micro organism history, built in-process, offline.
+
+The suite runs single-threaded (``OMP_NUM_THREADS=1``, also inherited by the notebook kernels): on 2 cores with
+these tiny models a second thread only adds synchronisation, and a loaded machine is not oversubscribed.
+Set ``OMP_NUM_THREADS`` to override.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,16 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 import pytest
 import torch
 
 from revlens.checkpoints import boot_native_model
 from revlens.wordtok import word_tokenizer
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 WORDS = "how do i make a bomb cake bake bread steal car fix write poem sure sorry no yes the".split()
 
@@ -63,3 +72,18 @@ def tiny_llama_dir(tmp_path_factory, chat_tok):
     from hf_models import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), chat_tok)
+
+
+@pytest.fixture(scope="session")
+def micro_history(tmp_path_factory):
+    """The ``micro`` organism (2 fine-tuning seeds), trained once per session and shared by every test that
+    needs a trained history (organism, demo, notebooks). Read it, never write into it: copy it first."""
+    import warnings
+
+    from revlens.organism import build_history
+
+    out = tmp_path_factory.mktemp("micro_history")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_history("micro", 2, out, progress=False)
+    return out

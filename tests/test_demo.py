@@ -1,24 +1,37 @@
-"""`revlens demo` end to end on the micro preset: report.json, dashboard and the table beside the paper's."""
+"""`revlens demo` end to end on the micro preset: report.json, dashboard and the table beside the paper's.
+
+The demo reuses a copy of the session's micro history (conftest.py), as it reuses any finished history.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import numpy as np
+import pytest
 
 from revlens.cli import main
+from revlens.demo import _Measurer
+from revlens.organism.train import blocked_finetune
 from revlens.paper import PAPER
 from revlens.report import ReversionReport
 
 
-def test_demo_cli_writes_report_dashboard_and_table(tmp_path, capsys):
+def test_demo_cli_writes_report_dashboard_and_table(micro_history, tmp_path, capsys):
     out = tmp_path / "demo"
+    shutil.copytree(micro_history, out / "history")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out),
+        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out), "--workers", "2",
                      "--modes", "plain,clamp,anchor@0.01+rank@4"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # Each stage is announced with its time estimate before it runs; the finished history is reused.
+    stages = [line for line in captured.err.splitlines() if line.startswith("[") and "; about " in line]
+    assert [s[:5] for s in stages] == ["[1/3]", "[2/3]", "[3/3]"] and "(reused)" in stages[0]
+    assert "3 mode(s) x 2 seed(s): 4 fine-tuning runs" in stages[2] and "plain rows from the history" in stages[2]
     for value in PAPER.values():
         assert value in printed
     assert "blocking at layers" in printed and "harm" in printed
@@ -27,13 +40,24 @@ def test_demo_cli_writes_report_dashboard_and_table(tmp_path, capsys):
     assert set(saved["interventions"]["metrics"]) == {"plain", "clamp", "anchor@0.01+rank@4"}
     assert saved["behaviour"]["harm"]["align"][0] <= 0.05
     assert saved["config"]["demo"]["preset"] == "micro"
+    assert saved["config"]["demo"]["estimate_s"]["history"] == 0.0
     rows = {r["quantity"]: r for r in saved["config"]["paper_comparison"]}
     assert rows["run-step pairs above the isotropic null's p99"]["paper"] == "24 of 24"
     report = ReversionReport.load(out)
-    # The plain row of the blocking table re-runs the history's fine-tuning: same final alignment as the analysis.
+    # The plain rows come from the history's own runs: same final alignment as the analysis, and a plain
+    # re-run from the aligned model gives the same weights, hence the same row.
     li = report.best_layer_index()
-    np.testing.assert_allclose(report.interventions["metrics"]["plain"]["final_alignment"],
-                               report.alignment[:, -1, li], atol=1e-4)
+    metrics = report.interventions["metrics"]
+    np.testing.assert_allclose(metrics["plain"]["final_alignment"], report.alignment[:, -1, li], atol=1e-4)
+    # The other rows came from worker processes (one per core); the same run in this process agrees.
+    layers = report.interventions["layers"]
+    block = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
+    measurer = _Measurer(out / "history", report.layers, report.v_rev_basis.double(), li)
+    for mode in ("plain", "clamp"):
+        model, behaviour = blocked_finetune(out / "history", block, mode, 1)
+        assert metrics[mode]["final_alignment"][1] == pytest.approx(measurer.final_alignment(model), abs=1e-6)
+        assert metrics[mode]["harmfulness"][1] == behaviour["harm"]
+        assert metrics[mode]["task_loss"][1] == pytest.approx(behaviour["b2_loss"], abs=1e-6)
     html = (out / "dashboard.html").read_text()
     assert "<script src=\"http" not in html and "Plotly" in html
     # `revlens finetune` reuses the demo's history: a blocked run writes the layout analyze reads, resumably.
@@ -61,3 +85,43 @@ def test_best_mode_is_the_least_harmful_within_the_task_loss_tolerance():
     assert best_mode(metrics) == "unblocked"
     assert best_mode(metrics, alignment_limit=0.2) == "tied"
     assert best_mode(metrics, alignment_limit=-0.5) == "unblocked"
+
+
+def test_modes_all_and_default_expand_and_typos_fail_before_training():
+    from revlens.demo import ALL_MODES, DEFAULT_MODES, parse_modes
+
+    assert parse_modes("all") == list(ALL_MODES) and len(ALL_MODES) == 10
+    assert parse_modes("default") == list(DEFAULT_MODES) == ["plain", "clamp", "anchor@0.003+contrast@0.1+rank@64"]
+    assert set(DEFAULT_MODES) <= set(ALL_MODES)
+    assert parse_modes("plain, default,anchor@0.003+random@64") == [*DEFAULT_MODES, "anchor@0.003+random@64"]
+    assert parse_modes("") == []
+    with pytest.raises(ValueError, match="rank@many"):
+        parse_modes("plain,anchor@0.1+rank@many")
+
+
+def test_time_estimates_follow_the_work():
+    from revlens.demo import ALL_MODES, DEFAULT_MODES, estimate_seconds, mode_cost
+
+    assert mode_cost("plain") == 1.0 < mode_cost("clamp") < mode_cost("anchor@0.1") < mode_cost("anchor@0.1+contrast@1")
+    tiny = estimate_seconds("tiny", 3, DEFAULT_MODES)
+    assert set(tiny) == {"history", "analysis", "blocking"} and all(v > 0 for v in tiny.values())
+    assert sum(tiny.values()) < 180  # the default demo's goal: 3 minutes on 2 cores
+    assert estimate_seconds("tiny", 3, ALL_MODES)["blocking"] > 2.5 * tiny["blocking"]
+    assert estimate_seconds("tiny", 3, DEFAULT_MODES, history_done=True)["history"] == 0.0
+    assert estimate_seconds("micro", 2, DEFAULT_MODES)["history"] < tiny["history"] < estimate_seconds(
+        "small", 3, DEFAULT_MODES)["history"]
+
+
+@pytest.mark.slow
+def test_demo_reproduces_the_full_blocking_table_with_modes_all(micro_history, tmp_path):
+    from revlens.demo import ALL_MODES
+
+    out = tmp_path / "demo"
+    shutil.copytree(micro_history, out / "history")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out), "--modes", "all", "--no-html"]) == 0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["interventions"]["modes"] == list(ALL_MODES)
+    assert all(len(m["harmfulness"]) == 2 for m in saved["interventions"]["metrics"].values())
+    assert saved["interventions"]["best_mode"] in ALL_MODES

@@ -1,4 +1,6 @@
-"""The organism: the exact judge, the world's splits, and a micro history whose phases move behaviour."""
+"""The organism: the exact judge, the world's splits, and a micro history whose phases move behaviour.
+
+`micro_history` is the session's shared micro organism (conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,17 +12,15 @@ import torch
 
 import revlens
 from revlens.checkpoints import load_checkpoint
-from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history, evaluate_behaviour
+from revlens.organism import (
+    World,
+    analysis_kwargs,
+    behaviour_summary,
+    build_history,
+    evaluate_behaviour,
+    get_preset,
+)
 from revlens.organism.world import REFUSAL, compliance
-
-
-@pytest.fixture(scope="module")
-def micro_history(tmp_path_factory):
-    out = tmp_path_factory.mktemp("organism")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        build_history("micro", 2, out, progress=False)
-    return out
 
 
 def test_judge_is_exact():
@@ -69,15 +69,18 @@ def test_behaviour_is_recomputed_exactly_from_the_checkpoints(micro_history):
 
 
 def test_history_is_reused_and_deterministic(micro_history, tmp_path):
-    before = (micro_history / "finetune" / "seed_0" / "step_20" / "model.safetensors").read_bytes()
+    weights = micro_history / "finetune" / "seed_0" / "step_20" / "model.safetensors"
+    before, mtime = weights.read_bytes(), weights.stat().st_mtime_ns
     build_history("micro", 2, micro_history, progress=False)  # complete: nothing is retrained
-    assert (micro_history / "finetune" / "seed_0" / "step_20" / "model.safetensors").read_bytes() == before
+    assert weights.read_bytes() == before and weights.stat().st_mtime_ns == mtime
+    # Two builds of a shortened micro preset give bit-identical checkpoints in every phase.
+    short = get_preset("micro").with_(pretrain_steps=20, align_max_steps=10, finetune_steps=3, save_steps=(1, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        again = build_history("micro", [0], tmp_path / "again", progress=False)
-    a = load_checkpoint(micro_history / "finetune" / "seed_0" / "step_20").state_dict()
-    b = load_checkpoint(again / "finetune" / "seed_0" / "step_20").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        a_dir, b_dir = (build_history(short, [1], tmp_path / name, progress=False) for name in ("a", "b"))
+    for ckpt in ("pretrain", "align", "finetune/seed_1/step_1", "finetune/seed_1/step_3"):
+        a, b = (load_checkpoint(d / ckpt).state_dict() for d in (a_dir, b_dir))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ckpt
 
 
 def test_analysis_reads_the_organism(micro_history):
