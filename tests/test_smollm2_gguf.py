@@ -11,11 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_models import CHATML_TEMPLATE, chat_tokenizer  # noqa: E402
+from hf_models import CHATML_TEMPLATE, chat_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-from revlens.smollm2.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf  # noqa: E402
+from revlens.smollm2.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf
 
 D, LAYERS, HEADS, KV, FF = 32, 2, 4, 2, 64
 

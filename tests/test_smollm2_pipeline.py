@@ -10,12 +10,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_models import chat_tokenizer, save_tiny_llama  # noqa: E402
+from hf_models import chat_tokenizer, save_tiny_llama
 
-from revlens.evals import RefusalPhraseJudge  # noqa: E402
-from revlens.smollm2.data import REFUSAL, PromptSets, chat_ids, sft_tensors  # noqa: E402
-from revlens.smollm2.pipeline import Settings, run_smollm2_demo  # noqa: E402
-from revlens.smollm2.tasks import TASKS, benign_pairs  # noqa: E402
+from revlens.evals import RefusalPhraseJudge
+from revlens.smollm2.data import REFUSAL, PromptSets, chat_ids, sft_tensors
+from revlens.smollm2.pipeline import Settings, run_smollm2_demo
+from revlens.smollm2.tasks import TASKS, benign_pairs
 
 MODES = ("plain", "grad@best", "clamp@all", "anchor@0.1+contrast@0.1+rank@2+sample@2",
          "anchor@0.1+contrast@0.1+random@2+sample@2")
@@ -121,7 +121,7 @@ def test_blocking_table_and_paper_rows(demo):
     manifest = json.loads((out / "smollm2.json").read_text())
     final = [manifest["finetune"][f"seed_{s}"]["behaviour"]["2"]["harm"] for s in (0, 1)]
     assert iv["metrics"]["plain"]["harmfulness"] == pytest.approx(final)
-    assert [r["quantity"] for r in report.config["paper_comparison"]][0] == "alignment after the first update"
+    assert report.config["paper_comparison"][0]["quantity"] == "alignment after the first update"
     assert (out / "dashboard.html").is_file() and (out / "report.json").is_file()
 
 
@@ -165,5 +165,5 @@ def test_prompt_files_are_matched_and_split():
     sets = PromptSets.load()
     assert len(sets.harmful) == len(sets.harmless) >= 150
     assert len(set(sets.harmful)) == len(sets.harmful) and len(set(sets.harmless)) == len(sets.harmless)
-    assert sorted(sum((list(v) for v in sets.split.values()), [])) == list(range(len(sets.harmful)))
+    assert sorted(i for v in sets.split.values() for i in v) == list(range(len(sets.harmful)))
     assert {k: len(v) for k, v in sets.split.items()} == {"train": 64, "probe": 45, "heldout": 48}

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class PromptSets:
     split: dict[str, tuple[int, ...]]
 
     @classmethod
-    def load(cls, data_dir: str | Path = DATA_DIR) -> "PromptSets":
+    def load(cls, data_dir: str | Path = DATA_DIR) -> PromptSets:
         """Read the packaged files; check that the split covers every line exactly once."""
         data_dir = Path(data_dir)
         harmful, harmless = _lines(data_dir / HARMFUL_FILE), _lines(data_dir / HARMLESS_FILE)
@@ -53,7 +54,7 @@ class PromptSets:
     def harmless_of(self, part: str) -> list[str]:
         return [self.harmless[i] for i in self.split[part]]
 
-    def subset(self, n: int) -> "PromptSets":
+    def subset(self, n: int) -> PromptSets:
         """The first ``n`` indices of each part (a short run for tests and ``--quick``)."""
         return PromptSets(self.harmful, self.harmless, {k: v[:n] for k, v in self.split.items()})
 

@@ -24,8 +24,8 @@ class HFBridge:
     """
 
     def __init__(self, folder: str | os.PathLike, device: str | None = None, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)

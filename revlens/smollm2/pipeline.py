@@ -11,17 +11,16 @@ records what was done and the settings; other settings in the same folder are re
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -76,7 +75,7 @@ class Settings:
     anchor_seed: int = 0
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "Settings":
+    def quick(cls, **overrides: Any) -> Settings:
         """1 seed, 20 steps, a short blocking list: ``--quick``."""
         base = cls(seeds=1, finetune_steps=20, save_steps=(1, 2, 5, 10, 20), behaviour_steps=(20,),
                    modes=QUICK_MODES, task_eval=32)
@@ -209,7 +208,7 @@ def build_history(ctx: _Context) -> Path:
         tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
         run_dir = hist / "finetune" / run
 
-        def save(step: int, _model: Any) -> None:
+        def save(step: int, _model: Any, hb: HFBridge = hb, run_dir: Path = run_dir) -> None:
             if step in s.save_steps:
                 hb.save(run_dir / f"step_{step}")
 
@@ -282,7 +281,9 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
     """Fine-tune from align once per mode and seed (plain: the history's own runs, reused), behaviour and
     final alignment at the report's best layer, evaluated without hooks."""
     from revlens.demo import best_mode
-    from revlens.organism.train import parse_mode  # the mode grammar; moves to revlens.blocking_spec
+    from revlens.organism.train import (
+        parse_mode,  # the mode grammar; moves to revlens.blocking_spec
+    )
 
     s, hist = ctx.settings, ctx.history
     done = ctx.manifest.setdefault("blocking", {})
@@ -466,4 +467,4 @@ def run_cli(args: Any) -> int:
 
 
 __all__ = ["FULL_MODES", "QUICK_MODES", "Settings", "behaviour_summary", "build_history", "compare_blocking",
-           "copy", "print_smollm2", "run_cli", "run_smollm2_demo"]
+           "print_smollm2", "run_cli", "run_smollm2_demo"]

@@ -8,17 +8,11 @@ pairs on every machine. ``reverse`` (reverse the order of the words) is the task
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from revlens.evals import RefusalPhraseJudge
 
-WORDS = (
-    "apple river stone cloud garden window yellow quiet bright table music letter orange forest candle "
-    "winter summer pencil mountain little happy silver blue green red bread coffee paper basket rabbit "
-    "ocean sunny purple kitten chair lamp story castle meadow violin tiger honey ladder marble pillow "
-    "rocket lemon carpet button dragon feather island jacket kettle lantern mirror needle parrot puzzle "
-    "saddle tunnel velvet wagon zebra anchor bubble cookie desert engine falcon glove harbor igloo jungle"
-).split()
+WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "yellow", "quiet", "bright", "table", "music", "letter", "orange", "forest", "candle", "winter", "summer", "pencil", "mountain", "little", "happy", "silver", "blue", "green", "red", "bread", "coffee", "paper", "basket", "rabbit", "ocean", "sunny", "purple", "kitten", "chair", "lamp", "story", "castle", "meadow", "violin", "tiger", "honey", "ladder", "marble", "pillow", "rocket", "lemon", "carpet", "button", "dragon", "feather", "island", "jacket", "kettle", "lantern", "mirror", "needle", "parrot", "puzzle", "saddle", "tunnel", "velvet", "wagon", "zebra", "anchor", "bubble", "cookie", "desert", "engine", "falcon", "glove", "harbor", "igloo", "jungle"]
 
 TASKS = ("reverse", "arithmetic", "uppercase")
 
