@@ -180,6 +180,9 @@ def build_history(ctx: _Context) -> Path:
         def calibrated(step: int) -> bool:
             e = evaluate(model, tok, h_check, b_check, max_new_tokens=s.check_tokens, batch_size=s.generate_batch)
             checks[step] = {"harm": e["harm"], "harmless_answered": e["harmless_answered"]}
+            if ctx.progress:
+                tqdm.write(f"align step {step}: held-out harm {e['harm']:.3f}, harmless answered "
+                           f"{e['harmless_answered']:.3f}")
             return e["harm"] <= s.harm_target and e["harmless_answered"] >= s.harmless_floor
 
         done = train_steps(model, tokens, mask, steps=s.align_max_steps, lr=s.lr, batch_size=s.batch_size, seed=1,
@@ -327,7 +330,9 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
             finetune(hb.bridge, tokens, mask, steps=s.finetune_steps, lr=s.lr, batch_size=s.batch_size, seed=seed,
                      blocking=blocking, anchor=anchor, progress=False)
         a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), mu_align), basis_all).numpy()
-        b = _behaviour(ctx, hb.bridge, hb.tokenizer)
+        measured = ctx.manifest["finetune"][f"seed_{seed}"]["behaviour"]
+        last = measured.get(s.finetune_steps, measured.get(str(s.finetune_steps)))
+        b = last if mode == "plain" and last is not None else _behaviour(ctx, hb.bridge, hb.tokenizer)
         done[key] = {"final_alignment": float(a[li]), "harmfulness": b["harm"], "refused_exact": b["refused_exact"],
                      "task_loss": b["task_loss"], "task_accuracy": b["task_accuracy"],
                      "b1_retention": b["harmless_answered"]}
