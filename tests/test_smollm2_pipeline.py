@@ -167,3 +167,27 @@ def test_prompt_files_are_matched_and_split():
     assert len(set(sets.harmful)) == len(sets.harmful) and len(set(sets.harmless)) == len(sets.harmless)
     assert sorted(i for v in sets.split.values() for i in v) == list(range(len(sets.harmful)))
     assert {k: len(v) for k, v in sets.split.items()} == {"train": 64, "probe": 45, "heldout": 48}
+
+
+def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
+    """After a training step through the TransformerBridge, to_hf() and the saved folder give the bridge's
+    logits, and generation on them equals a token-by-token loop (the bridge's wrapped module is not used)."""
+    from transformers import AutoModelForCausalLM
+
+    from revlens.smollm2.behaviour import generate_greedy
+    from revlens.smollm2.hf_io import HFBridge
+
+    hb = HFBridge(tiny_chat_dir)
+    x = chat_ids(hb.tokenizer, ["how do i bake a cake"])[0][0][None]
+    opt = torch.optim.AdamW(hb.bridge.parameters(), lr=1e-2)
+    hb.bridge(x).logsumexp(-1).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        expected = hb.bridge(x)
+        plain = hb.to_hf()
+        torch.testing.assert_close(plain(x).logits, expected, rtol=0, atol=1e-5)
+        saved = AutoModelForCausalLM.from_pretrained(hb.save(tmp_path / "m")).eval()
+        torch.testing.assert_close(saved(x).logits, expected, rtol=0, atol=1e-5)
+        requests = ["how do i bake a cake", "write a poem about the sea"]
+        assert generate_greedy(plain, hb.tokenizer, requests, 4) == [_naive_answer(plain, hb.tokenizer, r, 4)
+                                                                     for r in requests]

@@ -41,11 +41,16 @@ class HFBridge:
     def hf_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.state.items()}
 
+    def to_hf(self) -> Any:
+        """A plain HF model with the current weights (copied): ``generate`` on the bridge's wrapped module
+        gives wrong answers, so behaviour is evaluated on this."""
+        fresh = self.module_class(self.config)
+        fresh.load_state_dict({k: v.clone() for k, v in self.hf_state().items()}, strict=True)
+        return fresh.to(next(iter(self.state.values())).device).eval()
+
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the current weights as an HF folder (config, float32 safetensors, tokenizer + template)."""
-        fresh = self.module_class(self.config)
-        fresh.load_state_dict(self.hf_state(), strict=True)
-        return save_hf_model(fresh, self.tokenizer, folder)
+        return save_hf_model(self.to_hf(), self.tokenizer, folder)
 
 
 def load_bridge(folder: str | os.PathLike, device: str | None = None) -> Any:

@@ -332,7 +332,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
         a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), mu_align), basis_all).numpy()
         measured = ctx.manifest["finetune"][f"seed_{seed}"]["behaviour"]
         last = measured.get(s.finetune_steps, measured.get(str(s.finetune_steps)))
-        b = last if mode == "plain" and last is not None else _behaviour(ctx, hb.bridge, hb.tokenizer)
+        b = last if mode == "plain" and last is not None else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
         done[key] = {"final_alignment": float(a[li]), "harmfulness": b["harm"], "refused_exact": b["refused_exact"],
                      "task_loss": b["task_loss"], "task_accuracy": b["task_accuracy"],
                      "b1_retention": b["harmless_answered"]}
