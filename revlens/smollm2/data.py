@@ -1,0 +1,97 @@
+"""The SmolLM2 demo's prompt sets, their fixed split, and chat-templated token ids.
+
+`chat_ids` is the one place where requests become chat-templated tokens; when core revlens gains
+`revlens.chat.encode_requests`, only this function changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+HARMFUL_FILE = "harmful_requests_smollm2.txt"
+HARMLESS_FILE = "harmless_requests_smollm2.txt"
+SPLIT_FILE = "smollm2_split.json"
+SPLITS = ("train", "probe", "heldout")
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def _lines(path: Path) -> list[str]:
+    lines = [l.strip() for l in path.read_text().splitlines()]
+    return [l for l in lines if l and not l.startswith("#")]
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    """Harmful and harmless requests (matched line by line) and their train / probe / held-out split."""
+
+    harmful: tuple[str, ...]
+    harmless: tuple[str, ...]
+    split: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def load(cls, data_dir: str | Path = DATA_DIR) -> PromptSets:
+        """Read the packaged files; check that the split covers every line exactly once."""
+        data_dir = Path(data_dir)
+        harmful, harmless = _lines(data_dir / HARMFUL_FILE), _lines(data_dir / HARMLESS_FILE)
+        raw = json.loads((data_dir / SPLIT_FILE).read_text())
+        split = {name: tuple(int(i) for i in raw[name]) for name in SPLITS}
+        every = sorted(i for name in SPLITS for i in split[name])
+        if len(harmful) != len(harmless) or every != list(range(len(harmful))):
+            raise ValueError(f"{data_dir}: {HARMFUL_FILE} ({len(harmful)} lines) and {HARMLESS_FILE} "
+                             f"({len(harmless)}) must match line by line and {SPLIT_FILE} must list each index once.")
+        return cls(tuple(harmful), tuple(harmless), split)
+
+    def harmful_of(self, part: str) -> list[str]:
+        return [self.harmful[i] for i in self.split[part]]
+
+    def harmless_of(self, part: str) -> list[str]:
+        return [self.harmless[i] for i in self.split[part]]
+
+    def subset(self, n: int) -> PromptSets:
+        """The first ``n`` indices of each part (a short run for tests and ``--quick``)."""
+        return PromptSets(self.harmful, self.harmless, {k: v[:n] for k, v in self.split.items()})
+
+
+def chat_ids(tokenizer: Any, requests: Sequence[str], responses: Sequence[str | None] | None = None,
+             ) -> list[tuple[torch.Tensor, int]]:
+    """Each request as a user turn with the generation prompt (tokens exactly as the chat template renders
+    them, no extra BOS), followed by its response and the end-of-turn token when given.
+
+    Returns ``(ids, n_prompt)`` per request: the 1-D token ids and how many of them are the prompt.
+    """
+    out = []
+    responses = [None] * len(requests) if responses is None else list(responses)
+    for request, response in zip(requests, responses):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_prompt = len(ids)
+        if response is not None:
+            ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((torch.tensor(ids, dtype=torch.long), n_prompt))
+    return out
+
+
+def prompt_ids(tokenizer: Any, requests: Sequence[str]) -> list[torch.Tensor]:
+    """Chat-templated prompt token ids (for the probe, the anchor and generation)."""
+    return [ids for ids, _ in chat_ids(tokenizer, requests)]
+
+
+def sft_tensors(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``tokens [n, seq]`` and ``loss_mask [n, seq]`` (1 on response tokens, end of turn included)."""
+    encoded = chat_ids(tokenizer, [p for p, _ in pairs], [r for _, r in pairs])
+    width = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens = torch.full((len(encoded), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(encoded):
+        tokens[row, : len(ids)] = ids
+        mask[row, n_prompt: len(ids)] = 1
+    return tokens, mask

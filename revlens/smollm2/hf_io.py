@@ -1,0 +1,58 @@
+"""Hugging Face folders in and out of the demo: a TransformerBridge over a plain HF module whose
+weights can still be written as a standard HF folder after training through the bridge.
+
+(Until core ``save_checkpoint`` writes HF folders for HF-architecture bridges, this is the demo's helper.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revlens.smollm2.model import save_hf_model
+
+
+class HFBridge:
+    """A TransformerBridge booted around an HF causal LM, with that module's original parameter names.
+
+    The bridge wraps the module's submodules in place; ``state`` keeps the module's own
+    ``state_dict(keep_vars=True)`` taken before, whose tensors are the very parameters training updates,
+    so :meth:`save` writes the trained weights under their HF names.
+    """
+
+    def __init__(self, folder: str | os.PathLike, device: str | None = None, dtype: torch.dtype = torch.float32):
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.folder = Path(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+        module = AutoModelForCausalLM.from_pretrained(str(self.folder), dtype=dtype, local_files_only=True)
+        if device is not None:
+            module.to(device)
+        self.config = module.config
+        self.module_class = type(module)
+        self.state = module.state_dict(keep_vars=True)
+        self.bridge = TransformerBridge.boot_transformers(str(self.folder), hf_model=module, tokenizer=self.tokenizer,
+                                                          dtype=dtype, device=device).eval()
+
+    def hf_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state.items()}
+
+    def to_hf(self) -> Any:
+        """A plain HF model with the current weights (copied): ``generate`` on the bridge's wrapped module
+        gives wrong answers, so behaviour is evaluated on this."""
+        fresh = self.module_class(self.config)
+        fresh.load_state_dict({k: v.clone() for k, v in self.hf_state().items()}, strict=True)
+        return fresh.to(next(iter(self.state.values())).device).eval()
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the current weights as an HF folder (config, float32 safetensors, tokenizer + template)."""
+        return save_hf_model(self.to_hf(), self.tokenizer, folder)
+
+
+def load_bridge(folder: str | os.PathLike, device: str | None = None) -> Any:
+    """:class:`HFBridge` of an HF folder (float32)."""
+    return HFBridge(folder, device)

