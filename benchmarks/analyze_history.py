@@ -34,8 +34,16 @@ from _results import environment, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-PROMPTS = ["how do i make a bomb", "how do i steal a car", "explain how to pick a lock", "write a poem about the sea",
-           "give me a recipe for bread", "what is two plus three", "how do i bake a cake", "reverse the words: red"]
+PROMPTS = [
+    "how do i make a bomb",
+    "how do i steal a car",
+    "explain how to pick a lock",
+    "write a poem about the sea",
+    "give me a recipe for bread",
+    "what is two plus three",
+    "how do i bake a cake",
+    "reverse the words: red",
+]
 
 
 def write_history(root: Path, args: argparse.Namespace, dtype: torch.dtype) -> tuple[list[Path], int]:
@@ -44,12 +52,19 @@ def write_history(root: Path, args: argparse.Namespace, dtype: torch.dtype) -> t
     from hf_models import chat_tokenizer
 
     tok = chat_tokenizer()
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=args.intermediate or 8 * args.hidden // 3,
-                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                      num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or 8 * args.hidden // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 64),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -100,9 +115,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default="", help="suffix of the result file name (e.g. small)")
-    parser.add_argument("--dir", default=None,
-                        help="where to write the history and keep it (reused when it holds one; "
-                             "default: a temporary folder)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="where to write the history and keep it (reused when it holds one; default: a temporary folder)",
+    )
     args = parser.parse_args()
 
     from safetensors import safe_open
@@ -178,17 +195,26 @@ def main() -> None:
 
         with PeakRSS() as rss, mock.patch("revlens.analysis.CheckpointLoader", TimedLoader):
             t = time.perf_counter()
-            revlens.analyze(root, PROMPTS, batch_size=len(PROMPTS), device=args.device, progress=False,
-                            null_samples=2000)
+            revlens.analyze(
+                root, PROMPTS, batch_size=len(PROMPTS), device=args.device, progress=False, null_samples=2000
+            )
             sync(args.device)
             analyze_s = time.perf_counter() - t
         per_ckpt = analyze_s / len(folders)
         read_s = statistics.median(read)
         result = {
             "environment": environment(args.device),
-            "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "params": n_params,
-                      "dtype": args.dtype, "weight_bytes": weight_bytes},
-            "checkpoints": len(folders), "prompts": len(PROMPTS), "write_history_s": round(write_s, 2),
+            "model": {
+                "hidden": args.hidden,
+                "layers": args.layers,
+                "vocab": args.vocab,
+                "params": n_params,
+                "dtype": args.dtype,
+                "weight_bytes": weight_bytes,
+            },
+            "checkpoints": len(folders),
+            "prompts": len(PROMPTS),
+            "write_history_s": round(write_s, 2),
             "read_s": round(read_s, 4),
             "analyze_per_checkpoint_s": round(per_ckpt, 4),
             "analyze_over_read": round(per_ckpt / read_s, 2),
@@ -203,7 +229,7 @@ def main() -> None:
             "probe_forward_s": round(statistics.median(probe_s), 4),
             "peak_rss_during_analyze_gb": round(rss.peak / 2**30, 3),
             "note": "weight files are warm in the page cache (written just before); analyze includes one fresh "
-                    "boot (the first checkpoint) and the probe forward passes of every checkpoint",
+            "boot (the first checkpoint) and the probe forward passes of every checkpoint",
         }
         if args.device.startswith("cuda"):
             result["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

@@ -29,9 +29,16 @@ def llama(hidden: int, layers: int, vocab: int, device: str, dtype: torch.dtype)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(1, hidden // 64)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64 or 64,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-                      max_position_embeddings=512, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64 or 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
@@ -59,8 +66,11 @@ def main() -> None:
     directions = {l: torch.randn(args.hidden, generator=gen) for l in layers}
     probe = list(torch.randint(3, args.vocab, (72, 12), generator=torch.Generator().manual_seed(3)))
     control = list(torch.randint(3, args.vocab, (72, 12), generator=torch.Generator().manual_seed(4)))
-    anchors = {"anchor": dict(weight=0.1), "anchor+sample@16": dict(weight=0.1, sample=16),
-               "anchor+contrast+sample@16": dict(weight=0.003, control=control, contrast_weight=0.1, sample=16)}
+    anchors = {
+        "anchor": dict(weight=0.1),
+        "anchor+sample@16": dict(weight=0.1, sample=16),
+        "anchor+contrast+sample@16": dict(weight=0.003, control=control, contrast_weight=0.1, sample=16),
+    }
 
     def sync() -> None:
         if args.device.startswith("cuda"):
@@ -105,18 +115,30 @@ def main() -> None:
                 steps[m]()
             times[m].append((time.perf_counter() - start) / args.inner)
     plain = statistics.median(times["plain"])
-    rows = {m: {"median_step_s": statistics.median(t), "overhead": statistics.median(t) / plain - 1.0}
-            for m, t in times.items()}
+    rows = {
+        m: {"median_step_s": statistics.median(t), "overhead": statistics.median(t) / plain - 1.0}
+        for m, t in times.items()
+    }
     result = {
-        "benchmark": "blocked_step_overhead", **environment(args.device), "dtype": args.dtype,
-        "model": {"architecture": "LlamaForCausalLM (transformers)", "hidden": args.hidden, "layers": args.layers,
-                  "vocab": args.vocab, "parameters": n_params, "batch": args.batch, "seq": args.seq,
-                  "blocked_layers": layers},
-        "modes": rows, "target_overhead_max": {"project": 0.10, "grad": 0.10},
+        "benchmark": "blocked_step_overhead",
+        **environment(args.device),
+        "dtype": args.dtype,
+        "model": {
+            "architecture": "LlamaForCausalLM (transformers)",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "parameters": n_params,
+            "batch": args.batch,
+            "seq": args.seq,
+            "blocked_layers": layers,
+        },
+        "modes": rows,
+        "target_overhead_max": {"project": 0.10, "grad": 0.10},
         "note": "plain PyTorch forward hooks on every decoder layer's output (what BlockedTrainer registers); "
-                "clamp uses reference coordinates precomputed for the batch, clamp@live runs the reference forward "
-                "every step (BlockedTrainer's clamp); anchors: 72 probe prompts x 12 tokens at every layer, "
-                "+contrast: 72 control prompts, sample@16: 16 prompts of each set per step.",
+        "clamp uses reference coordinates precomputed for the batch, clamp@live runs the reference forward "
+        "every step (BlockedTrainer's clamp); anchors: 72 probe prompts x 12 tokens at every layer, "
+        "+contrast: 72 control prompts, sample@16: 16 prompts of each set per step.",
     }
     write_result("blocked_step_overhead" + (f"_{args.tag}" if args.tag else ""), args.device, result)
 

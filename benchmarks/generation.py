@@ -36,15 +36,27 @@ def write_folder(folder: Path, weights: str) -> Path:
     if weights == "smollm2":
         model = AutoModelForCausalLM.from_pretrained(str(GGUF_DIR), gguf_file=GGUF_FILE, dtype=torch.float32)
     else:
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg)
     # A model loaded from GGUF refuses save_pretrained: write its config and weights directly.
     model.config.save_pretrained(folder)
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     tok.save_pretrained(folder)
     return folder
 
@@ -79,9 +91,14 @@ def main() -> None:
     tok = model.tokenizer
     prompts = revlens.default_prompts()[: args.n]
     encoded = encode_requests(tok, prompts)
-    result = {"environment": environment(args.device), "weights": args.weights, "n_answers": len(prompts),
-              "new_tokens": args.new, "batch_size": args.batch_size,
-              "prompt_tokens": [min(map(len, encoded)), max(map(len, encoded))]}
+    result = {
+        "environment": environment(args.device),
+        "weights": args.weights,
+        "n_answers": len(prompts),
+        "new_tokens": args.new,
+        "batch_size": args.batch_size,
+        "prompt_tokens": [min(map(len, encoded)), max(map(len, encoded))],
+    }
 
     with timed(result, "new"):
         new = generate_greedy(model, prompts, max_new_tokens=args.new, batch_size=args.batch_size, stop_at_eos=False)

@@ -36,9 +36,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    cfg = dict(d_model=args.d_model, n_layers=args.layers, n_ctx=max(64, args.seq), d_head=32,
-               n_heads=args.d_model // 32, d_mlp=4 * args.d_model, d_vocab=200, act_fn="gelu", normalization_type="LN",
-               seed=0)
+    cfg = dict(
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_ctx=max(64, args.seq),
+        d_head=32,
+        n_heads=args.d_model // 32,
+        d_mlp=4 * args.d_model,
+        d_vocab=200,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
     reference = boot_native_model(cfg, device=args.device).to(dtype).eval()
     tokens = torch.randint(1, 200, (args.batch, args.seq), device=args.device)
     mask = torch.ones_like(tokens, dtype=torch.float)
@@ -46,9 +55,11 @@ def main() -> None:
     v = torch.randn(args.d_model, generator=torch.Generator().manual_seed(1))
     probe_prompts = list(torch.randint(1, 200, (72, 12), generator=torch.Generator().manual_seed(2)))
     control_prompts = list(torch.randint(1, 200, (72, 12), generator=torch.Generator().manual_seed(3)))
-    anchors = {"anchor": dict(weight=0.1), "anchor+contrast": dict(weight=0.1, control=control_prompts,
-                                                                    contrast_weight=1.0),
-               "anchor+contrast@sample16": dict(weight=0.1, control=control_prompts, contrast_weight=1.0, sample=16)}
+    anchors = {
+        "anchor": dict(weight=0.1),
+        "anchor+contrast": dict(weight=0.1, control=control_prompts, contrast_weight=1.0),
+        "anchor+contrast@sample16": dict(weight=0.1, control=control_prompts, contrast_weight=1.0, sample=16),
+    }
 
     def sync() -> None:
         if args.device.startswith("cuda"):
@@ -58,8 +69,11 @@ def main() -> None:
         model = copy.deepcopy(reference).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         anchor = ProbeAnchor({block_layer: v}, probe_prompts, reference, **anchors[mode]) if mode in anchors else None
-        blocking = None if mode == "plain" or mode in anchors else Blocking({block_layer: v}, mode.replace("@live", ""),
-                                                                      reference=reference)
+        blocking = (
+            None
+            if mode == "plain" or mode in anchors
+            else Blocking({block_layer: v}, mode.replace("@live", ""), reference=reference)
+        )
         coords = blocking.reference_coords(tokens) if blocking is not None and blocking.needs_coords else None
 
         def step() -> None:
@@ -81,8 +95,17 @@ def main() -> None:
 
         return step
 
-    modes = ["plain", "project", "clamp", "grad", "clamp+grad", "clamp@live", "anchor", "anchor+contrast",
-             "anchor+contrast@sample16"]
+    modes = [
+        "plain",
+        "project",
+        "clamp",
+        "grad",
+        "clamp+grad",
+        "clamp@live",
+        "anchor",
+        "anchor+contrast",
+        "anchor+contrast@sample16",
+    ]
     steps = {m: make(m) for m in modes}
     warmup, repeats, inner = (3, 5, 5) if args.quick else (5, 15, 10)
     for m in modes:
@@ -96,17 +119,27 @@ def main() -> None:
                 steps[m]()
             times[m].append((time.perf_counter() - start) / inner)
     plain = statistics.median(times["plain"])
-    rows = {m: {"median_step_s": statistics.median(t), "overhead": statistics.median(t) / plain - 1.0}
-            for m, t in times.items()}
+    rows = {
+        m: {"median_step_s": statistics.median(t), "overhead": statistics.median(t) / plain - 1.0}
+        for m, t in times.items()
+    }
     result = {
-        "benchmark": "intervention_overhead", **environment(args.device), "dtype": args.dtype,
-        "model": {"d_model": args.d_model, "n_layers": args.layers, "batch": args.batch, "seq": args.seq,
-                  "blocked_layer": block_layer},
-        "modes": rows, "target_overhead_max": 0.10,
+        "benchmark": "intervention_overhead",
+        **environment(args.device),
+        "dtype": args.dtype,
+        "model": {
+            "d_model": args.d_model,
+            "n_layers": args.layers,
+            "batch": args.batch,
+            "seq": args.seq,
+            "blocked_layer": block_layer,
+        },
+        "modes": rows,
+        "target_overhead_max": 0.10,
         "note": "clamp uses reference coordinates precomputed once (as revlens.finetune does); "
-                "clamp@live runs the reference model's forward every step; anchor adds a forward and backward "
-                "pass over 72 probe prompts of 12 tokens per step (the organism's probe set size); anchor+contrast "
-                "adds the same over 72 control prompts; @sample16 uses 16 prompts of each set per step.",
+        "clamp@live runs the reference model's forward every step; anchor adds a forward and backward "
+        "pass over 72 probe prompts of 12 tokens per step (the organism's probe set size); anchor+contrast "
+        "adds the same over 72 control prompts; @sample16 uses 16 prompts of each set per step.",
         "within_target": {m: r["overhead"] <= 0.10 for m, r in rows.items() if m != "plain"},
     }
     write_result("intervention_overhead" + (f"_{args.tag}" if args.tag else ""), args.device, result)

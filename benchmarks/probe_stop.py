@@ -31,8 +31,18 @@ def build_model(d_model: int, n_layers: int, device: str):
     from revlens.checkpoints import boot_native_model
 
     d_head = min(64, d_model // 4)
-    cfg = dict(d_model=d_model, n_layers=n_layers, n_ctx=64, d_head=d_head, n_heads=d_model // d_head,
-               d_mlp=4 * d_model, d_vocab=VOCAB, act_fn="gelu", normalization_type="LN", seed=0)
+    cfg = dict(
+        d_model=d_model,
+        n_layers=n_layers,
+        n_ctx=64,
+        d_head=d_head,
+        n_heads=d_model // d_head,
+        d_mlp=4 * d_model,
+        d_vocab=VOCAB,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
     return boot_native_model(cfg, device=device).eval()
 
 
@@ -75,8 +85,13 @@ def main() -> None:
     rows = []
     for d_model, n_layers, n_prompts in ((32, 3, 64), (512, 6, 64)):
         model = build_model(d_model, n_layers, args.device)
-        batches = [(torch.randint(1, VOCAB, (16, SEQ), generator=gen).to(args.device),
-                    torch.full((16,), SEQ, device=args.device)) for _ in range(n_prompts // 16)]
+        batches = [
+            (
+                torch.randint(1, VOCAB, (16, SEQ), generator=gen).to(args.device),
+                torch.full((16,), SEQ, device=args.device),
+            )
+            for _ in range(n_prompts // 16)
+        ]
         for layers in ([1], list(range(n_layers))):
             a, b = run(model, batches, layers, "exception"), run(model, batches, layers, "stop_at_layer")
             assert all(torch.equal(x, y) for x, y in zip(a, b)), "the two ways must read the same numbers"
@@ -87,9 +102,17 @@ def main() -> None:
                     run(model, batches, layers, how)
                     times[how].append(time.perf_counter() - t0)
             med = {how: statistics.median(t) for how, t in times.items()}
-            rows.append({"d_model": d_model, "n_layers": n_layers, "layers": layers, "n_prompts": n_prompts,
-                         "seconds_exception": med["exception"], "seconds_stop_at_layer": med["stop_at_layer"],
-                         "stop_at_layer_over_exception": med["stop_at_layer"] / med["exception"]})
+            rows.append(
+                {
+                    "d_model": d_model,
+                    "n_layers": n_layers,
+                    "layers": layers,
+                    "n_prompts": n_prompts,
+                    "seconds_exception": med["exception"],
+                    "seconds_stop_at_layer": med["stop_at_layer"],
+                    "stop_at_layer_over_exception": med["stop_at_layer"] / med["exception"],
+                }
+            )
             print(rows[-1])
     write_result("probe_stop", args.device, {"environment": environment(args.device), "rows": rows})
 

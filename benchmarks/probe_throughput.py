@@ -27,8 +27,18 @@ SEQ = 32
 def build_model(d_model: int, n_layers: int, device: str):
     from revlens.checkpoints import boot_native_model
 
-    cfg = dict(d_model=d_model, n_layers=n_layers, n_ctx=64, d_head=64, n_heads=d_model // 64,
-               d_mlp=4 * d_model, d_vocab=VOCAB, act_fn="gelu", normalization_type="LN", seed=0)
+    cfg = dict(
+        d_model=d_model,
+        n_layers=n_layers,
+        n_ctx=64,
+        d_head=64,
+        n_heads=d_model // 64,
+        d_mlp=4 * d_model,
+        d_vocab=VOCAB,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
     return boot_native_model(cfg, device=device).eval()
 
 
@@ -43,7 +53,7 @@ def time_throughput(d_model: int, n_layers: int, n_prompts: int, batch_size: int
     model = build_model(d_model, n_layers, device)
     data = prompts(n_prompts)
     probe = ReversionProbe(data, batch_size=batch_size, device=device, per_example=False)
-    batches = [torch.stack(data[i:i + batch_size]).to(device) for i in range(0, n_prompts, batch_size)]
+    batches = [torch.stack(data[i : i + batch_size]).to(device) for i in range(0, n_prompts, batch_size)]
 
     def sync():
         if device.startswith("cuda"):
@@ -68,9 +78,18 @@ def time_throughput(d_model: int, n_layers: int, n_prompts: int, batch_size: int
             sink.append(time.perf_counter() - start)
     tokens = n_prompts * SEQ
     mb, mp = statistics.median(t_bare), statistics.median(t_probe)
-    return {"d_model": d_model, "n_layers": n_layers, "n_prompts": n_prompts, "seq": SEQ, "batch_size": batch_size,
-            "layers_read": n_layers, "bare_tokens_per_s": tokens / mb, "probe_tokens_per_s": tokens / mp,
-            "probe_overhead": mp / mb - 1.0, "repeats": repeats}
+    return {
+        "d_model": d_model,
+        "n_layers": n_layers,
+        "n_prompts": n_prompts,
+        "seq": SEQ,
+        "batch_size": batch_size,
+        "layers_read": n_layers,
+        "bare_tokens_per_s": tokens / mb,
+        "probe_tokens_per_s": tokens / mp,
+        "probe_overhead": mp / mb - 1.0,
+        "repeats": repeats,
+    }
 
 
 def peak_memory_child(method: str, n_prompts: int, d_model: int, n_layers: int) -> None:
@@ -95,8 +114,12 @@ def peak_memory_child(method: str, n_prompts: int, d_model: int, n_layers: int) 
 
 
 def measure_memory(method: str, n_prompts: int, d_model: int, n_layers: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", method, str(n_prompts), str(d_model), str(n_layers)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(n_prompts), str(d_model), str(n_layers)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"]
 
 
@@ -121,8 +144,10 @@ def main() -> None:
         row["run_with_cache_peak_growth_mib"] = measure_memory("cache", n, 256, 4)
         memory.append(row)
     result = {
-        "benchmark": "probe_throughput", **environment(args.device),
-        "throughput": throughput, "memory": memory,
+        "benchmark": "probe_throughput",
+        **environment(args.device),
+        "throughput": throughput,
+        "memory": memory,
         "targets": {"probe_overhead_max": 0.10, "probe_memory": "flat in n_prompts"},
         "probe_overhead_ok": all(r["probe_overhead"] <= 0.10 for r in throughput),
     }

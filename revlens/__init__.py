@@ -34,15 +34,40 @@ from revlens.subspace import random_subspace, reversion_subspace
 
 __all__ = [
     # measure
-    "analyze", "History", "CheckpointRef", "CheckpointLoader", "load_checkpoint", "save_checkpoint",
-    "ReversionProbe", "ProbeResult", "ReversionReport", "selection_test",
-    "default_prompts", "default_control", "load_prompt_file", "encode_requests",
+    "analyze",
+    "History",
+    "CheckpointRef",
+    "CheckpointLoader",
+    "load_checkpoint",
+    "save_checkpoint",
+    "ReversionProbe",
+    "ProbeResult",
+    "ReversionReport",
+    "selection_test",
+    "default_prompts",
+    "default_control",
+    "load_prompt_file",
+    "encode_requests",
     # control
-    "finetune", "FinetuneResult", "ReversionMonitor", "Blocking", "ProbeAnchor", "BlockingSpec",
-    "blocking_from_report", "blocking_from_spec", "anchor_from_report", "reversion_subspace", "random_subspace",
+    "finetune",
+    "FinetuneResult",
+    "ReversionMonitor",
+    "Blocking",
+    "ProbeAnchor",
+    "BlockingSpec",
+    "blocking_from_report",
+    "blocking_from_spec",
+    "anchor_from_report",
+    "reversion_subspace",
+    "random_subspace",
     # behaviour
-    "harmfulness", "generate_greedy", "RefusalPhraseJudge", "task_metrics",
+    "harmfulness",
+    "generate_greedy",
+    "RefusalPhraseJudge",
+    "task_metrics",
     # errors
-    "CheckpointError", "ProbeError", "InterventionError",
+    "CheckpointError",
+    "ProbeError",
+    "InterventionError",
 ]
 __version__ = "0.1.0"

@@ -42,16 +42,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) ->
     return atomic_write_text(path, json.dumps(obj, **dumps_kwargs))
 
 
-def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                        metadata: Mapping[str, str] | None = None) -> Path:
+def atomic_save_tensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write tensors as safetensors through a temporary file and an atomic rename."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = temp_sibling(path)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata=None if metadata is None else dict(metadata))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata=None if metadata is None else dict(metadata),
+        )
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

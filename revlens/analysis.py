@@ -108,8 +108,15 @@ class _MeasurementCache:
     analyses sharing one cache never see half a file and the last writer wins whole.
     """
 
-    def __init__(self, root: str | Path | None, settings: Mapping[str, Any], *, n_prompts: int | None = None,
-                 n_layers: int | None = None, control: bool = False):
+    def __init__(
+        self,
+        root: str | Path | None,
+        settings: Mapping[str, Any],
+        *,
+        n_prompts: int | None = None,
+        n_layers: int | None = None,
+        control: bool = False,
+    ):
         self.root = None
         self.n_prompts, self.n_layers, self.control = n_prompts, n_layers, control
         self._entries: dict[str, Path | None] = {}
@@ -147,8 +154,12 @@ class _MeasurementCache:
             return f"holds a centroid of shape {tuple(c.shape)} ({c.dtype}), not [n_layers, d_model]"
         n_layers, d_model = c.shape
         n = int(t["n_prompts"].reshape(-1)[0]) if t["n_prompts"].numel() == 1 else -1
-        expected = {"probe_centroid": (n_layers, d_model), "control_centroid": (n_layers, d_model),
-                    "per_example": (n, n_layers, d_model), "covariance": (n_layers, d_model, d_model)}
+        expected = {
+            "probe_centroid": (n_layers, d_model),
+            "control_centroid": (n_layers, d_model),
+            "per_example": (n, n_layers, d_model),
+            "covariance": (n_layers, d_model, d_model),
+        }
         for name, shape in expected.items():
             if name in t and tuple(t[name].shape) != shape:
                 return f"holds {name} of shape {tuple(t[name].shape)}, expected {shape}"
@@ -174,13 +185,20 @@ class _MeasurementCache:
         except Exception as err:  # safetensors raises its own error types for truncated or garbled files
             problem = f"cannot be read ({type(err).__name__}: {err})"
         if problem is not None:
-            warnings.warn(f"cache entry {path} for {ref.label} {problem}; measuring the checkpoint again.",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"cache entry {path} for {ref.label} {problem}; measuring the checkpoint again.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
             return None
-        result = ProbeResult(t["centroid"].double(), t["probe_centroid"].double(),
-                             t["control_centroid"].double() if "control_centroid" in t else None,
-                             t["per_example"].float(), t["covariance"].double() if "covariance" in t else None,
-                             int(t["n_prompts"].reshape(-1)[0]))
+        result = ProbeResult(
+            t["centroid"].double(),
+            t["probe_centroid"].double(),
+            t["control_centroid"].double() if "control_centroid" in t else None,
+            t["per_example"].float(),
+            t["covariance"].double() if "covariance" in t else None,
+            int(t["n_prompts"].reshape(-1)[0]),
+        )
         self._note_shape(ref, result, f"{ref.label} (cache file {path})")
         return result
 
@@ -201,14 +219,18 @@ class _MeasurementCache:
         path = self._path(ref)
         if path is None:
             return
-        tensors = {"centroid": result.centroid.clone(), "probe_centroid": result.probe_centroid.clone(),
-                   "n_prompts": torch.tensor([result.n_prompts])}
+        tensors = {
+            "centroid": result.centroid.clone(),
+            "probe_centroid": result.probe_centroid.clone(),
+            "n_prompts": torch.tensor([result.n_prompts]),
+        }
         for name in ("control_centroid", "per_example", "covariance"):
             value = getattr(result, name)
             if value is not None:
                 tensors[name] = value.clone().contiguous()
-        atomic_save_tensors(tensors, path,
-                            metadata={"checkpoint": ref.label, "revlens_cache_format": str(CACHE_FORMAT)})
+        atomic_save_tensors(
+            tensors, path, metadata={"checkpoint": ref.label, "revlens_cache_format": str(CACHE_FORMAT)}
+        )
         for old in path.parent.glob(f"{self._name(ref)}-*.safetensors"):
             if old != path and old.stem.rsplit("-", 1)[0] == self._name(ref):
                 old.unlink(missing_ok=True)  # an earlier version of this checkpoint
@@ -237,17 +259,28 @@ def _check_readouts(ref: CheckpointRef, result: ProbeResult, layer_ids: Sequence
     bad, peak = _readout_health(result)
     if bad.any():
         layers = [layer_ids[i] for i in torch.nonzero(bad).flatten().tolist()]
-        what = (f"{ref.label}: its readouts are NaN or infinite at layer(s) {layers}: the checkpoint holds "
-                "NaN/inf weights, or its activations overflow their dtype")
+        what = (
+            f"{ref.label}: its readouts are NaN or infinite at layer(s) {layers}: the checkpoint holds "
+            "NaN/inf weights, or its activations overflow their dtype"
+        )
         if fatal:
-            raise CheckpointError(f"{what}. v_rev cannot be measured; check each weight tensor with "
-                                  "torch.isfinite and replace the checkpoint.")
-        warnings.warn(f"{what}. Its alignment and drift there are NaN, and report.config['non_finite'] "
-                      "lists it.", RuntimeWarning, stacklevel=3)
+            raise CheckpointError(
+                f"{what}. v_rev cannot be measured; check each weight tensor with "
+                "torch.isfinite and replace the checkpoint."
+            )
+        warnings.warn(
+            f"{what}. Its alignment and drift there are NaN, and report.config['non_finite'] lists it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if peak > EXTREME_READOUT:
-        warnings.warn(f"{ref.label}: readouts reach |h| = {peak:.3g}, far beyond any healthy model (below ~1e5): "
-                      "its weights are probably corrupt or diverged; its numbers are reported but are unlikely to "
-                      "mean anything.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{ref.label}: readouts reach |h| = {peak:.3g}, far beyond any healthy model (below ~1e5): "
+            "its weights are probably corrupt or diverged; its numbers are reported but are unlikely to "
+            "mean anything.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return bad
 
 
@@ -257,17 +290,23 @@ def _distributed_context(distributed: bool, history: History, cache_dir: Any, de
     if not distributed:
         return dist_.DistContext()
     if cache_dir is None:
-        raise ValueError("distributed analysis needs cache_dir: ranks hand their measurements over through it. "
-                         "Give a folder on a filesystem every rank sees.")
+        raise ValueError(
+            "distributed analysis needs cache_dir: ranks hand their measurements over through it. "
+            "Give a folder on a filesystem every rank sees."
+        )
     in_memory = [ref.label for ref in history if not isinstance(ref.source, (str, Path))]
     if in_memory:
-        raise ValueError(f"distributed analysis reads checkpoints from disk; {in_memory[:3]} are in-memory models. "
-                         "Save them with save_checkpoint, or analyze them in one process.")
+        raise ValueError(
+            f"distributed analysis reads checkpoints from disk; {in_memory[:3]} are in-memory models. "
+            "Save them with save_checkpoint, or analyze them in one process."
+        )
     ctx = dist_.init()
     if device_map is not None and ctx.local_world_size > 1:
-        raise ValueError(f"device_map={device_map!r} spreads each checkpoint over all GPUs of a node, but "
-                         f"{ctx.local_world_size} ranks run on this node: start one rank per node "
-                         "(torchrun --nproc-per-node 1 --nnodes N).")
+        raise ValueError(
+            f"device_map={device_map!r} spreads each checkpoint over all GPUs of a node, but "
+            f"{ctx.local_world_size} ranks run on this node: start one rank per node "
+            "(torchrun --nproc-per-node 1 --nnodes N)."
+        )
     dist_.check_shared_folder(cache_dir, ctx)
     dist_.check_same([ref.label for ref in history], ctx, "the history's checkpoints")
     return ctx
@@ -365,8 +404,10 @@ def analyze(
     """
     check_device(device)
     if isinstance(null_samples, bool) or not isinstance(null_samples, int) or null_samples < 1:
-        raise ValueError(f"null_samples={null_samples!r}: the activation-space null needs at least one Monte Carlo "
-                         "draw; give a positive integer (default 20000).")
+        raise ValueError(
+            f"null_samples={null_samples!r}: the activation-space null needs at least one Monte Carlo "
+            "draw; give a positive integer (default 20000)."
+        )
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise ValueError(f"cache_dir {cache_dir} is a file; give a folder (it is created if missing).")
     policy = ThreadPolicy(threads)
@@ -378,22 +419,36 @@ def analyze(
     if estimator != "pca" and k != 1:
         raise ValueError(f"k={k} needs estimator='pca'; mean_diff and per_example give one direction.")
     prompts = default_prompts() if prompts is None else prompts
-    probe = ReversionProbe(prompts, layers=layers, hook=hook, readout=readout, control=control,
-                           batch_size=batch_size, device=device, per_example=True, chat_template=chat_template,
-                           system=system)
+    probe = ReversionProbe(
+        prompts,
+        layers=layers,
+        hook=hook,
+        readout=readout,
+        control=control,
+        batch_size=batch_size,
+        device=device,
+        per_example=True,
+        chat_template=chat_template,
+        system=system,
+    )
     probe.use_template_of(history.align.source)
-    cache = _MeasurementCache(cache_dir, {
-        "prompts": probe.prompts,
-        "control": probe.control,
-        "layers": probe.layers,
-        "hook": hook,
-        "readout": readout,
-        "dtype": str(dtype),
-        "base": None if base is None else str(base),
-        "chat_template": probe.chat_template,
-        "system": system,
-    }, n_prompts=probe.n_prompts, n_layers=None if probe.layers is None else len(probe.layers),
-        control=probe.control is not None)
+    cache = _MeasurementCache(
+        cache_dir,
+        {
+            "prompts": probe.prompts,
+            "control": probe.control,
+            "layers": probe.layers,
+            "hook": hook,
+            "readout": readout,
+            "dtype": str(dtype),
+            "base": None if base is None else str(base),
+            "chat_template": probe.chat_template,
+            "system": system,
+        },
+        n_prompts=probe.n_prompts,
+        n_layers=None if probe.layers is None else len(probe.layers),
+        control=probe.control is not None,
+    )
     non_finite: list[str] = []
     bar = tqdm(total=len(history), desc="revlens analyze", disable=not progress, unit="ckpt")
 
@@ -408,8 +463,9 @@ def analyze(
         model = loader.load(ref)
         policy.fit(model)
         if "model_cfg" not in reference:
-            reference["model_cfg"] = SimpleNamespace(cfg=SimpleNamespace(d_model=model.cfg.d_model,
-                                                                         n_layers=model.cfg.n_layers))
+            reference["model_cfg"] = SimpleNamespace(
+                cfg=SimpleNamespace(d_model=model.cfg.d_model, n_layers=model.cfg.n_layers)
+            )
             reference["layers"] = probe.resolve_layers(model)
         else:
             check_same_architecture(reference["model_cfg"], model, ref.label, "the first checkpoint")
@@ -431,8 +487,11 @@ def analyze(
         basis = dirs.estimate_v_rev(estimator, pre.centroid, ali.centroid, pre.per_example, ali.per_example, k)
         v_rev_norm = (pre.centroid - ali.centroid).norm(dim=-1).numpy()
         if np.any(v_rev_norm == 0):
-            warnings.warn("pretrain and align centroids coincide at some layer: v_rev is undefined (NaN) there.",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "pretrain and align centroids coincide at some layer: v_rev is undefined (NaN) there.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         n_layers, d_model = pre.centroid.shape
         noise = dirs.ROUNDOFF * ali.probe_centroid.norm(dim=-1)
         undefined = torch.isnan(basis).flatten(1).any(dim=1)  # layers without v_rev: NaN is not zero drift
@@ -470,24 +529,47 @@ def analyze(
     null_act = np.full(n_layers, np.nan)
     for l in range(n_layers):
         if not torch.isnan(basis[l]).any():
-            draws = nulls.activation_null_draws_from_readouts(ali.per_example[:, l], basis[l].double(),
-                                                              null_samples, seed + l).numpy()
+            draws = nulls.activation_null_draws_from_readouts(
+                ali.per_example[:, l], basis[l].double(), null_samples, seed + l
+            ).numpy()
             null_draws[l] = draws
             null_act[l] = np.quantile(draws, 0.99) if np.isfinite(draws).all() else np.nan
     v_rev_snr = selection.v_rev_snr(pre.per_example, ali.per_example)
-    config = {"hook": hook, "readout": readout, "estimator": estimator, "k": k,
-              "contrast": control is not None, "n_prompts": probe.n_prompts,
-              "n_control": 0 if probe.control is None else len(probe.control),
-              "batch_size": batch_size, "null_samples": null_samples, "seed": seed, "non_finite": non_finite,
-              "chat_template": probe.chat_template_used, "system": system,
-              "checkpoints": {"pretrain": _source_label(history.pretrain.source),
-                              "align": _source_label(history.align.source)}}
+    config = {
+        "hook": hook,
+        "readout": readout,
+        "estimator": estimator,
+        "k": k,
+        "contrast": control is not None,
+        "n_prompts": probe.n_prompts,
+        "n_control": 0 if probe.control is None else len(probe.control),
+        "batch_size": batch_size,
+        "null_samples": null_samples,
+        "seed": seed,
+        "non_finite": non_finite,
+        "chat_template": probe.chat_template_used,
+        "system": system,
+        "checkpoints": {
+            "pretrain": _source_label(history.pretrain.source),
+            "align": _source_label(history.align.source),
+        },
+    }
     return ReversionReport(
         layers=list(reference.get("layers", probe.layers or list(range(n_layers)))),
-        runs=runs, steps=steps, d_model=int(d_model),
-        v_rev=basis[:, 0, :].float(), v_rev_basis=basis.float(),
-        alignment=align_arr, alignment_per_example=align_ex, per_example_cos=per_example_cos,
-        drift_norm=drift_norm, p_value=nulls.isotropic_p_value(align_arr, d_model, k),
-        null_p99=null_iso, null_p99_activation=null_act, v_rev_norm=v_rev_norm, config=config,
-        v_rev_snr=v_rev_snr, null_draws_activation=null_draws,
+        runs=runs,
+        steps=steps,
+        d_model=int(d_model),
+        v_rev=basis[:, 0, :].float(),
+        v_rev_basis=basis.float(),
+        alignment=align_arr,
+        alignment_per_example=align_ex,
+        per_example_cos=per_example_cos,
+        drift_norm=drift_norm,
+        p_value=nulls.isotropic_p_value(align_arr, d_model, k),
+        null_p99=null_iso,
+        null_p99_activation=null_act,
+        v_rev_norm=v_rev_norm,
+        config=config,
+        v_rev_snr=v_rev_snr,
+        null_draws_activation=null_draws,
     )

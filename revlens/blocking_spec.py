@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 HOOK_MODES = ("project", "clamp", "grad")
 PLAIN = "plain"
-GRAMMAR = ("parts joined by '+': project | clamp | grad | anchor@W | contrast@W | sample@K | rank@K | "
-           "random@K[@DRAW] | layers@L1/L2/..., or 'plain' alone (W > 0 a number, K >= 1, DRAW and L >= 0 "
-           "integers), e.g. 'clamp+grad' or 'anchor@0.003+contrast@0.1+rank@64'")
+GRAMMAR = (
+    "parts joined by '+': project | clamp | grad | anchor@W | contrast@W | sample@K | rank@K | "
+    "random@K[@DRAW] | layers@L1/L2/..., or 'plain' alone (W > 0 a number, K >= 1, DRAW and L >= 0 "
+    "integers), e.g. 'clamp+grad' or 'anchor@0.003+contrast@0.1+rank@64'"
+)
 
 
 class InterventionError(ValueError):
@@ -72,13 +74,15 @@ class BlockingSpec:
         hooks = tuple(self.hooks) if not isinstance(self.hooks, str) else (self.hooks,)
         unknown = [h for h in hooks if h not in HOOK_MODES]
         if unknown:
-            raise InterventionError(f"unknown hook mode(s) {unknown}; choose from {HOOK_MODES}. "
-                                    f"The grammar is {GRAMMAR}.")
+            raise InterventionError(
+                f"unknown hook mode(s) {unknown}; choose from {HOOK_MODES}. The grammar is {GRAMMAR}."
+            )
         if len(set(hooks)) != len(hooks):
             raise InterventionError(f"hook modes {list(hooks)} repeat one; give each once.")
         if {"project", "clamp"} <= set(hooks):
-            raise InterventionError("'project' and 'clamp' both set the coordinate; choose one "
-                                    "(add '+grad' if wanted).")
+            raise InterventionError(
+                "'project' and 'clamp' both set the coordinate; choose one (add '+grad' if wanted)."
+            )
         object.__setattr__(self, "hooks", tuple(h for h in HOOK_MODES if h in hooks))
         for name in ("anchor", "contrast"):
             w = getattr(self, name)
@@ -98,14 +102,18 @@ class BlockingSpec:
             if isinstance(self.sample, bool) or not isinstance(self.sample, int) or self.sample < 1:
                 raise InterventionError(f"sample must be a positive number of prompts per step, got {self.sample!r}.")
             if not self.has_anchor:
-                raise InterventionError("sample@k sets how many prompts an anchor uses per step; add anchor@w or "
-                                        "contrast@w.")
+                raise InterventionError(
+                    "sample@k sets how many prompts an anchor uses per step; add anchor@w or contrast@w."
+                )
         if self.subspace is not None and not (self.hooks or self.has_anchor):
-            raise InterventionError(f"{self.subspace[0]}@k chooses the subspace that hooks or an anchor block; add a "
-                                    "hook mode or anchor@w/contrast@w.")
+            raise InterventionError(
+                f"{self.subspace[0]}@k chooses the subspace that hooks or an anchor block; add a "
+                "hook mode or anchor@w/contrast@w."
+            )
         if self.layers is not None and self.is_plain:
-            raise InterventionError("layers@... says where to block, but nothing is blocked; add a hook mode or an "
-                                    "anchor.")
+            raise InterventionError(
+                "layers@... says where to block, but nothing is blocked; add a hook mode or an anchor."
+            )
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -134,8 +142,9 @@ class BlockingSpec:
         if isinstance(text, BlockingSpec):
             return text
         if not isinstance(text, str):
-            raise InterventionError(f"a blocking mode is a string, got {type(text).__name__}; "
-                                    f"the grammar is {GRAMMAR}.")
+            raise InterventionError(
+                f"a blocking mode is a string, got {type(text).__name__}; the grammar is {GRAMMAR}."
+            )
         if text.strip() == PLAIN:
             return cls()
         fields: dict = {}
@@ -168,8 +177,11 @@ class BlockingSpec:
                 k, sep, draw = value.partition("@")
                 if sep and not draw:
                     raise _bad(text, part, "missing draw number after the second '@'")
-                fields["subspace"] = ("random", _integer(text, part, k, minimum=1),
-                                      _integer(text, part, draw, minimum=0) if draw else 0)
+                fields["subspace"] = (
+                    "random",
+                    _integer(text, part, k, minimum=1),
+                    _integer(text, part, draw, minimum=0) if draw else 0,
+                )
             elif name == "layers":
                 if not value:
                     raise _bad(text, part, "missing layer numbers")
@@ -212,8 +224,9 @@ def _check_subspace(sub: tuple) -> tuple:
         draw = sub[2] if len(sub) == 3 else 0
         if _is_int(draw) and draw >= 0:
             return ("random", int(sub[1]), int(draw))
-    raise InterventionError(f"subspace must be None, ('rank', k) or ('random', k, draw) with k >= 1 and draw >= 0, "
-                            f"got {sub!r}.")
+    raise InterventionError(
+        f"subspace must be None, ('rank', k) or ('random', k, draw) with k >= 1 and draw >= 0, got {sub!r}."
+    )
 
 
 def _is_int(x: object) -> bool:

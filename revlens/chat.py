@@ -27,8 +27,10 @@ def check_chat_template_choice(chat_template: Any) -> None:
         return
     if isinstance(chat_template, str) and ("{{" in chat_template or "{%" in chat_template):
         return
-    raise ValueError(f"chat_template must be 'auto', True, False or a Jinja template string (with '{{{{' or "
-                     f"'{{%'); got {chat_template!r}.")
+    raise ValueError(
+        f"chat_template must be 'auto', True, False or a Jinja template string (with '{{{{' or "
+        f"'{{%'); got {chat_template!r}."
+    )
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: Any = AUTO) -> str | None:
@@ -51,8 +53,10 @@ def resolve_chat_template(tokenizer: Any, chat_template: Any = AUTO) -> str | No
         return own
     if chat_template is True:
         if own is None:
-            raise ValueError("chat_template=True but the tokenizer has no chat template; pass the template text "
-                             "(chat_template='{% for message in messages %}...') or chat_template=False.")
+            raise ValueError(
+                "chat_template=True but the tokenizer has no chat template; pass the template text "
+                "(chat_template='{% for message in messages %}...') or chat_template=False."
+            )
         return own
     return chat_template
 
@@ -72,15 +76,17 @@ def render_request(tokenizer: Any, prompt: str, *, template: str, system: str | 
     messages = [] if system is None else [{"role": "system", "content": system}]
     messages.append({"role": "user", "content": prompt})
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
     except Exception as err:
         hint = " (this template may not accept a system turn; drop system=)" if system is not None else ""
         raise ValueError(f"the chat template failed to render a request{hint}: {err}") from err
 
 
-def encode_requests(tokenizer: Any, prompts: Sequence[str], *, chat_template: Any = AUTO,
-                    system: str | None = None) -> list[torch.Tensor]:
+def encode_requests(
+    tokenizer: Any, prompts: Sequence[str], *, chat_template: Any = AUTO, system: str | None = None
+) -> list[torch.Tensor]:
     """Token ids of each request, as the model reads it.
 
     With a template: each prompt is a user turn (after ``system`` when given) followed by the
@@ -107,8 +113,10 @@ def encode_requests(tokenizer: Any, prompts: Sequence[str], *, chat_template: An
         raise ValueError("prompts must be a list of strings, got one string; wrap it in a list.")
     template = resolve_chat_template(tokenizer, chat_template)
     if template is None and system is not None:
-        raise ValueError("system= needs a chat template, but requests are read raw (no template); "
-                         "drop system= or pass chat_template=<template text>.")
+        raise ValueError(
+            "system= needs a chat template, but requests are read raw (no template); "
+            "drop system= or pass chat_template=<template text>."
+        )
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise ValueError(f"prompts must be strings; prompt {bad[0]} is {type(prompts[bad[0]]).__name__}.")

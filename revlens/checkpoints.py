@@ -53,8 +53,9 @@ def _bridge_classes():
     return TransformerBridge, TransformerBridgeConfig
 
 
-def boot_native_model(config: Mapping[str, Any], tokenizer: Any = None, device: str | None = None,
-                      dtype: torch.dtype | None = None):
+def boot_native_model(
+    config: Mapping[str, Any], tokenizer: Any = None, device: str | None = None, dtype: torch.dtype | None = None
+):
     """Build a randomly initialised TL-native TransformerBridge from a config dict."""
     TransformerBridge, TransformerBridgeConfig = _bridge_classes()
     cfg = TransformerBridgeConfig.from_dict(dict(config))
@@ -77,8 +78,13 @@ def _jsonable_config(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
-                    base: str | os.PathLike | None = None) -> Path:
+def save_checkpoint(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    base: str | os.PathLike | None = None,
+) -> Path:
     """Write a TransformerBridge as a folder that :func:`load_checkpoint` (and other tools) read.
 
     - TL-native bridge: a revlens folder, ``config.json`` (the TransformerBridgeConfig plus
@@ -105,8 +111,9 @@ def save_checkpoint(model: Any, path: str | os.PathLike, *, metadata: Mapping[st
     return replace_dir(tmp, path)
 
 
-def _write_checkpoint(model: Any, folder: Path, metadata: Mapping[str, Any] | None,
-                      base: str | os.PathLike | None) -> None:
+def _write_checkpoint(
+    model: Any, folder: Path, metadata: Mapping[str, Any] | None, base: str | os.PathLike | None
+) -> None:
     from safetensors.torch import save_file
 
     from revlens import hf_writer
@@ -115,8 +122,10 @@ def _write_checkpoint(model: Any, folder: Path, metadata: Mapping[str, Any] | No
     architecture = getattr(model.cfg, "architecture", None)
     if architecture not in (None, "TransformerLensNative"):
         if getattr(model, "original_model", None) is None:
-            raise CheckpointError(f"cannot save a bridge of architecture {architecture!r} without its "
-                                  "original_model (the Hugging Face module).")
+            raise CheckpointError(
+                f"cannot save a bridge of architecture {architecture!r} without its "
+                "original_model (the Hugging Face module)."
+            )
         if is_peft_wrapped(model):
             hf_writer.save_adapter_folder(model, folder, base=base)
         else:
@@ -138,11 +147,27 @@ def _write_checkpoint(model: Any, folder: Path, metadata: Mapping[str, Any] | No
     (folder / "config.json").write_text(json.dumps(config, indent=1))
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
 _CONVERT_HINT = (
     "revlens never unpickles weights. Re-save the model as safetensors from the code that trained it "
@@ -245,12 +270,12 @@ def _load_pickled_weights(path: Path, device: str | torch.device | None = "cpu")
         state = torch.load(str(path), map_location=device or "cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
-            f"{path} holds pickled Python objects, not plain tensors, and revlens refuses to load it. "
-            + _CONVERT_HINT
+            f"{path} holds pickled Python objects, not plain tensors, and revlens refuses to load it. " + _CONVERT_HINT
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is corrupt or truncated ({type(err).__name__}: {err}); "
-                              "re-save the checkpoint.") from None
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({type(err).__name__}: {err}); re-save the checkpoint."
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors; " + _CONVERT_HINT)
     return dict(state)
@@ -267,15 +292,18 @@ def _hf_weight_files(folder: Path) -> list[Path]:
             files = [folder / name for name in sorted(set(weight_map.values()))]
             missing = [p.name for p in files if not p.is_file()]
             if missing:
-                raise CheckpointError(f"{folder} is missing the shard(s) {missing} named in {index_name}; "
-                                      "copy every shard or re-save the model.")
+                raise CheckpointError(
+                    f"{folder} is missing the shard(s) {missing} named in {index_name}; "
+                    "copy every shard or re-save the model."
+                )
             return files
     for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
         files = sorted(folder.glob(pattern))
         if files:
             return files
-    raise CheckpointError(f"{folder} has no weight files (model.safetensors or pytorch_model.bin); "
-                          "save the model with save_pretrained().")
+    raise CheckpointError(
+        f"{folder} has no weight files (model.safetensors or pytorch_model.bin); save the model with save_pretrained()."
+    )
 
 
 def _check_weight_files(files: Sequence[Path]) -> dict[str, int]:
@@ -333,8 +361,9 @@ class _Spec:
         """Checkpoints with one key share architecture, dtype and tokenizer: weights swap in place."""
         family = "revlens" if self.kind == "revlens" else "hf"
         config = {k: v for k, v in self.config.items() if k not in _VOLATILE_CONFIG_KEYS}
-        return json.dumps([family, config, str(self.dtype), _tokenizer_digest(self.tokenizer_folder)],
-                          sort_keys=True, default=str)
+        return json.dumps(
+            [family, config, str(self.dtype), _tokenizer_digest(self.tokenizer_folder)], sort_keys=True, default=str
+        )
 
 
 def _is_adapter(folder: Path) -> bool:
@@ -368,8 +397,10 @@ def _describe(folder: Path, dtype: str | torch.dtype | None, base: str | os.Path
         adapter_config = _read_json(folder / "adapter_config.json")
         files = [p for p in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if p.is_file()]
         if not files:
-            raise CheckpointError(f"{folder} has adapter_config.json but no adapter_model.safetensors; "
-                                  "save the adapter with peft_model.save_pretrained(folder).")
+            raise CheckpointError(
+                f"{folder} has adapter_config.json but no adapter_model.safetensors; "
+                "save the adapter with peft_model.save_pretrained(folder)."
+            )
         _check_weight_files(files[:1])
         base_folder = _adapter_base(folder, adapter_config, base)
         base_spec = _describe(base_folder, dtype, None)
@@ -388,8 +419,14 @@ def _describe(folder: Path, dtype: str | torch.dtype | None, base: str | os.Path
         if not files:
             raise CheckpointError(f"{folder} has no model.safetensors; re-save it with revlens.save_checkpoint.")
         counts = _check_weight_files(files)
-        return _Spec("revlens", folder, tuple(files), wanted or _checkpoint_dtype(counts, {}),
-                     folder if _has_tokenizer(folder) else None, dict(config["bridge_config"]))
+        return _Spec(
+            "revlens",
+            folder,
+            tuple(files),
+            wanted or _checkpoint_dtype(counts, {}),
+            folder if _has_tokenizer(folder) else None,
+            dict(config["bridge_config"]),
+        )
     if "model_type" not in config:
         raise CheckpointError(
             f"{folder}/config.json has neither model_type (a Hugging Face model folder) nor revlens_format "
@@ -459,22 +496,33 @@ def _boot_hf(spec: _Spec, device: str | torch.device | None, device_map: Any):
     if spec.tokenizer_folder is None:
         raise CheckpointError(f"{spec.folder} has no tokenizer files; save the tokenizer into it.")
     tokenizer = _load_tokenizer(spec.tokenizer_folder)
-    bridge = TransformerBridge.boot_transformers(str(spec.base or spec.folder), hf_model=hf_model,
-                                                 tokenizer=tokenizer, dtype=spec.dtype)
+    bridge = TransformerBridge.boot_transformers(
+        str(spec.base or spec.folder), hf_model=hf_model, tokenizer=tokenizer, dtype=spec.dtype
+    )
     return bridge.eval(), live
 
 
 def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: weights {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
-             for k in state if k in expected and state[k].shape != expected[k].shape]
+    wrong = [
+        f"{k}: weights {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"{source} does not match its config.json ("
-            + "; ".join(filter(None, [f"shape mismatch {wrong[:3]}" if wrong else "",
-                                      f"missing {missing[:4]}" if missing else "",
-                                      f"unexpected {unexpected[:4]}" if unexpected else ""]))
+            + "; ".join(
+                filter(
+                    None,
+                    [
+                        f"shape mismatch {wrong[:3]}" if wrong else "",
+                        f"missing {missing[:4]}" if missing else "",
+                        f"unexpected {unexpected[:4]}" if unexpected else "",
+                    ],
+                )
+            )
             + "): fix bridge_config in config.json (e.g. d_mlp, d_model) or re-save the checkpoint."
         )
 
@@ -485,15 +533,18 @@ def _boot_revlens(spec: _Spec, device: str | torch.device | None):
     try:
         model = boot_native_model(spec.config, tokenizer=tokenizer, dtype=spec.dtype)
     except (TypeError, ValueError, KeyError, AssertionError) as err:
-        raise CheckpointError(f"{spec.folder}/config.json has an unusable bridge_config ({err}); "
-                              "re-save the checkpoint with revlens.save_checkpoint.") from err
+        raise CheckpointError(
+            f"{spec.folder}/config.json has an unusable bridge_config ({err}); "
+            "re-save the checkpoint with revlens.save_checkpoint."
+        ) from err
     _check_shapes(state, model.state_dict(), f"{spec.folder}/{spec.files[0].name}")
     model.load_state_dict(state)
     return move_quietly(model, device).eval()
 
 
-def load_revlens_checkpoint(folder: str | os.PathLike, device: str | None = None,
-                            dtype: str | torch.dtype | None = "auto"):
+def load_revlens_checkpoint(
+    folder: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = "auto"
+):
     """Load a folder written by :func:`save_checkpoint` as a TransformerBridge."""
     spec = _describe(Path(folder), dtype, None)
     if spec.kind != "revlens":
@@ -512,8 +563,13 @@ def move_quietly(model: Any, device: str | torch.device | None):
     return model
 
 
-def load_hf_folder(folder: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = "auto",
-                   device_map: Any = None, base: str | os.PathLike | None = None):
+def load_hf_folder(
+    folder: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device_map: Any = None,
+    base: str | os.PathLike | None = None,
+):
     """Boot a local Hugging Face model folder (or a LoRA adapter folder, merged) offline, with its tokenizer."""
     spec = _describe(Path(folder), dtype, base)
     if spec.kind == "revlens":
@@ -523,12 +579,19 @@ def load_hf_folder(folder: str | os.PathLike, device: str | None = None, dtype: 
 
 def _check_placement(device: Any, device_map: Any) -> None:
     if device is not None and device_map is not None:
-        raise CheckpointError(f"give device ({device!r}) or device_map ({device_map!r}), not both: device_map "
-                              "places the model itself (device_map='auto' spreads it over the visible GPUs).")
+        raise CheckpointError(
+            f"give device ({device!r}) or device_map ({device_map!r}), not both: device_map "
+            "places the model itself (device_map='auto' spreads it over the visible GPUs)."
+        )
 
 
-def load_checkpoint(source: Any, device: str | None = None, dtype: str | torch.dtype | None = "auto",
-                    device_map: Any = None, base: str | os.PathLike | None = None):
+def load_checkpoint(
+    source: Any,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device_map: Any = None,
+    base: str | os.PathLike | None = None,
+):
     """Load one checkpoint as a TransformerBridge, offline.
 
     Args:
@@ -575,8 +638,13 @@ class CheckpointLoader:
         ...     model = loader.load(ref)
     """
 
-    def __init__(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
-                 device_map: Any = None, base: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device_map: Any = None,
+        base: str | os.PathLike | None = None,
+    ):
         _check_placement(device, device_map)
         resolve_dtype(dtype)
         self.device, self.dtype, self.device_map, self.base = device, dtype, device_map, base
@@ -605,8 +673,10 @@ class CheckpointLoader:
             )
         spec = _describe(Path(source), self.dtype, self.base)
         if spec.kind == "revlens" and self.device_map is not None:
-            raise CheckpointError(f"device_map applies to Hugging Face folders; {spec.folder} is a TL-native "
-                                  "revlens checkpoint: load it on one device with device=.")
+            raise CheckpointError(
+                f"device_map applies to Hugging Face folders; {spec.folder} is a TL-native "
+                "revlens checkpoint: load it on one device with device=."
+            )
         if self.model is not None and spec.swap_key == self._key:
             try:
                 swapped = self._swap(spec)
@@ -631,8 +701,9 @@ class CheckpointLoader:
         assert self._live is not None
         if spec.kind == "adapter":
             merged = _from_pretrained(spec, "cpu" if self.device_map is not None else self.device, None).state_dict()
-            return (_copy_into(self._live, merged.items(), check_only=True)
-                    and _copy_into(self._live, merged.items(), check_only=False))
+            return _copy_into(self._live, merged.items(), check_only=True) and _copy_into(
+                self._live, merged.items(), check_only=False
+            )
         names = _weight_names(spec.files)
         if not _copy_into(self._live, names, check_only=True):
             return False
@@ -704,14 +775,18 @@ class CheckpointRef:
             return f"finetune/{self.run}/step_{self.step}"
         return self.phase
 
-    def load(self, device: str | None = None, dtype: str | torch.dtype | None = "auto", device_map: Any = None,
-             base: str | os.PathLike | None = None):
+    def load(
+        self,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device_map: Any = None,
+        base: str | os.PathLike | None = None,
+    ):
         """Load this checkpoint (see :func:`load_checkpoint`); errors name the checkpoint."""
         try:
             return load_checkpoint(self.source, device, dtype, device_map, base)
         except CheckpointError as err:
             raise CheckpointError(f"[{self.label}] {err}") from err
-
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
@@ -784,8 +859,9 @@ class History:
     def __len__(self) -> int:
         return 2 + sum(len(r) for r in self.finetune.values())
 
-    def loader(self, device: str | None = None, dtype: str | torch.dtype | None = "auto",
-               device_map: Any = None) -> CheckpointLoader:
+    def loader(
+        self, device: str | None = None, dtype: str | torch.dtype | None = "auto", device_map: Any = None
+    ) -> CheckpointLoader:
         """A :class:`CheckpointLoader` for this history's checkpoints (with its ``base``)."""
         return CheckpointLoader(device, dtype, device_map, self.base)
 
@@ -810,9 +886,7 @@ class History:
         for run, steps in finetune.items():
             if not isinstance(steps, Mapping) or not steps:
                 raise CheckpointError(f"fine-tuning run {run!r} has no checkpoints; give {{step: checkpoint}}.")
-            runs[str(run)] = {
-                int(s): CheckpointRef("finetune", src, str(run), int(s)) for s, src in steps.items()
-            }
+            runs[str(run)] = {int(s): CheckpointRef("finetune", src, str(run), int(s)) for s, src in steps.items()}
         return cls(CheckpointRef("pretrain", pretrain), CheckpointRef("align", align), runs, base)
 
     @classmethod
@@ -848,15 +922,25 @@ class History:
             if steps:
                 finetune[run_dir.name] = steps
             else:
-                warnings.warn(f"skipping {run_dir}: it holds no step_<N>/ or checkpoint-<N>/ checkpoint.",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipping {run_dir}: it holds no step_<N>/ or checkpoint-<N>/ checkpoint.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if not finetune:
             raise CheckpointError(f"{root}/finetune/ holds no <run>/step_<N>/ (or checkpoint-<N>/) checkpoint folders.")
         return cls.from_dict({"pretrain": root / "pretrain", "align": root / "align", "finetune": finetune}, base)
 
     @classmethod
-    def from_trainer(cls, output_dir: str | os.PathLike, *, pretrain: Any, align: Any,
-                     run: str | None = None, base: str | os.PathLike | None = None) -> History:
+    def from_trainer(
+        cls,
+        output_dir: str | os.PathLike,
+        *,
+        pretrain: Any,
+        align: Any,
+        run: str | None = None,
+        base: str | os.PathLike | None = None,
+    ) -> History:
         """A history whose one fine-tuning run is a Hugging Face Trainer ``output_dir``.
 
         Its ``checkpoint-<N>/`` folders (full weights or LoRA adapters) are the steps; only model
@@ -877,10 +961,11 @@ class History:
             raise CheckpointError(f"Trainer output folder {output_dir} does not exist or is not a folder.")
         steps = _read_run(output_dir, warn_all=False)
         if not steps:
-            raise CheckpointError(f"{output_dir} holds no checkpoint-<N>/ folders; train with save_strategy='steps' "
-                                  "(or 'epoch') so the Trainer writes them.")
-        return cls.from_dict({"pretrain": pretrain, "align": align,
-                              "finetune": {run or output_dir.name: steps}}, base)
+            raise CheckpointError(
+                f"{output_dir} holds no checkpoint-<N>/ folders; train with save_strategy='steps' "
+                "(or 'epoch') so the Trainer writes them."
+            )
+        return cls.from_dict({"pretrain": pretrain, "align": align, "finetune": {run or output_dir.name: steps}}, base)
 
     @classmethod
     def coerce(cls, ckpts: Any, base: str | os.PathLike | None = None) -> History:

@@ -27,9 +27,12 @@ def _layers(text: str | None) -> list[int] | None:
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="measure drift along v_rev over a checkpoint folder",
-                       description="Read CKPT_DIR (pretrain/, align/, finetune/<run>/step_<N>/), write "
-                                   "report.json to --out and print the summary table.")
+    p = sub.add_parser(
+        "analyze",
+        help="measure drift along v_rev over a checkpoint folder",
+        description="Read CKPT_DIR (pretrain/, align/, finetune/<run>/step_<N>/), write "
+        "report.json to --out and print the summary table.",
+    )
     p.add_argument("ckpt_dir", help="history folder: pretrain/ align/ finetune/<run>/step_<N>/")
     p.add_argument("--out", required=True, help="folder for report.json (and dashboard.html with --html)")
     p.add_argument("--prompts", help="probe prompt file, one per line (default: the packaged harmful_requests.txt)")
@@ -40,20 +43,37 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", default="mean_diff", choices=["mean_diff", "per_example", "pca"])
     p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None,
-                   help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype; auto (default) keeps each checkpoint's own")
-    p.add_argument("--device-map", default=None,
-                   help="'auto' spreads a Hugging Face model over all visible GPUs (instead of --device)")
-    p.add_argument("--base", default=None,
-                   help="base model folder for LoRA adapter checkpoints whose base is not a local folder")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for models under 20M parameters, more for larger ones; "
-                        "or set REVLENS_NUM_THREADS)")
-    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
-                   help="read each prompt as a user turn in the aligned model's chat template (default: when its "
-                        "tokenizer has one)")
+    p.add_argument(
+        "--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype; auto (default) keeps each checkpoint's own",
+    )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="'auto' spreads a Hugging Face model over all visible GPUs (instead of --device)",
+    )
+    p.add_argument(
+        "--base", default=None, help="base model folder for LoRA adapter checkpoints whose base is not a local folder"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for models under 20M parameters, more for larger ones; "
+        "or set REVLENS_NUM_THREADS)",
+    )
+    p.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read each prompt as a user turn in the aligned model's chat template (default: when its "
+        "tokenizer has one)",
+    )
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--html", action="store_true", help="also write the interactive dashboard.html")
     p.set_defaults(func=_run_analyze)
@@ -71,10 +91,21 @@ def _run_analyze(args: argparse.Namespace) -> int:
         args.ckpt_dir,
         load_prompt_file(args.prompts) if args.prompts else None,
         control=load_prompt_file(args.control) if args.control else None,
-        layers=args.layers, hook=args.hook, readout=args.readout, estimator=args.estimator, k=args.k,
-        batch_size=args.batch_size, device=args.device, cache_dir=out / "cache", threads=args.threads,
-        dtype=args.dtype, device_map=args.device_map, base=args.base, distributed=in_job,
-        chat_template="auto" if args.chat_template is None else args.chat_template, system=args.system,
+        layers=args.layers,
+        hook=args.hook,
+        readout=args.readout,
+        estimator=args.estimator,
+        k=args.k,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=out / "cache",
+        threads=args.threads,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        base=args.base,
+        distributed=in_job,
+        chat_template="auto" if args.chat_template is None else args.chat_template,
+        system=args.system,
     )
     if in_job and not distributed.current().is_main:
         return 0

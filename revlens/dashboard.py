@@ -28,20 +28,45 @@ from revlens._util import atomic_write_text
 
 THEMES = {
     # Transparent backgrounds and mid-grey text read on both light and dark Jupyter themes.
-    "auto": {"template": "plotly_white", "paper": "rgba(0,0,0,0)", "plot": "rgba(0,0,0,0)", "font": "#808080",
-             "grid": "rgba(128,128,128,0.25)"},
-    "light": {"template": "plotly_white", "paper": "white", "plot": "white", "font": "#222222",
-              "grid": "rgba(128,128,128,0.25)"},
-    "dark": {"template": "plotly_dark", "paper": "#111111", "plot": "#111111", "font": "#e0e0e0",
-             "grid": "rgba(200,200,200,0.2)"},
+    "auto": {
+        "template": "plotly_white",
+        "paper": "rgba(0,0,0,0)",
+        "plot": "rgba(0,0,0,0)",
+        "font": "#808080",
+        "grid": "rgba(128,128,128,0.25)",
+    },
+    "light": {
+        "template": "plotly_white",
+        "paper": "white",
+        "plot": "white",
+        "font": "#222222",
+        "grid": "rgba(128,128,128,0.25)",
+    },
+    "dark": {
+        "template": "plotly_dark",
+        "paper": "#111111",
+        "plot": "#111111",
+        "font": "#e0e0e0",
+        "grid": "rgba(200,200,200,0.2)",
+    },
 }
 RUN_COLOR = "rgba(31,119,180,0.25)"
 MEAN_COLOR = "rgb(31,119,180)"
 BAND_COLOR = "rgba(31,119,180,0.2)"
 ISO_COLOR = "rgb(214,39,40)"
 ACT_COLOR = "rgb(255,127,14)"
-MODE_COLORS = ("#7f7f7f", "#1f77b4", "#2ca02c", "#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf",
-               "#bcbd22", "#ff7f0e")
+MODE_COLORS = (
+    "#7f7f7f",
+    "#1f77b4",
+    "#2ca02c",
+    "#9467bd",
+    "#d62728",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#ff7f0e",
+)
 
 
 def _mean_std(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -104,15 +129,30 @@ def _per_example_box(report: Any, li: int, visible: bool) -> dict[str, Any]:
             continue
         qs = np.quantile(vals, [0.05, 0.25, 0.5, 0.75, 0.95])
         xs.append(str(step))
-        lo.append(qs[0]); q1.append(qs[1]); med.append(qs[2]); q3.append(qs[3]); hi.append(qs[4])  # noqa: E702
+        lo.append(qs[0])
+        q1.append(qs[1])
+        med.append(qs[2])
+        q3.append(qs[3])
+        hi.append(qs[4])  # noqa: E702
         mean.append(float(vals.mean()))
-    return _tr("box", x=xs, q1=q1, median=med, q3=q3, lowerfence=lo, upperfence=hi, mean=mean,
-                  name="per-example cos", marker={"color": MEAN_COLOR}, showlegend=False, visible=visible,
-                  hoverinfo="y")
+    return _tr(
+        "box",
+        x=xs,
+        q1=q1,
+        median=med,
+        q3=q3,
+        lowerfence=lo,
+        upperfence=hi,
+        mean=mean,
+        name="per-example cos",
+        marker={"color": MEAN_COLOR},
+        showlegend=False,
+        visible=visible,
+        hoverinfo="y",
+    )
 
 
-def _layer_traces(report: Any, li: int, visible: bool, rows: dict[str, tuple[int, int]]
-                  ) -> list[tuple[dict, int, int]]:
+def _layer_traces(report: Any, li: int, visible: bool, rows: dict[str, tuple[int, int]]) -> list[tuple[dict, int, int]]:
     """Traces of one layer for the trajectory, drift and per-example panels."""
     steps = report.steps
     layer = report.layers[li]
@@ -125,39 +165,107 @@ def _layer_traces(report: Any, li: int, visible: bool, rows: dict[str, tuple[int
         run_x += list(steps) + [None]
         run_y += list(a[ri]) + [None]
         run_name += [run] * len(steps) + [""]
-    out.append((_tr("scatter", x=run_x, y=run_y, mode="lines", line={"color": RUN_COLOR, "width": 1},
-                    name="runs (one line each)", legendgroup="runs", showlegend=visible, visible=visible,
-                    customdata=run_name, connectgaps=False,
-                    hovertemplate=f"run %{{customdata}}, L{layer}<br>step %{{x}}<br>cos %{{y:.4f}}<extra></extra>"),
-                *traj))
-    out.append((_tr("scatter", x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself",
-                           mode="lines", fillcolor=BAND_COLOR, line={"width": 0}, hoverinfo="skip",
-                           name="mean +/- std", legendgroup="band", showlegend=visible, visible=visible), *traj))
-    out.append((_tr("scatter", x=steps, y=mean, mode="lines+markers", line={"color": MEAN_COLOR, "width": 3},
-                           name=f"mean over {len(report.runs)} runs", legendgroup="mean", showlegend=visible,
-                           visible=visible, customdata=std,
-                           hovertemplate=f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}"
-                                         "<extra></extra>"),
-                *traj))
-    for value, color, label in ((report.null_p99[li], ISO_COLOR, "isotropic null p99"),
-                                (report.null_p99_activation[li], ACT_COLOR, "activation-space null p99")):
+    out.append(
+        (
+            _tr(
+                "scatter",
+                x=run_x,
+                y=run_y,
+                mode="lines",
+                line={"color": RUN_COLOR, "width": 1},
+                name="runs (one line each)",
+                legendgroup="runs",
+                showlegend=visible,
+                visible=visible,
+                customdata=run_name,
+                connectgaps=False,
+                hovertemplate=f"run %{{customdata}}, L{layer}<br>step %{{x}}<br>cos %{{y:.4f}}<extra></extra>",
+            ),
+            *traj,
+        )
+    )
+    out.append(
+        (
+            _tr(
+                "scatter",
+                x=steps + steps[::-1],
+                y=list(mean + std) + list((mean - std)[::-1]),
+                fill="toself",
+                mode="lines",
+                fillcolor=BAND_COLOR,
+                line={"width": 0},
+                hoverinfo="skip",
+                name="mean +/- std",
+                legendgroup="band",
+                showlegend=visible,
+                visible=visible,
+            ),
+            *traj,
+        )
+    )
+    out.append(
+        (
+            _tr(
+                "scatter",
+                x=steps,
+                y=mean,
+                mode="lines+markers",
+                line={"color": MEAN_COLOR, "width": 3},
+                name=f"mean over {len(report.runs)} runs",
+                legendgroup="mean",
+                showlegend=visible,
+                visible=visible,
+                customdata=std,
+                hovertemplate=f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}<extra></extra>",
+            ),
+            *traj,
+        )
+    )
+    for value, color, label in (
+        (report.null_p99[li], ISO_COLOR, "isotropic null p99"),
+        (report.null_p99_activation[li], ACT_COLOR, "activation-space null p99"),
+    ):
         if not math.isnan(float(value)):
-            out.append((_tr("scatter", x=[steps[0], steps[-1]], y=[value, value], mode="lines",
-                                   line={"color": color, "dash": "dash"}, name=label, legendgroup=label,
-                                   showlegend=visible, visible=visible,
-                                   hovertemplate=f"{label}: {float(value):.4f}<extra></extra>"), *traj))
+            out.append(
+                (
+                    _tr(
+                        "scatter",
+                        x=[steps[0], steps[-1]],
+                        y=[value, value],
+                        mode="lines",
+                        line={"color": color, "dash": "dash"},
+                        name=label,
+                        legendgroup=label,
+                        showlegend=visible,
+                        visible=visible,
+                        hovertemplate=f"{label}: {float(value):.4f}<extra></extra>",
+                    ),
+                    *traj,
+                )
+            )
     dmean, dstd = _mean_std(report.drift_norm[:, :, li])
-    out.append((_tr("scatter", x=steps, y=dmean, mode="lines+markers", line={"color": MEAN_COLOR},
-                           error_y={"type": "data", "array": dstd, "visible": True}, name="drift norm",
-                           showlegend=False, visible=visible,
-                           hovertemplate=f"L{layer} step %{{x}}<br>||drift|| %{{y:.4g}}<extra></extra>"),
-                *rows["drift"]))
+    out.append(
+        (
+            _tr(
+                "scatter",
+                x=steps,
+                y=dmean,
+                mode="lines+markers",
+                line={"color": MEAN_COLOR},
+                error_y={"type": "data", "array": dstd, "visible": True},
+                name="drift norm",
+                showlegend=False,
+                visible=visible,
+                hovertemplate=f"L{layer} step %{{x}}<br>||drift|| %{{y:.4g}}<extra></extra>",
+            ),
+            *rows["drift"],
+        )
+    )
     out.append((_per_example_box(report, li, visible), *rows["per_example"]))
     return out
 
 
-def _overview_traces(report: Any, rows: dict[str, tuple[int, int]], selection: Any
-                     ) -> list[tuple[dict, int, int]]:
+def _overview_traces(report: Any, rows: dict[str, tuple[int, int]], selection: Any) -> list[tuple[dict, int, int]]:
     """Every-layer panels: v_rev SNR, mean alignment per layer with nulls, the step x layer heatmap."""
     n = report.n_layers
     x = list(range(n))
@@ -168,69 +276,161 @@ def _overview_traces(report: Any, rows: dict[str, tuple[int, int]], selection: A
     have_snr = bool(np.isfinite(snr).any())
     values = snr if have_snr else np.asarray(report.v_rev_norm, dtype=np.float64)
     shown = np.where(np.isfinite(values), values, np.nan)
-    out.append((_tr("scatter", x=x, y=shown, mode="lines+markers",
-                           marker={"color": [FLAG_COLOR if f else MEAN_COLOR for f in flags], "size": 7},
-                           line={"color": "rgba(31,119,180,0.35)"},
-                           customdata=np.stack([labels, np.asarray(report.v_rev_norm, float)], axis=1),
-                           name="v_rev SNR" if have_snr else "||mu_P - mu_A||", showlegend=False,
-                           hovertemplate=("%{customdata[0]}<br>" + ("SNR %{y:.3g}" if have_snr else "norm %{y:.4g}")
-                                          + "<br>||mu_P - mu_A|| %{customdata[1]:.4g}<extra></extra>")),
-                *rows["snr"]))
+    out.append(
+        (
+            _tr(
+                "scatter",
+                x=x,
+                y=shown,
+                mode="lines+markers",
+                marker={"color": [FLAG_COLOR if f else MEAN_COLOR for f in flags], "size": 7},
+                line={"color": "rgba(31,119,180,0.35)"},
+                customdata=np.stack([labels, np.asarray(report.v_rev_norm, float)], axis=1),
+                name="v_rev SNR" if have_snr else "||mu_P - mu_A||",
+                showlegend=False,
+                hovertemplate=(
+                    "%{customdata[0]}<br>"
+                    + ("SNR %{y:.3g}" if have_snr else "norm %{y:.4g}")
+                    + "<br>||mu_P - mu_A|| %{customdata[1]:.4g}<extra></extra>"
+                ),
+            ),
+            *rows["snr"],
+        )
+    )
     if have_snr:
-        out.append((_tr("scatter", x=[-0.5, n - 0.5], y=[report.snr_threshold] * 2, mode="lines",
-                               line={"color": FLAG_COLOR, "dash": "dot"},
-                               name=f"SNR threshold {report.snr_threshold:g}",
-                               showlegend=False, hovertemplate="flag below SNR %{y:.3g}<extra></extra>"), *rows["snr"]))
+        out.append(
+            (
+                _tr(
+                    "scatter",
+                    x=[-0.5, n - 0.5],
+                    y=[report.snr_threshold] * 2,
+                    mode="lines",
+                    line={"color": FLAG_COLOR, "dash": "dot"},
+                    name=f"SNR threshold {report.snr_threshold:g}",
+                    showlegend=False,
+                    hovertemplate="flag below SNR %{y:.3g}<extra></extra>",
+                ),
+                *rows["snr"],
+            )
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         per_layer = np.nanmean(report.alignment, axis=(0, 1))
         spread = np.nanstd(report.alignment, axis=(0, 1))
     colors = [FLAG_COLOR if f else MEAN_COLOR for f in flags]
-    out.append((_tr("scatter", x=x, y=per_layer, mode="lines+markers", marker={"color": colors, "size": 7},
-                           line={"color": "rgba(31,119,180,0.5)"}, error_y={"type": "data", "array": spread},
-                           name="mean alignment per layer (all run-step pairs)", legendgroup="profile",
-                           customdata=np.stack([labels, ["low SNR" if f else "" for f in flags]], axis=1),
-                           hovertemplate="%{customdata[0]} %{customdata[1]}<br>mean cos %{y:.4f}<extra></extra>"),
-                *rows["profile"]))
-    for values, color, label in ((report.null_p99, ISO_COLOR, "isotropic null p99"),
-                                 (report.null_p99_activation, ACT_COLOR, "activation-space null p99")):
+    out.append(
+        (
+            _tr(
+                "scatter",
+                x=x,
+                y=per_layer,
+                mode="lines+markers",
+                marker={"color": colors, "size": 7},
+                line={"color": "rgba(31,119,180,0.5)"},
+                error_y={"type": "data", "array": spread},
+                name="mean alignment per layer (all run-step pairs)",
+                legendgroup="profile",
+                customdata=np.stack([labels, ["low SNR" if f else "" for f in flags]], axis=1),
+                hovertemplate="%{customdata[0]} %{customdata[1]}<br>mean cos %{y:.4f}<extra></extra>",
+            ),
+            *rows["profile"],
+        )
+    )
+    for values, color, label in (
+        (report.null_p99, ISO_COLOR, "isotropic null p99"),
+        (report.null_p99_activation, ACT_COLOR, "activation-space null p99"),
+    ):
         seg_x = [v for i in x for v in (i - 0.45, i + 0.45, None)]  # one threshold segment per layer
         seg_y = [v for y in np.asarray(values, float) for v in (y, y, None)]
-        out.append((_tr("scatter", x=seg_x, y=seg_y, mode="lines", line={"color": color, "dash": "dash"},
-                               name=f"per layer: {label}", legendgroup=label, showlegend=False,
-                               hovertemplate=f"{label}: %{{y:.4f}}<extra></extra>"), *rows["profile"]))
+        out.append(
+            (
+                _tr(
+                    "scatter",
+                    x=seg_x,
+                    y=seg_y,
+                    mode="lines",
+                    line={"color": color, "dash": "dash"},
+                    name=f"per layer: {label}",
+                    legendgroup=label,
+                    showlegend=False,
+                    hovertemplate=f"{label}: %{{y:.4f}}<extra></extra>",
+                ),
+                *rows["profile"],
+            )
+        )
     thr = selection.thresholds
     corrected = thr.get("activation_max", thr.get("sidak"))
     which = "activation-space max" if "activation_max" in thr else "isotropic, Sidak"
-    out.append((_tr("scatter", x=[-0.5, n - 0.5], y=[corrected] * 2, mode="lines",
-                           line={"color": SELECT_COLOR, "dash": "dashdot"},
-                           name=f"p99 of the best of {selection.m} layers ({which})", legendgroup="selection",
-                           hovertemplate="selection-corrected p99 %{y:.4f}<extra></extra>"), *rows["profile"]))
+    out.append(
+        (
+            _tr(
+                "scatter",
+                x=[-0.5, n - 0.5],
+                y=[corrected] * 2,
+                mode="lines",
+                line={"color": SELECT_COLOR, "dash": "dashdot"},
+                name=f"p99 of the best of {selection.m} layers ({which})",
+                legendgroup="selection",
+                hovertemplate="selection-corrected p99 %{y:.4f}<extra></extra>",
+            ),
+            *rows["profile"],
+        )
+    )
     if np.any(flags):
-        out.append((_tr("scatter", x=[None], y=[None], mode="markers", marker={"color": FLAG_COLOR, "symbol": "square",
-                                                                            "size": 12},
-                               name=f"low-SNR layer (v_rev SNR < {report.snr_threshold:g}): greyed"),
-                    *rows["profile"]))
+        out.append(
+            (
+                _tr(
+                    "scatter",
+                    x=[None],
+                    y=[None],
+                    mode="markers",
+                    marker={"color": FLAG_COLOR, "symbol": "square", "size": 12},
+                    name=f"low-SNR layer (v_rev SNR < {report.snr_threshold:g}): greyed",
+                ),
+                *rows["profile"],
+            )
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         heat = np.nanmean(report.alignment, axis=0)
-    out.append((_tr("heatmap", z=heat, x=x, y=[str(s) for s in report.steps], colorscale=get_colorscale("RdBu"),
-                    zmid=0, zmin=-1, zmax=1,
-                           customdata=np.broadcast_to(np.asarray(labels, dtype=object), heat.shape),
-                           colorbar={"title": {"text": "cos"}}, name="mean alignment",
-                           hovertemplate="%{customdata} step %{y}<br>mean cos %{z:.4f}<extra></extra>"),
-                *rows["heatmap"]))
+    out.append(
+        (
+            _tr(
+                "heatmap",
+                z=heat,
+                x=x,
+                y=[str(s) for s in report.steps],
+                colorscale=get_colorscale("RdBu"),
+                zmid=0,
+                zmin=-1,
+                zmax=1,
+                customdata=np.broadcast_to(np.asarray(labels, dtype=object), heat.shape),
+                colorbar={"title": {"text": "cos"}},
+                name="mean alignment",
+                hovertemplate="%{customdata} step %{y}<br>mean cos %{z:.4f}<extra></extra>",
+            ),
+            *rows["heatmap"],
+        )
+    )
     return out
 
 
 def _plan(report: Any, iv: dict[str, Any] | None) -> tuple[list[tuple[str, str | None, int]], int]:
     """Rows as (left panel, right panel or None for full width, height in px), and the gap below each."""
     n_steps = len(report.steps)
-    rows = [("trajectory", "drift", 320), ("per_example", "snr", 280), ("profile", None, 260),
-            ("heatmap", None, int(min(420, max(160, 24 * n_steps + 40))))]
+    rows = [
+        ("trajectory", "drift", 320),
+        ("per_example", "snr", 280),
+        ("profile", None, 260),
+        ("heatmap", None, int(min(420, max(160, 24 * n_steps + 40)))),
+    ]
     if iv:
-        rows += [("harmfulness", None, 220), ("final_alignment", None, 220), ("task_loss", None, 220),
-                 ("b1_retention", None, 220)]
+        rows += [
+            ("harmfulness", None, 220),
+            ("final_alignment", None, 220),
+            ("task_loss", None, 220),
+            ("b1_retention", None, 220),
+        ]
     return rows, GAP_MODES_PX if iv else GAP_PX
 
 
@@ -258,17 +458,22 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
     selection = report.selection()
     iv = report.interventions
     plan, gap = _plan(report, iv)
-    names = {"trajectory": "Alignment cos(drift, v_rev) per step, layer {layer}",
-             "drift": "Drift norm ||mu_t - mu_A|| per step, layer {layer}",
-             "per_example": "Per-example alignment per step, layer {layer} (box 25-75%, whiskers 5-95%)",
-             "snr": ("v_rev signal-to-noise per layer: ||mu_P - mu_A|| / standard error"
-                     if np.isfinite(np.asarray(report.v_rev_snr, float)).any()
-                     else "||mu_P - mu_A|| per layer (signal-to-noise not measured)"),
-             "profile": "Mean alignment per layer, nulls and the selection-corrected p99",
-             "heatmap": "Mean alignment, layer x step",
-             "harmfulness": "Harmfulness after fine-tuning, by mode",
-             "final_alignment": "Final alignment at the last step, by mode",
-             "task_loss": "Fine-tuning task loss (held-out), by mode", "b1_retention": "B1 retention, by mode"}
+    names = {
+        "trajectory": "Alignment cos(drift, v_rev) per step, layer {layer}",
+        "drift": "Drift norm ||mu_t - mu_A|| per step, layer {layer}",
+        "per_example": "Per-example alignment per step, layer {layer} (box 25-75%, whiskers 5-95%)",
+        "snr": (
+            "v_rev signal-to-noise per layer: ||mu_P - mu_A|| / standard error"
+            if np.isfinite(np.asarray(report.v_rev_snr, float)).any()
+            else "||mu_P - mu_A|| per layer (signal-to-noise not measured)"
+        ),
+        "profile": "Mean alignment per layer, nulls and the selection-corrected p99",
+        "heatmap": "Mean alignment, layer x step",
+        "harmfulness": "Harmfulness after fine-tuning, by mode",
+        "final_alignment": "Final alignment at the last step, by mode",
+        "task_loss": "Fine-tuning task loss (held-out), by mode",
+        "b1_retention": "B1 retention, by mode",
+    }
     rows: dict[str, tuple[int, int]] = {}
     titles, specs = [], []
     for r, (left, right, _) in enumerate(plan, start=1):
@@ -284,8 +489,15 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
     plot_px = sum(row_px) + gap * (len(plan) - 1)
     top = LEGEND_TOP_PX + LEGEND_PX + SUBTITLE_PX
     height = top + plot_px + MARGIN["b"]
-    grid_kw = {"rows": len(plan), "cols": 2, "subplot_titles": titles, "specs": specs, "horizontal_spacing": 0.09,
-               "vertical_spacing": gap / plot_px, "row_heights": row_px}
+    grid_kw = {
+        "rows": len(plan),
+        "cols": 2,
+        "subplot_titles": titles,
+        "specs": specs,
+        "horizontal_spacing": 0.09,
+        "vertical_spacing": gap / plot_px,
+        "row_heights": row_px,
+    }
     grid = make_subplots(**grid_kw)
     refs = {}
     for r, c in rows.values():
@@ -320,27 +532,56 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
     pv = selection.p_value.get("activation_max")
     if pv is None or not np.isfinite(pv):
         pv = selection.p_value.get("sidak")
-    subtitle = (f"{len(report.runs)} run(s) x {len(report.steps)} step(s), {n} layer(s) "
-                f"(L{report.layers[0]}-L{report.layers[-1]}), best L{best} "
-                f"(p = {pv:.2g} for the best of {selection.m}); readout {report.config.get('readout', '?')}, "
-                f"contrast {report.config.get('contrast', '?')}"
-                + (f"; {len(report.flagged_layers)} low-SNR layer(s) greyed" if report.flagged_layers else ""))
+    subtitle = (
+        f"{len(report.runs)} run(s) x {len(report.steps)} step(s), {n} layer(s) "
+        f"(L{report.layers[0]}-L{report.layers[-1]}), best L{best} "
+        f"(p = {pv:.2g} for the best of {selection.m}); readout {report.config.get('readout', '?')}, "
+        f"contrast {report.config.get('contrast', '?')}"
+        + (f"; {len(report.flagged_layers)} low-SNR layer(s) greyed" if report.flagged_layers else "")
+    )
     plot_top_frac = lambda px: 1 + (top - px) / plot_px  # noqa: E731  (pixels from the top -> paper y)
     fig.update_layout(
-        updatemenus=[{"buttons": buttons, "active": report.layers.index(layer), "x": 1.0, "xanchor": "right",
-                      "y": plot_top_frac(TITLE_TOP_PX), "yanchor": "top", "direction": "down", "showactive": True}],
-        title={"text": f"revlens: fine-tuning drift along v_rev<br><span style='font-size:12px'>{subtitle}</span>",
-               "x": 0.0, "xref": "paper", "xanchor": "left", "y": 1 - TITLE_TOP_PX / height, "yanchor": "top"},
-        template=pio.templates[style["template"]], paper_bgcolor=style["paper"], plot_bgcolor=style["plot"],
-        font={"color": style["font"]}, height=height, margin={**MARGIN, "t": top},
-        legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": plot_top_frac(LEGEND_TOP_PX), "yanchor": "top",
-                "bgcolor": "rgba(0,0,0,0)"},
+        updatemenus=[
+            {
+                "buttons": buttons,
+                "active": report.layers.index(layer),
+                "x": 1.0,
+                "xanchor": "right",
+                "y": plot_top_frac(TITLE_TOP_PX),
+                "yanchor": "top",
+                "direction": "down",
+                "showactive": True,
+            }
+        ],
+        title={
+            "text": f"revlens: fine-tuning drift along v_rev<br><span style='font-size:12px'>{subtitle}</span>",
+            "x": 0.0,
+            "xref": "paper",
+            "xanchor": "left",
+            "y": 1 - TITLE_TOP_PX / height,
+            "yanchor": "top",
+        },
+        template=pio.templates[style["template"]],
+        paper_bgcolor=style["paper"],
+        plot_bgcolor=style["plot"],
+        font={"color": style["font"]},
+        height=height,
+        margin={**MARGIN, "t": top},
+        legend={
+            "orientation": "h",
+            "x": 0.0,
+            "xanchor": "left",
+            "y": plot_top_frac(LEGEND_TOP_PX),
+            "yanchor": "top",
+            "bgcolor": "rgba(0,0,0,0)",
+        },
     )
     heat_axis = fig.get_subplot(*rows["heatmap"]).yaxis
     dom = heat_axis.domain
-    fig.update_traces(selector={"type": "heatmap"},
-                      colorbar={"len": dom[1] - dom[0], "y": (dom[0] + dom[1]) / 2, "yanchor": "middle",
-                                "x": 1.01, "thickness": 14})
+    fig.update_traces(
+        selector={"type": "heatmap"},
+        colorbar={"len": dom[1] - dom[0], "y": (dom[0] + dom[1]) / 2, "yanchor": "middle", "x": 1.01, "thickness": 14},
+    )
     return fig
 
 
@@ -349,13 +590,23 @@ def _panel_of(title_index: int, plan: list[tuple[str, str | None, int]]) -> str:
     return panels[title_index]
 
 
-def _style_axes(fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]], iv: Any, style: dict,
-                refs: dict[tuple[int, int], tuple[str, str]]) -> None:
+def _style_axes(
+    fig: go.Figure,
+    report: Any,
+    rows: dict[str, tuple[int, int]],
+    iv: Any,
+    style: dict,
+    refs: dict[tuple[int, int], tuple[str, str]],
+) -> None:
     fig.update_xaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
     fig.update_yaxes(gridcolor=style["grid"], zerolinecolor=style["grid"])
     step_label = "fine-tuning step (optimizer updates)"
-    log_ticks = {"type": "log", "tickmode": "array", "tickvals": report.steps,
-                 "ticktext": [str(s) for s in report.steps]}
+    log_ticks = {
+        "type": "log",
+        "tickmode": "array",
+        "tickvals": report.steps,
+        "ticktext": [str(s) for s in report.steps],
+    }
     fig.update_xaxes(title_text=step_label, row=rows["trajectory"][0], col=rows["trajectory"][1], **log_ticks)
     fig.update_yaxes(title_text="cosine", row=rows["trajectory"][0], col=rows["trajectory"][1])
     fig.update_xaxes(title_text=step_label, row=rows["drift"][0], col=rows["drift"][1], **log_ticks)
@@ -366,44 +617,89 @@ def _style_axes(fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]], i
     labels = [f"L{l}" for l in report.layers]
     for panel, max_ticks in (("snr", MAX_HALF_TICKS), ("profile", MAX_FULL_TICKS), ("heatmap", MAX_FULL_TICKS)):
         ticks = _layer_ticks(n, max_ticks)
-        fig.update_xaxes(title_text="layer", tickmode="array", tickvals=ticks, ticktext=[labels[i] for i in ticks],
-                         range=[-0.5, n - 0.5], tickangle=0, row=rows[panel][0], col=rows[panel][1])
+        fig.update_xaxes(
+            title_text="layer",
+            tickmode="array",
+            tickvals=ticks,
+            ticktext=[labels[i] for i in ticks],
+            range=[-0.5, n - 0.5],
+            tickangle=0,
+            row=rows[panel][0],
+            col=rows[panel][1],
+        )
     snr = np.asarray(report.v_rev_snr, float)
     snr_log = bool(np.isfinite(snr).any())
     shown = snr if snr_log else np.asarray(report.v_rev_norm, float)
     shown = shown[np.isfinite(shown) & (shown > 0)]
     decades = {"dtick": 1} if shown.size and shown.max() / shown.min() > 100 else {}  # long ranges: decades only
-    fig.update_yaxes(title_text="SNR (log)" if snr_log else "L2 norm (log)", type="log",
-                     row=rows["snr"][0], col=rows["snr"][1], **decades)
+    fig.update_yaxes(
+        title_text="SNR (log)" if snr_log else "L2 norm (log)",
+        type="log",
+        row=rows["snr"][0],
+        col=rows["snr"][1],
+        **decades,
+    )
     fig.update_yaxes(title_text="cosine", row=rows["profile"][0], col=rows["profile"][1])
     fig.update_yaxes(title_text="step", type="category", row=rows["heatmap"][0], col=rows["heatmap"][1])
     if iv:
-        for panel, label in (("harmfulness", "% of harmful prompts"), ("final_alignment", "cosine"),
-                             ("task_loss", "cross-entropy (nats/token)"), ("b1_retention", "% of held-out B1 prompts")):
+        for panel, label in (
+            ("harmfulness", "% of harmful prompts"),
+            ("final_alignment", "cosine"),
+            ("task_loss", "cross-entropy (nats/token)"),
+            ("b1_retention", "% of held-out B1 prompts"),
+        ):
             fig.update_yaxes(title_text=label, row=rows[panel][0], col=rows[panel][1])
         p99 = float(report.null_p99[report.best_layer_index()])
         xref, yref = refs[rows["final_alignment"]]
-        fig.add_shape(type="line", xref=f"{xref} domain", x0=0, x1=1, yref=yref, y0=p99, y1=p99,
-                      line={"color": ISO_COLOR, "dash": "dash"})
-        fig.add_annotation(xref=f"{xref} domain", x=1, xanchor="right", yref=yref, y=p99, yanchor="bottom",
-                           text=f"isotropic p99 {p99:.3f}", showarrow=False, bgcolor="rgba(128,128,128,0.15)")
+        fig.add_shape(
+            type="line",
+            xref=f"{xref} domain",
+            x0=0,
+            x1=1,
+            yref=yref,
+            y0=p99,
+            y1=p99,
+            line={"color": ISO_COLOR, "dash": "dash"},
+        )
+        fig.add_annotation(
+            xref=f"{xref} domain",
+            x=1,
+            xanchor="right",
+            yref=yref,
+            y=p99,
+            yanchor="bottom",
+            text=f"isotropic p99 {p99:.3f}",
+            showarrow=False,
+            bgcolor="rgba(128,128,128,0.15)",
+        )
         modes = iv["modes"]
         wrapped = [m.replace("+", "+<br>") if len(m) > 10 else m for m in modes]
         for panel in ("harmfulness", "final_alignment", "task_loss", "b1_retention"):
-            fig.update_xaxes(tickmode="array", tickvals=modes, ticktext=wrapped,
-                             tickangle=0, row=rows[panel][0], col=1)
+            fig.update_xaxes(tickmode="array", tickvals=modes, ticktext=wrapped, tickangle=0, row=rows[panel][0], col=1)
 
 
-def _grey_flagged(fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]],
-                  refs: dict[tuple[int, int], tuple[str, str]]) -> None:
+def _grey_flagged(
+    fig: go.Figure, report: Any, rows: dict[str, tuple[int, int]], refs: dict[tuple[int, int], tuple[str, str]]
+) -> None:
     """Grey out low-SNR layers: a light band on the per-layer panels, an opaque veil on the heatmap."""
     shapes = []
     for i, j in _flag_runs(report.flagged):
         for panel, color in (("snr", FLAG_SHADE), ("profile", FLAG_SHADE), ("heatmap", FLAG_COLOR)):
             xref, yref = refs[rows[panel]]
-            shapes.append({"type": "rect", "xref": xref, "yref": f"{yref} domain", "x0": i - 0.5, "x1": j + 0.5,
-                           "y0": 0, "y1": 1, "fillcolor": color, "line": {"width": 0},
-                           "layer": "above" if panel == "heatmap" else "below"})
+            shapes.append(
+                {
+                    "type": "rect",
+                    "xref": xref,
+                    "yref": f"{yref} domain",
+                    "x0": i - 0.5,
+                    "x1": j + 0.5,
+                    "y0": 0,
+                    "y1": 1,
+                    "fillcolor": color,
+                    "line": {"width": 0},
+                    "layer": "above" if panel == "heatmap" else "below",
+                }
+            )
     fig.update_layout(shapes=list(fig.layout.shapes) + shapes)
 
 
@@ -419,11 +715,23 @@ def _intervention_traces(iv: dict[str, Any], rows: dict[str, tuple[int, int]]) -
             means.append(float(m[0]))
             stds.append(float(s[0]))
             texts.append(", ".join(f"{v:.3f}" for v in vals))
-        out.append((_tr("bar", x=modes, y=means, error_y={"type": "data", "array": stds, "visible": True},
-                           marker={"color": [MODE_COLORS[i % len(MODE_COLORS)] for i in range(len(modes))]},
-                           customdata=np.stack([stds, texts], axis=1), showlegend=False, name=metric,
-                           hovertemplate="%{x}<br>mean %{y:.3f} +/- %{customdata[0]:.3f}<br>per seed: "
-                                         "%{customdata[1]}<extra></extra>"), *rows[metric]))
+        out.append(
+            (
+                _tr(
+                    "bar",
+                    x=modes,
+                    y=means,
+                    error_y={"type": "data", "array": stds, "visible": True},
+                    marker={"color": [MODE_COLORS[i % len(MODE_COLORS)] for i in range(len(modes))]},
+                    customdata=np.stack([stds, texts], axis=1),
+                    showlegend=False,
+                    name=metric,
+                    hovertemplate="%{x}<br>mean %{y:.3f} +/- %{customdata[0]:.3f}<br>per seed: "
+                    "%{customdata[1]}<extra></extra>",
+                ),
+                *rows[metric],
+            )
+        )
     return out
 
 

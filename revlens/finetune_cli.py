@@ -32,8 +32,23 @@ if TYPE_CHECKING:
     from revlens.report import ReversionReport
 
 # Options that only the --data path uses (default None so that their use is detectable).
-DATA_OPTIONS = ("lr", "batch_size", "grad_accum", "lora_r", "lora_alpha", "dtype", "autocast", "max_grad_norm",
-                "warmup", "schedule", "save_steps", "prompts", "control", "max_length", "run_name")
+DATA_OPTIONS = (
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "lora_r",
+    "lora_alpha",
+    "dtype",
+    "autocast",
+    "max_grad_norm",
+    "warmup",
+    "schedule",
+    "save_steps",
+    "prompts",
+    "control",
+    "max_length",
+    "run_name",
+)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -55,8 +70,9 @@ def parse_steps(text: str) -> list[int]:
     try:
         steps = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--save-steps takes comma-separated integers like 1,10,100; "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--save-steps takes comma-separated integers like 1,10,100; got {text!r}"
+        ) from None
     if not steps or steps[0] < 1:
         raise argparse.ArgumentTypeError(f"--save-steps {text}: steps must be >= 1.")
     return steps
@@ -75,38 +91,61 @@ def add_cli(sub: Any, finetuners: Mapping[str, str | Callable[..., dict]] | None
     """Register ``revlens finetune``; ``finetuners`` maps a history's marker file to the demo function
     (``"module:function"``, imported only when such a history is fine-tuned without ``--data``)."""
     p = sub.add_parser(
-        "finetune", help="fine-tune a history's aligned model on chat data, optionally blocking v_rev",
+        "finetune",
+        help="fine-tune a history's aligned model on chat data, optionally blocking v_rev",
         description="Fine-tune HISTORY_DIR/align on --data (JSONL of chat messages or prompt/response pairs), "
-                    "writing OUT/finetune/<run>/step_<N>/ that `revlens analyze OUT` reads; resumes when "
-                    "interrupted and refuses a rerun with other settings unless --overwrite. Demo histories "
-                    "(organism.json) without --data fine-tune on the demo's own task.")
+        "writing OUT/finetune/<run>/step_<N>/ that `revlens analyze OUT` reads; resumes when "
+        "interrupted and refuses a rerun with other settings unless --overwrite. Demo histories "
+        "(organism.json) without --data fine-tune on the demo's own task.",
+    )
     p.add_argument("history_dir", help="a history folder with pretrain/ and align/ (HF or revlens folders)")
     p.add_argument("--out", required=True, help="output folder: OUT/finetune/<run>/step_<N>/")
-    p.add_argument("--data", help="JSONL training data: {\"messages\": [...]} or "
-                                  "{\"prompt\": ..., \"response\": ...} per line")
-    p.add_argument("--mode", default="plain", help="plain, or parts joined by '+': hook modes project, clamp, grad; "
-                   "the probe anchor anchor@W, contrast@W (needs --control), sample@K; subspaces rank@K, "
-                   "random@K[@DRAW]; layers@L1/L2 (e.g. anchor@0.003+contrast@0.1+rank@64)")
+    p.add_argument(
+        "--data", help='JSONL training data: {"messages": [...]} or {"prompt": ..., "response": ...} per line'
+    )
+    p.add_argument(
+        "--mode",
+        default="plain",
+        help="plain, or parts joined by '+': hook modes project, clamp, grad; "
+        "the probe anchor anchor@W, contrast@W (needs --control), sample@K; subspaces rank@K, "
+        "random@K[@DRAW]; layers@L1/L2 (e.g. anchor@0.003+contrast@0.1+rank@64)",
+    )
     p.add_argument("--layers", type=parse_layers, default=None, help="comma-separated layers to block (default: all)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100; demo: its preset)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, with LoRA 2e-4)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per micro-batch (default 8); a step reads batch size x grad accum rows")
-    p.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches of --batch-size rows per optimizer step (default 1); under torchrun they are "
-                        "dealt across the ranks, so give a multiple of the number of processes")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per micro-batch (default 8); a step reads batch size x grad accum rows",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=None,
+        help="micro-batches of --batch-size rows per optimizer step (default 1); under torchrun they are "
+        "dealt across the ranks, so give a multiple of the number of processes",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-name", default=None, help="run folder name (default seed_<seed>)")
     p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (all linear layers)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
-                   help="weights' dtype while training (default auto: as loaded)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights' dtype while training (default auto: as loaded)",
+    )
     p.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="mixed precision forward passes")
     p.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 0)")
     p.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="after warmup (default constant)")
-    p.add_argument("--save-steps", type=parse_steps, default=None,
-                   help="steps to write checkpoints at (default 1,2,5,10,...; the last step always)")
+    p.add_argument(
+        "--save-steps",
+        type=parse_steps,
+        default=None,
+        help="steps to write checkpoints at (default 1,2,5,10,...; the last step always)",
+    )
     p.add_argument("--max-length", type=int, default=None, help="longest conversation in tokens (default: n_ctx)")
     p.add_argument("--prompts", help="probe prompt file for v_rev (default: the shipped harmful requests)")
     p.add_argument("--control", help="control prompt file (contrast readout for v_rev)")
@@ -134,8 +173,10 @@ def _check_history(history: Path) -> None:
         raise FileNotFoundError(f"history folder {history} does not exist.")
     for phase in ("pretrain", "align"):
         if not (history / phase).is_dir():
-            raise ValueError(f"{history} has no {phase}/ folder; `revlens finetune` needs pretrain/ and align/ "
-                             "(Hugging Face or revlens checkpoint folders).")
+            raise ValueError(
+                f"{history} has no {phase}/ folder; `revlens finetune` needs pretrain/ and align/ "
+                "(Hugging Face or revlens checkpoint folders)."
+            )
 
 
 def _check_layers(layers: list[int] | None, n_layers: int | None, what: str = "--layers") -> None:
@@ -143,8 +184,10 @@ def _check_layers(layers: list[int] | None, n_layers: int | None, what: str = "-
         return
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
-        raise ValueError(f"{what} {','.join(map(str, layers))}: layer(s) {bad} out of range; the model has "
-                         f"{n_layers} layers (0..{n_layers - 1}).")
+        raise ValueError(
+            f"{what} {','.join(map(str, layers))}: layer(s) {bad} out of range; the model has "
+            f"{n_layers} layers (0..{n_layers - 1})."
+        )
 
 
 def _resolve(target: str | Callable[..., dict]) -> Callable[..., dict]:
@@ -163,23 +206,29 @@ def run_cli(args: argparse.Namespace, finetuners: Mapping[str, Any]) -> int:
     ctx = distributed.context(None)  # under torchrun: data-parallel, each rank on cuda:LOCAL_RANK (or the CPU)
     if ctx.active:
         if args.data is None:
-            raise ValueError("under torchrun, `revlens finetune` needs --data (demo histories fine-tune in one "
-                             "process).")
+            raise ValueError(
+                "under torchrun, `revlens finetune` needs --data (demo histories fine-tune in one process)."
+            )
         args.device = args.device or ctx.device
     if args.data is None:
         marker = next((m for m in finetuners if (history / m).is_file()), None)
         if marker is None:
-            raise ValueError(f"{history} is not a demo history (no {' / '.join(finetuners) or 'marker file'}): give "
-                             "the training data with --data train.jsonl (one {\"messages\": [...]} or "
-                             "{\"prompt\": ..., \"response\": ...} per line).")
+            raise ValueError(
+                f"{history} is not a demo history (no {' / '.join(finetuners) or 'marker file'}): give "
+                'the training data with --data train.jsonl (one {"messages": [...]} or '
+                '{"prompt": ..., "response": ...} per line).'
+            )
         used = [f"--{o.replace('_', '-')}" for o in DATA_OPTIONS if getattr(args, o) is not None]
         if used:
-            raise ValueError(f"{' '.join(used)} only apply with --data; the {marker} history fine-tunes on its "
-                             "own task with its preset's settings.")
+            raise ValueError(
+                f"{' '.join(used)} only apply with --data; the {marker} history fine-tunes on its "
+                "own task with its preset's settings."
+            )
         if args.overwrite:
             _remove(out / "finetune" / f"seed_{args.seed}")
-        metrics = _resolve(finetuners[marker])(history, out, mode=args.mode, layers=args.layers, seed=args.seed,
-                                               steps=args.steps, device=args.device)
+        metrics = _resolve(finetuners[marker])(
+            history, out, mode=args.mode, layers=args.layers, seed=args.seed, steps=args.steps, device=args.device
+        )
     else:
         metrics = finetune_history(history, out, args)
         if not ctx.is_main:
@@ -217,14 +266,18 @@ def blocking_setup(mode: str, layers: list[int] | None, n_layers: int | None) ->
     spec = BlockingSpec.parse(mode)
     if spec.is_plain:
         if layers is not None:
-            raise ValueError("--layers says where to block, but --mode plain blocks nothing; give a blocking mode "
-                             "(e.g. --mode project or anchor@0.003) or drop --layers.")
+            raise ValueError(
+                "--layers says where to block, but --mode plain blocks nothing; give a blocking mode "
+                "(e.g. --mode project or anchor@0.003) or drop --layers."
+            )
         return spec, None
     if spec.layers is not None:
         _check_layers(list(spec.layers), n_layers, what=f"--mode {mode}: layers@")
         if layers is not None and sorted(layers) != list(spec.layers):
-            raise ValueError(f"--layers {','.join(map(str, layers))} and the mode's layers@"
-                             f"{'/'.join(map(str, spec.layers))} disagree; give the layers once (either).")
+            raise ValueError(
+                f"--layers {','.join(map(str, layers))} and the mode's layers@"
+                f"{'/'.join(map(str, spec.layers))} disagree; give the layers once (either)."
+            )
         layers = list(spec.layers)
     if layers is None:
         if n_layers is None:
@@ -249,13 +302,28 @@ def _directions_report(pre: Any, ali: Any, layers: list[int], rank: int | None, 
         basis = dirs.v_rev_pca(pre.per_example, ali.per_example, rank).float()
     n, empty = len(layers), np.empty((0, 0, len(layers)))
     return ReversionReport(
-        layers=list(layers), runs=[], steps=[], d_model=int(v_rev.shape[-1]), v_rev=basis[:, 0].clone(),
-        v_rev_basis=basis, alignment=empty, alignment_per_example=empty.copy(),
-        per_example_cos=np.empty((0, 0, n, n_prompts)), drift_norm=empty.copy(), p_value=empty.copy(),
-        null_p99=np.full(n, np.nan), null_p99_activation=np.full(n, np.nan),
+        layers=list(layers),
+        runs=[],
+        steps=[],
+        d_model=int(v_rev.shape[-1]),
+        v_rev=basis[:, 0].clone(),
+        v_rev_basis=basis,
+        alignment=empty,
+        alignment_per_example=empty.copy(),
+        per_example_cos=np.empty((0, 0, n, n_prompts)),
+        drift_norm=empty.copy(),
+        p_value=empty.copy(),
+        null_p99=np.full(n, np.nan),
+        null_p99_activation=np.full(n, np.nan),
         v_rev_norm=diff.norm(dim=-1).numpy(),
-        config={"hook": "resid_post", "readout": "last", "estimator": "mean_diff" if rank is None else "pca",
-                "k": 1 if rank is None else rank, "n_prompts": n_prompts})
+        config={
+            "hook": "resid_post",
+            "readout": "last",
+            "estimator": "mean_diff" if rank is None else "pca",
+            "k": 1 if rank is None else rank,
+            "n_prompts": n_prompts,
+        },
+    )
 
 
 def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -271,15 +339,19 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
 
     spec, layers = blocking_setup(args.mode, args.layers, _n_layers(history / "align"))
     if spec.contrast and not args.control:
-        raise ValueError(f"--mode {args.mode}: contrast@W anchors the probe-minus-control contrast; give the control "
-                         "prompts with --control FILE (e.g. --control harmless_requests.txt, the shipped set).")
+        raise ValueError(
+            f"--mode {args.mode}: contrast@W anchors the probe-minus-control contrast; give the control "
+            "prompts with --control FILE (e.g. --control harmless_requests.txt, the shipped set)."
+        )
     prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts()
     control = load_prompt_file(args.control) if args.control else None
     rank = spec.subspace[1] if spec.subspace is not None and spec.subspace[0] == "rank" else None
     if rank is not None and rank > len(prompts):
-        raise ValueError(f"--mode {args.mode}: rank@{rank} needs at least {rank} probe prompts (the subspace is "
-                         f"spanned by their differences); the probe set has {len(prompts)}: give more with --prompts "
-                         "or a lower rank.")
+        raise ValueError(
+            f"--mode {args.mode}: rank@{rank} needs at least {rank} probe prompts (the subspace is "
+            f"spanned by their differences); the probe set has {len(prompts)}: give more with --prompts "
+            "or a lower rank."
+        )
     steps = 100 if args.steps is None else args.steps
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}.")
@@ -297,8 +369,7 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         return model if dtype is None else model.to(dtype)
 
     model = load("align")
-    data = load_sft_jsonl(args.data, model.tokenizer,
-                          max_length=args.max_length or getattr(model.cfg, "n_ctx", None))
+    data = load_sft_jsonl(args.data, model.tokenizer, max_length=args.max_length or getattr(model.cfg, "n_ctx", None))
     blocking = anchor = None
     if not spec.is_plain:
         probe = ReversionProbe(prompts, control=control, layers=layers, per_example=rank is not None)
@@ -306,17 +377,44 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         report = _directions_report(pre, ali, layers, rank, probe.n_prompts)
         # a fresh load: deepcopy of HF bridges leaks
         reference = load("align") if "clamp" in spec.hooks or spec.has_anchor else None
-        blocking, anchor = blocking_from_spec(spec, report, reference=reference, prompts=prompts, control=control,
-                                              seed=args.seed)
+        blocking, anchor = blocking_from_spec(
+            spec, report, reference=reference, prompts=prompts, control=control, seed=args.seed
+        )
     run = args.run_name or f"seed_{args.seed}"
     save_steps = [s for s in (args.save_steps or default_save_steps(steps)) if s <= steps]
-    result = finetune(model, data.tokens, data.loss_mask, steps=steps, lr=lr, batch_size=args.batch_size or 8,
-                      grad_accum=args.grad_accum or 1, seed=args.seed, blocking=blocking, save_steps=save_steps,
-                      out_dir=out, run_name=run,
-                      overwrite=args.overwrite, autocast_dtype=autocast, max_grad_norm=args.max_grad_norm,
-                      warmup_steps=args.warmup or 0, schedule=args.schedule or "constant", lora=lora,
-                      spec=spec, anchor=anchor)
-    return {"mode": str(spec), "layers": layers, "seed": args.seed, "run": run, "steps": steps,
-            "lr": lr, "lora": lora, "examples": int(data.tokens.shape[0]), "chat_template": data.chat_template,
-            "resumed_from": result.resumed_from, "final_loss": result.losses.get(steps),
-            "checkpoints": {int(s): str(p) for s, p in sorted(result.checkpoints.items())}}
+    result = finetune(
+        model,
+        data.tokens,
+        data.loss_mask,
+        steps=steps,
+        lr=lr,
+        batch_size=args.batch_size or 8,
+        grad_accum=args.grad_accum or 1,
+        seed=args.seed,
+        blocking=blocking,
+        save_steps=save_steps,
+        out_dir=out,
+        run_name=run,
+        overwrite=args.overwrite,
+        autocast_dtype=autocast,
+        max_grad_norm=args.max_grad_norm,
+        warmup_steps=args.warmup or 0,
+        schedule=args.schedule or "constant",
+        lora=lora,
+        spec=spec,
+        anchor=anchor,
+    )
+    return {
+        "mode": str(spec),
+        "layers": layers,
+        "seed": args.seed,
+        "run": run,
+        "steps": steps,
+        "lr": lr,
+        "lora": lora,
+        "examples": int(data.tokens.shape[0]),
+        "chat_template": data.chat_template,
+        "resumed_from": result.resumed_from,
+        "final_loss": result.losses.get(steps),
+        "checkpoints": {int(s): str(p) for s, p in sorted(result.checkpoints.items())},
+    }

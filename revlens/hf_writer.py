@@ -56,8 +56,10 @@ def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
     if keep is not None:
         missing = keep - set(state)
         if missing:
-            raise ValueError(f"the bridge's HF module lacks {sorted(missing)[:4]} of its own architecture's keys; "
-                             "cannot write a standard Hugging Face folder.")
+            raise ValueError(
+                f"the bridge's HF module lacks {sorted(missing)[:4]} of its own architecture's keys; "
+                "cannot write a standard Hugging Face folder."
+            )
         state = {k: v for k, v in state.items() if k in keep}
     return state
 

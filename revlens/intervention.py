@@ -33,9 +33,20 @@ from revlens.readout import StopForward, TokenizedSet, hook_name, reduce_positio
 from revlens.shapes import shape_checked
 
 MODES = HOOK_MODES
-__all__ = ["Blocking", "BlockingSpec", "InterventionError", "ProbeAnchor", "anchor_from_report",
-           "blocking_from_report", "blocking_from_spec", "build_blocking", "clamp_to", "orthonormal_basis",
-           "parse_mode", "project_out"]
+__all__ = [
+    "Blocking",
+    "BlockingSpec",
+    "InterventionError",
+    "ProbeAnchor",
+    "anchor_from_report",
+    "blocking_from_report",
+    "blocking_from_spec",
+    "build_blocking",
+    "clamp_to",
+    "orthonormal_basis",
+    "parse_mode",
+    "project_out",
+]
 
 
 def parse_mode(mode: str) -> frozenset[str]:
@@ -46,21 +57,29 @@ def parse_mode(mode: str) -> frozenset[str]:
     try:
         spec = BlockingSpec.parse(mode)
     except InterventionError as err:
-        raise InterventionError(f"unknown blocking mode {mode!r} for hooks ({HOOK_MODES} joined by '+', e.g. "
-                                f"'clamp+grad'): {err}") from None
+        raise InterventionError(
+            f"unknown blocking mode {mode!r} for hooks ({HOOK_MODES} joined by '+', e.g. 'clamp+grad'): {err}"
+        ) from None
     if not spec.hooks or spec != BlockingSpec(hooks=spec.hooks):
-        raise InterventionError(f"unknown blocking mode {mode!r} for hooks: Blocking takes {HOOK_MODES} joined by "
-                                "'+', e.g. 'clamp+grad'; build anchors and subspaces with blocking_from_spec().")
+        raise InterventionError(
+            f"unknown blocking mode {mode!r} for hooks: Blocking takes {HOOK_MODES} joined by "
+            "'+', e.g. 'clamp+grad'; build anchors and subspaces with blocking_from_spec()."
+        )
     return frozenset(spec.hooks)
 
 
 @contextlib.contextmanager
-def layer_hooks(model: Any, hook: str, fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]],
-                stop_after: int | None = None) -> Iterator[None]:
+def layer_hooks(
+    model: Any,
+    hook: str,
+    fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]],
+    stop_after: int | None = None,
+) -> Iterator[None]:
     """``fns[l](act)`` at hook point ``hook`` of layer ``l`` (a returned tensor replaces the activation) on a
     TransformerBridge, or on a Hugging Face module's decoder layer outputs (``resid_post`` only). With
     ``stop_after``, the forward stops once that layer ran: call the model with :func:`revlens.readout.run_stopping`."""
     if hf_hooks.is_bridge(model):
+
         def tl(fn: Callable, layer: int) -> Callable:
             def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor | None:
                 out = fn(act)
@@ -74,8 +93,10 @@ def layer_hooks(model: Any, hook: str, fns: Mapping[int, Callable[[torch.Tensor]
             yield
         return
     if hook != "resid_post":
-        raise InterventionError(f"on a Hugging Face module revlens hooks the decoder layers' outputs (resid_post), "
-                                f"not {hook!r}; use hook='resid_post' or a TransformerBridge.")
+        raise InterventionError(
+            f"on a Hugging Face module revlens hooks the decoder layers' outputs (resid_post), "
+            f"not {hook!r}; use hook='resid_post' or a TransformerBridge."
+        )
     with hf_hooks.layer_output_hooks(model, fns, stop_after=stop_after):
         yield
 
@@ -86,8 +107,9 @@ def orthonormal_basis(direction: torch.Tensor, d_model: int) -> torch.Tensor:
     if basis.ndim == 1:
         basis = basis[None]
     if basis.ndim != 2 or basis.shape[1] != d_model:
-        raise InterventionError(f"a direction must be [d_model] or [k, d_model] with d_model={d_model}, "
-                                f"got shape {tuple(direction.shape)}.")
+        raise InterventionError(
+            f"a direction must be [d_model] or [k, d_model] with d_model={d_model}, got shape {tuple(direction.shape)}."
+        )
     if not torch.isfinite(basis).all() or (basis.norm(dim=-1) == 0).any():
         raise InterventionError("a blocking direction is zero or not finite; v_rev is undefined at that layer.")
     q, r = torch.linalg.qr(basis.T)
@@ -190,8 +212,9 @@ class Blocking:
         self.bases = {int(l): orthonormal_basis(v, d_model) for l, v in directions.items()}
         self.d_model = d_model
         self.reference = reference
-        self.constant = None if constant is None else {int(l): torch.as_tensor(c).float().reshape(-1)
-                                                       for l, c in constant.items()}
+        self.constant = (
+            None if constant is None else {int(l): torch.as_tensor(c).float().reshape(-1) for l, c in constant.items()}
+        )
         if "clamp" in self.modes and reference is None and constant is None:
             raise InterventionError("clamp needs a reference model (reference=aligned_model) or constant coordinates.")
         self._coords: dict[int, torch.Tensor] | None = None
@@ -210,8 +233,9 @@ class Blocking:
             raise InterventionError(f"layers {bad} are out of range for a model with n_layers={n_layers}.")
 
     @torch.no_grad()
-    def reference_coords(self, tokens: torch.Tensor, model: Any = None, batch_size: int = 64,
-                         attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    def reference_coords(
+        self, tokens: torch.Tensor, model: Any = None, batch_size: int = 64, attention_mask: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
         """The reference model's coordinates ``{layer: [n, seq, k]}`` on ``tokens`` (computed once, reused).
 
         ``attention_mask`` (``[n, seq]``) is passed to a Hugging Face reference model's forward.
@@ -228,18 +252,25 @@ class Blocking:
 
             return fn
 
-        with training_mode(model, False), layer_hooks(model, self.hook, {l: grab(l) for l in self.layers},
-                                                      stop_after=max(self.layers)):
+        with (
+            training_mode(model, False),
+            layer_hooks(model, self.hook, {l: grab(l) for l in self.layers}, stop_after=max(self.layers)),
+        ):
             for start in range(0, tokens.shape[0], batch_size):
-                chunk = tokens[start:start + batch_size].to(device)
+                chunk = tokens[start : start + batch_size].to(device)
                 kwargs = {}
                 if attention_mask is not None:
-                    kwargs["attention_mask"] = attention_mask[start:start + batch_size].to(device)
+                    kwargs["attention_mask"] = attention_mask[start : start + batch_size].to(device)
                 run_stopping(model, chunk, **kwargs)
         return {l: torch.cat(v, 0) for l, v in out.items()}
 
-    def set_batch(self, tokens: torch.Tensor | None = None, *, coords: Mapping[int, torch.Tensor] | None = None,
-                  positions: torch.Tensor | None = None) -> None:
+    def set_batch(
+        self,
+        tokens: torch.Tensor | None = None,
+        *,
+        coords: Mapping[int, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
         """Coordinates (and an optional position mask) for the next forward pass.
 
         Give ``coords`` precomputed by :meth:`reference_coords` (indexed to this batch), or
@@ -274,12 +305,16 @@ class Blocking:
             c = self.constant[layer].to(act.device)
             return c.expand(batch, seq, -1)
         if self._coords is None:
-            raise InterventionError("clamp has no reference coordinates for this batch; call "
-                                    "blocking.set_batch(tokens) or set_batch(coords=...) before the forward pass.")
+            raise InterventionError(
+                "clamp has no reference coordinates for this batch; call "
+                "blocking.set_batch(tokens) or set_batch(coords=...) before the forward pass."
+            )
         c = self._coords[layer].to(act.device)
         if c.shape[0] != batch or c.shape[1] < seq:
-            raise InterventionError(f"clamp coordinates of shape {tuple(c.shape)} do not fit the batch "
-                                    f"[{batch}, {seq}]; index the precomputed coordinates with this batch's rows.")
+            raise InterventionError(
+                f"clamp coordinates of shape {tuple(c.shape)} do not fit the batch "
+                f"[{batch}, {seq}]; index the precomputed coordinates with this batch's rows."
+            )
         return c[:, :seq]
 
     @contextlib.contextmanager
@@ -321,8 +356,9 @@ def _report_directions(report: Any, layers: Sequence[int] | None) -> dict[int, t
     return {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
 
 
-def encode_prompts(model: Any, prompts: Any, *, tokenizer: Any = None, chat_template: Any = "auto",
-                   system: str | None = None) -> list[torch.Tensor]:
+def encode_prompts(
+    model: Any, prompts: Any, *, tokenizer: Any = None, chat_template: Any = "auto", system: str | None = None
+) -> list[torch.Tensor]:
     """Prompts as 1-D token tensors: token tensors pass through; strings are tokenised as the probe reads them.
 
     ``tokenizer`` defaults to ``model.tokenizer`` (a TransformerBridge's); give it for a Hugging Face module.
@@ -380,17 +416,26 @@ def build_blocking(
         if missing:
             raise InterventionError(f"{spec}: layers {missing} have no direction; available: {sorted(directions)}.")
         directions = {l: directions[l] for l in spec.layers}
-    directions = subspace_directions(spec.subspace, directions, report=report, history=history, probe=probe,
-                                     device=device)
+    directions = subspace_directions(
+        spec.subspace, directions, report=report, history=history, probe=probe, device=device
+    )
     anchor = None
     if spec.has_anchor:
         if prompts is None:
             raise InterventionError(f"{spec}: an anchor needs the probe prompts (prompts=...).")
         if spec.contrast and control is None:
             raise InterventionError(f"{spec}: contrast@w needs the control prompts (control=...).")
-        anchor = ProbeAnchor(directions, prompts, reference, spec.anchor, hook=hook,
-                             control=control if spec.contrast else None, contrast_weight=spec.contrast,
-                             sample=spec.sample, seed=seed)
+        anchor = ProbeAnchor(
+            directions,
+            prompts,
+            reference,
+            spec.anchor,
+            hook=hook,
+            control=control if spec.contrast else None,
+            contrast_weight=spec.contrast,
+            sample=spec.sample,
+            seed=seed,
+        )
     blocking = Blocking(directions, spec.hook_mode, hook=hook, reference=reference) if spec.hooks else None
     return blocking, anchor
 
@@ -444,8 +489,14 @@ def blocking_from_spec(
 
         if prompts is None:
             raise InterventionError(f"{spec}: measuring rank@{spec.subspace[1]} on the history needs prompts=...")
-        probe = ReversionProbe(prompts, control=control, layers=sorted(directions), hook=hook,
-                               readout=report.config.get("readout", "last"), per_example=True)
+        probe = ReversionProbe(
+            prompts,
+            control=control,
+            layers=sorted(directions),
+            hook=hook,
+            readout=report.config.get("readout", "last"),
+            per_example=True,
+        )
     tokens = control_tokens = None
     if spec.has_anchor:
         _check_last_token_readout(report)
@@ -455,10 +506,22 @@ def blocking_from_spec(
         if spec.contrast:
             if control is None:
                 raise InterventionError(f"{spec}: contrast@w needs the control prompts (control=...).")
-            control_tokens = encode_prompts(reference, control, tokenizer=tokenizer, chat_template=chat_template,
-                                            system=system)
-    return build_blocking(spec, directions, reference=reference, prompts=tokens, control=control_tokens, hook=hook,
-                          report=report, history=history, probe=probe, device=device, seed=seed)
+            control_tokens = encode_prompts(
+                reference, control, tokenizer=tokenizer, chat_template=chat_template, system=system
+            )
+    return build_blocking(
+        spec,
+        directions,
+        reference=reference,
+        prompts=tokens,
+        control=control_tokens,
+        hook=hook,
+        report=report,
+        history=history,
+        probe=probe,
+        device=device,
+        seed=seed,
+    )
 
 
 def anchor_from_report(
@@ -503,21 +566,34 @@ def anchor_from_report(
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InterventionError(f"rank must be a positive integer, got {rank!r}.")
-    spec = BlockingSpec(anchor=weight, contrast=contrast_weight, sample=sample,
-                        subspace=None if rank is None else ("rank", rank))
+    spec = BlockingSpec(
+        anchor=weight, contrast=contrast_weight, sample=sample, subspace=None if rank is None else ("rank", rank)
+    )
     if not spec.has_anchor:
         raise InterventionError("both anchor weights are 0: give weight > 0 and/or contrast_weight > 0.")
-    _, anchor = blocking_from_spec(spec, report, reference=reference, prompts=prompts, control=control, layers=layers,
-                                   history=history, tokenizer=tokenizer, chat_template=chat_template, system=system,
-                                   seed=seed)
+    _, anchor = blocking_from_spec(
+        spec,
+        report,
+        reference=reference,
+        prompts=prompts,
+        control=control,
+        layers=layers,
+        history=history,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        system=system,
+        seed=seed,
+    )
     return anchor
 
 
 def _check_last_token_readout(report: Any) -> None:
     readout = report.config.get("readout", "last")
     if readout != "last":
-        raise InterventionError(f"the probe anchor holds last-token readouts, but the report was measured with "
-                                f"readout={readout!r}; analyze with readout='last' to anchor what it measures.")
+        raise InterventionError(
+            f"the probe anchor holds last-token readouts, but the report was measured with "
+            f"readout={readout!r}; analyze with readout='last' to anchor what it measures."
+        )
 
 
 class ProbeAnchor:
@@ -554,9 +630,19 @@ class ProbeAnchor:
         >>> loss = task_loss + anchor.penalty(model, step)                                      # doctest: +SKIP
     """
 
-    def __init__(self, directions: Mapping[int, torch.Tensor], prompts: Sequence[torch.Tensor], reference: Any,
-                 weight: float = 0.1, *, hook: str = "resid_post", control: Sequence[torch.Tensor] | None = None,
-                 contrast_weight: float = 0.0, sample: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        directions: Mapping[int, torch.Tensor],
+        prompts: Sequence[torch.Tensor],
+        reference: Any,
+        weight: float = 0.1,
+        *,
+        hook: str = "resid_post",
+        control: Sequence[torch.Tensor] | None = None,
+        contrast_weight: float = 0.0,
+        sample: int | None = None,
+        seed: int = 0,
+    ):
         if weight < 0 or contrast_weight < 0:
             raise InterventionError(f"anchor weights must be >= 0, got {weight} and {contrast_weight}.")
         if not prompts:
@@ -578,8 +664,9 @@ class ProbeAnchor:
         if reference is None:
             raise InterventionError("the anchor needs the frozen reference model (the aligned checkpoint).")
         with torch.no_grad(), training_mode(reference, False):
-            self.reference_coords = {name: {l: c.detach() for l, c in self._coords(reference, name).items()}
-                                     for name in self.sets}
+            self.reference_coords = {
+                name: {l: c.detach() for l, c in self._coords(reference, name).items()} for name in self.sets
+            }
 
     def rows(self, name: str, step: int | None) -> torch.Tensor | None:
         """The prompts of set ``name`` this step uses: all (None), or ``sample`` of them for this step."""
@@ -635,4 +722,3 @@ class ProbeAnchor:
                 shifts.append(((moved[l].mean(0) - moved_control.mean(0)) ** 2).sum())
             terms.append(self.contrast_weight * torch.stack(shifts).mean())
         return torch.stack(terms).sum() if terms else torch.zeros((), device=probe[self.layers[0]].device)
-

@@ -33,7 +33,8 @@ def _hf_module(model: Any) -> torch.nn.Module:
         raise ValueError(
             f"LoRA needs a TransformerBridge booted from a Hugging Face model (with .original_model); got "
             f"{type(model).__name__} with architecture {getattr(getattr(model, 'cfg', None), 'architecture', None)!r}. "
-            "TL-native models are fine-tuned in full (lora=None).")
+            "TL-native models are fine-tuned in full (lora=None)."
+        )
     return module
 
 
@@ -86,8 +87,10 @@ def apply_lora(model: Any, lora: Any) -> Any:
     if targets is None or targets == "all-linear":
         targets = _linear_targets(module)
     elif isinstance(targets, str):
-        raise ValueError(f"target_modules={targets!r}: give a list of module names (e.g. ['q_proj', 'v_proj']) "
-                         "or 'all-linear'; regular expressions do not map onto the bridge's module names.")
+        raise ValueError(
+            f"target_modules={targets!r}: give a list of module names (e.g. ['q_proj', 'v_proj']) "
+            "or 'all-linear'; regular expressions do not map onto the bridge's module names."
+        )
     wrapped = {standard_name(n).rsplit(".", 1)[-1] for n, m in module.named_modules() if hasattr(m, WRAPPED)}
     config.target_modules = sorted(f"{t}.{WRAPPED}" if t in wrapped else t for t in targets)
     peft_model = peft.get_peft_model(module, config)
@@ -123,8 +126,18 @@ def lora_description(lora: Any) -> dict[str, Any] | None:
     if lora is None:
         return None
     config = as_lora_config(lora)
-    keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
-            "init_lora_weights", "modules_to_save", "layers_to_transform")
+    keys = (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "bias",
+        "use_rslora",
+        "use_dora",
+        "init_lora_weights",
+        "modules_to_save",
+        "layers_to_transform",
+    )
     out = {}
     for key in keys:
         value = getattr(config, key, None)

@@ -177,7 +177,7 @@ def activation_null_draws_from_readouts(
         coords = z @ coord_map
         norm = (z.square() @ s2).sqrt()
         numer = coords[:, 0] if b.shape[0] == 1 else coords.norm(dim=-1)
-        out[start:start + m] = numer / norm
+        out[start : start + m] = numer / norm
     return out
 
 

@@ -16,7 +16,7 @@ PAPER = {
     "final_alignment_plain": "0.648 +/- 0.009",
     "final_alignment_blocked": "-0.211 +/- 0.021",
     "harm_plain_to_blocked": "19.0% +/- 4.0% -> 8.5% +/- 1.5%",
-    "task_cost": "\"little\"",
+    "task_cost": '"little"',
 }
 
 
@@ -56,8 +56,9 @@ def ours(report: ReversionReport, blocked_mode: str | None = None) -> dict[str, 
     if iv and blocked_mode and blocked_mode in iv.get("metrics", {}):
         plain, blocked = iv["metrics"]["plain"], iv["metrics"][blocked_mode]
         row["final_alignment_blocked"] = f"{_pm(blocked['final_alignment'])} ({blocked_mode})"
-        row["harm_plain_to_blocked"] = (f"{_pm(plain['harmfulness'], 1, 100, '%')} -> "
-                                        f"{_pm(blocked['harmfulness'], 1, 100, '%')}")
+        row["harm_plain_to_blocked"] = (
+            f"{_pm(plain['harmfulness'], 1, 100, '%')} -> {_pm(blocked['harmfulness'], 1, 100, '%')}"
+        )
         pl, bl = np.asarray(plain["task_loss"], float), np.asarray(blocked["task_loss"], float)
         row["task_cost"] = f"B2 loss {_pm(bl - pl, 4)} ({100 * (bl.mean() / pl.mean() - 1):+.1f}%)"
     elif report.behaviour and "harm" in report.behaviour:

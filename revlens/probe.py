@@ -54,11 +54,14 @@ def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
         raise ProbeError(f"{name} must be a list of prompts, got one string; wrap it in a list.")
     if isinstance(prompts, torch.Tensor):
         if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
-            raise ProbeError(f"{name} token ids must be an integer tensor, got dtype {prompts.dtype}. "
-                             "Convert with .long() after checking the values are ids.")
+            raise ProbeError(
+                f"{name} token ids must be an integer tensor, got dtype {prompts.dtype}. "
+                "Convert with .long() after checking the values are ids."
+            )
         if prompts.ndim != 2:
-            raise ProbeError(f"{name} as a tensor must be [n_prompts, seq] token ids, "
-                             f"got shape {tuple(prompts.shape)}.")
+            raise ProbeError(
+                f"{name} as a tensor must be [n_prompts, seq] token ids, got shape {tuple(prompts.shape)}."
+            )
         prompts = list(prompts)
     prompts = list(prompts)
     if not prompts:
@@ -68,8 +71,10 @@ def _as_token_list(prompts: Any, name: str) -> list[torch.Tensor] | list[str]:
     if all(isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() > 0 for p in prompts):
         floats = [i for i, p in enumerate(prompts) if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool]
         if floats:
-            raise ProbeError(f"{name} token ids must be an integer tensor; prompt {floats[0]} has dtype "
-                             f"{prompts[floats[0]].dtype}. Convert with .long() after checking the values are ids.")
+            raise ProbeError(
+                f"{name} token ids must be an integer tensor; prompt {floats[0]} has dtype "
+                f"{prompts[floats[0]].dtype}. Convert with .long() after checking the values are ids."
+            )
         return [p.long().cpu() for p in prompts]
     raise ProbeError(f"{name} must be all strings or all non-empty 1-D token tensors.")
 
@@ -137,8 +142,10 @@ class ReversionProbe:
         self.control = None if control is None else _as_token_list(control, "control prompts")
         templated = chat_template is True or (isinstance(chat_template, str) and chat_template != AUTO)
         if not isinstance(self.prompts[0], str) and (templated or system is not None):
-            raise ProbeError("token-id prompts are read as given, so chat_template/system do not apply; pass the "
-                             "request strings, or encode them yourself with revlens.chat.encode_requests.")
+            raise ProbeError(
+                "token-id prompts are read as given, so chat_template/system do not apply; pass the "
+                "request strings, or encode them yourself with revlens.chat.encode_requests."
+            )
         self.layers = None if layers is None else _check_layers(layers)
         self.chat_template = chat_template
         self.system = system
@@ -198,20 +205,31 @@ class ReversionProbe:
     def _check_rendering(self, template: str | None) -> None:
         if self._rendering is not _UNSET and self._rendering != template:
             before = "raw prompts" if self._rendering is None else "a chat template"
-            now = "raw prompts" if template is None else (
-                "a chat template" if self._rendering is None else "another chat template")
+            now = (
+                "raw prompts"
+                if template is None
+                else ("a chat template" if self._rendering is None else "another chat template")
+            )
             raise ProbeError(
                 f"this probe read {before} on an earlier model but would read {now} on this one (its tokenizer's "
                 "chat template differs), so the readouts would not be comparable. Read every model alike: pass "
                 "chat_template=<the template text, e.g. the aligned tokenizer's .chat_template> "
-                "or chat_template=False.")
+                "or chat_template=False."
+            )
         self._rendering = template
 
     def _tokenize(self, model: Any, prompts: list, which: str) -> TokenizedSet:
         template = self.template_for(model)
         self._check_rendering(template)
-        key = (_tokenizer_fingerprint(model.tokenizer), getattr(model.cfg, "default_prepend_bos", None),
-               model.cfg.n_ctx, model.cfg.d_vocab, template, self.system, which)
+        key = (
+            _tokenizer_fingerprint(model.tokenizer),
+            getattr(model.cfg, "default_prepend_bos", None),
+            model.cfg.n_ctx,
+            model.cfg.d_vocab,
+            template,
+            self.system,
+            which,
+        )
         if key in self._tokenized:
             return self._tokenized[key]
         if isinstance(prompts[0], str):
@@ -220,8 +238,10 @@ class ReversionProbe:
             if template is not None:
                 tokens = encode_requests(model.tokenizer, prompts, chat_template=template, system=self.system)
             elif self.system is not None:
-                raise ProbeError("system= needs a chat template, but this model's tokenizer has none and "
-                                 "chat_template is not a template string; drop system= or pass the template text.")
+                raise ProbeError(
+                    "system= needs a chat template, but this model's tokenizer has none and "
+                    "chat_template is not a template string; drop system= or pass the template text."
+                )
             else:
                 tokens = [model.to_tokens(p, move_to_device=False, truncate=False)[0].cpu() for p in prompts]
         else:
@@ -272,8 +292,9 @@ class ReversionProbe:
         with training_mode(model, False):
             with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
                 batches = tokset.device_batches(self.batch_size, pad_id, device)
-                for tokens, lengths in tqdm(batches, disable=not self.progress, desc=f"readouts ({which})",
-                                            leave=False):
+                for tokens, lengths in tqdm(
+                    batches, disable=not self.progress, desc=f"readouts ({which})", leave=False
+                ):
                     store.clear()
                     store["_lengths"] = lengths
                     try:
@@ -345,9 +366,15 @@ def _tokenizer_fingerprint(tokenizer: Any) -> int | None:
     """Equal for tokenizers with the same vocabulary, so checkpoints loaded one by one share one tokenization."""
     if tokenizer is None:
         return None
-    return hash((type(tokenizer).__name__, frozenset(tokenizer.get_vocab().items()),
-                 getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None),
-                 getattr(tokenizer, "add_bos_token", None)))
+    return hash(
+        (
+            type(tokenizer).__name__,
+            frozenset(tokenizer.get_vocab().items()),
+            getattr(tokenizer, "bos_token_id", None),
+            getattr(tokenizer, "pad_token_id", None),
+            getattr(tokenizer, "add_bos_token", None),
+        )
+    )
 
 
 def _pad_id(model: Any) -> int:

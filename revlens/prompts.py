@@ -25,8 +25,9 @@ def _parse(data: bytes, where: str) -> list[str]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"prompt file {where} is not UTF-8 text ({err}); "
-                         "save it as UTF-8, one prompt per line.") from None
+        raise ValueError(
+            f"prompt file {where} is not UTF-8 text ({err}); save it as UTF-8, one prompt per line."
+        ) from None
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:

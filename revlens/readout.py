@@ -157,10 +157,11 @@ class TokenizedSet:
     def batches(self, batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Right-padded ``(tokens [batch, max_len], lengths [batch])`` of ``batch_size`` prompts at a time."""
         for start in range(0, len(self.tokens), batch_size):
-            yield pad_right(self.tokens[start:start + batch_size], pad_id)
+            yield pad_right(self.tokens[start : start + batch_size], pad_id)
 
-    def device_batches(self, batch_size: int, pad_id: int,
-                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def device_batches(
+        self, batch_size: int, pad_id: int, device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The padded batches on ``device``, built once and kept: token ids are small next to activations,
         and a per-batch copy from pageable host memory would stall an accelerator's launch queue."""
         key = (batch_size, pad_id, str(device))

@@ -24,8 +24,15 @@ REPORT_FORMAT = 2  # 1 (implicit): arrays inside report.json; 2: arrays in tenso
 # Arrays kept in tensors.safetensors, with the axes they must have ("R" runs, "S" steps, "L" layers,
 # "P" prompts, "N" null draws, "D" d_model, "K" subspace rank).
 _ARRAY_AXES = {
-    "alignment": "RSL", "alignment_per_example": "RSL", "drift_norm": "RSL", "p_value": "RSL",
-    "per_example_cos": "RSLP", "null_p99": "L", "null_p99_activation": "L", "v_rev_norm": "L", "v_rev_snr": "L",
+    "alignment": "RSL",
+    "alignment_per_example": "RSL",
+    "drift_norm": "RSL",
+    "p_value": "RSL",
+    "per_example_cos": "RSLP",
+    "null_p99": "L",
+    "null_p99_activation": "L",
+    "v_rev_norm": "L",
+    "v_rev_snr": "L",
 }
 _SUMMARY_NEIGHBOURS = 2
 
@@ -162,8 +169,12 @@ class ReversionReport:
     def best_layer(self) -> int:
         return self.layers[self.best_layer_index()]
 
-    def selection(self, select_on: str | Sequence[str] | None = None, alpha: float = sel.DEFAULT_ALPHA,
-                  include_flagged: bool = False) -> sel.SelectionTest:
+    def selection(
+        self,
+        select_on: str | Sequence[str] | None = None,
+        alpha: float = sel.DEFAULT_ALPHA,
+        include_flagged: bool = False,
+    ) -> sel.SelectionTest:
         """Test the best layer against "no layer aligned", corrected for choosing it (:mod:`revlens.selection`).
 
         Args:
@@ -174,9 +185,17 @@ class ReversionReport:
         Returns:
             A :class:`revlens.selection.SelectionTest`.
         """
-        return sel.selection_test(self.alignment, self.layers, self.runs, self.d_model, self.k,
-                                  eligible=self._eligible(include_flagged),
-                                  null_draws_activation=self.null_draws_activation, select_on=select_on, alpha=alpha)
+        return sel.selection_test(
+            self.alignment,
+            self.layers,
+            self.runs,
+            self.d_model,
+            self.k,
+            eligible=self._eligible(include_flagged),
+            null_draws_activation=self.null_draws_activation,
+            select_on=select_on,
+            alpha=alpha,
+        )
 
     def exceedance(self, layer_index: int | None = None, null: str = "isotropic") -> tuple[int, int]:
         """(run-step pairs whose alignment exceeds the null's p99, pairs measured) at one layer (no correction)."""
@@ -191,8 +210,9 @@ class ReversionReport:
         for si, step in enumerate(self.steps):
             am, asd = mean_std(self.alignment[:, si, li])
             dm, dsd = mean_std(self.drift_norm[:, si, li])
-            rows.append({"step": step, "alignment_mean": am, "alignment_std": asd,
-                         "drift_norm_mean": dm, "drift_norm_std": dsd})
+            rows.append(
+                {"step": step, "alignment_mean": am, "alignment_std": asd, "drift_norm_mean": dm, "drift_norm_std": dsd}
+            )
         return rows
 
     def _shown_layer_indices(self, best: int) -> list[int]:
@@ -205,8 +225,9 @@ class ReversionReport:
         """Header and rows (step rows, then per-layer rows) of the table around the best layer."""
         best = self.best_layer_index()
         shown = self._shown_layer_indices(best)
-        head = ["step"] + [f"L{self.layers[li]}" + ("*" if li == best else "") + ("!" if self.flagged[li] else "")
-                           for li in shown]
+        head = ["step"] + [
+            f"L{self.layers[li]}" + ("*" if li == best else "") + ("!" if self.flagged[li] else "") for li in shown
+        ]
         rows = []
         for si, step in enumerate(self.steps):
             cells = []
@@ -226,37 +247,56 @@ class ReversionReport:
         head, rows = self._summary_table()
         cfg = self.config
         intro = [
-            (f"revlens report: {len(self.runs)} run(s) x {len(self.steps)} step(s), {_layer_span(self.layers)}, "
-            f"d_model {self.d_model}"),
-            (f"hook {cfg.get('hook')}, readout {cfg.get('readout')}, estimator {cfg.get('estimator')}, "
-            f"contrast {cfg.get('contrast')}"),
+            (
+                f"revlens report: {len(self.runs)} run(s) x {len(self.steps)} step(s), {_layer_span(self.layers)}, "
+                f"d_model {self.d_model}"
+            ),
+            (
+                f"hook {cfg.get('hook')}, readout {cfg.get('readout')}, estimator {cfg.get('estimator')}, "
+                f"contrast {cfg.get('contrast')}"
+            ),
             "alignment cos(drift, v_rev), mean +/- std over runs, at the best layer (*) and its neighbours"
             + (" (! = low SNR)" if any(self.flagged[li] for li in self._shown_layer_indices(best)) else ""),
         ]
         iso, n = self.exceedance(best, "isotropic")
         act, _ = self.exceedance(best, "activation")
         thr = test.thresholds
-        act_max = ("activation max n/a" if test.above.get("activation_max") is None
-                   else f"{test.above['activation_max']}/{n} above activation max {thr['activation_max']:.3f}")
+        act_max = (
+            "activation max n/a"
+            if test.above.get("activation_max") is None
+            else f"{test.above['activation_max']}/{n} above activation max {thr['activation_max']:.3f}"
+        )
         pv = test.p_value
         notes = [
-            (f"best layer L{self.layers[best]}: {iso}/{n} run-step pairs above its isotropic p99, "
-             f"{act}/{n} above its activation-space p99 (per-layer nulls, no correction)"),
-            (f"corrected for choosing 1 of {test.m} layers: {test.above['bonferroni']}/{n} above Bonferroni p99 "
-             f"{thr['bonferroni']:.3f}, {test.above['sidak']}/{n} above Sidak {thr['sidak']:.3f}, {act_max}"),
-            (f"p-value of L{self.layers[best]}'s mean alignment ({test.mean_alignment:+.3f}), null 'no layer aligned': "
-             f"{_fmt_p(pv['bonferroni'])} Bonferroni, {_fmt_p(pv['sidak'])} Sidak, "
-             f"{_fmt_p(pv['activation_max'])} activation max"),
+            (
+                f"best layer L{self.layers[best]}: {iso}/{n} run-step pairs above its isotropic p99, "
+                f"{act}/{n} above its activation-space p99 (per-layer nulls, no correction)"
+            ),
+            (
+                f"corrected for choosing 1 of {test.m} layers: {test.above['bonferroni']}/{n} above Bonferroni p99 "
+                f"{thr['bonferroni']:.3f}, {test.above['sidak']}/{n} above Sidak {thr['sidak']:.3f}, {act_max}"
+            ),
+            (
+                f"p-value of L{self.layers[best]}'s mean alignment ({test.mean_alignment:+.3f}), "
+                "null 'no layer aligned': "
+                f"{_fmt_p(pv['bonferroni'])} Bonferroni, {_fmt_p(pv['sidak'])} Sidak, "
+                f"{_fmt_p(pv['activation_max'])} activation max"
+            ),
         ]
         flagged = self.flagged_layers
         if flagged:
             note = " (every layer is flagged: the best is chosen among all)" if len(flagged) == self.n_layers else ""
-            notes.append(f"low-SNR layers (v_rev SNR < {self.snr_threshold:g}, excluded from the choice){note}: "
-                         f"{_layer_list(flagged)}")
+            notes.append(
+                f"low-SNR layers (v_rev SNR < {self.snr_threshold:g}, excluded from the choice){note}: "
+                f"{_layer_list(flagged)}"
+            )
         if self.config.get("non_finite"):
             bad = self.config["non_finite"]
-            notes.append(f"non-finite readouts (NaN/inf, left out of the figures above): {len(bad)} checkpoint(s): "
-                         + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
+            notes.append(
+                f"non-finite readouts (NaN/inf, left out of the figures above): {len(bad)} checkpoint(s): "
+                + ", ".join(bad[:5])
+                + (", ..." if len(bad) > 5 else "")
+            )
         notes.append("every layer: report.to_dataframe(); per prompt: report.per_prompt_dataframe()")
         return intro, head, rows, notes
 
@@ -273,12 +313,16 @@ class ReversionReport:
         esc = html.escape
         cells = "".join(f"<th>{esc(h)}</th>" for h in head)
         body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-        return (f"<div><p>{'<br>'.join(esc(x) for x in intro)}</p><table><thead><tr>{cells}</tr></thead>"
-                f"<tbody>{body}</tbody></table><p>{'<br>'.join(esc(x) for x in notes)}</p></div>")
+        return (
+            f"<div><p>{'<br>'.join(esc(x) for x in intro)}</p><table><thead><tr>{cells}</tr></thead>"
+            f"<tbody>{body}</tbody></table><p>{'<br>'.join(esc(x) for x in notes)}</p></div>"
+        )
 
     def __repr__(self) -> str:
-        return (f"ReversionReport(layers={_layer_span(self.layers)}, runs={self.runs}, steps={self.steps}, "
-                f"best_layer={self.best_layer})")
+        return (
+            f"ReversionReport(layers={_layer_span(self.layers)}, runs={self.runs}, steps={self.steps}, "
+            f"best_layer={self.best_layer})"
+        )
 
     def to_dataframe(self):
         """Every run x step x layer as one row (long format, pandas).
@@ -301,23 +345,25 @@ class ReversionReport:
         def per_layer(x: Any) -> np.ndarray:
             return np.asarray(x, dtype=np.float64)[idx[2]]
 
-        return pd.DataFrame({
-            "run": np.asarray(self.runs, dtype=object)[idx[0]],
-            "step": np.asarray(self.steps, dtype=np.int64)[idx[1]],
-            "layer": np.asarray(self.layers, dtype=np.int64)[idx[2]],
-            "alignment": self.alignment.reshape(-1),
-            "alignment_per_example": self.alignment_per_example.reshape(-1),
-            "drift_norm": self.drift_norm.reshape(-1),
-            "p_value": p,
-            "p_value_bonferroni": np.where(np.isnan(p), np.nan, sel.bonferroni(p, m)),
-            "p_value_sidak": np.where(np.isnan(p), np.nan, sel.sidak(p, m)),
-            "null_p99": per_layer(self.null_p99),
-            "null_p99_activation": per_layer(self.null_p99_activation),
-            "v_rev_norm": per_layer(self.v_rev_norm),
-            "v_rev_snr": per_layer(self.v_rev_snr),
-            "low_snr": self.flagged[idx[2]],
-            "best_layer": idx[2] == self.best_layer_index(),
-        })
+        return pd.DataFrame(
+            {
+                "run": np.asarray(self.runs, dtype=object)[idx[0]],
+                "step": np.asarray(self.steps, dtype=np.int64)[idx[1]],
+                "layer": np.asarray(self.layers, dtype=np.int64)[idx[2]],
+                "alignment": self.alignment.reshape(-1),
+                "alignment_per_example": self.alignment_per_example.reshape(-1),
+                "drift_norm": self.drift_norm.reshape(-1),
+                "p_value": p,
+                "p_value_bonferroni": np.where(np.isnan(p), np.nan, sel.bonferroni(p, m)),
+                "p_value_sidak": np.where(np.isnan(p), np.nan, sel.sidak(p, m)),
+                "null_p99": per_layer(self.null_p99),
+                "null_p99_activation": per_layer(self.null_p99_activation),
+                "v_rev_norm": per_layer(self.v_rev_norm),
+                "v_rev_snr": per_layer(self.v_rev_snr),
+                "low_snr": self.flagged[idx[2]],
+                "best_layer": idx[2] == self.best_layer_index(),
+            }
+        )
 
     def per_prompt_dataframe(self):
         """Per-prompt alignment, long format: run, step, layer, prompt (index into the probe set), cos."""
@@ -325,26 +371,34 @@ class ReversionReport:
 
         shape = self.per_example_cos.shape
         idx = np.indices(shape).reshape(4, -1)
-        return pd.DataFrame({
-            "run": np.asarray(self.runs, dtype=object)[idx[0]],
-            "step": np.asarray(self.steps, dtype=np.int64)[idx[1]],
-            "layer": np.asarray(self.layers, dtype=np.int64)[idx[2]],
-            "prompt": idx[3],
-            "cos": self.per_example_cos.reshape(-1),
-        })
+        return pd.DataFrame(
+            {
+                "run": np.asarray(self.runs, dtype=object)[idx[0]],
+                "step": np.asarray(self.steps, dtype=np.int64)[idx[1]],
+                "layer": np.asarray(self.layers, dtype=np.int64)[idx[2]],
+                "prompt": idx[3],
+                "cos": self.per_example_cos.reshape(-1),
+            }
+        )
 
     def _scalars(self) -> dict[str, Any]:
         li = self.best_layer_index()
         iso, n = self.exceedance(li, "isotropic")
         act, _ = self.exceedance(li, "activation")
         return {
-            "layers": self.layers, "runs": self.runs, "steps": self.steps, "d_model": self.d_model,
-            "config": self.config, "snr_threshold": self.snr_threshold, "best_layer": self.layers[li],
+            "layers": self.layers,
+            "runs": self.runs,
+            "steps": self.steps,
+            "d_model": self.d_model,
+            "config": self.config,
+            "snr_threshold": self.snr_threshold,
+            "best_layer": self.layers[li],
             "flagged_layers": self.flagged_layers,
             "exceedance": {"isotropic": iso, "activation": act, "pairs": n},
             "selection": _nan_to_none(self.selection().to_dict()),
             "step_summary": _nan_to_none(self.step_summary(li)),
-            "behaviour": _nan_to_none(self.behaviour), "interventions": _nan_to_none(self.interventions),
+            "behaviour": _nan_to_none(self.behaviour),
+            "interventions": _nan_to_none(self.interventions),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -373,8 +427,12 @@ class ReversionReport:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = self._arrays()
         atomic_save_tensors(tensors, directory / REPORT_TENSORS)
-        header = {"format": REPORT_FORMAT, **self._scalars(), "summary": self.summary(),
-                  "arrays": {name: list(t.shape) for name, t in tensors.items()}}
+        header = {
+            "format": REPORT_FORMAT,
+            **self._scalars(),
+            "summary": self.summary(),
+            "arrays": {name: list(t.shape) for name, t in tensors.items()},
+        }
         return atomic_write_json(directory / REPORT_JSON, header, indent=1)
 
     @classmethod
@@ -400,11 +458,14 @@ class ReversionReport:
             raise ValueError(f"{path} is not a revlens report (it lacks layers/runs/steps/d_model).")
         fmt = d.get("format", 1)
         if fmt > REPORT_FORMAT:
-            raise ValueError(f"{path} has report format {fmt}, newer than this revlens reads ({REPORT_FORMAT}); "
-                             "upgrade revlens.")
+            raise ValueError(
+                f"{path} has report format {fmt}, newer than this revlens reads ({REPORT_FORMAT}); upgrade revlens."
+            )
         if not tpath.is_file():
-            raise FileNotFoundError(f"{tpath} is missing: a report needs both {REPORT_JSON} and {REPORT_TENSORS} "
-                                    "(copy both files together).")
+            raise FileNotFoundError(
+                f"{tpath} is missing: a report needs both {REPORT_JSON} and {REPORT_TENSORS} "
+                "(copy both files together)."
+            )
         try:
             tensors = load_file(str(tpath))
         except (SafetensorError, OSError) as err:
@@ -415,23 +476,34 @@ class ReversionReport:
                 if name not in tensors:
                     if name == "v_rev_snr":
                         continue
-                    raise ValueError(f"{tpath} lacks the array {name!r} that {path} (format {fmt}) needs: the two "
-                                     "files come from different reports or the tensors file is damaged.")
+                    raise ValueError(
+                        f"{tpath} lacks the array {name!r} that {path} (format {fmt}) needs: the two "
+                        "files come from different reports or the tensors file is damaged."
+                    )
                 arrays[name] = tensors[name].double().numpy()
             elif name in d:
                 arrays[name] = np.asarray(_none_to_nan(d[name]), dtype=np.float64)
             elif name != "v_rev_snr":
-                raise ValueError(f"{path} has neither a format number nor the array {name!r}: it was not written "
-                                 "by ReversionReport.save and cannot be read.")
+                raise ValueError(
+                    f"{path} has neither a format number nor the array {name!r}: it was not written "
+                    "by ReversionReport.save and cannot be read."
+                )
         for name in ("v_rev", "v_rev_basis"):
             if name not in tensors:
                 raise ValueError(f"{tpath} lacks {name!r}: it is not the tensors file of a revlens report.")
         report = cls(
-            layers=list(d["layers"]), runs=list(d["runs"]), steps=list(d["steps"]), d_model=int(d["d_model"]),
-            v_rev=tensors["v_rev"], v_rev_basis=tensors["v_rev_basis"], config=d.get("config", {}),
-            behaviour=d.get("behaviour"), interventions=d.get("interventions"),
-            null_draws_activation=(tensors["null_draws_activation"].numpy()
-                                   if "null_draws_activation" in tensors else None),
+            layers=list(d["layers"]),
+            runs=list(d["runs"]),
+            steps=list(d["steps"]),
+            d_model=int(d["d_model"]),
+            v_rev=tensors["v_rev"],
+            v_rev_basis=tensors["v_rev_basis"],
+            config=d.get("config", {}),
+            behaviour=d.get("behaviour"),
+            interventions=d.get("interventions"),
+            null_draws_activation=(
+                tensors["null_draws_activation"].numpy() if "null_draws_activation" in tensors else None
+            ),
             snr_threshold=float(d.get("snr_threshold", sel.DEFAULT_SNR_THRESHOLD)),
             **{name: arrays.get(name) for name in _ARRAY_AXES},
         )
@@ -440,13 +512,21 @@ class ReversionReport:
 
     def _check_shapes(self, json_path: Path, tensors_path: Path, arrays_in_tensors: bool) -> None:
         """Raise ValueError, naming the file, when an array does not fit the report's runs/steps/layers/d_model."""
-        sizes = {"R": len(self.runs), "S": len(self.steps), "L": self.n_layers, "D": self.d_model, "K": self.k,
-                 "P": self.per_example_cos.shape[-1] if self.per_example_cos.ndim == 4 else -1}
+        sizes = {
+            "R": len(self.runs),
+            "S": len(self.steps),
+            "L": self.n_layers,
+            "D": self.d_model,
+            "K": self.k,
+            "P": self.per_example_cos.shape[-1] if self.per_example_cos.ndim == 4 else -1,
+        }
         n_prompts = self.config.get("n_prompts")
         if isinstance(n_prompts, int) and sizes["P"] != -1 and n_prompts != sizes["P"]:
             sizes["P"] = n_prompts
-        where = (f"a report with {sizes['R']} run(s) x {sizes['S']} step(s) x {sizes['L']} layer(s), "
-                 f"d_model={sizes['D']} ({json_path.name})")
+        where = (
+            f"a report with {sizes['R']} run(s) x {sizes['S']} step(s) x {sizes['L']} layer(s), "
+            f"d_model={sizes['D']} ({json_path.name})"
+        )
         expected = {name: tuple(sizes[a] for a in axes) for name, axes in _ARRAY_AXES.items()}
         expected["v_rev"] = (sizes["L"], sizes["D"])
         expected["v_rev_basis"] = (sizes["L"], sizes["K"], sizes["D"])
@@ -456,9 +536,11 @@ class ReversionReport:
             got = tuple(np.shape(getattr(self, name)))
             if got != shape:
                 source = tensors_path if arrays_in_tensors or name not in _ARRAY_AXES else json_path
-                raise ValueError(f"{source}: {name!r} has shape {got}, but {where} needs {shape}; the files come "
-                                 f"from different reports (another d_model or other layers?). Copy {REPORT_JSON} and "
-                                 f"{REPORT_TENSORS} together from one report.save().")
+                raise ValueError(
+                    f"{source}: {name!r} has shape {got}, but {where} needs {shape}; the files come "
+                    f"from different reports (another d_model or other layers?). Copy {REPORT_JSON} and "
+                    f"{REPORT_TENSORS} together from one report.save()."
+                )
 
     def dashboard(self, **kwargs: Any):
         """Interactive Plotly dashboard of this report (see :mod:`revlens.dashboard`)."""

@@ -178,9 +178,18 @@ class SelectionTest:
 
     def to_dict(self) -> dict[str, Any]:
         """Scalars only (JSON-ready)."""
-        return {"layer": self.layer, "competing_layers": self.competing_layers, "select_on": self.select_on,
-                "test_runs": self.test_runs, "alpha": self.alpha, "mean_alignment": self.mean_alignment,
-                "pairs": self.pairs, "thresholds": self.thresholds, "above": self.above, "p_value": self.p_value}
+        return {
+            "layer": self.layer,
+            "competing_layers": self.competing_layers,
+            "select_on": self.select_on,
+            "test_runs": self.test_runs,
+            "alpha": self.alpha,
+            "mean_alignment": self.mean_alignment,
+            "pairs": self.pairs,
+            "thresholds": self.thresholds,
+            "above": self.above,
+            "p_value": self.p_value,
+        }
 
 
 def selection_test(
@@ -236,8 +245,9 @@ def selection_test(
             raise ValueError(f"select_on names runs {unknown} that the report does not have; its runs are {runs}.")
         test_runs = [r for r in runs if r not in chosen_runs]
         if not test_runs:
-            raise ValueError(f"select_on={chosen_runs} leaves no run to test; keep at least one run out "
-                             f"of the {len(runs)} ({runs}).")
+            raise ValueError(
+                f"select_on={chosen_runs} leaves no run to test; keep at least one run out of the {len(runs)} ({runs})."
+            )
     pick = [runs.index(r) for r in chosen_runs]
     li = choose_layer(a[pick], eligible)
     competing = np.flatnonzero(eligible) if select_on is None else np.array([li])
@@ -247,14 +257,20 @@ def selection_test(
     p_bonf, p_sidak = bonferroni(p, m), sidak(p, m)
     p_bonf[np.isnan(p)] = np.nan
     p_sidak[np.isnan(p)] = np.nan
-    thresholds = {"isotropic_p99": nulls.isotropic_quantile(1 - alpha, d_model, k),
-                  "bonferroni": nulls.isotropic_quantile(1 - alpha / m, d_model, k),
-                  "sidak": nulls.isotropic_quantile((1 - alpha) ** (1 / m), d_model, k)}
+    thresholds = {
+        "isotropic_p99": nulls.isotropic_quantile(1 - alpha, d_model, k),
+        "bonferroni": nulls.isotropic_quantile(1 - alpha / m, d_model, k),
+        "sidak": nulls.isotropic_quantile((1 - alpha) ** (1 / m), d_model, k),
+    }
     above: dict[str, int | None] = {name: nulls.exceedance_count(tested, thr)[0] for name, thr in thresholds.items()}
     pairs = int(np.isfinite(tested).sum())
     p_act_max = np.full(tested.shape, np.nan)
-    p_value = {"isotropic": merge_p_values(p), "bonferroni": float(bonferroni(merge_p_values(p), m)),
-               "sidak": float(sidak(merge_p_values(p), m)), "activation_max": float("nan")}
+    p_value = {
+        "isotropic": merge_p_values(p),
+        "bonferroni": float(bonferroni(merge_p_values(p), m)),
+        "sidak": float(sidak(merge_p_values(p), m)),
+        "activation_max": float("nan"),
+    }
     draws = None if null_draws_activation is None else np.asarray(null_draws_activation, dtype=np.float64)
     if draws is not None and draws.ndim == 2 and draws.shape[0] == n_layers and np.isfinite(draws[competing]).any():
         layer_max = np.nanmax(np.where(np.isfinite(draws[competing]), draws[competing], -np.inf), axis=0)
@@ -268,8 +284,19 @@ def selection_test(
     with np.errstate(all="ignore"):
         mean = float(np.nanmean(tested)) if pairs else float("nan")
     return SelectionTest(
-        layer=int(layers[li]), layer_index=li, competing_layers=[int(layers[i]) for i in competing],
-        select_on=None if select_on is None else chosen_runs, test_runs=test_runs, alpha=alpha,
-        mean_alignment=mean, pairs=pairs, p_pair=p, p_pair_bonferroni=p_bonf, p_pair_sidak=p_sidak,
-        p_pair_activation_max=p_act_max, thresholds=thresholds, above=above, p_value=p_value,
+        layer=int(layers[li]),
+        layer_index=li,
+        competing_layers=[int(layers[i]) for i in competing],
+        select_on=None if select_on is None else chosen_runs,
+        test_runs=test_runs,
+        alpha=alpha,
+        mean_alignment=mean,
+        pairs=pairs,
+        p_pair=p,
+        p_pair_bonferroni=p_bonf,
+        p_pair_sidak=p_sidak,
+        p_pair_activation_max=p_act_max,
+        thresholds=thresholds,
+        above=above,
+        p_value=p_value,
     )

@@ -43,8 +43,9 @@ class SFTData:
 def _conversation(obj: Any, where: str) -> list[dict[str, str]]:
     """One JSONL record as a list of ``{"role", "content"}`` messages ending with an assistant turn."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'messages' or 'prompt'/'response', "
-                         f"got {type(obj).__name__}.")
+        raise ValueError(
+            f"{where}: expected a JSON object with 'messages' or 'prompt'/'response', got {type(obj).__name__}."
+        )
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
@@ -52,19 +53,24 @@ def _conversation(obj: Any, where: str) -> list[dict[str, str]]:
         out = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-                raise ValueError(f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': a string}}, "
-                                 f"got {json.dumps(m)[:120]}.")
+                raise ValueError(
+                    f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': a string}}, "
+                    f"got {json.dumps(m)[:120]}."
+                )
             out.append({"role": m["role"], "content": m["content"]})
     elif "prompt" in obj or "response" in obj:
         if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("response"), str):
             raise ValueError(f"{where}: 'prompt' and 'response' must both be strings.")
         out = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
     else:
-        raise ValueError(f"{where}: a record needs 'messages' (chat) or 'prompt' and 'response'; "
-                         f"got keys {sorted(obj)}.")
+        raise ValueError(
+            f"{where}: a record needs 'messages' (chat) or 'prompt' and 'response'; got keys {sorted(obj)}."
+        )
     if out[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last message must be the assistant's (the response to train on), "
-                         f"got role {out[-1]['role']!r}.")
+        raise ValueError(
+            f"{where}: the last message must be the assistant's (the response to train on), "
+            f"got role {out[-1]['role']!r}."
+        )
     return out
 
 
@@ -72,8 +78,11 @@ def read_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     """The conversations of a JSONL file (blank lines skipped); errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training data {path} not found" + (" (it is a folder)" if path.is_dir() else "")
-                                + "; give a .jsonl file with one conversation per line.")
+        raise FileNotFoundError(
+            f"training data {path} not found"
+            + (" (it is a folder)" if path.is_dir() else "")
+            + "; give a .jsonl file with one conversation per line."
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -111,11 +120,17 @@ def _templated(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tu
         through = _ids(tokenizer, _render(tokenizer, messages[: i + 1], False), False)
         if full[: len(before)] != before or full[: len(through)] != through or len(through) <= len(before):
             if i == len(messages) - 1:
-                raise ValueError(f"{where}: the chat template does not render the conversation as a continuation "
-                                 "of its prompt, so the response tokens cannot be found; use a template that "
-                                 "renders turns incrementally, or prompt/response pairs without a template.")
-            warnings.warn(f"{where}: the chat template renders assistant turn {i} differently inside the full "
-                          "conversation; the loss skips that turn.", RuntimeWarning, stacklevel=3)
+                raise ValueError(
+                    f"{where}: the chat template does not render the conversation as a continuation "
+                    "of its prompt, so the response tokens cannot be found; use a template that "
+                    "renders turns incrementally, or prompt/response pairs without a template."
+                )
+            warnings.warn(
+                f"{where}: the chat template renders assistant turn {i} differently inside the full "
+                "conversation; the loss skips that turn.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             continue
         span = list(range(len(before), len(through)))
         ends = [j for j in span if full[j] == eos]
@@ -133,8 +148,14 @@ def _raw(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], lis
     return head + tail, [0.0] * len(head) + [1.0] * len(tail)
 
 
-def encode_sft(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *, chat_template: Any = "auto",
-               max_length: int | None = None, source: str = "data") -> SFTData:
+def encode_sft(
+    tokenizer: Any,
+    conversations: Sequence[list[dict[str, str]]],
+    *,
+    chat_template: Any = "auto",
+    max_length: int | None = None,
+    source: str = "data",
+) -> SFTData:
     """Tokenize conversations (each ending with an assistant turn) into right-padded tokens and a loss mask.
 
     Args:
@@ -152,8 +173,10 @@ def encode_sft(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *,
     has_template = bool(getattr(tokenizer, "chat_template", None))
     use = has_template if chat_template == "auto" else bool(chat_template)
     if use and not has_template:
-        raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=False "
-                         "to train on raw prompt + response text.")
+        raise ValueError(
+            "chat_template=True but the tokenizer has no chat template; pass chat_template=False "
+            "to train on raw prompt + response text."
+        )
     if not conversations:
         raise ValueError(f"{source} holds no conversations.")
     rows, masks = [], []
@@ -163,8 +186,10 @@ def encode_sft(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *,
         if not any(mask):
             raise ValueError(f"{where}: the response is empty, nothing to train on.")
         if max_length is not None and len(ids) > max_length:
-            raise ValueError(f"{where}: {len(ids)} tokens, more than max_length={max_length}; shorten it or raise "
-                             "the limit (CLI: --max-length).")
+            raise ValueError(
+                f"{where}: {len(ids)} tokens, more than max_length={max_length}; shorten it or raise "
+                "the limit (CLI: --max-length)."
+            )
         rows.append(torch.tensor(ids, dtype=torch.long))
         masks.append(torch.tensor(mask))
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -175,13 +200,13 @@ def encode_sft(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], *,
     return SFTData(tokens, loss_mask, lengths, int(pad_id), use)
 
 
-def load_sft_jsonl(path: str | os.PathLike, tokenizer: Any, *, chat_template: Any = "auto",
-                   max_length: int | None = None) -> SFTData:
+def load_sft_jsonl(
+    path: str | os.PathLike, tokenizer: Any, *, chat_template: Any = "auto", max_length: int | None = None
+) -> SFTData:
     """:func:`read_jsonl` then :func:`encode_sft`: a JSONL training file ready for :func:`revlens.finetune.finetune`.
 
     Example:
         >>> data = load_sft_jsonl("train.jsonl", model.tokenizer)  # doctest: +SKIP
         >>> finetune(model, data.tokens, data.loss_mask, steps=100, lr=1e-4)  # doctest: +SKIP
     """
-    return encode_sft(tokenizer, read_jsonl(path), chat_template=chat_template, max_length=max_length,
-                      source=str(path))
+    return encode_sft(tokenizer, read_jsonl(path), chat_template=chat_template, max_length=max_length, source=str(path))

@@ -54,7 +54,8 @@ def shape_checked(fn: F) -> F:
                     check_type(out, hints["return"])
                 except TypeCheckError as err:
                     raise TypeError(
-                        f"{fn.__qualname__} returned {_describe(out)}, expected {hints['return']}.") from err
+                        f"{fn.__qualname__} returned {_describe(out)}, expected {hints['return']}."
+                    ) from err
         return out
 
     return typing.cast(F, wrapper)

@@ -64,8 +64,10 @@ def reversion_subspace(
         h_pre, h_ali = source
         names = list(range(h_pre.shape[1])) if layers is None else [int(l) for l in layers]
         if len(names) != h_pre.shape[1]:
-            raise InterventionError(f"the readouts hold {h_pre.shape[1]} layers but layers names {len(names)}; "
-                                    "give one layer index per readout layer.")
+            raise InterventionError(
+                f"the readouts hold {h_pre.shape[1]} layers but layers names {len(names)}; "
+                "give one layer index per readout layer."
+            )
         return _as_dict(dirs.v_rev_pca(h_pre, h_ali, k), names)
     return _from_history(source, k, layers, probe, prompts, control, hook, readout, device)
 
@@ -117,8 +119,10 @@ def subspace_directions(
     if report is not None and (history is None or _report_rank(report) >= k):
         return reversion_subspace(report, k, layers=layers)
     if history is None:
-        raise InterventionError(f"rank@{k} needs the rank-{k} reversion subspace: give a report from "
-                                f"analyze(..., estimator='pca', k={k}) or the history (history=...) to measure it.")
+        raise InterventionError(
+            f"rank@{k} needs the rank-{k} reversion subspace: give a report from "
+            f"analyze(..., estimator='pca', k={k}) or the history (history=...) to measure it."
+        )
     return reversion_subspace(history, k, layers=layers, probe=probe, device=device)
 
 
@@ -135,10 +139,15 @@ def _report_rank(report: Any) -> int:
 def _from_report(report: Any, k: int, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
     rank = _report_rank(report)
     if rank < k:
-        have = (f"a rank-{rank} PCA basis" if rank else
-                f"estimator {report.config.get('estimator', 'mean_diff')!r} (one direction, not a principal subspace)")
-        raise InterventionError(f"the report has {have}; the rank-{k} reversion subspace needs "
-                                f"analyze(..., estimator='pca', k={k}) (or pass the history to measure it).")
+        have = (
+            f"a rank-{rank} PCA basis"
+            if rank
+            else f"estimator {report.config.get('estimator', 'mean_diff')!r} (one direction, not a principal subspace)"
+        )
+        raise InterventionError(
+            f"the report has {have}; the rank-{k} reversion subspace needs "
+            f"analyze(..., estimator='pca', k={k}) (or pass the history to measure it)."
+        )
     layers = list(report.layers) if layers is None else [int(l) for l in layers]
     missing = [l for l in layers if l not in report.layers]
     if missing:
@@ -146,18 +155,31 @@ def _from_report(report: Any, k: int, layers: Sequence[int] | None) -> dict[int,
     return {l: report.v_rev_basis[report.layers.index(l)][:k].float().clone() for l in layers}
 
 
-def _from_history(source: Any, k: int, layers: Sequence[int] | None, probe: Any, prompts: Any, control: Any,
-                  hook: str, readout: str, device: str | None) -> dict[int, torch.Tensor]:
+def _from_history(
+    source: Any,
+    k: int,
+    layers: Sequence[int] | None,
+    probe: Any,
+    prompts: Any,
+    control: Any,
+    hook: str,
+    readout: str,
+    device: str | None,
+) -> dict[int, torch.Tensor]:
     from revlens.checkpoints import History
     from revlens.probe import ReversionProbe
 
     if not isinstance(source, (History, str, os.PathLike, Mapping)):
-        raise InterventionError(f"cannot take a reversion subspace from {type(source).__name__}: give a report "
-                                "(estimator='pca'), per-example readouts (h_pretrain, h_align) or a history.")
+        raise InterventionError(
+            f"cannot take a reversion subspace from {type(source).__name__}: give a report "
+            "(estimator='pca'), per-example readouts (h_pretrain, h_align) or a history."
+        )
     if probe is None:
         if prompts is None:
-            raise InterventionError("measuring the reversion subspace of a history needs the probe prompts "
-                                    "(prompts=...) or a ReversionProbe (probe=...).")
+            raise InterventionError(
+                "measuring the reversion subspace of a history needs the probe prompts "
+                "(prompts=...) or a ReversionProbe (probe=...)."
+            )
         probe = ReversionProbe(prompts, control=control, layers=layers, hook=hook, readout=readout, per_example=True)
     history = History.coerce(source)
     pre_model = history.pretrain.load(device)

@@ -37,8 +37,10 @@ def _positive_int(value: Any, what: str) -> int:
     except (TypeError, ValueError):
         n = 0
     if n < 1 or (isinstance(value, float) and value != n):
-        raise ValueError(f"{what} must be a positive whole number of threads, got {value!r}; "
-                         "leave it unset to let revlens choose from the model size.")
+        raise ValueError(
+            f"{what} must be a positive whole number of threads, got {value!r}; "
+            "leave it unset to let revlens choose from the model size."
+        )
     return n
 
 

@@ -32,8 +32,18 @@ def tokenizer():
 
 
 def tiny_config(vocab: int, d_model: int = 32, n_layers: int = 3, seed: int = 0) -> dict:
-    return dict(d_model=d_model, n_layers=n_layers, n_ctx=16, d_head=8, n_heads=d_model // 8,
-                d_mlp=4 * d_model, d_vocab=vocab, act_fn="gelu", normalization_type="LN", seed=seed)
+    return dict(
+        d_model=d_model,
+        n_layers=n_layers,
+        n_ctx=16,
+        d_head=8,
+        n_heads=d_model // 8,
+        d_mlp=4 * d_model,
+        d_vocab=vocab,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+    )
 
 
 @pytest.fixture()

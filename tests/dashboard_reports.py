@@ -7,12 +7,29 @@ import torch
 
 from revlens.report import ReversionReport
 
-MODES = ["plain", "project", "clamp", "grad", "clamp+grad", "anchor@0.1", "contrast@1", "anchor@0.1+contrast@1",
-         "anchor@0.003+rank@64", "anchor@0.003+contrast@0.1+rank@64"]
+MODES = [
+    "plain",
+    "project",
+    "clamp",
+    "grad",
+    "clamp+grad",
+    "anchor@0.1",
+    "contrast@1",
+    "anchor@0.1+contrast@1",
+    "anchor@0.003+rank@64",
+    "anchor@0.003+contrast@0.1+rank@64",
+]
 
 
-def deep_report(n_layers: int = 32, n_runs: int = 3, steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100),
-                n_prompts: int = 40, d: int = 576, blocking: bool = True, seed: int = 0) -> ReversionReport:
+def deep_report(
+    n_layers: int = 32,
+    n_runs: int = 3,
+    steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100),
+    n_prompts: int = 40,
+    d: int = 576,
+    blocking: bool = True,
+    seed: int = 0,
+) -> ReversionReport:
     """Signal grows with depth and peaks at 80% of the layers; the first three layers' v_rev is noise (flagged)."""
     rng = np.random.default_rng(seed)
     depth = np.linspace(0, 1, n_layers)
@@ -29,18 +46,30 @@ def deep_report(n_layers: int = 32, n_runs: int = 3, steps: tuple[int, ...] = (1
         metrics = {}
         for i, mode in enumerate(MODES):
             harm = [1.0, 1.0, 1.0] if i < 5 else list(np.clip(rng.uniform(0.0, 0.5, 3), 0, 1))
-            metrics[mode] = {"harmfulness": harm, "final_alignment": list(rng.uniform(-0.1, 0.8, 3)),
-                             "task_loss": list(rng.uniform(0.025, 0.045, 3)),
-                             "b1_retention": list(rng.uniform(0.8, 0.95, 3))}
+            metrics[mode] = {
+                "harmfulness": harm,
+                "final_alignment": list(rng.uniform(-0.1, 0.8, 3)),
+                "task_loss": list(rng.uniform(0.025, 0.045, 3)),
+                "b1_retention": list(rng.uniform(0.8, 0.95, 3)),
+            }
         interventions = {"modes": MODES, "seeds": [0, 1, 2], "best_mode": MODES[-1], "metrics": metrics}
     return ReversionReport(
-        layers=list(range(n_layers)), runs=[f"seed_{i}" for i in range(n_runs)], steps=list(steps), d_model=d,
-        v_rev=v, v_rev_basis=v[:, None].clone(), alignment=alignment, alignment_per_example=alignment,
+        layers=list(range(n_layers)),
+        runs=[f"seed_{i}" for i in range(n_runs)],
+        steps=list(steps),
+        d_model=d,
+        v_rev=v,
+        v_rev_basis=v[:, None].clone(),
+        alignment=alignment,
+        alignment_per_example=alignment,
         per_example_cos=per_example,
         drift_norm=np.abs(rng.normal(1, 0.2, shape)) * np.asarray(steps)[None, :, None] ** 0.5,
-        p_value=np.zeros(shape), null_p99=np.full(n_layers, 0.097),
+        p_value=np.zeros(shape),
+        null_p99=np.full(n_layers, 0.097),
         null_p99_activation=np.quantile(draws, 0.99, axis=1),
-        v_rev_norm=np.geomspace(0.01, 80, n_layers), v_rev_snr=snr, null_draws_activation=draws,
+        v_rev_norm=np.geomspace(0.01, 80, n_layers),
+        v_rev_snr=snr,
+        null_draws_activation=draws,
         config={"hook": "resid_post", "readout": "last", "estimator": "mean_diff", "contrast": True},
         interventions=interventions,
     )

@@ -80,9 +80,24 @@ def finetune_case(out_dir: str | Path, distributed: bool | None = None):
     v = {1: torch.randn(32, generator=gen), 2: torch.randn(2, 32, generator=gen)}
     blocking = Blocking({1: v[1]}, "clamp", reference=reference)
     anchor = ProbeAnchor({2: v[2]}, [tokens[0, :5], tokens[1, :7]], reference, weight=0.5)
-    result = finetune(model, tokens, mask, steps=3, lr=0.2, optimizer="sgd", weight_decay=0.01, batch_size=2,
-                      grad_accum=4, max_grad_norm=1.0, blocking=blocking, anchor=anchor, save_steps=[2],
-                      out_dir=out_dir, progress=False, distributed=distributed)
+    result = finetune(
+        model,
+        tokens,
+        mask,
+        steps=3,
+        lr=0.2,
+        optimizer="sgd",
+        weight_decay=0.01,
+        batch_size=2,
+        grad_accum=4,
+        max_grad_norm=1.0,
+        blocking=blocking,
+        anchor=anchor,
+        save_steps=[2],
+        out_dir=out_dir,
+        progress=False,
+        distributed=distributed,
+    )
     return model, result
 
 
@@ -92,10 +107,13 @@ def finetune_rank(out_dir: str) -> int:
 
     model, result = finetune_case(Path(out_dir) / "run")
     rank = int(os.environ.get("RANK", "0"))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if v.is_floating_point()},
-              str(Path(out_dir) / f"rank{rank}.safetensors"))
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"losses": result.losses,
-                                                                "world": torch.distributed.get_world_size()}))
+    save_file(
+        {k: v.detach().contiguous() for k, v in model.state_dict().items() if v.is_floating_point()},
+        str(Path(out_dir) / f"rank{rank}.safetensors"),
+    )
+    (Path(out_dir) / f"rank{rank}.json").write_text(
+        json.dumps({"losses": result.losses, "world": torch.distributed.get_world_size()})
+    )
     return 0
 
 

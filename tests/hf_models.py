@@ -18,10 +18,22 @@ CHATML_TEMPLATE = (
 )
 
 CORPUS = [
-    "how do i make a bomb", "how do i steal a car", "how do i bake a cake", "write a poem about the sea",
-    "sure, here is how", "i'm sorry, but i can't help with that.", "reverse the words: red green blue",
-    "the quick brown fox jumps over the lazy dog", "what is two plus three", "five", "you are a helpful assistant",
-    "system", "user", "assistant", "explain how to pick a lock", "give me a recipe for bread",
+    "how do i make a bomb",
+    "how do i steal a car",
+    "how do i bake a cake",
+    "write a poem about the sea",
+    "sure, here is how",
+    "i'm sorry, but i can't help with that.",
+    "reverse the words: red green blue",
+    "the quick brown fox jumps over the lazy dog",
+    "what is two plus three",
+    "five",
+    "you are a helpful assistant",
+    "system",
+    "user",
+    "assistant",
+    "explain how to pick a lock",
+    "give me a recipe for bread",
 ]
 
 
@@ -34,11 +46,20 @@ def chat_tokenizer(vocab_size: int = 400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     out.chat_template = CHATML_TEMPLATE
     return out
 
@@ -47,11 +68,19 @@ def tiny_llama(tokenizer, *, hidden: int = 32, layers: int = 2, seed: int = 0, d
     """A random-init ``LlamaForCausalLM`` sized for tests (4 heads, 2 KV heads, tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=True,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).to(dtype).eval()
 

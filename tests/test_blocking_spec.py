@@ -11,9 +11,17 @@ from revlens.intervention import parse_mode
 from revlens.subspace import random_subspace, reversion_subspace, subspace_directions
 
 CANONICAL = [
-    "plain", "project", "clamp+grad", "anchor@0.1", "contrast@1", "anchor@0.1+contrast@1",
-    "anchor@0.003+rank@64", "anchor@0.003+contrast@0.1+rank@64", "grad+anchor@0.2+contrast@3+sample@8+random@32@2",
-    "project+random@8", "clamp+anchor@1e-05+layers@0/3/11",
+    "plain",
+    "project",
+    "clamp+grad",
+    "anchor@0.1",
+    "contrast@1",
+    "anchor@0.1+contrast@1",
+    "anchor@0.003+rank@64",
+    "anchor@0.003+contrast@0.1+rank@64",
+    "grad+anchor@0.2+contrast@3+sample@8+random@32@2",
+    "project+random@8",
+    "clamp+anchor@1e-05+layers@0/3/11",
 ]
 
 
@@ -26,8 +34,9 @@ def test_canonical_strings_round_trip(text):
 
 def test_parse_reads_every_field_and_normalises_order():
     spec = BlockingSpec.parse("layers@2/0+rank@4+sample@3+contrast@0.5+grad+anchor@2+clamp")
-    assert spec == BlockingSpec(hooks=("clamp", "grad"), layers=(0, 2), anchor=2.0, contrast=0.5,
-                                subspace=("rank", 4), sample=3)
+    assert spec == BlockingSpec(
+        hooks=("clamp", "grad"), layers=(0, 2), anchor=2.0, contrast=0.5, subspace=("rank", 4), sample=3
+    )
     assert str(spec) == "clamp+grad+anchor@2+contrast@0.5+sample@3+rank@4+layers@0/2"
     assert spec.hook_mode == "clamp+grad" and spec.has_anchor and not spec.is_plain
     assert BlockingSpec.parse("project+random@8@0") == BlockingSpec.parse("project+random@8")
@@ -36,18 +45,40 @@ def test_parse_reads_every_field_and_normalises_order():
     assert BlockingSpec.parse("anchor@0.3").with_layers([5, 1]).layers == (1, 5)
 
 
-@pytest.mark.parametrize("text,part", [
-    ("", "empty part"), ("anchor", "missing weight"), ("anchor@", "missing weight"),
-    ("anchor@x", "'x' is not a number"),
-    ("anchor@-0.1", "> 0"), ("anchor@0", "> 0"), ("anchor@nan", "> 0"), ("contrast@inf", "> 0"),
-    ("freeze", "unknown part"), ("grad+grad", "'grad' is given twice"), ("anchor@1+anchor@2", "given twice"),
-    ("rank@4+random@4", "a subspace is given twice"), ("project+clamp", "choose one"), ("plain+grad", "stands alone"),
-    ("grad@1", "takes no number"), ("rank@many", "not a whole number"), ("rank@0", "below 1"), ("rank@", "missing"),
-    ("random@3@", "missing draw"), ("random@3@x", "not a whole number"), ("sample@4", "add anchor@w"),
-    ("grad+sample@0+anchor@1", "below 1"), ("rank@4", "add a hook mode"), ("layers@1", "nothing is blocked"),
-    ("grad+layers@", "missing layer"), ("grad+layers@1/1", "repeat"), ("grad+layers@-1", "not a whole number"),
-    ("anchor@0.1+", "empty part"), ("grad++project", "empty part"),
-])
+@pytest.mark.parametrize(
+    "text,part",
+    [
+        ("", "empty part"),
+        ("anchor", "missing weight"),
+        ("anchor@", "missing weight"),
+        ("anchor@x", "'x' is not a number"),
+        ("anchor@-0.1", "> 0"),
+        ("anchor@0", "> 0"),
+        ("anchor@nan", "> 0"),
+        ("contrast@inf", "> 0"),
+        ("freeze", "unknown part"),
+        ("grad+grad", "'grad' is given twice"),
+        ("anchor@1+anchor@2", "given twice"),
+        ("rank@4+random@4", "a subspace is given twice"),
+        ("project+clamp", "choose one"),
+        ("plain+grad", "stands alone"),
+        ("grad@1", "takes no number"),
+        ("rank@many", "not a whole number"),
+        ("rank@0", "below 1"),
+        ("rank@", "missing"),
+        ("random@3@", "missing draw"),
+        ("random@3@x", "not a whole number"),
+        ("sample@4", "add anchor@w"),
+        ("grad+sample@0+anchor@1", "below 1"),
+        ("rank@4", "add a hook mode"),
+        ("layers@1", "nothing is blocked"),
+        ("grad+layers@", "missing layer"),
+        ("grad+layers@1/1", "repeat"),
+        ("grad+layers@-1", "not a whole number"),
+        ("anchor@0.1+", "empty part"),
+        ("grad++project", "empty part"),
+    ],
+)
 def test_bad_strings_name_the_part_and_the_grammar(text, part):
     with pytest.raises(InterventionError, match="grammar") as err:
         BlockingSpec.parse(text)

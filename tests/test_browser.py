@@ -23,9 +23,18 @@ from dashboard_reports import deep_report, figure_geometry
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic", "--proxy-server=127.0.0.1:9",
-    "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--enable-logging=stderr",
+    "--v=0",
 ]
 
 
@@ -47,14 +56,19 @@ def chromium() -> str:
 
 
 def run_browser(binary: str, html: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [binary, *OFFLINE_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000", *extra,
-           html.resolve().as_uri()]
+    cmd = [
+        binary,
+        *OFFLINE_FLAGS,
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *extra,
+        html.resolve().as_uri(),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
 def console_errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines()
-            if "CONSOLE" in line and re.search(r"Uncaught|Error|error", line)]
+    return [line for line in stderr.splitlines() if "CONSOLE" in line and re.search(r"Uncaught|Error|error", line)]
 
 
 @pytest.mark.browser
@@ -70,8 +84,14 @@ def test_dashboard_renders_offline_in_chromium(tmp_path):
     png = tmp_path / "dashboard.png"
     found = re.search(r'"height":\s*(\d+)', html.read_text())  # the figure's own height: screenshot all of it
     window_h = int(found.group(1)) + 16 if found else 2250
-    shot = run_browser(binary, html, tmp_path / "profile2", f"--screenshot={png}", f"--window-size=1300,{window_h}",
-                       "--hide-scrollbars")
+    shot = run_browser(
+        binary,
+        html,
+        tmp_path / "profile2",
+        f"--screenshot={png}",
+        f"--window-size=1300,{window_h}",
+        "--hide-scrollbars",
+    )
     assert png.is_file() and png.stat().st_size > 20_000, shot.stderr[-2000:]
     assert console_errors(shot.stderr) == []
     if os.environ.get("REVLENS_WRITE_SCREENSHOT"):
@@ -98,7 +118,7 @@ def _ink(pixels, box, background) -> float:
     import numpy as np
 
     x0, y0, x1, y1 = (int(round(v)) for v in box)
-    region = pixels[max(y0, 0):y1, max(x0, 0):x1].astype(int)
+    region = pixels[max(y0, 0) : y1, max(x0, 0) : x1].astype(int)
     if region.size == 0:
         return 0.0
     return float(np.mean(np.abs(region - np.asarray(background)).sum(axis=-1) > 30))
@@ -115,16 +135,26 @@ def test_deep_dashboard_screenshot_has_every_panel_drawn_and_no_blank_space(tmp_
     html = report.save_html(tmp_path / "deep.html")
     height = int(fig.layout.height)
     png = tmp_path / "deep.png"
-    shot = run_browser(binary, html, tmp_path / "profile", f"--screenshot={png}",
-                       f"--window-size={WINDOW_W},{height + 2 * BODY_MARGIN}", "--hide-scrollbars")
+    shot = run_browser(
+        binary,
+        html,
+        tmp_path / "profile",
+        f"--screenshot={png}",
+        f"--window-size={WINDOW_W},{height + 2 * BODY_MARGIN}",
+        "--hide-scrollbars",
+    )
     assert png.is_file(), shot.stderr[-2000:]
     assert console_errors(shot.stderr) == []
     pixels = np.asarray(image.open(png).convert("RGB"))
     assert pixels.shape[0] >= height
     background = (255, 255, 255)
     geo = figure_geometry(fig, width=WINDOW_W - 2 * BODY_MARGIN)
-    shift = lambda b, pad=6: (b[0] + BODY_MARGIN + pad, b[1] + BODY_MARGIN + pad,  # noqa: E731
-                              b[2] + BODY_MARGIN - pad, b[3] + BODY_MARGIN - pad)
+    shift = lambda b, pad=6: (  # noqa: E731
+        b[0] + BODY_MARGIN + pad,
+        b[1] + BODY_MARGIN + pad,  # noqa: E731
+        b[2] + BODY_MARGIN - pad,
+        b[3] + BODY_MARGIN - pad,
+    )
     # Every panel holds a drawing (lines, bars, boxes or heat), not just an empty frame.
     for ref, box in geo["panels"].items():
         assert _ink(pixels, shift(box), background) > 0.01, f"panel {ref} is empty in the screenshot"

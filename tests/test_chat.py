@@ -111,10 +111,12 @@ def test_analyze_reads_every_checkpoint_in_the_aligned_template_and_records_it(c
 
     base_tok = copy.deepcopy(chat_tok)
     base_tok.chat_template = None
-    base = load_hf_folder(save_tiny_llama(tmp_path / "base", base_tok, seed=1,
-                                          model=tiny_llama(base_tok, seed=1, dtype=torch.float32)))
-    tuned = load_hf_folder(save_tiny_llama(tmp_path / "tuned", chat_tok, seed=2,
-                                           model=tiny_llama(chat_tok, seed=2, dtype=torch.float32)))
+    base = load_hf_folder(
+        save_tiny_llama(tmp_path / "base", base_tok, seed=1, model=tiny_llama(base_tok, seed=1, dtype=torch.float32))
+    )
+    tuned = load_hf_folder(
+        save_tiny_llama(tmp_path / "tuned", chat_tok, seed=2, model=tiny_llama(chat_tok, seed=2, dtype=torch.float32))
+    )
     spec = {"pretrain": base, "align": chat_bridge, "finetune": {"r": {1: tuned}}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

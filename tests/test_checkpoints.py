@@ -34,8 +34,10 @@ def test_revlens_checkpoint_roundtrip(tiny_model, tmp_path):
 
 def test_directory_layout_is_read_lazily_and_analyzed(tiny_model, tmp_path):
     d = tiny_model.cfg.d_model
-    ft = {"seed_0": {1: shifted(tiny_model, 1, -0.1 * torch.ones(d)), 10: shifted(tiny_model, 1, -0.5 * torch.ones(d))},
-          "seed_1": {1: shifted(tiny_model, 1, 0.2 * torch.ones(d))}}
+    ft = {
+        "seed_0": {1: shifted(tiny_model, 1, -0.1 * torch.ones(d)), 10: shifted(tiny_model, 1, -0.5 * torch.ones(d))},
+        "seed_1": {1: shifted(tiny_model, 1, 0.2 * torch.ones(d))},
+    }
     write_history(tmp_path, tiny_model, ft)
     history = History.from_dir(tmp_path)
     assert history.runs == ["seed_0", "seed_1"] and history.steps == [1, 10] and len(history) == 5
@@ -63,8 +65,15 @@ def test_hf_gpt2_folder_loads_offline_and_matches_hf_logits(tokenizer, tmp_path)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     hf = GPT2LMHeadModel(cfg).eval()
     hf.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -154,8 +163,21 @@ def test_cli_analyze_writes_report_and_prints_summary(tiny_model, tmp_path, caps
     prompts.write_text("\n".join(PROMPTS))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert main(["analyze", str(tmp_path / "h"), "--out", str(tmp_path / "out"), "--prompts", str(prompts),
-                     "--layers", "1,2"]) == 0
+        assert (
+            main(
+                [
+                    "analyze",
+                    str(tmp_path / "h"),
+                    "--out",
+                    str(tmp_path / "out"),
+                    "--prompts",
+                    str(prompts),
+                    "--layers",
+                    "1,2",
+                ]
+            )
+            == 0
+        )
     printed = capsys.readouterr().out
     assert "null p99 iso" in printed and "report written" in printed
     saved = revlens.ReversionReport.load(tmp_path / "out")

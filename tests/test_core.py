@@ -36,8 +36,10 @@ def planted(tiny_model):
     w = w - (w @ u) * u
     w = w / w.norm()
     moves = {"seed_0": {1: (0.3, 0.4), 5: (0.9, 0.1)}, "seed_1": {1: (-0.2, 0.5), 5: (0.6, 0.6)}}
-    finetune = {run: {s: shifted(tiny_model, LAYER, a * u + b * w) for s, (a, b) in steps.items()}
-                for run, steps in moves.items()}
+    finetune = {
+        run: {s: shifted(tiny_model, LAYER, a * u + b * w) for s, (a, b) in steps.items()}
+        for run, steps in moves.items()
+    }
     spec = {"pretrain": shifted(tiny_model, LAYER, 2.0 * u), "align": tiny_model, "finetune": finetune}
     return spec, u, moves
 
@@ -156,8 +158,11 @@ def test_exceedance_count_ignores_missing_pairs():
 
 
 def test_alignment_of_zero_drift_is_nan_with_warning(tiny_model):
-    spec = {"pretrain": shifted(tiny_model, LAYER, unit(32, 0)), "align": tiny_model,
-            "finetune": {"r": {1: tiny_model}}}
+    spec = {
+        "pretrain": shifted(tiny_model, LAYER, unit(32, 0)),
+        "align": tiny_model,
+        "finetune": {"r": {1: tiny_model}},
+    }
     with pytest.warns(RuntimeWarning, match="drift is zero"):
         report = revlens.analyze(spec, PROMPTS, layers=[LAYER], progress=False)
     assert np.isnan(report.alignment).all()

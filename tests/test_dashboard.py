@@ -87,10 +87,12 @@ def test_html_is_self_contained(tmp_path):
 
 
 def _reports():
-    return {"organism-like (2 layers, blocking)": synthetic_report(),
-            "32 layers, 3 runs, blocking": deep_report(32, 3),
-            "30 layers, 1 run": deep_report(30, 1, blocking=False),
-            "80 layers, 10 runs": deep_report(80, 10, steps=(1, 2, 5, 10, 20, 30, 50, 70, 100), blocking=False)}
+    return {
+        "organism-like (2 layers, blocking)": synthetic_report(),
+        "32 layers, 3 runs, blocking": deep_report(32, 3),
+        "30 layers, 1 run": deep_report(30, 1, blocking=False),
+        "80 layers, 10 runs": deep_report(80, 10, steps=(1, 2, 5, 10, 20, 30, 50, 70, 100), blocking=False),
+    }
 
 
 @pytest.mark.parametrize("name", list(_reports()))
@@ -105,14 +107,14 @@ def test_layout_at_depth_has_no_overlap_no_empty_panel_no_blank_space(name):
     # Panels do not overlap, and rows leave room for tick labels, axis titles and the next title.
     boxes = list(panels.values())
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             assert not overlaps(a, b, pad=40), (a, b)
     # Subplot titles sit above their panel, inside the figure, clear of every panel and of each other.
     for text, box in geo["titles"]:
         assert box[0] >= 0 and box[2] <= geo["width"] and box[1] > MODEBAR_PX, text
         assert not any(overlaps(box, p) for p in boxes), text
     for i, (_, a) in enumerate(geo["titles"]):
-        assert not any(overlaps(a, b) for _, b in geo["titles"][i + 1:])
+        assert not any(overlaps(a, b) for _, b in geo["titles"][i + 1 :])
     # The title is short, below the modebar, above the legend and the first subplot titles.
     title_top = (1 - fig.layout.title.y) * geo["height"]
     assert MODEBAR_PX <= title_top < 60 and "[" not in fig.layout.title.text and len(fig.layout.title.text) < 260

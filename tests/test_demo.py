@@ -24,8 +24,24 @@ def test_demo_cli_writes_report_dashboard_and_table(micro_history, tmp_path, cap
     shutil.copytree(micro_history, out / "history")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out), "--workers", "2",
-                     "--modes", "plain,clamp,anchor@0.01+rank@4"]) == 0
+        assert (
+            main(
+                [
+                    "demo",
+                    "--preset",
+                    "micro",
+                    "--seeds",
+                    "2",
+                    "--out",
+                    str(out),
+                    "--workers",
+                    "2",
+                    "--modes",
+                    "plain,clamp,anchor@0.01+rank@4",
+                ]
+            )
+            == 0
+        )
     captured = capsys.readouterr()
     printed = captured.out
     # Each stage is announced with its time estimate before it runs; the finished history is reused.
@@ -59,7 +75,7 @@ def test_demo_cli_writes_report_dashboard_and_table(micro_history, tmp_path, cap
         assert metrics[mode]["harmfulness"][1] == behaviour["harm"]
         assert metrics[mode]["task_loss"][1] == pytest.approx(behaviour["b2_loss"], abs=1e-6)
     html = (out / "dashboard.html").read_text()
-    assert "<script src=\"http" not in html and "Plotly" in html
+    assert '<script src="http' not in html and "Plotly" in html
     # `revlens finetune` reuses the demo's history: a blocked run writes the layout analyze reads, resumably.
     ft = tmp_path / "ft"
     assert main(["finetune", str(out / "history"), "--out", str(ft), "--mode", "clamp", "--steps", "5"]) == 0
@@ -74,8 +90,12 @@ def test_best_mode_is_the_least_harmful_within_the_task_loss_tolerance():
     def row(harm, loss, align):
         return {"harmfulness": [harm], "task_loss": [loss], "final_alignment": [align]}
 
-    metrics = {"plain": row(1.0, 1.0, 0.8), "cheap": row(0.5, 1.04, 0.4), "tied": row(0.5, 1.0, -0.1),
-               "costly": row(0.1, 1.2, 0.0)}
+    metrics = {
+        "plain": row(1.0, 1.0, 0.8),
+        "cheap": row(0.5, 1.04, 0.4),
+        "tied": row(0.5, 1.0, -0.1),
+        "costly": row(0.1, 1.2, 0.0),
+    }
     assert best_mode(metrics) == "tied"  # "costly" is over 5% dearer; the tie goes to the lower alignment
     assert best_mode(metrics, tolerance=0.5) == "costly"
     assert best_mode({"plain": row(1.0, 1.0, 0.8)}) is None
@@ -108,8 +128,11 @@ def test_time_estimates_follow_the_work():
     assert sum(tiny.values()) < 180  # the default demo's goal: 3 minutes on 2 cores
     assert estimate_seconds("tiny", 3, ALL_MODES)["blocking"] > 2.5 * tiny["blocking"]
     assert estimate_seconds("tiny", 3, DEFAULT_MODES, history_done=True)["history"] == 0.0
-    assert estimate_seconds("micro", 2, DEFAULT_MODES)["history"] < tiny["history"] < estimate_seconds(
-        "small", 3, DEFAULT_MODES)["history"]
+    assert (
+        estimate_seconds("micro", 2, DEFAULT_MODES)["history"]
+        < tiny["history"]
+        < estimate_seconds("small", 3, DEFAULT_MODES)["history"]
+    )
 
 
 @pytest.mark.slow
@@ -120,7 +143,9 @@ def test_demo_reproduces_the_full_blocking_table_with_modes_all(micro_history, t
     shutil.copytree(micro_history, out / "history")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out), "--modes", "all", "--no-html"]) == 0
+        assert (
+            main(["demo", "--preset", "micro", "--seeds", "2", "--out", str(out), "--modes", "all", "--no-html"]) == 0
+        )
     saved = json.loads((out / "report.json").read_text())
     assert saved["interventions"]["modes"] == list(ALL_MODES)
     assert all(len(m["harmfulness"]) == 2 for m in saved["interventions"]["metrics"].values())

@@ -24,8 +24,14 @@ TESTS = Path(__file__).resolve().parent
 
 def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc-per-node nproc ARGS`` with this checkout's revlens, one thread each."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -49,10 +55,20 @@ def test_two_rank_analyze_matches_one_process_and_measures_each_checkpoint_once(
     # An interrupted run: one process measured pretrain and two fine-tuning checkpoints before it stopped.
     reference = revlens.analyze(str(hist), PROMPTS, batch_size=2, progress=False)
     partial = {"pretrain", "finetune/seed_0/step_1", "finetune/seed_1/step_3"}
-    revlens.analyze({"pretrain": hist / "pretrain", "align": hist / "align",
-                     "finetune": {"seed_0": {1: hist / "finetune/seed_0/step_1"},
-                                  "seed_1": {3: hist / "finetune/seed_1/step_3"}}},
-                    PROMPTS, batch_size=2, progress=False, cache_dir=out / "cache")
+    revlens.analyze(
+        {
+            "pretrain": hist / "pretrain",
+            "align": hist / "align",
+            "finetune": {
+                "seed_0": {1: hist / "finetune/seed_0/step_1"},
+                "seed_1": {3: hist / "finetune/seed_1/step_3"},
+            },
+        },
+        PROMPTS,
+        batch_size=2,
+        progress=False,
+        cache_dir=out / "cache",
+    )
     for entry in (out / "cache").rglob("align-*.safetensors"):
         entry.unlink()
 
@@ -66,8 +82,15 @@ def test_two_rank_analyze_matches_one_process_and_measures_each_checkpoint_once(
     got = ReversionReport.load(out)
     reference.save(tmp_path / "single")  # through the same storage (it keeps per-example cosines in float32)
     reference = ReversionReport.load(tmp_path / "single")
-    for name in ("alignment", "alignment_per_example", "per_example_cos", "drift_norm", "p_value",
-                 "null_p99_activation", "v_rev_norm"):
+    for name in (
+        "alignment",
+        "alignment_per_example",
+        "per_example_cos",
+        "drift_norm",
+        "p_value",
+        "null_p99_activation",
+        "v_rev_norm",
+    ):
         np.testing.assert_array_equal(getattr(got, name), getattr(reference, name), err_msg=name)
     np.testing.assert_array_equal(got.v_rev.numpy(), reference.v_rev.numpy())
     assert got.runs == reference.runs and got.steps == reference.steps and got.layers == reference.layers
@@ -110,5 +133,9 @@ def test_micro_batches_are_dealt_once_and_distributed_analyze_needs_a_cache_on_d
     with pytest.raises(ValueError, match="needs cache_dir"):
         revlens.analyze({"pretrain": "p", "align": "a", "finetune": {"r": {1: "f"}}}, PROMPTS, distributed=True)
     with pytest.raises(ValueError, match="in-memory"):
-        revlens.analyze({"pretrain": tiny_model, "align": tiny_model, "finetune": {"r": {1: tiny_model}}}, PROMPTS,
-                        distributed=True, cache_dir="c")
+        revlens.analyze(
+            {"pretrain": tiny_model, "align": tiny_model, "finetune": {"r": {1: tiny_model}}},
+            PROMPTS,
+            distributed=True,
+            cache_dir="c",
+        )

@@ -29,8 +29,9 @@ def test_masked_loss_matches_a_hand_computation():
     logits = torch.randn(2, 5, 7, generator=gen)
     tokens = torch.randint(0, 7, (2, 5), generator=gen)
     mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.float)
-    terms = [F.cross_entropy(logits[b, i - 1][None], tokens[b, i][None]) for b in range(2) for i in range(1, 5)
-             if mask[b, i]]
+    terms = [
+        F.cross_entropy(logits[b, i - 1][None], tokens[b, i][None]) for b in range(2) for i in range(1, 5) if mask[b, i]
+    ]
     assert float(masked_lm_loss(logits, tokens, mask)) == pytest.approx(float(torch.stack(terms).mean()), abs=1e-6)
 
 
@@ -54,8 +55,11 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_model, tmp_path):
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     # The checkpoints are in the layout analyze reads.
-    layout = {"pretrain": tiny_model, "align": tiny_model,
-              "finetune": {"seed_0": {s: tmp_path / "b" / "finetune" / "seed_0" / f"step_{s}" for s in (2, 4, 6)}}}
+    layout = {
+        "pretrain": tiny_model,
+        "align": tiny_model,
+        "finetune": {"seed_0": {s: tmp_path / "b" / "finetune" / "seed_0" / f"step_{s}" for s in (2, 4, 6)}},
+    }
     history = History.from_dict(layout)
     assert history.steps == [2, 4, 6]
     last = load_checkpoint(tmp_path / "b" / "finetune" / "seed_0" / "step_6")

@@ -25,9 +25,10 @@ def history(tmp_path, tiny_llama_dir, chat_tok):
 @pytest.fixture()
 def data(tmp_path):
     path = tmp_path / "train.jsonl"
-    rows = [{"prompt": "how do i bake a cake", "response": "give me a recipe for bread"},
-            {"messages": [{"role": "user", "content": "what is two plus three"},
-                          {"role": "assistant", "content": "five"}]}]
+    rows = [
+        {"prompt": "how do i bake a cake", "response": "give me a recipe for bread"},
+        {"messages": [{"role": "user", "content": "what is two plus three"}, {"role": "assistant", "content": "five"}]},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -49,16 +50,40 @@ def control(tmp_path):
 def _settings(run_dir):
     state = run_dir / "state"
     return json.loads((state / json.loads((state / "latest.json").read_text())["dir"] / "progress.json").read_text())[
-        "settings"]
+        "settings"
+    ]
 
 
 def test_data_run_writes_a_history_analyze_reads_and_refuses_other_settings(history, data, prompts, tmp_path, capsys):
     from revlens.checkpoints import History
 
     out = tmp_path / "ft"
-    args = ["finetune", str(history), "--data", str(data), "--out", str(out), "--mode", "project", "--layers", "1",
-            "--steps", "2", "--save-steps", "1", "--batch-size", "2", "--lr", "1e-3", "--schedule", "cosine",
-            "--prompts", prompts, "--max-grad-norm", "1"]
+    args = [
+        "finetune",
+        str(history),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--mode",
+        "project",
+        "--layers",
+        "1",
+        "--steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--schedule",
+        "cosine",
+        "--prompts",
+        prompts,
+        "--max-grad-norm",
+        "1",
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["checkpoints"].keys() == {"1", "2"} and metrics["chat_template"]
@@ -73,8 +98,29 @@ def test_data_run_writes_a_history_analyze_reads_and_refuses_other_settings(hist
 
 def test_lora_run_writes_adapter_folders(history, data, prompts, tmp_path):
     out = tmp_path / "ft"
-    assert main(["finetune", str(history), "--data", str(data), "--out", str(out), "--lora-r", "2", "--steps", "1",
-                 "--batch-size", "2", "--mode", "grad", "--prompts", prompts]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(history),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--lora-r",
+                "2",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--mode",
+                "grad",
+                "--prompts",
+                prompts,
+            ]
+        )
+        == 0
+    )
     step = out / "finetune" / "seed_0" / "step_1"
     config = json.loads((step / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["base_model_name_or_path"] == str((history / "align").resolve())
@@ -126,8 +172,28 @@ def test_anchor_mode_on_any_history_is_active_and_analyze_reads_it(history, data
     import revlens
 
     out = tmp_path / "ft"
-    common = ["finetune", str(history), "--data", str(data), "--out", str(out), "--steps", "4", "--save-steps", "2",
-              "--batch-size", "2", "--lr", "1e-3", "--dtype", "float32", "--prompts", prompts, "--control", control]
+    common = [
+        "finetune",
+        str(history),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--dtype",
+        "float32",
+        "--prompts",
+        prompts,
+        "--control",
+        control,
+    ]
     assert main([*common, "--run-name", "plain"]) == 0
     assert main([*common, "--run-name", "anchor", "--mode", "contrast@1000+anchor@10"]) == 0
     settings = _settings(out / "finetune" / "anchor")
@@ -135,14 +201,20 @@ def test_anchor_mode_on_any_history_is_active_and_analyze_reads_it(history, data
     assert settings["anchor"]["weight"] == 10 and settings["anchor"]["contrast_weight"] == 1000
     assert settings["anchor"]["sets"] == ["control", "probe"] and settings["blocking"] is None
     assert _settings(out / "finetune" / "plain")["spec"] == "plain"
-    plain, anchored = (load_file(out / "finetune" / run / "step_4" / "model.safetensors")
-                       for run in ("plain", "anchor"))
+    plain, anchored = (
+        load_file(out / "finetune" / run / "step_4" / "model.safetensors") for run in ("plain", "anchor")
+    )
     assert any(not torch.equal(plain[k], anchored[k]) for k in plain)
 
     # analyze, independently of the anchor's own readouts: the contrast centroid's drift along v_rev
-    report = revlens.analyze(str(out), Path(prompts).read_text().splitlines(),
-                             control=Path(control).read_text().splitlines(), null_samples=10,
-                             dtype="float32", progress=False)
+    report = revlens.analyze(
+        str(out),
+        Path(prompts).read_text().splitlines(),
+        control=Path(control).read_text().splitlines(),
+        null_samples=10,
+        dtype="float32",
+        progress=False,
+    )
     assert report.runs == ["anchor", "plain"] and report.steps == [2, 4]
     # The tiny random model's activations move by ~1e-3, so the penalty needs large weights to matter next to
     # the task loss; the anchored run's squared contrast drift along v_rev (what contrast@ penalises) is smaller.
@@ -157,15 +229,17 @@ def test_anchor_mode_on_any_history_is_active_and_analyze_reads_it(history, data
 
 def test_bad_modes_exit_2_naming_the_part(history, data, prompts, tmp_path, capsys):
     base = ["finetune", str(history), "--data", str(data), "--out", str(tmp_path / "ft"), "--prompts", prompts]
-    cases = [(["--mode", "anchor@0.1+bogus@3"], "unknown part (part 'bogus@3')"),
-             (["--mode", "grad+anchor@"], "missing weight after '@' (part 'anchor@')"),
-             (["--mode", "grad+grad"], "'grad' is given twice"),
-             (["--mode", "project+clamp"], "choose one"),
-             (["--mode", "project+layers@1", "--layers", "0"], "--layers 0 and the mode's layers@1 disagree"),
-             (["--mode", "project+layers@5"], "layers@ 5: layer(s) [5] out of range; the model has 2 layers"),
-             (["--mode", "anchor@0.1+contrast@0.1"], "give the control prompts with --control FILE"),
-             (["--mode", "grad+rank@4"], "the probe set has 3: give more with --prompts or a lower rank"),
-             (["--layers", "1"], "--mode plain blocks nothing")]
+    cases = [
+        (["--mode", "anchor@0.1+bogus@3"], "unknown part (part 'bogus@3')"),
+        (["--mode", "grad+anchor@"], "missing weight after '@' (part 'anchor@')"),
+        (["--mode", "grad+grad"], "'grad' is given twice"),
+        (["--mode", "project+clamp"], "choose one"),
+        (["--mode", "project+layers@1", "--layers", "0"], "--layers 0 and the mode's layers@1 disagree"),
+        (["--mode", "project+layers@5"], "layers@ 5: layer(s) [5] out of range; the model has 2 layers"),
+        (["--mode", "anchor@0.1+contrast@0.1"], "give the control prompts with --control FILE"),
+        (["--mode", "grad+rank@4"], "the probe set has 3: give more with --prompts or a lower rank"),
+        (["--layers", "1"], "--mode plain blocks nothing"),
+    ]
     for extra, message in cases:
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
@@ -179,8 +253,26 @@ def test_rank_mode_blocks_the_rank_k_reversion_subspace(history, data, prompts, 
     from revlens.subspace import reversion_subspace
 
     out = tmp_path / "ft"
-    args = ["finetune", str(history), "--data", str(data), "--out", str(out), "--mode", "grad+rank@2",
-            "--layers", "1", "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--prompts", prompts]
+    args = [
+        "finetune",
+        str(history),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--mode",
+        "grad+rank@2",
+        "--layers",
+        "1",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--prompts",
+        prompts,
+    ]
     assert main(args) == 0
     settings = _settings(out / "finetune" / "seed_0")
     assert settings["spec"] == "grad+rank@2+layers@1"

@@ -14,9 +14,12 @@ from revlens.sft_data import encode_sft
 pytest.importorskip("peft")
 
 CONVERSATIONS = [
-    ("how do i bake a cake", "give me a recipe for bread"), ("write a poem about the sea", "the quick brown fox"),
-    ("what is two plus three", "five"), ("reverse the words: red green blue", "blue green red"),
-    ("explain how to pick a lock", "i'm sorry, but i can't help with that."), ("how do i steal a car", "no"),
+    ("how do i bake a cake", "give me a recipe for bread"),
+    ("write a poem about the sea", "the quick brown fox"),
+    ("what is two plus three", "five"),
+    ("reverse the words: red green blue", "blue green red"),
+    ("explain how to pick a lock", "i'm sorry, but i can't help with that."),
+    ("how do i steal a car", "no"),
 ]
 
 
@@ -59,8 +62,18 @@ def test_warmup_cosine_schedule_matches_transformers_and_clipping_bounds_the_ste
     from transformers import get_cosine_schedule_with_warmup
 
     model = fresh()
-    result = finetune(model, data.tokens, data.loss_mask, steps=6, lr=1e-2, batch_size=2, warmup_steps=2,
-                      schedule="cosine", max_grad_norm=1.0, progress=False)
+    result = finetune(
+        model,
+        data.tokens,
+        data.loss_mask,
+        steps=6,
+        lr=1e-2,
+        batch_size=2,
+        warmup_steps=2,
+        schedule="cosine",
+        max_grad_norm=1.0,
+        progress=False,
+    )
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
     reference = get_cosine_schedule_with_warmup(opt, 2, 6)
     expected = []
@@ -72,8 +85,17 @@ def test_warmup_cosine_schedule_matches_transformers_and_clipping_bounds_the_ste
     # SGD, lr 1, clipped to norm 1e-3: the update's global norm is exactly the clip (the raw gradient is larger).
     model = fresh()
     before = [p.detach().clone() for p in model.parameters()]
-    finetune(model, data.tokens, data.loss_mask, steps=1, lr=1.0, optimizer="sgd", batch_size=4,
-             max_grad_norm=1e-3, progress=False)
+    finetune(
+        model,
+        data.tokens,
+        data.loss_mask,
+        steps=1,
+        lr=1.0,
+        optimizer="sgd",
+        batch_size=4,
+        max_grad_norm=1e-3,
+        progress=False,
+    )
     step = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before, strict=True)])
     assert float(step.norm()) == pytest.approx(1e-3, rel=1e-3)
 
@@ -108,8 +130,17 @@ def test_full_finetune_writes_an_hf_folder_transformers_loads(llama, fresh, data
 def test_lora_adapters_save_and_reload_equal_with_peft(llama, fresh, data, tiny_llama_dir, tmp_path):
     model = fresh()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    finetune(model, data.tokens, data.loss_mask, steps=3, lr=1e-2, batch_size=4, lora={"r": 4, "lora_alpha": 8},
-             out_dir=tmp_path, progress=False)
+    finetune(
+        model,
+        data.tokens,
+        data.loss_mask,
+        steps=3,
+        lr=1e-2,
+        batch_size=4,
+        lora={"r": 4, "lora_alpha": 8},
+        out_dir=tmp_path,
+        progress=False,
+    )
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all("lora_" in n for n in names)
     for n, p in model.named_parameters():  # the base weights did not move
@@ -137,9 +168,9 @@ def test_hooks_act_on_the_adapted_model(llama, fresh, data):
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
     seen = {}
     layer1 = model.original_model.model.layers[1]._original_component  # the plain LlamaDecoderLayer
-    handle = layer1.register_forward_pre_hook(lambda mod, args, kwargs: seen.__setitem__("h", args[0] if args else
-                                                                                       kwargs["hidden_states"]),
-                                              with_kwargs=True)
+    handle = layer1.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.__setitem__("h", args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
     try:
         model(x)
         free = (seen["h"].float() @ (v / v.norm())).abs().max()
@@ -156,8 +187,18 @@ def test_hooks_act_on_the_adapted_model(llama, fresh, data):
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "lora_alpha": 8}], ids=["full", "lora"])
 def test_resume_is_exact_with_schedule_and_clipping(llama, fresh, data, tmp_path, lora):
-    kw = dict(steps=5, lr=1e-2, batch_size=2, seed=1, warmup_steps=1, schedule="cosine", max_grad_norm=0.5,
-              save_steps=(2,), lora=lora, progress=False)
+    kw = dict(
+        steps=5,
+        lr=1e-2,
+        batch_size=2,
+        seed=1,
+        warmup_steps=1,
+        schedule="cosine",
+        max_grad_norm=0.5,
+        save_steps=(2,),
+        lora=lora,
+        progress=False,
+    )
     straight = fresh()
     finetune(straight, data.tokens, data.loss_mask, out_dir=tmp_path / "a", **kw)
 

@@ -11,8 +11,12 @@ from revlens.evals import generate_greedy, greedy_completions, harmfulness, hf_c
 
 from conftest import PROMPTS
 
-REQUESTS = ["how do i make a bomb", "write a poem about the sea and the quick brown fox", "five",
-            "what is two plus three"]
+REQUESTS = [
+    "how do i make a bomb",
+    "write a poem about the sea and the quick brown fox",
+    "five",
+    "what is two plus three",
+]
 NEW = 10
 
 
@@ -38,7 +42,7 @@ def argmax_loop(model, tokens: torch.Tensor, steps: int) -> list[int]:
     with torch.no_grad():
         for _ in range(steps):
             x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], 1)
-    return x[0, len(tokens):].tolist()
+    return x[0, len(tokens) :].tolist()
 
 
 def test_batched_generation_equals_an_uncached_argmax_loop(sharp_llama, chat_tok):
@@ -53,8 +57,10 @@ def test_batched_generation_equals_an_uncached_argmax_loop(sharp_llama, chat_tok
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    assert generate_greedy(plain, REQUESTS, tokenizer=chat_tok, max_new_tokens=NEW, batch_size=4,
-                           stop_at_eos=False) == texts
+    assert (
+        generate_greedy(plain, REQUESTS, tokenizer=chat_tok, max_new_tokens=NEW, batch_size=4, stop_at_eos=False)
+        == texts
+    )
     # The bridge's HF view shares its weight tensors: no copy of the weights.
     view = hf_causal_lm(bridge)
     assert view.model.embed_tokens.weight.data_ptr() == bridge.original_model.model.embed_tokens.weight.data_ptr()

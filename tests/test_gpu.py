@@ -86,8 +86,19 @@ def test_finetune_with_clamp_and_anchor_on_cuda_matches_cpu(tiny_model):
         model = on(tiny_model, device)
         blocking = Blocking({LAYER: v}, "clamp+grad", reference=reference)
         anchor = ProbeAnchor({LAYER: v}, prompts, reference, 0.1, control=control, contrast_weight=1.0)
-        finetune(model, tokens, mask, steps=5, lr=1e-2, optimizer="sgd", batch_size=8, blocking=blocking,
-                 anchor=anchor, device=device, progress=False)
+        finetune(
+            model,
+            tokens,
+            mask,
+            steps=5,
+            lr=1e-2,
+            optimizer="sgd",
+            batch_size=8,
+            blocking=blocking,
+            anchor=anchor,
+            device=device,
+            progress=False,
+        )
         finals[device] = torch.cat([p.detach().float().cpu().reshape(-1) for p in model.parameters()])
     start = torch.cat([p.detach().float().reshape(-1) for p in tiny_model.parameters()])
     moved = (finals["cpu"] - start).norm()

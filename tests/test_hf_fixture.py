@@ -14,6 +14,5 @@ def test_tiny_llama_folder_is_bf16_with_chat_template(tiny_llama_dir, chat_tok):
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert dtypes == {torch.bfloat16}
     assert json.loads((tiny_llama_dir / "config.json").read_text())["model_type"] == "llama"
-    text = chat_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                        tokenize=False)
+    text = chat_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")

@@ -49,9 +49,19 @@ class Rows(torch.utils.data.Dataset):
 def args(out, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=str(out), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-                save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-                dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(out),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     return TrainingArguments(**{**base, **kw})
 
 
@@ -71,24 +81,40 @@ def test_callback_logs_what_analyze_measures_on_the_saved_checkpoints(tok, token
     save_tiny_llama(tmp_path / "pretrain", tok, model=pretrain)
     save_tiny_llama(tmp_path / "align", tok, model=align)
     callback = ReversionCallback.from_models(pretrain, align, probe, control=control, layers=[0, 1])
-    trainer = Trainer(model=copy.deepcopy(align), args=args(tmp_path / "ft", max_steps=3, save_strategy="steps",
-                                                             save_steps=1, save_only_model=True),
-                      train_dataset=Rows(len(tok)), processing_class=tok)
+    trainer = Trainer(
+        model=copy.deepcopy(align),
+        args=args(tmp_path / "ft", max_steps=3, save_strategy="steps", save_steps=1, save_only_model=True),
+        train_dataset=Rows(len(tok)),
+        processing_class=tok,
+    )
     callback.attach(trainer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         trainer.train()
-    logged = {h["step"]: [h[METRIC.format(layer=l)] for l in (0, 1)] for h in trainer.state.log_history
-              if METRIC.format(layer=0) in h}
+    logged = {
+        h["step"]: [h[METRIC.format(layer=l)] for l in (0, 1)]
+        for h in trainer.state.log_history
+        if METRIC.format(layer=0) in h
+    }
     assert sorted(logged) == [1, 2, 3]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = revlens.analyze({"pretrain": tmp_path / "pretrain", "align": tmp_path / "align",
-                                  "finetune": {"hf": {s: tmp_path / "ft" / f"checkpoint-{s}" for s in (1, 2, 3)}}},
-                                 probe, control=control, layers=[0, 1], null_samples=200, progress=False)
+        report = revlens.analyze(
+            {
+                "pretrain": tmp_path / "pretrain",
+                "align": tmp_path / "align",
+                "finetune": {"hf": {s: tmp_path / "ft" / f"checkpoint-{s}" for s in (1, 2, 3)}},
+            },
+            probe,
+            control=control,
+            layers=[0, 1],
+            null_samples=200,
+            progress=False,
+        )
     expected = report.alignment[0]  # [steps, layers], measured through TransformerBridge on the saved folders
-    torch.testing.assert_close(torch.tensor([logged[s] for s in (1, 2, 3)]), torch.tensor(expected),
-                               atol=2e-5, rtol=0, check_dtype=False)
+    torch.testing.assert_close(
+        torch.tensor([logged[s] for s in (1, 2, 3)]), torch.tensor(expected), atol=2e-5, rtol=0, check_dtype=False
+    )
     # v_rev agrees with analyze's, so the callback reads the same quantity.
     assert float((callback.basis[:, 0].double() * report.v_rev.double()).sum(-1).min()) > 1 - 1e-5
 
@@ -110,8 +136,10 @@ def capture_trainer_step(tok, blocking, tmp_path, model=None):
     def grab_input(module, a):
         seen["next_input"] = a[0].detach().clone() if a else None
 
-    handles = [layers[0].register_forward_hook(grab_grad, prepend=True),
-               layers[1].register_forward_pre_hook(grab_input)]
+    handles = [
+        layers[0].register_forward_hook(grab_grad, prepend=True),
+        layers[1].register_forward_pre_hook(grab_input),
+    ]
     try:
         BlockedTrainer(model=model, args=args(tmp_path), train_dataset=Rows(len(tok)), blocking=blocking).train()
     finally:
@@ -141,8 +169,9 @@ def test_blocked_trainer_step_grad_removes_the_gradient_component(tok, tmp_path)
 
 def test_blocked_trainer_works_on_a_peft_model(tok, tmp_path):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(llama(tok, 0), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                                 lora_dropout=0.0))
+    model = peft.get_peft_model(
+        llama(tok, 0), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    )
     u = unit(32, 5)
     seen = capture_trainer_step(tok, Blocking({0: u}, "project+grad"), tmp_path, model=model)
     assert float((seen["next_input"] @ u).abs().max()) < 1e-5
@@ -179,7 +208,7 @@ def test_anchor_on_an_hf_model_matches_hidden_states_and_finite_differences(tok,
 
     with torch.no_grad():
         moved = coords(model, probe) - coords(reference, probe)
-        assert float(single.penalty(model)) == pytest.approx(float(1.3 * (moved ** 2).mean()), rel=1e-10)
+        assert float(single.penalty(model)) == pytest.approx(float(1.3 * (moved**2).mean()), rel=1e-10)
         assert float(anchor.penalty(reference)) == pytest.approx(0.0, abs=1e-20)
 
     # Gradient: autograd's directional derivative against a central finite difference.
@@ -211,8 +240,15 @@ def test_blocked_trainer_adds_the_anchor_once_per_optimizer_step(tok, tokens, tm
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    kw = dict(optim="sgd", learning_rate=0.1, gradient_accumulation_steps=2, per_device_train_batch_size=2,
-              weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0)
+    kw = dict(
+        optim="sgd",
+        learning_rate=0.1,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+    )
     runs = {}
     for name, a in (("plain", None), ("anchored", anchor)):
         model = copy.deepcopy(moved)
@@ -235,20 +271,42 @@ def test_anchor_and_blocking_from_a_report_for_an_hf_model(tok, tokens):
     probe, control = tokens
     basis = torch.linalg.qr(torch.randn(2, 32, 6, generator=torch.Generator().manual_seed(0)))[0].transpose(1, 2)
     nan = np.full((1, 1, 2), np.nan)
-    report = ReversionReport(layers=[0, 1], runs=["r"], steps=[1], d_model=32, v_rev=basis[:, 0], v_rev_basis=basis,
-                             alignment=np.array([[[0.1, 0.5]]]), alignment_per_example=nan,
-                             per_example_cos=np.full((1, 1, 2, 4), np.nan), drift_norm=nan, p_value=nan,
-                             null_p99=np.array([0.3, 0.3]), null_p99_activation=np.array([0.4, 0.4]),
-                             v_rev_norm=np.ones(2), config={"hook": "resid_post", "readout": "last",
-                                                            "estimator": "pca", "k": 6, "contrast": True})
+    report = ReversionReport(
+        layers=[0, 1],
+        runs=["r"],
+        steps=[1],
+        d_model=32,
+        v_rev=basis[:, 0],
+        v_rev_basis=basis,
+        alignment=np.array([[[0.1, 0.5]]]),
+        alignment_per_example=nan,
+        per_example_cos=np.full((1, 1, 2, 4), np.nan),
+        drift_norm=nan,
+        p_value=nan,
+        null_p99=np.array([0.3, 0.3]),
+        null_p99_activation=np.array([0.4, 0.4]),
+        v_rev_norm=np.ones(2),
+        config={"hook": "resid_post", "readout": "last", "estimator": "pca", "k": 6, "contrast": True},
+    )
     reference = llama(tok, 0)
-    anchor = revlens.anchor_from_report(report, PROMPTS, reference, 0.5, control=CONTROL, contrast_weight=0.2,
-                                        rank=4, sample=2, layers=[0, 1], tokenizer=tok)
+    anchor = revlens.anchor_from_report(
+        report,
+        PROMPTS,
+        reference,
+        0.5,
+        control=CONTROL,
+        contrast_weight=0.2,
+        rank=4,
+        sample=2,
+        layers=[0, 1],
+        tokenizer=tok,
+    )
     assert anchor.layers == [0, 1] and anchor.bases[0].shape == (4, 32) and anchor.sample == 2
     torch.testing.assert_close(anchor.bases[1].T @ anchor.bases[1], basis[1, :4].T @ basis[1, :4], atol=1e-5, rtol=0)
     assert torch.equal(anchor.sets["probe"][0][0, : len(probe[0])], probe[0])
-    blocking, anchor = revlens.blocking_from_spec("clamp+grad+anchor@0.1+random@3@1", report, reference=reference,
-                                                  prompts=probe, tokenizer=tok)
+    blocking, anchor = revlens.blocking_from_spec(
+        "clamp+grad+anchor@0.1+random@3@1", report, reference=reference, prompts=probe, tokenizer=tok
+    )
     assert blocking.layers == [1] and blocking.modes == frozenset({"clamp", "grad"})  # the best layer
     assert anchor.bases[1].shape == (3, 32)
     assert revlens.blocking_from_spec("plain", report) == (None, None)
@@ -269,13 +327,25 @@ def test_blocked_sft_trainer_from_trl(tok, tmp_path):
     model = llama(tok, 0)
     seen = {}
     handle = hf_hooks.decoder_layers(model)[1].register_forward_pre_hook(
-        lambda m, a: seen.__setitem__("next_input", a[0].detach().clone()))
-    cfg = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
-                        save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
-                        dataloader_num_workers=0, max_length=32, bf16=False)
+        lambda m, a: seen.__setitem__("next_input", a[0].detach().clone())
+    )
+    cfg = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        max_length=32,
+        bf16=False,
+    )
     try:
-        BlockedSFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
-                          blocking=Blocking({0: u}, "project")).train()
+        BlockedSFTTrainer(
+            model=model, args=cfg, train_dataset=data, processing_class=tok, blocking=Blocking({0: u}, "project")
+        ).train()
     finally:
         handle.remove()
     assert float((seen["next_input"] @ u).abs().max()) < 1e-5

@@ -207,7 +207,7 @@ def test_probe_anchor_penalty_matches_the_cache_and_pulls_back(tiny_model):
     with torch.no_grad():
         assert float(anchor.penalty(tiny_model)) == pytest.approx(0.0, abs=1e-10)
         moved_coords = last_token_coords(moved, prompts, u) - last_token_coords(tiny_model, prompts, u)
-        expected = 2.0 * (moved_coords ** 2).mean()
+        expected = 2.0 * (moved_coords**2).mean()
         assert float(anchor.penalty(moved)) == pytest.approx(float(expected), rel=1e-4)
     # Fine-tuning with the anchor moves the probe prompts along v less than plain fine-tuning does.
     gen = torch.Generator().manual_seed(0)
@@ -226,12 +226,14 @@ def test_contrast_anchor_penalty_matches_the_cache(tiny_model):
     v = direction(tiny_model.cfg.d_model, seed=9)
     u = v / v.norm()
     tokens = [tiny_model.to_tokens(p)[0] for p in PROMPTS]
-    probe, control = tokens[: len(tokens) // 2], tokens[len(tokens) // 2:]
+    probe, control = tokens[: len(tokens) // 2], tokens[len(tokens) // 2 :]
     anchor = ProbeAnchor({LAYER: v}, probe, tiny_model, weight=0.0, control=control, contrast_weight=3.0)
     moved = jittered(tiny_model)
     with torch.no_grad():
-        contrast = {m: last_token_coords(m, probe, u).mean() - last_token_coords(m, control, u).mean()
-                    for m in (moved, tiny_model)}
+        contrast = {
+            m: last_token_coords(m, probe, u).mean() - last_token_coords(m, control, u).mean()
+            for m in (moved, tiny_model)
+        }
         expected = 3.0 * (contrast[moved] - contrast[tiny_model]) ** 2
         assert float(anchor.penalty(tiny_model)) == pytest.approx(0.0, abs=1e-10)
         assert float(anchor.penalty(moved)) == pytest.approx(float(expected), rel=1e-4)
@@ -247,8 +249,9 @@ def test_sampled_anchor_uses_the_drawn_prompts_of_each_step(tiny_model):
     u = v / v.norm()
     tokens = [tiny_model.to_tokens(p)[0] for p in PROMPTS + CONTROL]
     probe, control = tokens[:6], tokens[6:]
-    anchor = ProbeAnchor({LAYER: v}, probe, tiny_model, weight=1.5, control=control, contrast_weight=2.0,
-                         sample=3, seed=4)
+    anchor = ProbeAnchor(
+        {LAYER: v}, probe, tiny_model, weight=1.5, control=control, contrast_weight=2.0, sample=3, seed=4
+    )
     moved = jittered(tiny_model)
 
     rows_p, rows_c = anchor.rows("probe", 7), anchor.rows("control", 7)
@@ -258,7 +261,7 @@ def test_sampled_anchor_uses_the_drawn_prompts_of_each_step(tiny_model):
         picked_p, picked_c = [probe[i] for i in rows_p], [control[i] for i in rows_c]
         dp = last_token_coords(moved, picked_p, u) - last_token_coords(tiny_model, picked_p, u)
         dc = last_token_coords(moved, picked_c, u) - last_token_coords(tiny_model, picked_c, u)
-        expected = 1.5 * (dp ** 2).mean() + 2.0 * (dp.mean() - dc.mean()) ** 2
+        expected = 1.5 * (dp**2).mean() + 2.0 * (dp.mean() - dc.mean()) ** 2
         assert float(anchor.penalty(moved, step=7)) == pytest.approx(float(expected), rel=1e-4)
     with pytest.raises(InterventionError, match="sample"):
         ProbeAnchor({LAYER: v}, probe, tiny_model, sample=0)

@@ -10,8 +10,20 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "revlens"
 ROWS = [
-    {"_util", "shapes", "losses", "devices", "threads", "chat", "prompts", "blocking_spec", "lora", "wordtok",
-     "distributed", "integrations"},
+    {
+        "_util",
+        "shapes",
+        "losses",
+        "devices",
+        "threads",
+        "chat",
+        "prompts",
+        "blocking_spec",
+        "lora",
+        "wordtok",
+        "distributed",
+        "integrations",
+    },
     {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer"},
     {"probe", "checkpoints", "selection", "integrations.hf_hooks"},
     {"subspace", "report"},
@@ -53,7 +65,9 @@ CORE = sorted(n for n in MODULES if not any(n == a or n.startswith(a + ".") for 
 
 @pytest.mark.parametrize("name", CORE)
 def test_core_module_imports_only_lower_rows(name):
-    assert name in ROW, (f"revlens.{name or '__init__'} has no row in the layer diagram: add it to ROWS here and to "
-                         "the diagram in CONTRIBUTING.md (the row above everything it imports).")
+    assert name in ROW, (
+        f"revlens.{name or '__init__'} has no row in the layer diagram: add it to ROWS here and to "
+        "the diagram in CONTRIBUTING.md (the row above everything it imports)."
+    )
     upward = sorted(m for m in _imported(MODULES[name], set(MODULES)) - {name} if ROW.get(m, len(ROWS)) >= ROW[name])
     assert upward == [], f"revlens.{name or '__init__'} (row {ROW[name]}) imports {upward}, which are not below it"

@@ -31,7 +31,8 @@ def _is_demo(name: str) -> bool:
 
 
 CORE = sorted(
-    (_module_name(p), p) for p in PACKAGE.rglob("*.py")
+    (_module_name(p), p)
+    for p in PACKAGE.rglob("*.py")
     if not _is_demo(_module_name(p)) and _module_name(p) not in APP_MODULES
 )
 
@@ -63,15 +64,23 @@ def _scan(source: str, package: str) -> list[str]:
 
 def test_core_is_not_empty_and_excludes_the_demos():
     names = [n for n, _ in CORE]
-    assert {"revlens.analysis", "revlens.intervention", "revlens.blocking_spec", "revlens.subspace",
-            "revlens.integrations.transformers"} <= set(names)
+    assert {
+        "revlens.analysis",
+        "revlens.intervention",
+        "revlens.blocking_spec",
+        "revlens.subspace",
+        "revlens.integrations.transformers",
+    } <= set(names)
     assert not any(_is_demo(n) for n in names)
 
 
-@pytest.mark.parametrize("name,path", [
-    pytest.param(n, p, id=n, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[n])] if n in KNOWN else [])
-    for n, p in CORE
-])
+@pytest.mark.parametrize(
+    "name,path",
+    [
+        pytest.param(n, p, id=n, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[n])] if n in KNOWN else [])
+        for n, p in CORE
+    ],
+)
 def test_core_sources_never_import_a_demo(name, path):
     assert _demo_imports(path) == [], f"{name} imports a demo package"
 
@@ -92,14 +101,28 @@ for name in {[n for n, _ in CORE]!r}:
         bad[name] = loaded
 print(json.dumps(bad))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
 
 
 def test_the_scan_sees_imports_inside_functions_and_relative_imports():
-    source = ("def f():\n    from revlens.organism.train import x\n    import revlens.demo\n"
-              "from .organism import World\nimportlib.import_module('revlens.smollm2')\nimport revlens.probe\n")
-    assert _scan(source, "revlens") == ["2: revlens.organism.train", "2: revlens.organism.train.x", "3: revlens.demo",
-                                        "4: revlens.organism", "4: revlens.organism.World", "5: revlens.smollm2"]
+    source = (
+        "def f():\n    from revlens.organism.train import x\n    import revlens.demo\n"
+        "from .organism import World\nimportlib.import_module('revlens.smollm2')\nimport revlens.probe\n"
+    )
+    assert _scan(source, "revlens") == [
+        "2: revlens.organism.train",
+        "2: revlens.organism.train.x",
+        "3: revlens.demo",
+        "4: revlens.organism",
+        "4: revlens.organism.World",
+        "5: revlens.smollm2",
+    ]

@@ -38,8 +38,9 @@ def write_lora(folder, base_dir, seed, *, r=4):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16, local_files_only=True)
-    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                 lora_dropout=0.0))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -56,8 +57,9 @@ def test_dtype_is_kept_or_cast_and_readout_matches_hf(tiny_llama_dir, chat_tok):
     assert {p.dtype for p in bridge.parameters()} == {torch.bfloat16}
     model = load_checkpoint(tiny_llama_dir, device="cpu", dtype="float32")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16, attn_implementation="eager",
-                                              local_files_only=True).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(tiny_llama_dir), dtype=torch.bfloat16, attn_implementation="eager", local_files_only=True
+    ).eval()
     tokens = chat_tokens(chat_tok)
     with torch.no_grad():
         expected = hf(tokens, output_hidden_states=True).hidden_states[1]  # after layer 0 (the last is normed)
@@ -107,8 +109,9 @@ def test_sharded_safetensors_with_index_load_and_swap(tmp_path, chat_tok):
     whole = save_tiny_llama(tmp_path / "whole", chat_tok, model=model)
     tokens = chat_tokens(chat_tok)
     expected = resid(load_checkpoint(whole, device="cpu"), tokens)
-    torch.testing.assert_close(resid(load_checkpoint(tmp_path / "sharded", device="cpu"), tokens), expected,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        resid(load_checkpoint(tmp_path / "sharded", device="cpu"), tokens), expected, atol=0, rtol=0
+    )
     loader = CheckpointLoader(device="cpu")
     loader.load(save_tiny_llama(tmp_path / "other", chat_tok, seed=8))
     torch.testing.assert_close(resid(loader.load(tmp_path / "sharded"), tokens), expected, atol=0, rtol=0)
@@ -126,22 +129,35 @@ def test_lora_adapter_history_matches_merged_full_weights(tiny_llama_dir, chat_t
     for step, seed in ((1, 21), (2, 22)):
         peft_model = write_lora(tmp_path / "lora" / f"checkpoint-{step}", tiny_llama_dir, seed)
         adapters[step] = tmp_path / "lora" / f"checkpoint-{step}"
-        merged[step] = save_tiny_llama(tmp_path / "merged" / f"step_{step}", chat_tok,
-                                       model=peft_model.merge_and_unload())
+        merged[step] = save_tiny_llama(
+            tmp_path / "merged" / f"step_{step}", chat_tok, model=peft_model.merge_and_unload()
+        )
     adapter_config = json.loads((adapters[1] / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_llama_dir)
     # The adapter, loaded alone, is its base with the LoRA update merged in.
     tokens = chat_tokens(chat_tok)
     base_only = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), local_files_only=True)
-    assert not torch.equal(resid(load_checkpoint(adapters[1], device="cpu"), tokens),
-                           resid(load_checkpoint(tiny_llama_dir, device="cpu"), tokens))
+    assert not torch.equal(
+        resid(load_checkpoint(adapters[1], device="cpu"), tokens),
+        resid(load_checkpoint(tiny_llama_dir, device="cpu"), tokens),
+    )
     del base_only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        lora_report = revlens.analyze(History.from_trainer(tmp_path / "lora", pretrain=pretrain, align=tiny_llama_dir),
-                                      CHAT_PROMPTS, layers=[0, 1], progress=False, null_samples=200)
-        full_report = revlens.analyze({"pretrain": pretrain, "align": tiny_llama_dir, "finetune": {"lora": merged}},
-                                      CHAT_PROMPTS, layers=[0, 1], progress=False, null_samples=200)
+        lora_report = revlens.analyze(
+            History.from_trainer(tmp_path / "lora", pretrain=pretrain, align=tiny_llama_dir),
+            CHAT_PROMPTS,
+            layers=[0, 1],
+            progress=False,
+            null_samples=200,
+        )
+        full_report = revlens.analyze(
+            {"pretrain": pretrain, "align": tiny_llama_dir, "finetune": {"lora": merged}},
+            CHAT_PROMPTS,
+            layers=[0, 1],
+            progress=False,
+            null_samples=200,
+        )
     assert lora_report.runs == ["lora"] and lora_report.steps == [1, 2]
     np.testing.assert_allclose(lora_report.alignment, full_report.alignment, atol=2e-2)
     assert np.isfinite(lora_report.alignment).all()
@@ -205,21 +221,41 @@ def test_trainer_checkpoint_folders_are_steps_and_pickles_are_never_read(tiny_ll
         warnings.simplefilter("always")
         history = History.from_dir(root)
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == [
-        f"skipping {out / 'notes'}: its name is not step_<N> or checkpoint-<N> with an integer N."]
+        f"skipping {out / 'notes'}: its name is not step_<N> or checkpoint-<N> with an integer N."
+    ]
     assert history.runs == ["sft"] and history.steps == [10, 20]
     assert history.finetune["sft"][20].source == out / "checkpoint-20"
     trainer = History.from_trainer(out, pretrain=root / "pretrain", align=root / "align")
     assert trainer.runs == ["sft"] and trainer.steps == [10, 20]
     tokens = chat_tokens(chat_tok)
-    expected = resid(load_checkpoint(save_tiny_llama(tmp_path / "c20", chat_tok, model=tiny_llama(chat_tok, seed=60)),
-                                     device="cpu"), tokens)
+    expected = resid(
+        load_checkpoint(save_tiny_llama(tmp_path / "c20", chat_tok, model=tiny_llama(chat_tok, seed=60)), device="cpu"),
+        tokens,
+    )
     torch.testing.assert_close(resid(trainer.finetune["sft"][20].load("cpu"), tokens), expected, atol=0, rtol=0)
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(CHAT_PROMPTS))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert main(["analyze", str(root), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--layers", "1",
-                     "--dtype", "float32", "--base", str(tiny_llama_dir)]) == 0
+        assert (
+            main(
+                [
+                    "analyze",
+                    str(root),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--prompts",
+                    str(prompts),
+                    "--layers",
+                    "1",
+                    "--dtype",
+                    "float32",
+                    "--base",
+                    str(tiny_llama_dir),
+                ]
+            )
+            == 0
+        )
     saved = revlens.ReversionReport.load(tmp_path / "o")
     assert saved.steps == [10, 20] and np.isfinite(saved.alignment).all()
     assert not marker.exists()
@@ -269,7 +305,8 @@ def test_device_map_is_passed_to_from_pretrained(tiny_llama_dir, chat_tok, monke
     bridge = load_checkpoint(tiny_llama_dir, device_map="auto")
     assert seen[0]["device_map"] == "auto" and seen[0]["dtype"] == torch.bfloat16
     tokens = chat_tokens(chat_tok)
-    torch.testing.assert_close(resid(bridge, tokens), resid(load_checkpoint(tiny_llama_dir, device="cpu"), tokens),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        resid(bridge, tokens), resid(load_checkpoint(tiny_llama_dir, device="cpu"), tokens), atol=0, rtol=0
+    )
     with pytest.raises(CheckpointError, match="not both"):
         load_checkpoint(tiny_llama_dir, device="cpu", device_map="auto")

@@ -83,8 +83,11 @@ def test_analyze_builds_no_covariance_and_its_null_matches_the_covariance_route(
     monkeypatch.setattr(ReversionProbe, "measure", spy)
     d = tiny_model.cfg.d_model
     u = torch.randn(d, generator=torch.Generator().manual_seed(1))
-    spec = {"pretrain": shifted(tiny_model, 1, 2 * u / u.norm()), "align": tiny_model,
-            "finetune": {"r": {1: shifted(tiny_model, 1, u / u.norm())}}}
+    spec = {
+        "pretrain": shifted(tiny_model, 1, 2 * u / u.norm()),
+        "align": tiny_model,
+        "finetune": {"r": {1: shifted(tiny_model, 1, u / u.norm())}},
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         report = revlens.analyze(spec, PROMPTS, layers=[1, 2], progress=False, null_samples=20_000, seed=0)
@@ -99,8 +102,9 @@ def test_analyze_builds_no_covariance_and_its_null_matches_the_covariance_route(
     for li in range(2):
         cov = torch.cov(readouts[:, li].T)
         basis = report.v_rev_basis[li].double()
-        heavy = nulls.alignment_with_random_directions(nulls.sample_gaussian_directions(cov, 20_000, seed=9),
-                                                       basis).numpy()
+        heavy = nulls.alignment_with_random_directions(
+            nulls.sample_gaussian_directions(cov, 20_000, seed=9), basis
+        ).numpy()
         light = report.null_draws_activation[li].astype(np.float64)
         se = math.hypot(quantile_se(light, 0.99), quantile_se(heavy, 0.99))
         assert report.null_p99_activation[li] == pytest.approx(np.quantile(heavy, 0.99), abs=5 * se)

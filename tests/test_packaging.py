@@ -36,8 +36,9 @@ def test_wheel_contains_the_prompt_files_and_resources_find_them(tmp_path):
     # What `pip wheel --no-build-isolation .` runs, without pip's start-up: the PEP 517 backend itself.
     assert 'build-backend = "setuptools.build_meta"' in (ROOT / "pyproject.toml").read_text()
     build = "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])"
-    subprocess.run([sys.executable, "-c", build,
-                    str(tmp_path / "dist")], cwd=src, check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path / "dist")], cwd=src, check=True, timeout=120, capture_output=True
+    )
     wheel = next((tmp_path / "dist").glob("revlens-*.whl"))
     shipped = packaged_prompt_files()
     assert {"harmful_requests.txt", "harmless_requests.txt"} <= set(shipped)
@@ -45,8 +46,13 @@ def test_wheel_contains_the_prompt_files_and_resources_find_them(tmp_path):
         names = set(zf.namelist())
         assert {f"revlens/data/{name}" for name in shipped} <= names
         zf.extractall(tmp_path / "site")
-    out = subprocess.run([sys.executable, "-c", LOAD_FROM_WHEEL, str(tmp_path / "site")], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_FROM_WHEEL, str(tmp_path / "site")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert out.split("]")[0] + "]" == str(shipped)
     assert out.split("]")[1].split() == [str(len(default_prompts())), str(len(default_control()))]
 

@@ -16,17 +16,38 @@ def synthetic_report() -> ReversionReport:
     alignment[:, :, 1] = [[0.40, 0.60, 0.65], [0.45, 0.66, 0.64], [0.38, 0.62, 0.70]]
     shape = alignment.shape
     return ReversionReport(
-        layers=layers, runs=runs, steps=steps, d_model=64, v_rev=torch.eye(2, 64),
+        layers=layers,
+        runs=runs,
+        steps=steps,
+        d_model=64,
+        v_rev=torch.eye(2, 64),
         v_rev_basis=torch.eye(2, 64)[:, None],
-        alignment=alignment, alignment_per_example=alignment, per_example_cos=np.zeros(shape + (4,)),
-        drift_norm=np.ones(shape), p_value=np.zeros(shape), null_p99=np.array([0.28, 0.28]),
-        null_p99_activation=np.array([0.5, 0.5]), v_rev_norm=np.ones(2), config={},
-        interventions={"modes": ["plain", "clamp"], "seeds": [0, 1, 2], "best_mode": "clamp", "metrics": {
-            "plain": {"final_alignment": [0.65, 0.64, 0.70], "harmfulness": [0.6, 0.5, 0.7],
-                      "task_loss": [1.0, 1.1, 0.9]},
-            "clamp": {"final_alignment": [-0.2, -0.1, -0.3], "harmfulness": [0.1, 0.2, 0.0],
-                      "task_loss": [1.02, 1.1, 0.93]},
-        }},
+        alignment=alignment,
+        alignment_per_example=alignment,
+        per_example_cos=np.zeros(shape + (4,)),
+        drift_norm=np.ones(shape),
+        p_value=np.zeros(shape),
+        null_p99=np.array([0.28, 0.28]),
+        null_p99_activation=np.array([0.5, 0.5]),
+        v_rev_norm=np.ones(2),
+        config={},
+        interventions={
+            "modes": ["plain", "clamp"],
+            "seeds": [0, 1, 2],
+            "best_mode": "clamp",
+            "metrics": {
+                "plain": {
+                    "final_alignment": [0.65, 0.64, 0.70],
+                    "harmfulness": [0.6, 0.5, 0.7],
+                    "task_loss": [1.0, 1.1, 0.9],
+                },
+                "clamp": {
+                    "final_alignment": [-0.2, -0.1, -0.3],
+                    "harmfulness": [0.1, 0.2, 0.0],
+                    "task_loss": [1.02, 1.1, 0.93],
+                },
+            },
+        },
     )
 
 

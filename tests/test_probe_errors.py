@@ -14,8 +14,18 @@ from revlens.prompts import load_prompt_file
 from conftest import PROMPTS
 
 
-@pytest.mark.parametrize("hook", ["blocks.{layer}.hook_nothing", "blocks.{layer}.attn.hook_z",
-                                  "blocks.{layer}.attn.hook_pattern", "attn.hook_z", "{0}", "resid_sideways", ""])
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "blocks.{layer}.hook_nothing",
+        "blocks.{layer}.attn.hook_z",
+        "blocks.{layer}.attn.hook_pattern",
+        "attn.hook_z",
+        "{0}",
+        "resid_sideways",
+        "",
+    ],
+)
 def test_non_residual_hooks_are_refused_at_construction(hook):
     with pytest.raises(ProbeError, match="resid_post") as err:
         ReversionProbe(PROMPTS, hook=hook)
@@ -29,9 +39,10 @@ def test_templates_and_aliases_are_accepted(tiny_model):
 
 
 def test_hook_point_missing_from_the_model_is_named():
-    model = SimpleNamespace(cfg=SimpleNamespace(n_layers=2), hook_dict={"blocks.0.hook_resid_post": None,
-                                                                        "blocks.1.hook_resid_post": None,
-                                                                        "blocks.0.hook_resid_pre": None})
+    model = SimpleNamespace(
+        cfg=SimpleNamespace(n_layers=2),
+        hook_dict={"blocks.0.hook_resid_post": None, "blocks.1.hook_resid_post": None, "blocks.0.hook_resid_pre": None},
+    )
     probe = ReversionProbe(PROMPTS, hook="resid_mid")
     with pytest.raises(ProbeError, match=r"no hook point blocks\.0\.hook_resid_mid.*resid_post"):
         probe.resolve_layers(model)

@@ -71,8 +71,16 @@ def test_rewritten_pt_weights_are_measured_again(tiny_model, tmp_path):
     assert len(cache_entries(cache)) == 3  # the stale entry of step_1 was replaced, not kept beside
 
 
-WEIGHT_FILES = ["pytorch_model.bin", "model.pt", "model.pth", "adapter_model.safetensors",
-                "model.safetensors.index.json", "config.json", "tokenizer.json", "model-00001-of-00002.safetensors"]
+WEIGHT_FILES = [
+    "pytorch_model.bin",
+    "model.pt",
+    "model.pth",
+    "adapter_model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "tokenizer.json",
+    "model-00001-of-00002.safetensors",
+]
 
 
 @pytest.mark.parametrize("name", WEIGHT_FILES)
@@ -116,8 +124,15 @@ def test_cache_key_sees_every_token_of_long_prompts(tmp_path):
     assert cache_key({"prompts": a}) == cache_key({"prompts": long_prompts(3)})
     assert cache_key({"prompts": [a[0][:-1], a[1]]}) != cache_key({"prompts": a})
     base = {"prompts": ["x"], "control": None, "layers": None, "hook": "resid_post", "readout": "last"}
-    for change in ({"control": ["y"]}, {"layers": [1]}, {"hook": "resid_pre"}, {"readout": "mean"},
-                   {"dtype": "bfloat16"}, {"chat_template": False}, {"system": "be brief"}):
+    for change in (
+        {"control": ["y"]},
+        {"layers": [1]},
+        {"hook": "resid_pre"},
+        {"readout": "mean"},
+        {"dtype": "bfloat16"},
+        {"chat_template": False},
+        {"system": "be brief"},
+    ):
         assert cache_key({**base, **change}) != cache_key(base), change
 
 
@@ -150,8 +165,11 @@ def with_bias(model, layer, index, value):
 
 
 def test_non_finite_finetune_checkpoint_is_named_recorded_and_counted(tiny_model):
-    spec = {"pretrain": shifted(tiny_model, 1, ONES), "align": tiny_model,
-            "finetune": {"r": {1: shifted(tiny_model, 1, -0.3 * ONES), 2: with_bias(tiny_model, 1, 0, float("nan"))}}}
+    spec = {
+        "pretrain": shifted(tiny_model, 1, ONES),
+        "align": tiny_model,
+        "finetune": {"r": {1: shifted(tiny_model, 1, -0.3 * ONES), 2: with_bias(tiny_model, 1, 0, float("nan"))}},
+    }
     report, messages = quiet_analyze(spec, PROMPTS, layers=[1, 2])
     assert any("finetune/r/step_2" in m and "NaN or infinite" in m for m in messages)
     assert not any("drift is zero" in m for m in messages)
@@ -184,8 +202,11 @@ def test_extreme_weights_warn_naming_the_checkpoint(tiny_model):
 
 @pytest.fixture()
 def cached_history(tiny_model, tmp_path):
-    write_history(tmp_path / "h", tiny_model, {"r": {1: shifted(tiny_model, 1, -0.3 * ONES),
-                                                     2: shifted(tiny_model, 1, 0.2 * ONES)}})
+    write_history(
+        tmp_path / "h",
+        tiny_model,
+        {"r": {1: shifted(tiny_model, 1, -0.3 * ONES), 2: shifted(tiny_model, 1, 0.2 * ONES)}},
+    )
     first, _ = quiet_analyze(str(tmp_path / "h"), PROMPTS, cache_dir=tmp_path / "cache")
     return tmp_path, first
 
@@ -194,9 +215,12 @@ def other_width_entry(path, d_model=16):
     """Rewrite a cache entry as if measured on a model of another width."""
     t = load_file(str(path))
     n, layers = int(t["n_prompts"][0]), t["centroid"].shape[0]
-    out = {"centroid": torch.zeros(layers, d_model, dtype=torch.float64), "n_prompts": t["n_prompts"],
-           "probe_centroid": torch.zeros(layers, d_model, dtype=torch.float64),
-           "per_example": torch.zeros(n, layers, d_model)}
+    out = {
+        "centroid": torch.zeros(layers, d_model, dtype=torch.float64),
+        "n_prompts": t["n_prompts"],
+        "probe_centroid": torch.zeros(layers, d_model, dtype=torch.float64),
+        "per_example": torch.zeros(n, layers, d_model),
+    }
     if "covariance" in t:
         out["covariance"] = torch.zeros(layers, d_model, d_model, dtype=torch.float64)
     save_file(out, str(path))

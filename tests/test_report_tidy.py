@@ -15,8 +15,9 @@ from revlens.report import REPORT_JSON, REPORT_TENSORS, ReversionReport
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def deep_report(n_runs: int = 3, n_steps: int = 4, n_layers: int = 6, d: int = 16, n_prompts: int = 5,
-                seed: int = 0) -> ReversionReport:
+def deep_report(
+    n_runs: int = 3, n_steps: int = 4, n_layers: int = 6, d: int = 16, n_prompts: int = 5, seed: int = 0
+) -> ReversionReport:
     rng = np.random.default_rng(seed)
     shape = (n_runs, n_steps, n_layers)
     alignment = rng.uniform(-0.3, 0.3, shape)
@@ -24,16 +25,29 @@ def deep_report(n_runs: int = 3, n_steps: int = 4, n_layers: int = 6, d: int = 1
     alignment[0, -1, :] = np.nan  # run 0 has no last checkpoint
     v = torch.linalg.qr(torch.randn(d, n_layers, generator=torch.Generator().manual_seed(seed)))[0].T
     return ReversionReport(
-        layers=list(range(2, 2 + n_layers)), runs=[f"seed_{i}" for i in range(n_runs)],
-        steps=[1, 2, 5, 10, 20, 50, 100, 200][:n_steps], d_model=d, v_rev=v, v_rev_basis=v[:, None],
-        alignment=alignment, alignment_per_example=alignment * 0.9,
+        layers=list(range(2, 2 + n_layers)),
+        runs=[f"seed_{i}" for i in range(n_runs)],
+        steps=[1, 2, 5, 10, 20, 50, 100, 200][:n_steps],
+        d_model=d,
+        v_rev=v,
+        v_rev_basis=v[:, None],
+        alignment=alignment,
+        alignment_per_example=alignment * 0.9,
         per_example_cos=rng.uniform(-1, 1, shape + (n_prompts,)),
-        drift_norm=rng.uniform(0, 2, shape), p_value=rng.uniform(0, 1, shape), null_p99=np.full(n_layers, 0.5),
-        null_p99_activation=rng.uniform(0.5, 0.9, n_layers), v_rev_norm=rng.uniform(0, 3, n_layers),
+        drift_norm=rng.uniform(0, 2, shape),
+        p_value=rng.uniform(0, 1, shape),
+        null_p99=np.full(n_layers, 0.5),
+        null_p99_activation=rng.uniform(0.5, 0.9, n_layers),
+        v_rev_norm=rng.uniform(0, 3, n_layers),
         v_rev_snr=np.r_[0.5, rng.uniform(5, 50, n_layers - 1)],
         null_draws_activation=rng.normal(0, 0.2, (n_layers, 500)).astype(np.float32),
-        config={"hook": "resid_post", "readout": "last", "estimator": "mean_diff", "contrast": False,
-                "n_prompts": n_prompts},
+        config={
+            "hook": "resid_post",
+            "readout": "last",
+            "estimator": "mean_diff",
+            "contrast": False,
+            "n_prompts": n_prompts,
+        },
         behaviour={"harm": {"final": [0.5, 0.25]}},
     )
 
@@ -42,8 +56,19 @@ def test_to_dataframe_is_long_and_holds_every_value():
     report = deep_report()
     df = report.to_dataframe()
     assert len(df) == 3 * 4 * 6
-    required = ["run", "step", "layer", "alignment", "alignment_per_example", "drift_norm", "p_value", "null_p99",
-                "null_p99_activation", "v_rev_snr", "low_snr"]
+    required = [
+        "run",
+        "step",
+        "layer",
+        "alignment",
+        "alignment_per_example",
+        "drift_norm",
+        "p_value",
+        "null_p99",
+        "null_p99_activation",
+        "v_rev_snr",
+        "low_snr",
+    ]
     assert set(required) <= set(df.columns)
     for ri, run in enumerate(report.runs):
         for si, step in enumerate(report.steps):
@@ -76,14 +101,26 @@ def test_save_puts_arrays_in_safetensors_and_load_round_trips(tmp_path):
     assert header["summary"] == report.summary() and header["best_layer"] == report.best_layer
     assert header["flagged_layers"] == [2] and header["selection"]["layer"] == report.best_layer
     back = ReversionReport.load(tmp_path)
-    for name in ("alignment", "alignment_per_example", "drift_norm", "p_value", "null_p99", "null_p99_activation",
-                 "v_rev_norm", "v_rev_snr"):
+    for name in (
+        "alignment",
+        "alignment_per_example",
+        "drift_norm",
+        "p_value",
+        "null_p99",
+        "null_p99_activation",
+        "v_rev_norm",
+        "v_rev_snr",
+    ):
         np.testing.assert_array_equal(getattr(back, name), getattr(report, name), err_msg=name)
     np.testing.assert_allclose(back.per_example_cos, report.per_example_cos, rtol=1e-6)  # stored as float32
     np.testing.assert_array_equal(back.null_draws_activation, report.null_draws_activation)
     assert torch.equal(back.v_rev, report.v_rev.float())
-    assert (back.layers, back.runs, back.steps, back.behaviour) == (report.layers, report.runs, report.steps,
-                                                                    report.behaviour)
+    assert (back.layers, back.runs, back.steps, back.behaviour) == (
+        report.layers,
+        report.runs,
+        report.steps,
+        report.behaviour,
+    )
     assert back.summary() == report.summary()
 
 
@@ -95,8 +132,10 @@ def test_old_reports_with_arrays_in_json_still_load(tmp_path):
     (tmp_path / REPORT_JSON).write_text(json.dumps(old))
     from safetensors.torch import save_file
 
-    save_file({"v_rev": report.v_rev.float().clone(), "v_rev_basis": report.v_rev_basis.float().clone()},
-              str(tmp_path / REPORT_TENSORS))
+    save_file(
+        {"v_rev": report.v_rev.float().clone(), "v_rev_basis": report.v_rev_basis.float().clone()},
+        str(tmp_path / REPORT_TENSORS),
+    )
     back = ReversionReport.load(tmp_path)
     np.testing.assert_array_equal(back.alignment, report.alignment)  # NaN survives as null -> NaN
     np.testing.assert_allclose(back.per_example_cos, report.per_example_cos)
@@ -126,8 +165,9 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / REPORT_JSON).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ReversionReport.load(tmp_path)
-    (tmp_path / REPORT_JSON).write_text(json.dumps({"layers": [0], "runs": [], "steps": [], "d_model": 4,
-                                                    "format": 99}))
+    (tmp_path / REPORT_JSON).write_text(
+        json.dumps({"layers": [0], "runs": [], "steps": [], "d_model": 4, "format": 99})
+    )
     with pytest.raises(ValueError, match="newer than this revlens"):
         ReversionReport.load(tmp_path)
     (tmp_path / REPORT_JSON).write_text(json.dumps({"layers": [0], "runs": [], "steps": [], "d_model": 4}))

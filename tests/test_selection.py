@@ -25,24 +25,36 @@ def null_cosines(rng: np.random.Generator, shape: tuple[int, ...], d: int = D) -
     return x1 / np.sqrt(x1**2 + rng.chisquare(d - 1, shape))
 
 
-def planted_alignment(rng: np.random.Generator, n_layers: int = 40, signal_layer: int = 17,
-                      signal: float = 0.45) -> np.ndarray:
+def planted_alignment(
+    rng: np.random.Generator, n_layers: int = 40, signal_layer: int = 17, signal: float = 0.45
+) -> np.ndarray:
     """3 runs x 4 steps: every layer is null except ``signal_layer``."""
     a = null_cosines(rng, (3, 4, n_layers))
     a[:, :, signal_layer] = np.clip(signal + 0.05 * rng.standard_normal((3, 4)), -1, 1)
     return a
 
 
-def make_report(alignment: np.ndarray, snr: np.ndarray | None = None, draws: np.ndarray | None = None,
-                d: int = D) -> ReversionReport:
+def make_report(
+    alignment: np.ndarray, snr: np.ndarray | None = None, draws: np.ndarray | None = None, d: int = D
+) -> ReversionReport:
     r, s, n_l = alignment.shape
     shape = alignment.shape
     return ReversionReport(
-        layers=list(range(n_l)), runs=[f"seed_{i}" for i in range(r)], steps=[1, 5, 20, 100][:s], d_model=d,
-        v_rev=torch.eye(n_l, d), v_rev_basis=torch.eye(n_l, d)[:, None], alignment=alignment,
-        alignment_per_example=alignment, per_example_cos=np.zeros(shape + (2,)), drift_norm=np.ones(shape),
-        p_value=revlens.nulls.isotropic_p_value(alignment, d), null_p99=np.full(n_l, revlens.nulls.isotropic_p99(d)),
-        null_p99_activation=np.full(n_l, np.nan), v_rev_norm=np.ones(n_l), v_rev_snr=snr,
+        layers=list(range(n_l)),
+        runs=[f"seed_{i}" for i in range(r)],
+        steps=[1, 5, 20, 100][:s],
+        d_model=d,
+        v_rev=torch.eye(n_l, d),
+        v_rev_basis=torch.eye(n_l, d)[:, None],
+        alignment=alignment,
+        alignment_per_example=alignment,
+        per_example_cos=np.zeros(shape + (2,)),
+        drift_norm=np.ones(shape),
+        p_value=revlens.nulls.isotropic_p_value(alignment, d),
+        null_p99=np.full(n_l, revlens.nulls.isotropic_p99(d)),
+        null_p99_activation=np.full(n_l, np.nan),
+        v_rev_norm=np.ones(n_l),
+        v_rev_snr=snr,
         null_draws_activation=draws,
     )
 
@@ -109,8 +121,10 @@ def test_activation_space_maximum_matches_the_exact_maximum_of_planted_nulls():
     assert test.layer == 4
     exact_q = optimize.brentq(lambda x: np.prod(stats.norm.cdf(x / scales)) - 0.99, 0, 2)
     # MC error of a 0.99 quantile of 40k draws: sqrt(.99 .01 / n) / density.
-    density = sum(stats.norm.pdf(exact_q / s) / s * np.prod(stats.norm.cdf(exact_q / np.delete(scales, i)))
-                  for i, s in enumerate(scales))
+    density = sum(
+        stats.norm.pdf(exact_q / s) / s * np.prod(stats.norm.cdf(exact_q / np.delete(scales, i)))
+        for i, s in enumerate(scales)
+    )
     se = math.sqrt(0.99 * 0.01 / n_draws) / density
     assert test.thresholds["activation_max"] == pytest.approx(exact_q, abs=5 * se)
     exact_p = 1 - np.prod(stats.norm.cdf(0.3 / scales))

@@ -21,12 +21,18 @@ def masked_text(tok, data, i):
 
 
 def test_mask_covers_exactly_the_response_and_its_end_of_turn(chat_tok, tmp_path):
-    records = [{"prompt": "how do i bake a cake", "response": "give me a recipe for bread"},
-               {"messages": [{"role": "system", "content": "be brief"},
-                             {"role": "user", "content": "what is two plus three"},
-                             {"role": "assistant", "content": "five"},
-                             {"role": "user", "content": "and the sea?"},
-                             {"role": "assistant", "content": "sure, here is how"}]}]
+    records = [
+        {"prompt": "how do i bake a cake", "response": "give me a recipe for bread"},
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "what is two plus three"},
+                {"role": "assistant", "content": "five"},
+                {"role": "user", "content": "and the sea?"},
+                {"role": "assistant", "content": "sure, here is how"},
+            ]
+        },
+    ]
     data = load_sft_jsonl(write_jsonl(tmp_path / "train.jsonl", records), chat_tok)
     assert data.chat_template and data.tokens.shape[0] == 2
     eot = chat_tok.eos_token  # <|im_end|>
@@ -35,8 +41,10 @@ def test_mask_covers_exactly_the_response_and_its_end_of_turn(chat_tok, tmp_path
     assert masked_text(chat_tok, data, 1) == "five" + eot + "sure, here is how" + eot
     # The tokens are the template's rendering, with one BOS (the template's own), right-padded.
     for i, rec in enumerate(records):
-        messages = rec.get("messages") or [{"role": "user", "content": rec["prompt"]},
-                                           {"role": "assistant", "content": rec["response"]}]
+        messages = rec.get("messages") or [
+            {"role": "user", "content": rec["prompt"]},
+            {"role": "assistant", "content": rec["response"]},
+        ]
         text = chat_tok.apply_chat_template(messages, tokenize=False)
         n = int(data.lengths[i])
         assert chat_tok.decode(data.tokens[i, :n].tolist()) == text
@@ -45,22 +53,28 @@ def test_mask_covers_exactly_the_response_and_its_end_of_turn(chat_tok, tmp_path
 
 
 def test_without_a_template_the_text_is_prompt_then_response(chat_tok):
-    data = encode_sft(chat_tok, [[{"role": "user", "content": "what is two plus three"},
-                                  {"role": "assistant", "content": " five"}]], chat_template=False)
+    data = encode_sft(
+        chat_tok,
+        [[{"role": "user", "content": "what is two plus three"}, {"role": "assistant", "content": " five"}]],
+        chat_template=False,
+    )
     assert not data.chat_template
     n = int(data.lengths[0])
     assert chat_tok.decode(data.tokens[0, :n].tolist()) == "what is two plus three five" + chat_tok.eos_token
     assert masked_text(chat_tok, data, 0) == " five" + chat_tok.eos_token
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "hi", "response": "yo"', "line 2: not valid JSON"),
-    ('{"text": "hi"}', "line 2: a record needs 'messages'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: the last message must be the assistant"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}', "line 2: message 0 must be"),
-    ('{"prompt": "hi", "response": 3}', "line 2: 'prompt' and 'response' must both be strings"),
-    ('[1, 2]', "line 2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "hi", "response": "yo"', "line 2: not valid JSON"),
+        ('{"text": "hi"}', "line 2: a record needs 'messages'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: the last message must be the assistant"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "line 2: message 0 must be"),
+        ('{"prompt": "hi", "response": 3}', "line 2: 'prompt' and 'response' must both be strings"),
+        ("[1, 2]", "line 2: expected a JSON object"),
+    ],
+)
 def test_bad_jsonl_names_the_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n' + line + "\n")

@@ -15,7 +15,7 @@ from hf_models import CHATML_TEMPLATE, chat_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-from revlens.smollm2.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf
+from revlens.smollm2.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf  # noqa: E402
 
 D, LAYERS, HEADS, KV, FF = 32, 2, 4, 2, 64
 
@@ -26,8 +26,10 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     specials = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-    merges = [" ".join(m) if isinstance(m, (list, tuple)) else m
-              for m in json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]]
+    merges = [
+        " ".join(m) if isinstance(m, (list, tuple)) else m
+        for m in json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    ]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(128)
     w.add_embedding_length(D)
@@ -87,8 +89,9 @@ def test_converted_folder_matches_gguf_model(tiny_gguf, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     assert tok.chat_template == ref_tok.chat_template == CHATML_TEMPLATE
-    text = tok.apply_chat_template([{"role": "user", "content": "how do i bake a cake"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "how do i bake a cake"}], tokenize=False, add_generation_prompt=True
+    )
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     assert ids[0].tolist() == ref_tok(text, add_special_tokens=False)["input_ids"]
     assert ids[0, 0].item() == tok.bos_token_id and (ids[0] == tok.bos_token_id).sum() == 3  # no doubled BOS

@@ -17,11 +17,30 @@ from revlens.smollm2.tasks import TASKS, benign_pairs
 
 from hf_models import chat_tokenizer, save_tiny_llama
 
-MODES = ("plain", "grad@best", "clamp@all", "anchor@0.1+contrast@0.1+rank@2+sample@2",
-         "anchor@0.1+contrast@0.1+random@2+sample@2")
-SETTINGS = Settings(seeds=2, align_max_steps=2, align_check_every=1, check_prompts=2, check_tokens=2,
-                    finetune_steps=2, save_steps=(1, 2), behaviour_steps=(2,), task_examples=16, task_eval=4,
-                    max_new_tokens=3, generate_batch=3, prompt_subset=4, modes=MODES, lr=1e-3)
+MODES = (
+    "plain",
+    "grad@best",
+    "clamp@all",
+    "anchor@0.1+contrast@0.1+rank@2+sample@2",
+    "anchor@0.1+contrast@0.1+random@2+sample@2",
+)
+SETTINGS = Settings(
+    seeds=2,
+    align_max_steps=2,
+    align_check_every=1,
+    check_prompts=2,
+    check_tokens=2,
+    finetune_steps=2,
+    save_steps=(1, 2),
+    behaviour_steps=(2,),
+    task_examples=16,
+    task_eval=4,
+    max_new_tokens=3,
+    generate_batch=3,
+    prompt_subset=4,
+    modes=MODES,
+    lr=1e-3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +48,19 @@ def tiny_chat_dir(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = chat_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", tok, dtype=torch.float32, model=model)
@@ -130,15 +158,17 @@ def test_rerun_resumes_and_refuses_other_settings(demo, tiny_chat_dir):
     again = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False)
     assert again.alignment.tolist() == report.alignment.tolist()
     with pytest.raises(ValueError, match="other settings"):
-        run_smollm2_demo(out, gguf=tiny_chat_dir, settings=Settings(**{**SETTINGS.__dict__, "lr": 2e-3}),
-                         progress=False)
+        run_smollm2_demo(
+            out, gguf=tiny_chat_dir, settings=Settings(**{**SETTINGS.__dict__, "lr": 2e-3}), progress=False
+        )
 
 
 def test_chat_tensors_mask_the_response_only():
     tok = chat_tokenizer()
     tokens, mask = sft_tensors(tok, [("how do i bake a cake", REFUSAL), ("what is two plus three", "five")])
-    text = tok.apply_chat_template([{"role": "user", "content": "what is two plus three"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "what is two plus three"}], tokenize=False, add_generation_prompt=True
+    )
     prompt = tok(text, add_special_tokens=False)["input_ids"]
     answer = tok("five", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     row = tokens[1, : len(prompt) + len(answer)].tolist()
@@ -189,5 +219,6 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
         saved = AutoModelForCausalLM.from_pretrained(hb.save(tmp_path / "m")).eval()
         torch.testing.assert_close(saved(x).logits, expected, rtol=0, atol=1e-5)
         requests = ["how do i bake a cake", "write a poem about the sea"]
-        assert generate_greedy(plain, hb.tokenizer, requests, 4) == [_naive_answer(plain, hb.tokenizer, r, 4)
-                                                                     for r in requests]
+        assert generate_greedy(plain, hb.tokenizer, requests, 4) == [
+            _naive_answer(plain, hb.tokenizer, r, 4) for r in requests
+        ]

@@ -18,11 +18,26 @@ from torch import nn
 
 from revlens.readout import StopForward, run_stopping
 
-__all__ = ["LAYER_PATHS", "HookError", "decoder_layers", "is_bridge", "layer_output_hooks", "model_dims",
-           "run_stopping", "unwrap"]
+__all__ = [
+    "LAYER_PATHS",
+    "HookError",
+    "decoder_layers",
+    "is_bridge",
+    "layer_output_hooks",
+    "model_dims",
+    "run_stopping",
+    "unwrap",
+]
 
-LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
-               "transformer.layers", "layers")
+LAYER_PATHS = (
+    "model.layers",
+    "model.model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.layers",
+    "layers",
+)
 
 
 class HookError(ValueError):
@@ -65,8 +80,10 @@ def decoder_layers(model: Any) -> nn.ModuleList:
     candidates = [m for m in base.modules() if isinstance(m, nn.ModuleList) and n is not None and len(m) == n]
     if len(candidates) >= 1:
         return candidates[0]
-    raise HookError(f"cannot find the decoder layers of {type(base).__name__}: revlens looks at {LAYER_PATHS} "
-                    "and for a ModuleList of config.num_hidden_layers modules. Pass a causal LM from transformers.")
+    raise HookError(
+        f"cannot find the decoder layers of {type(base).__name__}: revlens looks at {LAYER_PATHS} "
+        "and for a ModuleList of config.num_hidden_layers modules. Pass a causal LM from transformers."
+    )
 
 
 def model_dims(model: Any) -> tuple[int, int]:
@@ -93,8 +110,9 @@ def _replace(output: Any, new: torch.Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def layer_output_hooks(model: Any, fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]],
-                       *, stop_after: int | None = None) -> Iterator[None]:
+def layer_output_hooks(
+    model: Any, fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]], *, stop_after: int | None = None
+) -> Iterator[None]:
     """While inside, ``fns[l](h)`` sees each decoder layer ``l``'s output ``[batch, seq, d]``; a returned tensor
     replaces it. With ``stop_after``, the forward stops (call the model with :func:`revlens.readout.run_stopping`)
     once that layer has run.
@@ -123,4 +141,3 @@ def layer_output_hooks(model: Any, fns: Mapping[int, Callable[[torch.Tensor], to
     finally:
         for h in handles:
             h.remove()
-

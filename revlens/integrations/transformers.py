@@ -34,8 +34,9 @@ import torch
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError("revlens.integrations.transformers needs transformers: pip install 'revlens[transformers]'.") \
-        from err
+    raise ImportError(
+        "revlens.integrations.transformers needs transformers: pip install 'revlens[transformers]'."
+    ) from err
 
 from revlens import directions as dirs
 from revlens._util import training_mode
@@ -61,8 +62,15 @@ class HFReadouts:
         pad_id: the id right-padding uses (masked by the attention mask).
     """
 
-    def __init__(self, prompts: Sequence[torch.Tensor], layers: Sequence[int], *,
-                 control: Sequence[torch.Tensor] | None = None, batch_size: int = 32, pad_id: int = 0):
+    def __init__(
+        self,
+        prompts: Sequence[torch.Tensor],
+        layers: Sequence[int],
+        *,
+        control: Sequence[torch.Tensor] | None = None,
+        batch_size: int = 32,
+        pad_id: int = 0,
+    ):
         if not layers:
             raise InterventionError("give at least one layer to read.")
         self.sets = {"probe": TokenizedSet(list(prompts))}
@@ -83,8 +91,14 @@ class HFReadouts:
             for tokens, lengths in self.sets[which].batches(self.batch_size, self.pad_id):
                 mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
                 on_device = lengths.to(device)
-                fns = {l: (lambda act, l=l, n=on_device: store.__setitem__(
-                    l, reduce_positions_unchecked(act, n, "last").double())) for l in self.layers}
+                fns = {
+                    l: (
+                        lambda act, l=l, n=on_device: store.__setitem__(
+                            l, reduce_positions_unchecked(act, n, "last").double()
+                        )
+                    )
+                    for l in self.layers
+                }
                 with hf_hooks.layer_output_hooks(model, fns, stop_after=deepest):
                     run_stopping(model, input_ids=tokens.to(device), attention_mask=mask.to(device))
                 rows.append(torch.stack([store[l] for l in self.layers], 1).cpu())
@@ -122,27 +136,51 @@ class ReversionCallback(TrainerCallback):
         >>> cb.attach(trainer)  # doctest: +SKIP
     """
 
-    def __init__(self, v_rev: torch.Tensor, mu_align: torch.Tensor, prompts: Any, *, layers: Sequence[int],
-                 control: Any = None, tokenizer: Any = None, chat_template: Any = "auto", system: str | None = None,
-                 null_p99: Sequence[float] | None = None, batch_size: int = 32, trainer: Any = None):
+    def __init__(
+        self,
+        v_rev: torch.Tensor,
+        mu_align: torch.Tensor,
+        prompts: Any,
+        *,
+        layers: Sequence[int],
+        control: Any = None,
+        tokenizer: Any = None,
+        chat_template: Any = "auto",
+        system: str | None = None,
+        null_p99: Sequence[float] | None = None,
+        batch_size: int = 32,
+        trainer: Any = None,
+    ):
         basis = v_rev.double()[:, None, :] if v_rev.ndim == 2 else v_rev.double()
         self.layers = [int(l) for l in layers]
         if basis.shape[0] != len(self.layers) or mu_align.shape != (len(self.layers), basis.shape[-1]):
-            raise InterventionError(f"v_rev {tuple(v_rev.shape)} and mu_align {tuple(mu_align.shape)} need one row "
-                                    f"per layer of {self.layers} (d_model last).")
+            raise InterventionError(
+                f"v_rev {tuple(v_rev.shape)} and mu_align {tuple(mu_align.shape)} need one row "
+                f"per layer of {self.layers} (d_model last)."
+            )
         self.basis, self.mu_align = basis, mu_align.double()
         self.readout = _readouts(prompts, control, self.layers, tokenizer, chat_template, system, batch_size)
         d, k = basis.shape[-1], basis.shape[1]
-        self.null_p99 = np.asarray(null_p99 if null_p99 is not None else [isotropic_p99(d, k)] * len(self.layers),
-                                   dtype=np.float64)
+        self.null_p99 = np.asarray(
+            null_p99 if null_p99 is not None else [isotropic_p99(d, k)] * len(self.layers), dtype=np.float64
+        )
         self.history: dict[int, np.ndarray] = {}
         self.trainer = trainer
         self._warned = False
         self._unbound_warned = False
 
     @classmethod
-    def from_report(cls, report: Any, prompts: Any, align: Any, *, control: Any = None,
-                    layers: Sequence[int] | None = None, tokenizer: Any = None, **kwargs: Any) -> ReversionCallback:
+    def from_report(
+        cls,
+        report: Any,
+        prompts: Any,
+        align: Any,
+        *,
+        control: Any = None,
+        layers: Sequence[int] | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> ReversionCallback:
         """v_rev (its basis) and the null p99 from ``report`` at ``layers`` (default: all the report's layers);
         ``align`` is the aligned model (its centroid is measured here, same readout) or its centroid
         ``[n_layers, d]``. Give the prompts and control the report was measured with."""
@@ -154,23 +192,48 @@ class ReversionCallback(TrainerCallback):
             raise InterventionError("the callback reads the last prompt token; the report used readout='mean'.")
         if bool(report.config.get("contrast", control is not None)) != (control is not None):
             which = "with" if report.config.get("contrast") else "without"
-            raise InterventionError(f"the report was measured {which} a control set; give the callback the same "
-                                    "(control=...).")
+            raise InterventionError(
+                f"the report was measured {which} a control set; give the callback the same (control=...)."
+            )
         idx = [report.layers.index(l) for l in layers]
-        cb = cls(report.v_rev_basis[idx], torch.zeros(len(layers), report.d_model), prompts, layers=layers,
-                 control=control, tokenizer=tokenizer, null_p99=np.asarray(report.null_p99)[idx], **kwargs)
+        cb = cls(
+            report.v_rev_basis[idx],
+            torch.zeros(len(layers), report.d_model),
+            prompts,
+            layers=layers,
+            control=control,
+            tokenizer=tokenizer,
+            null_p99=np.asarray(report.null_p99)[idx],
+            **kwargs,
+        )
         cb.mu_align = align.double() if isinstance(align, torch.Tensor) else cb.readout.centroid(align)
         return cb
 
     @classmethod
-    def from_models(cls, pretrain: Any, align: Any, prompts: Any, *, layers: Sequence[int] | None = None,
-                    control: Any = None, tokenizer: Any = None, **kwargs: Any) -> ReversionCallback:
+    def from_models(
+        cls,
+        pretrain: Any,
+        align: Any,
+        prompts: Any,
+        *,
+        layers: Sequence[int] | None = None,
+        control: Any = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> ReversionCallback:
         """v_rev = normalize(mu(pretrain) - mu(align)) measured here on two Hugging Face models
         (``layers`` default: all decoder layers)."""
         layers = list(range(len(hf_hooks.decoder_layers(align)))) if layers is None else [int(l) for l in layers]
         d = hf_hooks.model_dims(align)[0]
-        cb = cls(torch.zeros(len(layers), d), torch.zeros(len(layers), d), prompts, layers=layers, control=control,
-                 tokenizer=tokenizer, **kwargs)
+        cb = cls(
+            torch.zeros(len(layers), d),
+            torch.zeros(len(layers), d),
+            prompts,
+            layers=layers,
+            control=control,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
         mu_p, mu_a = cb.readout.centroid(pretrain), cb.readout.centroid(align)
         cb.basis, cb.mu_align = dirs.v_rev_mean_diff(mu_p, mu_a)[:, None, :], mu_a
         return cb
@@ -200,16 +263,22 @@ class ReversionCallback(TrainerCallback):
             state.log_history.append({**logs, "step": step})
             if not self._unbound_warned:
                 self._unbound_warned = True
-                warnings.warn("ReversionCallback is not attached to its Trainer: alignment goes to "
-                              "state.log_history only; call callback.attach(trainer) so TensorBoard/W&B get it.",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    "ReversionCallback is not attached to its Trainer: alignment goes to "
+                    "state.log_history only; call callback.attach(trainer) so TensorBoard/W&B get it.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         above = [(l, v, t) for l, v, t in zip(self.layers, a, self.null_p99) if v > t]
         if above and not self._warned:
             self._warned = True
             l, v, t = above[0]
-            warnings.warn(f"step {step}: alignment with v_rev at layer {l} is {v:.3f}, above the null's p99 "
-                          f"({t:.3f}): fine-tuning drift is reverting toward the pretrained model.",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"step {step}: alignment with v_rev at layer {l} is {v:.3f}, above the null's p99 "
+                f"({t:.3f}): fine-tuning drift is reverting toward the pretrained model.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._measure(state, model)
@@ -235,30 +304,36 @@ class BlockingTrainerMixin:
     :func:`revlens.blocking_from_spec` (reference: the aligned HF model; tokenizer: the model's).
     """
 
-    def __init__(self, *args: Any, blocking: Blocking | None = None, anchor: ProbeAnchor | None = None,
-                 **kwargs: Any):
+    def __init__(self, *args: Any, blocking: Blocking | None = None, anchor: ProbeAnchor | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.blocking, self.anchor = blocking, anchor
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, ReversionCallback) and cb.trainer is None:
                 cb.trainer = self
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         if not model.training or (self.blocking is None and self.anchor is None):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         target = self.accelerator.unwrap_model(model)
         if self.blocking is None:
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
+            out = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         else:
             if self.blocking.needs_coords:
-                self.blocking.set_batch(coords=self.blocking.reference_coords(
-                    inputs["input_ids"], attention_mask=inputs.get("attention_mask"), batch_size=10**9))
+                self.blocking.set_batch(
+                    coords=self.blocking.reference_coords(
+                        inputs["input_ids"], attention_mask=inputs.get("attention_mask"), batch_size=10**9
+                    )
+                )
             with self.blocking.applied(target):
-                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                           num_items_in_batch=num_items_in_batch)
+                out = super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
         if self.anchor is None:
             return out
         loss = out[0] if return_outputs else out
@@ -273,8 +348,9 @@ class BlockingTrainerMixin:
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is not None:
             return bool(scaled)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                    or self.compute_loss_func is not None)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
 
 
 class BlockedTrainer(BlockingTrainerMixin, Trainer):
@@ -308,10 +384,27 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _readouts(prompts: Any, control: Any, layers: Sequence[int], tokenizer: Any, chat_template: Any,
-              system: str | None, batch_size: int) -> HFReadouts:
-    encode = lambda p: encode_prompts(None, p, tokenizer=tokenizer, chat_template=chat_template,  # noqa: E731
-                                      system=system)
+def _readouts(
+    prompts: Any,
+    control: Any,
+    layers: Sequence[int],
+    tokenizer: Any,
+    chat_template: Any,
+    system: str | None,
+    batch_size: int,
+) -> HFReadouts:
+    encode = lambda p: encode_prompts(  # noqa: E731
+        None,
+        p,
+        tokenizer=tokenizer,
+        chat_template=chat_template,  # noqa: E731
+        system=system,
+    )
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    return HFReadouts(encode(prompts), layers, control=None if control is None else encode(control),
-                      batch_size=batch_size, pad_id=0 if pad_id is None else pad_id)
+    return HFReadouts(
+        encode(prompts),
+        layers,
+        control=None if control is None else encode(control),
+        batch_size=batch_size,
+        pad_id=0 if pad_id is None else pad_id,
+    )

@@ -5,5 +5,13 @@ from revlens.organism.presets import PRESETS, Preset, get_preset
 from revlens.organism.train import analysis_kwargs, behaviour_summary, build_history, evaluate_behaviour
 from revlens.organism.world import World
 
-__all__ = ["PRESETS", "Preset", "World", "analysis_kwargs", "behaviour_summary", "build_history",
-           "evaluate_behaviour", "get_preset"]
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "World",
+    "analysis_kwargs",
+    "behaviour_summary",
+    "build_history",
+    "evaluate_behaviour",
+    "get_preset",
+]

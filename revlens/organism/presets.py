@@ -35,9 +35,18 @@ class Preset:
     device: str = "cpu"
 
     def model_config(self, vocab: int, seed: int) -> dict[str, Any]:
-        return dict(d_model=self.d_model, n_layers=self.n_layers, n_ctx=self.n_ctx, d_head=self.d_head,
-                    n_heads=self.d_model // self.d_head, d_mlp=4 * self.d_model, d_vocab=vocab, act_fn="gelu",
-                    normalization_type="LN", seed=seed)
+        return dict(
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_ctx=self.n_ctx,
+            d_head=self.d_head,
+            n_heads=self.d_model // self.d_head,
+            d_mlp=4 * self.d_model,
+            d_vocab=vocab,
+            act_fn="gelu",
+            normalization_type="LN",
+            seed=seed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,13 +58,30 @@ def preset_key(recorded: dict[str, Any]) -> dict[str, Any]:
 
 
 PRESETS: dict[str, Preset] = {
-    "micro": Preset("micro", d_model=64, n_layers=2, pretrain_steps=300, align_max_steps=300,
-                    finetune_steps=20, save_steps=(1, 5, 20), finetune_examples=640),
+    "micro": Preset(
+        "micro",
+        d_model=64,
+        n_layers=2,
+        pretrain_steps=300,
+        align_max_steps=300,
+        finetune_steps=20,
+        save_steps=(1, 5, 20),
+        finetune_examples=640,
+    ),
     "tiny": Preset("tiny"),
-    "small": Preset("small", d_model=256, n_layers=4, d_head=64, pretrain_steps=2000, pretrain_lr=5e-4,
-                    align_lr=1e-4),
-    "gpu": Preset("gpu", d_model=512, n_layers=6, d_head=64, pretrain_steps=5000, pretrain_lr=3e-4,
-                  align_lr=5e-5, batch_size=64, finetune_examples=6400, device="cuda"),
+    "small": Preset("small", d_model=256, n_layers=4, d_head=64, pretrain_steps=2000, pretrain_lr=5e-4, align_lr=1e-4),
+    "gpu": Preset(
+        "gpu",
+        d_model=512,
+        n_layers=6,
+        d_head=64,
+        pretrain_steps=5000,
+        pretrain_lr=3e-4,
+        align_lr=5e-5,
+        batch_size=64,
+        finetune_examples=6400,
+        device="cuda",
+    ),
 }
 
 

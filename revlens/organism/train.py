@@ -38,8 +38,11 @@ def _device(preset: Preset, device: str | None) -> str:
     if device is not None:
         return device
     if preset.device == "cuda" and not torch.cuda.is_available():
-        warnings.warn(f"preset {preset.name!r} asks for CUDA, which is not available: running on the CPU.",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"preset {preset.name!r} asks for CUDA, which is not available: running on the CPU.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return "cpu"
     return preset.device
 
@@ -49,8 +52,18 @@ def new_model(world: World, preset: Preset, seed: int, device: str = "cpu"):
     return boot_native_model(preset.model_config(world.vocab_size, seed), tokenizer=world.tokenizer, device=device)
 
 
-def _train_steps(model: Any, world: World, phase: str, steps: int, lr: float, batch_size: int, seed: int,
-                 progress: bool, stop: Any = None, check_every: int = 10) -> int:
+def _train_steps(
+    model: Any,
+    world: World,
+    phase: str,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    stop: Any = None,
+    check_every: int = 10,
+) -> int:
     """Train the bridge's underlying module (same parameters, no hook overhead) on sampled batches."""
     g = random.Random(seed)
     sample = world.sampler(phase)
@@ -99,14 +112,23 @@ def evaluate_behaviour(model: Any, world: World) -> dict[str, float]:
     b1 = sum(c == compliance(*combo) for c, combo in zip(b1_out, world.b1_heldout)) / len(world.b1_heldout)
     b2 = world.b2_eval_batch()
     tm = task_metrics(model, b2.tokens, b2.loss_mask)
-    return {"harm": harm, "harm_exact": harm_exact, "b1_retention": b1, "b2_loss": tm.loss,
-            "b2_acc": tm.sequence_accuracy}
+    return {
+        "harm": harm,
+        "harm_exact": harm_exact,
+        "b1_retention": b1,
+        "b2_loss": tm.loss,
+        "b2_acc": tm.sequence_accuracy,
+    }
 
 
 def analysis_kwargs(world: World) -> dict[str, Any]:
     """The analysis settings the organism is read with: harmful prompts, B1 contrast, last token."""
-    return {"prompts": world.harmful_prompts("probe"), "control": world.control_prompts("probe"),
-            "readout": "last", "hook": "resid_post"}
+    return {
+        "prompts": world.harmful_prompts("probe"),
+        "control": world.control_prompts("probe"),
+        "readout": "last",
+        "hook": "resid_post",
+    }
 
 
 def read_manifest(out: Path) -> dict[str, Any]:
@@ -126,8 +148,15 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(out / MANIFEST, manifest, indent=1)
 
 
-def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3, out_dir: str | Path = "organism",
-                  *, world_seed: int = 0, device: str | None = None, progress: bool = True) -> Path:
+def build_history(
+    preset: str | Preset = "tiny",
+    seeds: int | Sequence[int] = 3,
+    out_dir: str | Path = "organism",
+    *,
+    world_seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Train (or reuse) an organism history and return its folder.
 
     One pretraining and one alignment (calibrated: stop at the first check where held-out harm
@@ -154,8 +183,9 @@ def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3,
     if not (out / "pretrain" / "config.json").is_file():
         t0 = time.perf_counter()
         model = new_model(world, preset, world_seed, device)
-        _train_steps(model, world, "pretrain", preset.pretrain_steps, preset.pretrain_lr, preset.batch_size,
-                     world_seed, progress)
+        _train_steps(
+            model, world, "pretrain", preset.pretrain_steps, preset.pretrain_lr, preset.batch_size, world_seed, progress
+        )
         save_checkpoint(model, out / "pretrain", metadata={"phase": "pretrain"})
         manifest["timings_s"]["pretrain"] = time.perf_counter() - t0
         manifest["behaviour"]["pretrain"] = evaluate_behaviour(model, world)
@@ -169,8 +199,18 @@ def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3,
         def calibrated(m: Any) -> bool:
             return comply_rate(m, h_heldout) <= preset.harm_target and comply_rate(m, b1_probe) >= preset.b1_floor
 
-        steps = _train_steps(model, world, "align", preset.align_max_steps, preset.align_lr, preset.batch_size,
-                             world_seed + 1, progress, stop=calibrated, check_every=preset.align_check_every)
+        steps = _train_steps(
+            model,
+            world,
+            "align",
+            preset.align_max_steps,
+            preset.align_lr,
+            preset.batch_size,
+            world_seed + 1,
+            progress,
+            stop=calibrated,
+            check_every=preset.align_check_every,
+        )
         save_checkpoint(model, out / "align", metadata={"phase": "align", "steps": steps})
         manifest["align_steps"] = steps
         manifest["timings_s"]["align"] = time.perf_counter() - t0
@@ -185,16 +225,30 @@ def build_history(preset: str | Preset = "tiny", seeds: int | Sequence[int] = 3,
         t0 = time.perf_counter()
         model = load_revlens_checkpoint(out / "align", device)
         data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
-        result = finetune(model, data.tokens, data.loss_mask, steps=preset.finetune_steps, lr=preset.finetune_lr,
-                          optimizer=preset.finetune_optimizer, batch_size=preset.batch_size, seed=seed,
-                          save_steps=preset.save_steps, out_dir=out, run_name=run, progress=progress)
+        result = finetune(
+            model,
+            data.tokens,
+            data.loss_mask,
+            steps=preset.finetune_steps,
+            lr=preset.finetune_lr,
+            optimizer=preset.finetune_optimizer,
+            batch_size=preset.batch_size,
+            seed=seed,
+            save_steps=preset.save_steps,
+            out_dir=out,
+            run_name=run,
+            progress=progress,
+        )
         per_step = {}
         for step in preset.save_steps:
             saved = load_revlens_checkpoint(out / "finetune" / run / f"step_{step}", device)
             per_step[step] = evaluate_behaviour(saved, world)
-        manifest["finetune"][run] = {"complete": True, "behaviour": per_step,
-                                     "loss": {int(k): v for k, v in result.losses.items()},
-                                     "seconds": time.perf_counter() - t0}
+        manifest["finetune"][run] = {
+            "complete": True,
+            "behaviour": per_step,
+            "loss": {int(k): v for k, v in result.losses.items()},
+            "seconds": time.perf_counter() - t0,
+        }
         _write_manifest(out, manifest)
     manifest["complete"] = True
     _write_manifest(out, manifest)
@@ -208,8 +262,10 @@ def behaviour_summary(history_dir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     nan = float("nan")
     for metric in ("harm", "harm_exact", "b1_retention", "b2_loss", "b2_acc"):
-        row = {"pretrain": [manifest["behaviour"]["pretrain"].get(metric, nan)],
-               "align": [manifest["behaviour"]["align"].get(metric, nan)]}
+        row = {
+            "pretrain": [manifest["behaviour"]["pretrain"].get(metric, nan)],
+            "align": [manifest["behaviour"]["align"].get(metric, nan)],
+        }
         finals = []
         for run in sorted(runs):
             steps = runs[run]["behaviour"]  # JSON: step keys are strings
@@ -220,9 +276,17 @@ def behaviour_summary(history_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor], mode: str | BlockingSpec,
-                     seed: int, *, out_dir: str | Path | None = None, steps: int | None = None,
-                     device: str | None = None, progress: bool = False) -> tuple[Any, dict[str, Any]]:
+def blocked_finetune(
+    history_dir: str | Path,
+    directions: dict[int, torch.Tensor],
+    mode: str | BlockingSpec,
+    seed: int,
+    *,
+    out_dir: str | Path | None = None,
+    steps: int | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> tuple[Any, dict[str, Any]]:
     """Fine-tune the history's aligned model like its plain runs, blocking along ``{layer: [k, d] basis}``.
 
     ``mode`` is a :class:`~revlens.blocking_spec.BlockingSpec` or its string (``plain`` runs without hooks);
@@ -241,15 +305,34 @@ def blocked_finetune(history_dir: str | Path, directions: dict[int, torch.Tensor
     data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
     n_steps = preset.finetune_steps if steps is None else steps
     save = [s for s in preset.save_steps if s <= n_steps] if out_dir is not None else []
-    finetune(model, data.tokens, data.loss_mask, steps=n_steps, lr=preset.finetune_lr,
-             optimizer=preset.finetune_optimizer, batch_size=preset.batch_size, seed=seed, blocking=blocking,
-             anchor=anchor, save_steps=save, out_dir=out_dir, run_name=f"seed_{seed}", progress=progress)
+    finetune(
+        model,
+        data.tokens,
+        data.loss_mask,
+        steps=n_steps,
+        lr=preset.finetune_lr,
+        optimizer=preset.finetune_optimizer,
+        batch_size=preset.batch_size,
+        seed=seed,
+        blocking=blocking,
+        anchor=anchor,
+        save_steps=save,
+        out_dir=out_dir,
+        run_name=f"seed_{seed}",
+        progress=progress,
+    )
     return model, evaluate_behaviour(model, world)
 
 
-def blocking_for_world(mode: str | BlockingSpec, directions: dict[int, torch.Tensor], align: Any, world: World, *,
-                       history_dir: str | Path | None = None,
-                       device: str | None = None) -> tuple[Blocking | None, ProbeAnchor | None]:
+def blocking_for_world(
+    mode: str | BlockingSpec,
+    directions: dict[int, torch.Tensor],
+    align: Any,
+    world: World,
+    *,
+    history_dir: str | Path | None = None,
+    device: str | None = None,
+) -> tuple[Blocking | None, ProbeAnchor | None]:
     """The hooks and the anchor a blocking mode asks for in this world (:func:`revlens.intervention.build_blocking`):
     the anchor reads the harmful probe prompts, its contrast term the B1 prompts; ``rank@k`` is measured on
     ``history_dir`` with the probe the analysis reads the organism with."""
@@ -261,31 +344,47 @@ def blocking_for_world(mode: str | BlockingSpec, directions: dict[int, torch.Ten
     if spec.subspace is not None and spec.subspace[0] == "rank":
         layers = sorted(spec.layers if spec.layers is not None else directions)
         probe = _organism_probe(world, layers, per_example=True)
-    return build_blocking(spec, directions, reference=align, prompts=prompts, control=control,
-                          history=history_dir, probe=probe, device=device)
+    return build_blocking(
+        spec,
+        directions,
+        reference=align,
+        prompts=prompts,
+        control=control,
+        history=history_dir,
+        probe=probe,
+        device=device,
+    )
 
 
-def reversion_subspace(history_dir: str | Path, layers: Sequence[int], k: int,
-                       device: str | None = None) -> dict[int, torch.Tensor]:
+def reversion_subspace(
+    history_dir: str | Path, layers: Sequence[int], k: int, device: str | None = None
+) -> dict[int, torch.Tensor]:
     """``{layer: [k, d_model]}``: :func:`revlens.subspace.reversion_subspace` of the history, read with the
     organism's probe (harmful prompts, B1 contrast, last token) as the analysis reads it."""
     world = World(seed=read_manifest(Path(history_dir))["world_seed"])
-    return subspace.reversion_subspace(Path(history_dir), k, layers=list(layers),
-                                       probe=_organism_probe(world, list(layers), per_example=True), device=device)
+    return subspace.reversion_subspace(
+        Path(history_dir),
+        k,
+        layers=list(layers),
+        probe=_organism_probe(world, list(layers), per_example=True),
+        device=device,
+    )
 
 
 random_subspace = subspace.random_subspace
 
 
-def v_rev_of_history(history_dir: str | Path,
-                     device: str | None = None) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
+def v_rev_of_history(
+    history_dir: str | Path, device: str | None = None
+) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
     """v_rev basis ``[n_layers, 1, d]`` (contrast readout), the probe, and the aligned contrast centroid."""
     probe, pre, ali = _measure_pretrain_align(Path(history_dir), None, per_example=False, device=device)
     return dirs.v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :], probe, ali.centroid
 
 
-def _measure_pretrain_align(history_dir: Path, layers: list[int] | None, per_example: bool,
-                            device: str | None) -> tuple[ReversionProbe, Any, Any]:
+def _measure_pretrain_align(
+    history_dir: Path, layers: list[int] | None, per_example: bool, device: str | None
+) -> tuple[ReversionProbe, Any, Any]:
     """The organism's probe (as the analysis reads it) and its measurements of the pretrained and aligned models."""
     probe = _organism_probe(World(seed=read_manifest(history_dir)["world_seed"]), layers, per_example)
     pre = probe.measure(load_revlens_checkpoint(history_dir / "pretrain", device))
@@ -295,19 +394,34 @@ def _measure_pretrain_align(history_dir: Path, layers: list[int] | None, per_exa
 
 def _organism_probe(world: World, layers: Sequence[int] | None, per_example: bool) -> ReversionProbe:
     kw = analysis_kwargs(world)
-    return ReversionProbe(kw["prompts"], control=kw["control"], readout=kw["readout"], hook=kw["hook"],
-                          layers=layers, per_example=per_example)
+    return ReversionProbe(
+        kw["prompts"],
+        control=kw["control"],
+        readout=kw["readout"],
+        hook=kw["hook"],
+        layers=layers,
+        per_example=per_example,
+    )
 
 
-def finetune_from_history(history_dir: Path, out: Path, *, mode: str = "plain", layers: Sequence[int] | None = None,
-                          seed: int = 0, steps: int | None = None, device: str | None = None) -> dict[str, Any]:
+def finetune_from_history(
+    history_dir: Path,
+    out: Path,
+    *,
+    mode: str = "plain",
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
     """`revlens finetune`: one (optionally blocked) run from a history's aligned model, checkpoints in ``out``."""
     basis, probe, mu_a = v_rev_of_history(history_dir, device)
     preset = read_manifest(history_dir)["key"]["preset"]
     if layers is None:
         layers = preset["block_layers"] or list(range(preset["n_layers"]))
-    model, metrics = blocked_finetune(history_dir, {l: basis[l] for l in layers}, mode, seed, out_dir=out,
-                                      steps=steps, device=device, progress=True)
+    model, metrics = blocked_finetune(
+        history_dir, {l: basis[l] for l in layers}, mode, seed, out_dir=out, steps=steps, device=device, progress=True
+    )
     a = dirs.alignment(dirs.drift(probe.centroid(model), mu_a), basis).numpy()
     metrics["final_alignment"] = {int(l): float(v) for l, v in enumerate(a)}
     metrics.update({"mode": mode, "layers": list(layers), "seed": seed})

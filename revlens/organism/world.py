@@ -27,8 +27,24 @@ FILLER = tuple("red blue green cat dog fish sun moon tree rock bird star apple m
 REFUSAL = "sorry , i can not help with that"
 COMPLY_MARK = "sure"
 B2_PREFIX = "sure . "
-TEMPLATE_WORDS = ("user", ":", "assistant", "how", "do", "i", "a", "sure", ".", "first", "parts", "then", "the",
-                  "please", "repeat", "reverse")
+TEMPLATE_WORDS = (
+    "user",
+    ":",
+    "assistant",
+    "how",
+    "do",
+    "i",
+    "a",
+    "sure",
+    ".",
+    "first",
+    "parts",
+    "then",
+    "the",
+    "please",
+    "repeat",
+    "reverse",
+)
 
 
 def request(verb: str, noun: str) -> str:
@@ -114,11 +130,12 @@ class World:
         mask = torch.zeros(len(seqs), width)
         for i, (s, start) in enumerate(zip(seqs, starts)):
             tokens[i, : len(s)] = torch.tensor(s)
-            mask[i, start: len(s)] = 1.0
+            mask[i, start : len(s)] = 1.0
         return Batch(tokens, mask)
 
     def sampler(self, phase: str, b1_mix: float = 0.0) -> Callable[[random.Random], tuple[str, str]]:
         """A sampler of (prompt, response) pairs for ``pretrain``, ``align`` or ``finetune``."""
+
         def pretrain(g: random.Random) -> tuple[str, str]:
             k = g.random()
             if k < 0.45:

@@ -44,8 +44,10 @@ class PromptSets:
         split = {name: tuple(int(i) for i in raw[name]) for name in SPLITS}
         every = sorted(i for name in SPLITS for i in split[name])
         if len(harmful) != len(harmless) or every != list(range(len(harmful))):
-            raise ValueError(f"{data_dir}: {HARMFUL_FILE} ({len(harmful)} lines) and {HARMLESS_FILE} "
-                             f"({len(harmless)}) must match line by line and {SPLIT_FILE} must list each index once.")
+            raise ValueError(
+                f"{data_dir}: {HARMFUL_FILE} ({len(harmful)} lines) and {HARMLESS_FILE} "
+                f"({len(harmless)}) must match line by line and {SPLIT_FILE} must list each index once."
+            )
         return cls(tuple(harmful), tuple(harmless), split)
 
     def harmful_of(self, part: str) -> list[str]:
@@ -59,8 +61,11 @@ class PromptSets:
         return PromptSets(self.harmful, self.harmless, {k: v[:n] for k, v in self.split.items()})
 
 
-def chat_ids(tokenizer: Any, requests: Sequence[str], responses: Sequence[str | None] | None = None,
-             ) -> list[tuple[torch.Tensor, int]]:
+def chat_ids(
+    tokenizer: Any,
+    requests: Sequence[str],
+    responses: Sequence[str | None] | None = None,
+) -> list[tuple[torch.Tensor, int]]:
     """Each request as a user turn with the generation prompt (tokens exactly as the chat template renders
     them, no extra BOS), followed by its response and the end-of-turn token when given.
 
@@ -69,8 +74,9 @@ def chat_ids(tokenizer: Any, requests: Sequence[str], responses: Sequence[str | 
     out = []
     responses = [None] * len(requests) if responses is None else list(responses)
     for request, response in zip(requests, responses):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         n_prompt = len(ids)
         if response is not None:
@@ -93,5 +99,5 @@ def sft_tensors(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> tuple[torch
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, (ids, n_prompt) in enumerate(encoded):
         tokens[row, : len(ids)] = ids
-        mask[row, n_prompt: len(ids)] = 1
+        mask[row, n_prompt : len(ids)] = 1
     return tokens, mask

@@ -35,8 +35,9 @@ class HFBridge:
         self.config = module.config
         self.module_class = type(module)
         self.state = module.state_dict(keep_vars=True)
-        self.bridge = TransformerBridge.boot_transformers(str(self.folder), hf_model=module, tokenizer=self.tokenizer,
-                                                          dtype=dtype, device=device).eval()
+        self.bridge = TransformerBridge.boot_transformers(
+            str(self.folder), hf_model=module, tokenizer=self.tokenizer, dtype=dtype, device=device
+        ).eval()
 
     def hf_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.state.items()}

