@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -74,7 +75,9 @@ def test_history_is_reused_and_deterministic(micro_history, tmp_path):
     build_history("micro", 2, micro_history, progress=False)  # complete: nothing is retrained
     assert weights.read_bytes() == before and weights.stat().st_mtime_ns == mtime
     # Two builds of a shortened micro preset give bit-identical checkpoints in every phase.
-    short = get_preset("micro").with_(pretrain_steps=20, align_max_steps=10, finetune_steps=3, save_steps=(1, 3))
+    short = dataclasses.replace(
+        get_preset("micro"), pretrain_steps=20, align_max_steps=10, finetune_steps=3, save_steps=(1, 3)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a_dir, b_dir = (build_history(short, [1], tmp_path / name, progress=False) for name in ("a", "b"))
