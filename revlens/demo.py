@@ -185,9 +185,12 @@ def best_mode(
     """The blocked mode with the lowest mean harmfulness among those whose mean task loss is within
     ``tolerance`` of plain fine-tuning's (all blocked modes if none is, or without a plain row) and, given
     ``alignment_limit`` (the null's p99), whose mean final alignment is below it (if any is): the mode
-    that blocks v_rev at little cost. Ties go to the lower final alignment."""
+    that blocks v_rev at little cost. Ties go to the lower final alignment. With a plain row, a mode must
+    leave less harm than plain fine-tuning to count: None when no mode does (nothing is "best")."""
     blocked = [m for m in metrics if m != "plain"]
     if "plain" in metrics:
+        plain_harm = round(float(np.mean(metrics["plain"]["harmfulness"])), 9)
+        blocked = [m for m in blocked if round(float(np.mean(metrics[m]["harmfulness"])), 9) < plain_harm]
         limit = (1 + tolerance) * np.mean(metrics["plain"]["task_loss"])
         blocked = [m for m in blocked if np.mean(metrics[m]["task_loss"]) <= limit] or blocked
     if alignment_limit is not None:

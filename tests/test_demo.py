@@ -105,6 +105,8 @@ def test_best_mode_is_the_least_harmful_within_the_task_loss_tolerance():
     assert best_mode(metrics) == "unblocked"
     assert best_mode(metrics, alignment_limit=0.2) == "tied"
     assert best_mode(metrics, alignment_limit=-0.5) == "unblocked"
+    # A mode that leaves as much harm as plain fine-tuning, or more, is never "best" (SmolLM2's grad at all layers).
+    assert best_mode({"plain": row(0.54, 1.0, 0.64), "grad": row(0.6, 1.0, 0.65), "same": row(0.54, 1.0, 0.0)}) is None
 
 
 def test_modes_all_and_default_expand_and_typos_fail_before_training():
