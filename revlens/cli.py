@@ -8,22 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from revlens import demo, finetune_cli
+from revlens.finetune_cli import parse_layers
 
 # Demo histories (by marker file) that `revlens finetune` fine-tunes on the demo's own task when no --data is
 # given; named here, at the composition root, and imported only for such a history.
 DEMO_FINETUNERS = {"organism.json": "revlens.organism.train:finetune_from_history"}
-
-
-def _layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}") from None
-    if len(set(layers)) != len(layers):
-        raise argparse.ArgumentTypeError(f"--layers lists a layer more than once ({text!r}); give each layer once")
-    return layers
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +26,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for report.json (and dashboard.html with --html)")
     p.add_argument("--prompts", help="probe prompt file, one per line (default: the packaged harmful_requests.txt)")
     p.add_argument("--control", help="control prompt file; enables the contrast readout")
-    p.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: all)")
+    p.add_argument("--layers", type=parse_layers, help="comma-separated layer indices (default: all)")
     p.add_argument("--hook", default="resid_post")
     p.add_argument("--readout", default="last", choices=["last", "mean"])
     p.add_argument("--estimator", default="mean_diff", choices=["mean_diff", "per_example", "pca"])

@@ -20,6 +20,7 @@ from revlens import directions as dirs
 from revlens.analysis import analyze
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import load_revlens_checkpoint
+from revlens.finetune_cli import parse_layers
 from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history
 from revlens.organism.presets import Preset, get_preset
 from revlens.organism.train import blocked_finetune, preset_of, read_manifest
@@ -474,7 +475,9 @@ def add_cli(sub: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="smollm2: 1 seed, 20 steps, a short blocking list")
     p.add_argument("--gguf", default=None, help="smollm2: a GGUF file or HF folder instead of the packaged model")
-    p.add_argument("--block-layers", default=None, help="comma-separated layers to block (default: all layers)")
+    p.add_argument(
+        "--block-layers", type=parse_layers, default=None, help="comma-separated layers to block (default: all layers)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument(
         "--workers",
@@ -495,7 +498,7 @@ def _run_cli(args: Any) -> int:
     args.seeds = 3 if args.seeds is None else args.seeds
     args.out = "revlens_out/demo" if args.out is None else args.out
     modes = parse_modes("default" if args.modes is None else args.modes)
-    layers = None if args.block_layers is None else [int(x) for x in args.block_layers.split(",")]
+    layers = args.block_layers
     report = run_demo(
         args.preset,
         args.seeds,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from revlens.report import ReversionReport, mean_std
+from revlens.report import ReversionReport, fmt_pm
 
 # Quoted from the paper's abstract (SCIENCE.md, "The paper's headline numbers"): citations, not results.
 PAPER = {
@@ -18,13 +16,6 @@ PAPER = {
     "harm_plain_to_blocked": "19.0% +/- 4.0% -> 8.5% +/- 1.5%",
     "task_cost": '"little"',
 }
-
-
-def _pm(values: Any, digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
-    m, s = mean_std(np.asarray(values, dtype=np.float64) * scale)
-    if np.isnan(m):
-        return "n/a"
-    return f"{m:.{digits}f}{suffix} +/- {s:.{digits}f}{suffix}"
 
 
 def _step_values(report: ReversionReport, step: int, layer_index: int) -> np.ndarray | None:
@@ -39,14 +30,14 @@ def ours(report: ReversionReport, blocked_mode: str | None = None) -> dict[str, 
     row: dict[str, str] = {}
     first = min(report.steps)
     a1 = _step_values(report, first, li)
-    row["alignment_step1"] = _pm(a1) + ("" if first == 1 else f" (step {first})")
+    row["alignment_step1"] = fmt_pm(a1) + ("" if first == 1 else f" (step {first})")
     a20 = _step_values(report, 20, li)
-    row["alignment_step20"] = "n/a" if a20 is None else _pm(a20)
+    row["alignment_step20"] = "n/a" if a20 is None else fmt_pm(a20)
     above, pairs = report.exceedance(li, "isotropic")
     above_act, _ = report.exceedance(li, "activation")
     row["pairs_above_p99"] = f"{above} of {pairs} (activation-space null: {above_act} of {pairs})"
     last = max(report.steps)
-    row["final_alignment_plain"] = _pm(_step_values(report, last, li)) + ("" if last == 100 else f" (T={last})")
+    row["final_alignment_plain"] = fmt_pm(_step_values(report, last, li)) + ("" if last == 100 else f" (T={last})")
     row["final_alignment_blocked"] = "n/a"
     row["harm_plain_to_blocked"] = "n/a"
     row["task_cost"] = "n/a"
@@ -55,15 +46,15 @@ def ours(report: ReversionReport, blocked_mode: str | None = None) -> dict[str, 
         blocked_mode = iv.get("best_mode")
     if iv and blocked_mode and blocked_mode in iv.get("metrics", {}):
         plain, blocked = iv["metrics"]["plain"], iv["metrics"][blocked_mode]
-        row["final_alignment_blocked"] = f"{_pm(blocked['final_alignment'])} ({blocked_mode})"
+        row["final_alignment_blocked"] = f"{fmt_pm(blocked['final_alignment'])} ({blocked_mode})"
         row["harm_plain_to_blocked"] = (
-            f"{_pm(plain['harmfulness'], 1, 100, '%')} -> {_pm(blocked['harmfulness'], 1, 100, '%')}"
+            f"{fmt_pm(plain['harmfulness'], 1, 100, '%')} -> {fmt_pm(blocked['harmfulness'], 1, 100, '%')}"
         )
         pl, bl = np.asarray(plain["task_loss"], float), np.asarray(blocked["task_loss"], float)
-        row["task_cost"] = f"B2 loss {_pm(bl - pl, 4)} ({100 * (bl.mean() / pl.mean() - 1):+.1f}%)"
+        row["task_cost"] = f"B2 loss {fmt_pm(bl - pl, 4)} ({100 * (bl.mean() / pl.mean() - 1):+.1f}%)"
     elif report.behaviour and "harm" in report.behaviour:
         harm = report.behaviour["harm"]
-        row["harm_plain_to_blocked"] = f"plain: {_pm(harm.get('final', []), 1, 100, '%')}; blocked: n/a"
+        row["harm_plain_to_blocked"] = f"plain: {fmt_pm(harm.get('final', []), 1, 100, '%')}; blocked: n/a"
     return row
 
 

@@ -48,7 +48,10 @@ def mean_std(values: Any) -> tuple[float, float]:
 
 
 def fmt_pm(values: Any, digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
+    """``"mean +/- std"`` of ``values * scale`` (NaN ignored), or ``"n/a"`` when nothing was measured."""
     m, s = mean_std(np.asarray(values, dtype=np.float64) * scale)
+    if np.isnan(m):
+        return "n/a"
     return f"{m:.{digits}f}{suffix} +/- {s:.{digits}f}{suffix}"
 
 
