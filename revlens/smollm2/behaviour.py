@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from revlens._util import training_mode
+from revlens.chat import encode_requests
 from revlens.evals import RefusalPhraseJudge
-from revlens.smollm2.data import REFUSAL, prompt_ids
+from revlens.smollm2.data import REFUSAL
 from revlens.smollm2.tasks import exact_match
 
 
@@ -27,7 +28,7 @@ def generate_greedy(
     module = hf_module(model)
     device = next(module.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = prompt_ids(tokenizer, requests)
+    encoded = encode_requests(tokenizer, requests, chat_template=True)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = [""] * len(encoded)
     with training_mode(module, False):

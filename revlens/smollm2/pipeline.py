@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from revlens import directions as dirs
 from revlens._util import atomic_write_json
 from revlens.analysis import analyze
+from revlens.chat import encode_requests
 from revlens.evals import task_metrics
 from revlens.finetune import finetune
 from revlens.intervention import Blocking, ProbeAnchor
@@ -33,7 +34,7 @@ from revlens.paper import comparison_rows
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport
 from revlens.smollm2.behaviour import evaluate, generate_greedy
-from revlens.smollm2.data import REFUSAL, PromptSets, prompt_ids, sft_tensors
+from revlens.smollm2.data import REFUSAL, PromptSets, sft_tensors
 from revlens.smollm2.hf_io import HFBridge
 from revlens.smollm2.model import DEFAULT_MODEL_DIR, ensure_model
 from revlens.smollm2.tasks import benign_pairs
@@ -290,7 +291,10 @@ def calibrated_at(check: dict[str, float], s: Settings) -> bool:
 
 def probe_sets(ctx: _Context, tokenizer: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The analysis probe (harmful) and contrast (harmless) sets as chat-templated token ids."""
-    return prompt_ids(tokenizer, ctx.sets.harmful_of("probe")), prompt_ids(tokenizer, ctx.sets.harmless_of("probe"))
+    return (
+        encode_requests(tokenizer, ctx.sets.harmful_of("probe"), chat_template=True),
+        encode_requests(tokenizer, ctx.sets.harmless_of("probe"), chat_template=True),
+    )
 
 
 def behaviour_summary(manifest: dict[str, Any]) -> dict[str, Any]:
