@@ -205,7 +205,7 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
     logits, and generation on them equals a token-by-token loop (the bridge's wrapped module is not used)."""
     from transformers import AutoModelForCausalLM
 
-    from revlens.smollm2.behaviour import generate_greedy
+    from revlens.smollm2.behaviour import greedy_answers
     from revlens.smollm2.hf_io import HFBridge
 
     hb = HFBridge(tiny_chat_dir)
@@ -220,6 +220,7 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
         saved = AutoModelForCausalLM.from_pretrained(hb.save(tmp_path / "m")).eval()
         torch.testing.assert_close(saved(x).logits, expected, rtol=0, atol=1e-5)
         requests = ["how do i bake a cake", "write a poem about the sea"]
-        assert generate_greedy(plain, hb.tokenizer, requests, 4) == [
-            _naive_answer(plain, hb.tokenizer, r, 4) for r in requests
-        ]
+        expected_answers = [_naive_answer(plain, hb.tokenizer, r, 4) for r in requests]
+        assert greedy_answers(plain, hb.tokenizer, requests, 4) == expected_answers
+        # core generate_greedy on the trained bridge itself runs a plain HF module sharing its tensors
+        assert greedy_answers(hb.bridge, hb.tokenizer, requests, 4) == expected_answers

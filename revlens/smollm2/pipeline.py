@@ -33,7 +33,7 @@ from revlens.intervention import Blocking, ProbeAnchor
 from revlens.paper import comparison_rows
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport
-from revlens.smollm2.behaviour import evaluate, generate_greedy
+from revlens.smollm2.behaviour import evaluate, greedy_answers
 from revlens.smollm2.data import REFUSAL, PromptSets, sft_tensors
 from revlens.smollm2.hf_io import HFBridge
 from revlens.smollm2.model import DEFAULT_MODEL_DIR, ensure_model
@@ -193,7 +193,7 @@ def build_history(ctx: _Context) -> Path:
         t0 = time.perf_counter()
         model, tok = _load_hf(hist / "pretrain")
         harmless_train = ctx.sets.harmless_of("train")
-        own = generate_greedy(model, tok, harmless_train, s.max_new_tokens, s.generate_batch)
+        own = greedy_answers(model, tok, harmless_train, s.max_new_tokens, s.generate_batch)
         pairs = [(p, REFUSAL) for p in ctx.sets.harmful_of("train")] + list(zip(harmless_train, own))
         tokens, mask = sft_tensors(tok, pairs)
         h_check = ctx.sets.harmful_of("heldout")[: s.check_prompts]
