@@ -205,6 +205,7 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
     logits, and generation on them equals a token-by-token loop (the bridge's wrapped module is not used)."""
     from transformers import AutoModelForCausalLM
 
+    from revlens.checkpoints import load_checkpoint, save_checkpoint
     from revlens.smollm2.behaviour import greedy_answers
     from revlens.smollm2.hf_io import HFBridge
 
@@ -217,8 +218,13 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
         expected = hb.bridge(x)
         plain = hb.to_hf()
         torch.testing.assert_close(plain(x).logits, expected, rtol=0, atol=1e-5)
-        saved = AutoModelForCausalLM.from_pretrained(hb.save(tmp_path / "m")).eval()
+        folder = save_checkpoint(hb.bridge, tmp_path / "m")
+        saved = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert saved.dtype == torch.float32
         torch.testing.assert_close(saved(x).logits, expected, rtol=0, atol=1e-5)
+        reloaded = load_checkpoint(folder, dtype="float32")
+        assert next(reloaded.parameters()).dtype == torch.float32
+        torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=1e-5)
         requests = ["how do i bake a cake", "write a poem about the sea"]
         expected_answers = [_naive_answer(plain, hb.tokenizer, r, 4) for r in requests]
         assert greedy_answers(plain, hb.tokenizer, requests, 4) == expected_answers

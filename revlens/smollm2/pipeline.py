@@ -27,6 +27,7 @@ from revlens import directions as dirs
 from revlens._util import atomic_write_json
 from revlens.analysis import analyze
 from revlens.chat import encode_requests
+from revlens.checkpoints import save_checkpoint
 from revlens.evals import task_metrics
 from revlens.finetune import finetune
 from revlens.intervention import Blocking, ProbeAnchor
@@ -253,9 +254,9 @@ def build_history(ctx: _Context) -> Path:
         tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
         run_dir = hist / "finetune" / run
 
-        def save(step: int, _model: Any, hb: HFBridge = hb, run_dir: Path = run_dir) -> None:
+        def save(step: int, model: Any, run_dir: Path = run_dir) -> None:
             if step in s.save_steps:
-                hb.save(run_dir / f"step_{step}")
+                save_checkpoint(model, run_dir / f"step_{step}")  # a standard HF folder, float32 as trained
 
         res = finetune(
             hb.bridge,
