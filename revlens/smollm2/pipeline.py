@@ -343,7 +343,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
     final alignment at the report's best layer, evaluated without hooks."""
     from revlens.blocking_spec import BlockingSpec
     from revlens.demo import best_mode
-    from revlens.subspace import random_subspace
+    from revlens.subspace import random_subspace, reversion_subspace
 
     s, hist = ctx.settings, ctx.history
     done = ctx.manifest.setdefault("blocking", {})
@@ -353,7 +353,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
     mu_align = probe.centroid(align.bridge)
     basis_all = report.v_rev_basis.double()
-    pca_cache: dict[int, torch.Tensor] = {}
+    pca_cache: dict[int, dict[int, torch.Tensor]] = {}
     jobs = [(label, seed) for label in s.modes for seed in range(s.seeds)]
     for label, seed in tqdm(jobs, desc="blocking modes", disable=not ctx.progress):
         key = f"{label}|{seed}"
@@ -371,8 +371,13 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
                 kind, k, draw = (*spec.subspace, 0)[:3]
                 if kind == "rank":
                     if k not in pca_cache:
-                        pca_cache[k] = _reversion_subspace(ctx, report, k)
-                    directions = {l: pca_cache[k][report.layers.index(l)] for l in layers}
+                        # top-k principal directions of per-prompt contrast readout differences pretrain - align,
+                        # measured on the CPU like the demo's other bridges
+                        pca_probe = ReversionProbe(
+                            harmful_ids, control=harmless_ids, layers=report.layers, per_example=True
+                        )
+                        pca_cache[k] = reversion_subspace(hist, min(k, len(harmful_ids)), probe=pca_probe, device="cpu")
+                    directions = {l: pca_cache[k][l] for l in layers}
                 else:
                     directions = random_subspace(layers, k, report.d_model, seed=draw)
             hb = HFBridge(hist / "align")
@@ -429,15 +434,6 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
         "metrics": metrics,
         "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
     }
-
-
-def _reversion_subspace(ctx: _Context, report: ReversionReport, k: int) -> torch.Tensor:
-    """``[n_layers, k, d]``: top-k principal directions of per-prompt contrast readout differences pretrain - align."""
-    pre, ali = HFBridge(ctx.history / "pretrain"), HFBridge(ctx.history / "align")
-    harmful_ids, harmless_ids = probe_sets(ctx, pre.tokenizer)
-    probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=True)
-    k = min(k, len(harmful_ids))
-    return dirs.v_rev_pca(probe.measure(pre.bridge).per_example, probe.measure(ali.bridge).per_example, k).float()
 
 
 def run_smollm2_demo(
