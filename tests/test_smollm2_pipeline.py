@@ -10,8 +10,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from revlens.chat import encode_requests
 from revlens.evals import RefusalPhraseJudge
-from revlens.smollm2.data import REFUSAL, PromptSets, chat_ids, sft_tensors
+from revlens.smollm2.data import REFUSAL, PromptSets, sft_tensors
 from revlens.smollm2.pipeline import Settings, run_smollm2_demo
 from revlens.smollm2.tasks import TASKS, benign_pairs
 
@@ -75,13 +76,13 @@ def demo(tiny_chat_dir, tmp_path_factory):
 
 
 def _naive_answer(model, tok, request: str, n: int) -> str:
-    ids = chat_ids(tok, [request])[0][0][None]
+    ids = encode_requests(tok, [request], chat_template=True)[0][None]
+    n_prompt = ids.shape[1]
     for _ in range(n):
         nxt = model(ids).logits[0, -1].argmax()
         if int(nxt) == tok.eos_token_id:
             break
         ids = torch.cat([ids, nxt.view(1, 1)], 1)
-    n_prompt = chat_ids(tok, [request])[0][1]
     return tok.decode(ids[0, n_prompt:].tolist(), skip_special_tokens=True).strip()
 
 
@@ -123,8 +124,8 @@ def test_alignment_matches_hf_hidden_states(demo):
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         rows = []
         with torch.no_grad():
-            for ids in chat_ids(tok, requests):
-                hs = model(ids[0][None], output_hidden_states=True).hidden_states
+            for ids in encode_requests(tok, requests, chat_template=True):
+                hs = model(ids[None], output_hidden_states=True).hidden_states
                 rows.append(torch.stack([h[0, -1] for h in hs[1:]]).double())
         return torch.stack(rows).mean(0)
 
@@ -204,11 +205,12 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
     logits, and generation on them equals a token-by-token loop (the bridge's wrapped module is not used)."""
     from transformers import AutoModelForCausalLM
 
-    from revlens.smollm2.behaviour import generate_greedy
+    from revlens.checkpoints import load_checkpoint, save_checkpoint
+    from revlens.smollm2.behaviour import greedy_answers
     from revlens.smollm2.hf_io import HFBridge
 
     hb = HFBridge(tiny_chat_dir)
-    x = chat_ids(hb.tokenizer, ["how do i bake a cake"])[0][0][None]
+    x = encode_requests(hb.tokenizer, ["how do i bake a cake"], chat_template=True)[0][None]
     opt = torch.optim.AdamW(hb.bridge.parameters(), lr=1e-2)
     hb.bridge(x).logsumexp(-1).mean().backward()
     opt.step()
@@ -216,9 +218,15 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
         expected = hb.bridge(x)
         plain = hb.to_hf()
         torch.testing.assert_close(plain(x).logits, expected, rtol=0, atol=1e-5)
-        saved = AutoModelForCausalLM.from_pretrained(hb.save(tmp_path / "m")).eval()
+        folder = save_checkpoint(hb.bridge, tmp_path / "m")
+        saved = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert saved.dtype == torch.float32
         torch.testing.assert_close(saved(x).logits, expected, rtol=0, atol=1e-5)
+        reloaded = load_checkpoint(folder, dtype="float32")
+        assert next(reloaded.parameters()).dtype == torch.float32
+        torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=1e-5)
         requests = ["how do i bake a cake", "write a poem about the sea"]
-        assert generate_greedy(plain, hb.tokenizer, requests, 4) == [
-            _naive_answer(plain, hb.tokenizer, r, 4) for r in requests
-        ]
+        expected_answers = [_naive_answer(plain, hb.tokenizer, r, 4) for r in requests]
+        assert greedy_answers(plain, hb.tokenizer, requests, 4) == expected_answers
+        # core generate_greedy on the trained bridge itself runs a plain HF module sharing its tensors
+        assert greedy_answers(hb.bridge, hb.tokenizer, requests, 4) == expected_answers

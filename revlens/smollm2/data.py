@@ -1,7 +1,6 @@
-"""The SmolLM2 demo's prompt sets, their fixed split, and chat-templated token ids.
+"""The SmolLM2 demo's prompt sets, their fixed split, and chat-templated fine-tuning tensors.
 
-`chat_ids` is the one place where requests become chat-templated tokens; when core revlens gains
-`revlens.chat.encode_requests`, only this function changes.
+Requests become chat-templated tokens through core :func:`revlens.chat.encode_requests`.
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from revlens.chat import encode_requests
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 HARMFUL_FILE = "harmful_requests_smollm2.txt"
@@ -61,38 +62,17 @@ class PromptSets:
         return PromptSets(self.harmful, self.harmless, {k: v[:n] for k, v in self.split.items()})
 
 
-def chat_ids(
-    tokenizer: Any,
-    requests: Sequence[str],
-    responses: Sequence[str | None] | None = None,
-) -> list[tuple[torch.Tensor, int]]:
-    """Each request as a user turn with the generation prompt (tokens exactly as the chat template renders
-    them, no extra BOS), followed by its response and the end-of-turn token when given.
-
-    Returns ``(ids, n_prompt)`` per request: the 1-D token ids and how many of them are the prompt.
-    """
-    out = []
-    responses = [None] * len(requests) if responses is None else list(responses)
-    for request, response in zip(requests, responses):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        n_prompt = len(ids)
-        if response is not None:
-            ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out.append((torch.tensor(ids, dtype=torch.long), n_prompt))
-    return out
-
-
-def prompt_ids(tokenizer: Any, requests: Sequence[str]) -> list[torch.Tensor]:
-    """Chat-templated prompt token ids (for the probe, the anchor and generation)."""
-    return [ids for ids, _ in chat_ids(tokenizer, requests)]
-
-
 def sft_tensors(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``tokens [n, seq]`` and ``loss_mask [n, seq]`` (1 on response tokens, end of turn included)."""
-    encoded = chat_ids(tokenizer, [p for p, _ in pairs], [r for _, r in pairs])
+    """Right-padded ``tokens [n, seq]`` and ``loss_mask [n, seq]`` (1 on response tokens, end of turn included).
+
+    Each row is the request as a user turn with the generation prompt (exactly as the chat template renders
+    it, no extra BOS), then the response and the end-of-turn token.
+    """
+    prompts = encode_requests(tokenizer, [p for p, _ in pairs], chat_template=True)
+    encoded = []
+    for ids, (_, response) in zip(prompts, pairs):
+        answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        encoded.append((torch.cat([ids, torch.tensor(answer, dtype=torch.long)]), len(ids)))
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokens = torch.full((len(encoded), width), int(pad), dtype=torch.long)

@@ -1,7 +1,6 @@
-"""Hugging Face folders in and out of the demo: a TransformerBridge over a plain HF module whose
-weights can still be written as a standard HF folder after training through the bridge.
-
-(Until core ``save_checkpoint`` writes HF folders for HF-architecture bridges, this is the demo's helper.)
+"""Hugging Face folders into the demo: a TransformerBridge over a plain HF module (float32), and a plain
+HF copy of its current weights for evaluation. Trained bridges are written with core
+:func:`revlens.checkpoints.save_checkpoint` (a standard HF folder in the model's dtype).
 """
 
 from __future__ import annotations
@@ -12,15 +11,13 @@ from typing import Any
 
 import torch
 
-from revlens.smollm2.model import save_hf_model
-
 
 class HFBridge:
     """A TransformerBridge booted around an HF causal LM, with that module's original parameter names.
 
     The bridge wraps the module's submodules in place; ``state`` keeps the module's own
     ``state_dict(keep_vars=True)`` taken before, whose tensors are the very parameters training updates,
-    so :meth:`save` writes the trained weights under their HF names.
+    so :meth:`to_hf` copies the trained weights under their HF names.
     """
 
     def __init__(self, folder: str | os.PathLike, device: str | None = None, dtype: torch.dtype = torch.float32):
@@ -48,10 +45,6 @@ class HFBridge:
         fresh = self.module_class(self.config)
         fresh.load_state_dict({k: v.clone() for k, v in self.hf_state().items()}, strict=True)
         return fresh.to(next(iter(self.state.values())).device).eval()
-
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write the current weights as an HF folder (config, float32 safetensors, tokenizer + template)."""
-        return save_hf_model(self.to_hf(), self.tokenizer, folder)
 
 
 def load_bridge(folder: str | os.PathLike, device: str | None = None) -> Any:

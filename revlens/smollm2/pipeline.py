@@ -26,14 +26,16 @@ from tqdm.auto import tqdm
 from revlens import directions as dirs
 from revlens._util import atomic_write_json
 from revlens.analysis import analyze
+from revlens.chat import encode_requests
+from revlens.checkpoints import save_checkpoint
 from revlens.evals import task_metrics
 from revlens.finetune import finetune
 from revlens.intervention import Blocking, ProbeAnchor
 from revlens.paper import comparison_rows
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport
-from revlens.smollm2.behaviour import evaluate, generate_greedy
-from revlens.smollm2.data import REFUSAL, PromptSets, prompt_ids, sft_tensors
+from revlens.smollm2.behaviour import evaluate, greedy_answers
+from revlens.smollm2.data import REFUSAL, PromptSets, sft_tensors
 from revlens.smollm2.hf_io import HFBridge
 from revlens.smollm2.model import DEFAULT_MODEL_DIR, ensure_model
 from revlens.smollm2.tasks import benign_pairs
@@ -192,7 +194,7 @@ def build_history(ctx: _Context) -> Path:
         t0 = time.perf_counter()
         model, tok = _load_hf(hist / "pretrain")
         harmless_train = ctx.sets.harmless_of("train")
-        own = generate_greedy(model, tok, harmless_train, s.max_new_tokens, s.generate_batch)
+        own = greedy_answers(model, tok, harmless_train, s.max_new_tokens, s.generate_batch)
         pairs = [(p, REFUSAL) for p in ctx.sets.harmful_of("train")] + list(zip(harmless_train, own))
         tokens, mask = sft_tensors(tok, pairs)
         h_check = ctx.sets.harmful_of("heldout")[: s.check_prompts]
@@ -252,9 +254,9 @@ def build_history(ctx: _Context) -> Path:
         tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
         run_dir = hist / "finetune" / run
 
-        def save(step: int, _model: Any, hb: HFBridge = hb, run_dir: Path = run_dir) -> None:
+        def save(step: int, model: Any, run_dir: Path = run_dir) -> None:
             if step in s.save_steps:
-                hb.save(run_dir / f"step_{step}")
+                save_checkpoint(model, run_dir / f"step_{step}")  # a standard HF folder, float32 as trained
 
         res = finetune(
             hb.bridge,
@@ -290,7 +292,10 @@ def calibrated_at(check: dict[str, float], s: Settings) -> bool:
 
 def probe_sets(ctx: _Context, tokenizer: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The analysis probe (harmful) and contrast (harmless) sets as chat-templated token ids."""
-    return prompt_ids(tokenizer, ctx.sets.harmful_of("probe")), prompt_ids(tokenizer, ctx.sets.harmless_of("probe"))
+    return (
+        encode_requests(tokenizer, ctx.sets.harmful_of("probe"), chat_template=True),
+        encode_requests(tokenizer, ctx.sets.harmless_of("probe"), chat_template=True),
+    )
 
 
 def behaviour_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -338,7 +343,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
     final alignment at the report's best layer, evaluated without hooks."""
     from revlens.blocking_spec import BlockingSpec
     from revlens.demo import best_mode
-    from revlens.subspace import random_subspace
+    from revlens.subspace import random_subspace, reversion_subspace
 
     s, hist = ctx.settings, ctx.history
     done = ctx.manifest.setdefault("blocking", {})
@@ -348,7 +353,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
     mu_align = probe.centroid(align.bridge)
     basis_all = report.v_rev_basis.double()
-    pca_cache: dict[int, torch.Tensor] = {}
+    pca_cache: dict[int, dict[int, torch.Tensor]] = {}
     jobs = [(label, seed) for label in s.modes for seed in range(s.seeds)]
     for label, seed in tqdm(jobs, desc="blocking modes", disable=not ctx.progress):
         key = f"{label}|{seed}"
@@ -366,8 +371,13 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
                 kind, k, draw = (*spec.subspace, 0)[:3]
                 if kind == "rank":
                     if k not in pca_cache:
-                        pca_cache[k] = _reversion_subspace(ctx, report, k)
-                    directions = {l: pca_cache[k][report.layers.index(l)] for l in layers}
+                        # top-k principal directions of per-prompt contrast readout differences pretrain - align,
+                        # measured on the CPU like the demo's other bridges
+                        pca_probe = ReversionProbe(
+                            harmful_ids, control=harmless_ids, layers=report.layers, per_example=True
+                        )
+                        pca_cache[k] = reversion_subspace(hist, min(k, len(harmful_ids)), probe=pca_probe, device="cpu")
+                    directions = {l: pca_cache[k][l] for l in layers}
                 else:
                     directions = random_subspace(layers, k, report.d_model, seed=draw)
             hb = HFBridge(hist / "align")
@@ -424,15 +434,6 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
         "metrics": metrics,
         "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
     }
-
-
-def _reversion_subspace(ctx: _Context, report: ReversionReport, k: int) -> torch.Tensor:
-    """``[n_layers, k, d]``: top-k principal directions of per-prompt contrast readout differences pretrain - align."""
-    pre, ali = HFBridge(ctx.history / "pretrain"), HFBridge(ctx.history / "align")
-    harmful_ids, harmless_ids = probe_sets(ctx, pre.tokenizer)
-    probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=True)
-    k = min(k, len(harmful_ids))
-    return dirs.v_rev_pca(probe.measure(pre.bridge).per_example, probe.measure(ali.bridge).per_example, k).float()
 
 
 def run_smollm2_demo(
