@@ -5,20 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from revlens.demo import ALL_MODES
 from revlens.report import ReversionReport
 
-MODES = [
-    "plain",
-    "project",
-    "clamp",
-    "grad",
-    "clamp+grad",
-    "anchor@0.1",
-    "contrast@1",
-    "anchor@0.1+contrast@1",
-    "anchor@0.003+rank@64",
-    "anchor@0.003+contrast@0.1+rank@64",
-]
+MODES = list(ALL_MODES)  # the demo's full blocking table: ten mode names of every length
 
 
 def deep_report(
