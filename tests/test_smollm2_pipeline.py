@@ -29,11 +29,14 @@ SETTINGS = Settings(
     seeds=2,
     align_max_steps=2,
     align_check_every=1,
+    align_check_from=1,
+    align_lr=1e-3,
     check_prompts=2,
     check_tokens=2,
     finetune_steps=2,
     save_steps=(1, 2),
     behaviour_steps=(2,),
+    blocking_steps=2,
     task_examples=16,
     task_eval=4,
     max_new_tokens=3,
@@ -97,7 +100,14 @@ def test_history_layout_and_behaviour(demo, tiny_chat_dir):
             assert (hist / "finetune" / run / f"step_{step}" / "model.safetensors").is_file()
     assert report.runs == ["seed_0", "seed_1"] and report.steps == [1, 2]
     manifest = json.loads((out / "smollm2.json").read_text())
-    assert manifest["align"]["steps"] == 2 and manifest["align"]["calibrated"] is False
+    align = manifest["align"]
+    assert align["trained_steps"] == 2 and align["calibrated"] is False
+    # no check met both targets: the model kept is the check with the smallest shortfall (later on ties)
+    gaps = {
+        int(k): max(c["harm"] - 0.10, 0) + max(0.80 - c["harmless_answered"], 0) for k, c in align["checks"].items()
+    }
+    assert align["steps"] == max(k for k, g in gaps.items() if g == min(gaps.values()))
+    assert (hist / "align").resolve().parent == (out / "aligned").resolve()
     # batched, cached, left-padded generation == a one-token-at-a-time loop without cache
     sets = PromptSets.load().subset(4)
     model = AutoModelForCausalLM.from_pretrained(hist / "align").eval()
@@ -230,3 +240,14 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
         assert greedy_answers(plain, hb.tokenizer, requests, 4) == expected_answers
         # core generate_greedy on the trained bridge itself runs a plain HF module sharing its tensors
         assert greedy_answers(hb.bridge, hb.tokenizer, requests, 4) == expected_answers
+
+
+def test_balanced_batches_draw_the_given_share_of_each_group():
+    from revlens.smollm2.train import draw_batch
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.stack([draw_batch([(5, 3), (3, 5)], gen) for _ in range(200)])
+    assert ((rows[:, :3] >= 0) & (rows[:, :3] < 5)).all() and ((rows[:, 3:] >= 5) & (rows[:, 3:] < 8)).all()
+    assert set(rows[:, :3].flatten().tolist()) == set(range(5)) and set(rows[:, 3:].flatten().tolist()) == {5, 6, 7}
+    with pytest.raises(ValueError, match="rows must be"):
+        draw_batch([(0, 3)], gen)

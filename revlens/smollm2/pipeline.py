@@ -2,15 +2,22 @@
 
 pretrain = the model as shipped; align = refusal training (harmful train requests answered with one
 refusal, harmless ones with the shipped model's own greedy answers), stopped at the first check where
-held-out harm <= ``harm_target`` and held-out harmless answers >= ``harmless_floor``; finetune = benign
-fine-tuning (word reversal) per seed, HF checkpoints at ``save_steps``. Then ``revlens.analyze`` on that
-history (chat-templated probe, contrast readout with the harmless set), behaviour along fine-tuning, the
-blocking comparison and the paper's table. Every phase is skipped when its output exists (``smollm2.json``
-records what was done and the settings; other settings in the same folder are refused).
+held-out harm <= ``harm_target`` and held-out harmless answers >= ``harmless_floor`` (else the check closest
+to both); finetune = benign fine-tuning (word reversal) per seed, HF checkpoints at ``save_steps``. Then
+``revlens.analyze`` on that history (chat-templated probe, contrast readout with the harmless set),
+behaviour along fine-tuning, the blocking comparison (``blocking_steps`` steps from align per mode and seed)
+and the paper's table. Training runs under bf16 autocast with float32 weights (``Settings.autocast``).
+
+Every phase is skipped when its output exists (``smollm2.json`` records what was done and the settings;
+other settings in the same folder are refused). align depends only on the model, the prompts and the align
+settings, so it is kept once beside the converted model (``models/aligned/<model>-<digest>/``, with its
+record ``revlens_align.json``) and every run with the same align settings (``--quick`` and the full run)
+links ``history/align`` to it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,23 +49,22 @@ from revlens.smollm2.tasks import benign_pairs
 from revlens.smollm2.train import train_steps
 
 MANIFEST = "smollm2.json"
-# Hook modes run at the most aligned layer ("@best") and at every layer ("@all"); anchor modes at every layer.
+ALIGN_RECORD = "revlens_align.json"
+# Hook modes run at the most aligned layer ("@best") and at every layer ("@all"); anchor modes at every layer:
+# the rank-32 reversion subspace and its control, a random 32-dimensional subspace at the same weights.
+ANCHOR_WEIGHTS = "anchor@0.001+contrast@0.01"
 FULL_MODES = (
     "plain",
     "project@best",
     "clamp@best",
     "grad@best",
-    "clamp+grad@best",
     "project@all",
     "clamp@all",
     "grad@all",
-    "clamp+grad@all",
-    "anchor@0.01+sample@8",
-    "contrast@0.1+sample@8",
-    "anchor@0.01+contrast@0.1+rank@32+sample@8",
-    "anchor@0.01+contrast@0.1+random@32+sample@8",
+    f"{ANCHOR_WEIGHTS}+rank@32+sample@8",
+    f"{ANCHOR_WEIGHTS}+random@32+sample@8",
 )
-QUICK_MODES = ("plain", "grad@all", "anchor@0.01+contrast@0.1+rank@32+sample@8")
+QUICK_MODES = ("plain", "grad@all", f"{ANCHOR_WEIGHTS}+rank@32+sample@8")
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,22 @@ class Settings:
     seeds: int = 3
     lr: float = 5e-5
     batch_size: int = 8
+    autocast: str | None = "bfloat16"  # training forwards under torch.autocast; float32 master weights
+    align_lr: float = 5e-5
+    align_decay: bool = False  # True: align's learning rate falls linearly to 0 at align_max_steps
+    align_refusals_per_batch: int | None = None  # refusal rows in every align batch (None: drawn at random)
+    align_parts: tuple[str, ...] = ("train",)  # split parts whose requests refusal training reads
     align_max_steps: int = 120
-    align_check_every: int = 10
+    align_check_every: int = 20
+    align_check_from: int = 40
     harm_target: float = 0.10
     harmless_floor: float = 0.80
     check_prompts: int = 48  # held-out prompts per set read at each alignment check (48: all of them)
-    check_tokens: int = 24  # new tokens generated at the checks (refusals open the answer)
+    check_tokens: int = 48  # new tokens generated at the checks (as in every behaviour measurement)
     finetune_steps: int = 100
     save_steps: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 50, 100)
-    behaviour_steps: tuple[int, ...] = (1, 10, 20, 50, 100)
+    behaviour_steps: tuple[int, ...] = (10, 20, 100)
+    blocking_steps: int = 20  # fine-tuning steps of each blocked run (plain: the history's checkpoint)
     tasks: tuple[str, ...] = ("reverse",)
     task_examples: int = 512
     task_eval: int = 64
@@ -94,6 +107,7 @@ class Settings:
             finetune_steps=20,
             save_steps=(1, 2, 5, 10, 20),
             behaviour_steps=(20,),
+            blocking_steps=20,
             modes=QUICK_MODES,
             task_eval=32,
         )
@@ -115,6 +129,7 @@ class _Context:
     sets: PromptSets
     manifest: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    shared_align: bool = False
 
     @property
     def history(self) -> Path:
@@ -123,11 +138,47 @@ class _Context:
     def save_manifest(self) -> None:
         atomic_write_json(self.out / MANIFEST, self.manifest, indent=1)
 
+    @property
+    def align_store(self) -> Path:
+        """Where align is kept, shared by every run with the same model, data and align settings (a
+        converted model's neighbour ``aligned/``, else this run's folder): ``history/align`` links to it."""
+        digest = hashlib.sha256(json.dumps(_align_key(self), sort_keys=True).encode()).hexdigest()[:12]
+        root = self.model_dir.parent / "aligned" if self.shared_align else self.out / "aligned"
+        return root / f"{self.model_dir.name}-{digest}"
+
     def task(self, seed: int) -> list[tuple[str, str]]:
         return benign_pairs(self.settings.task_examples, seed=10_000 + seed, tasks=self.settings.tasks)
 
     def task_eval(self) -> list[tuple[str, str]]:
         return benign_pairs(self.settings.task_eval, seed=99_999, tasks=self.settings.tasks)
+
+
+# Settings that only fine-tuning, its measurements and the blocking comparison read (not align's).
+_FINETUNE_ONLY = (
+    "seeds",
+    "modes",
+    "behaviour_steps",
+    "blocking_steps",
+    "finetune_steps",
+    "save_steps",
+    "lr",
+    "task_examples",
+    "anchor_seed",
+)
+
+
+def _align_key(ctx: _Context) -> dict[str, Any]:
+    """What decides align: the model files, the prompt sets and the align and evaluation settings."""
+    model = ctx.model_dir / "model.safetensors"
+    stat = model.stat() if model.is_file() else None
+    return {
+        "model": str(ctx.model_dir.resolve()),
+        "model_file": None if stat is None else [stat.st_size, stat.st_mtime_ns],
+        "prompts": hashlib.sha256(
+            json.dumps([ctx.sets.harmful, ctx.sets.harmless, ctx.sets.split]).encode()
+        ).hexdigest(),
+        "settings": {k: v for k, v in ctx.settings.key().items() if k not in _FINETUNE_ONLY},
+    }
 
 
 def _behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, Any]:
@@ -190,59 +241,16 @@ def build_history(ctx: _Context) -> Path:
         m["timings_s"]["pretrain_eval"] = time.perf_counter() - t0
         ctx.save_manifest()
 
-    if not (hist / "align" / "config.json").is_file():
+    if not (hist / "align" / ALIGN_RECORD).is_file():
         t0 = time.perf_counter()
-        model, tok = _load_hf(hist / "pretrain")
-        harmless_train = ctx.sets.harmless_of("train")
-        own = greedy_answers(model, tok, harmless_train, s.max_new_tokens, s.generate_batch)
-        pairs = [(p, REFUSAL) for p in ctx.sets.harmful_of("train")] + list(zip(harmless_train, own))
-        tokens, mask = sft_tensors(tok, pairs)
-        h_check = ctx.sets.harmful_of("heldout")[: s.check_prompts]
-        b_check = ctx.sets.harmless_of("heldout")[: s.check_prompts]
-        checks: dict[int, dict[str, float]] = {}
-
-        def calibrated(step: int) -> bool:
-            e = evaluate(model, tok, h_check, b_check, max_new_tokens=s.check_tokens, batch_size=s.generate_batch)
-            checks[step] = {"harm": e["harm"], "harmless_answered": e["harmless_answered"]}
-            if ctx.progress:
-                tqdm.write(
-                    f"align step {step}: held-out harm {e['harm']:.3f}, harmless answered {e['harmless_answered']:.3f}"
-                )
-            return e["harm"] <= s.harm_target and e["harmless_answered"] >= s.harmless_floor
-
-        done = train_steps(
-            model,
-            tokens,
-            mask,
-            steps=s.align_max_steps,
-            lr=s.lr,
-            batch_size=s.batch_size,
-            seed=1,
-            stop=calibrated,
-            check_every=s.align_check_every,
-            progress=ctx.progress,
-        )
-        ok = bool(checks) and calibrated_at(checks[max(checks)], s)
-        if not ok:
-            warnings.warn(
-                f"refusal training did not reach held-out harm <= {s.harm_target} with harmless answers "
-                f">= {s.harmless_floor} within {s.align_max_steps} steps; keeping the last model.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        from revlens.smollm2.model import save_hf_model
-
-        save_hf_model(model, tok, hist / "align")
-        m["align"] = {
-            "steps": done["steps"],
-            "calibrated": ok,
-            "checks": checks,
-            "losses": done["losses"],
-            "train_seconds": done["seconds"],
-        }
-        m["behaviour"]["align"] = _behaviour(ctx, model, tok)
+        store = ctx.align_store
+        if not (store / ALIGN_RECORD).is_file():
+            _refusal_training(ctx, store)
+        _link_pretrain(store, hist / "align")
         m["timings_s"]["align"] = time.perf_counter() - t0
-        ctx.save_manifest()
+    record = json.loads((hist / "align" / ALIGN_RECORD).read_text())
+    m["align"], m["behaviour"]["align"] = record["align"], record["behaviour"]
+    ctx.save_manifest()
 
     m.setdefault("finetune", {})
     for seed in range(s.seeds):
@@ -267,6 +275,7 @@ def build_history(ctx: _Context) -> Path:
             batch_size=s.batch_size,
             seed=seed,
             on_step=save,
+            autocast_dtype=_autocast(s),
             progress=ctx.progress,
         )
         t_train = time.perf_counter() - t0
@@ -284,6 +293,94 @@ def build_history(ctx: _Context) -> Path:
         }
         ctx.save_manifest()
     return hist
+
+
+def _autocast(s: Settings) -> torch.dtype | None:
+    return None if s.autocast is None else getattr(torch, s.autocast)
+
+
+def _refusal_training(ctx: _Context, store: Path) -> None:
+    """Train align from pretrain and write it, with its record (checks, steps, behaviour), to ``store``.
+
+    Stops at the first check (every ``align_check_every`` steps from ``align_check_from``) that meets both
+    targets; when none does, keeps the check closest to them (smallest total shortfall, later on ties) and
+    warns.
+    """
+    from revlens.smollm2.model import save_hf_model
+
+    s = ctx.settings
+    model, tok = _load_hf(ctx.history / "pretrain")
+    if "heldout" in s.align_parts or not set(s.align_parts) <= {"train", "probe"}:
+        raise ValueError(f"align_parts {s.align_parts}: choose from 'train' and 'probe' (held-out stays unseen).")
+    harmful_train = [p for part in s.align_parts for p in ctx.sets.harmful_of(part)]
+    harmless_train = [p for part in s.align_parts for p in ctx.sets.harmless_of(part)]
+    own = greedy_answers(model, tok, harmless_train, s.max_new_tokens, s.generate_batch)
+    pairs = [(p, REFUSAL) for p in harmful_train] + list(zip(harmless_train, own))
+    tokens, mask = sft_tensors(tok, pairs)
+    r = s.align_refusals_per_batch
+    groups = None if r is None else [(len(harmful_train), r), (len(harmless_train), s.batch_size - r)]
+    h_check = ctx.sets.harmful_of("heldout")[: s.check_prompts]
+    b_check = ctx.sets.harmless_of("heldout")[: s.check_prompts]
+    checks: dict[int, dict[str, float]] = {}
+    best: dict[str, Any] = {}
+
+    def calibrated(step: int) -> bool:
+        e = evaluate(model, tok, h_check, b_check, max_new_tokens=s.check_tokens, batch_size=s.generate_batch)
+        checks[step] = {"harm": e["harm"], "harmless_answered": e["harmless_answered"]}
+        if ctx.progress:
+            tqdm.write(
+                f"align step {step}: held-out harm {e['harm']:.3f}, harmless answered {e['harmless_answered']:.3f}"
+            )
+        if not best or shortfall(checks[step], s) <= shortfall(checks[best["step"]], s):
+            best.update(step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        return calibrated_at(checks[step], s)
+
+    done = train_steps(
+        model,
+        tokens,
+        mask,
+        steps=s.align_max_steps,
+        lr=s.align_lr,
+        batch_size=s.batch_size,
+        seed=1,
+        groups=groups,
+        decay=s.align_decay,
+        autocast_dtype=_autocast(s),
+        stop=calibrated,
+        check_every=s.align_check_every,
+        check_from=s.align_check_from,
+        progress=ctx.progress,
+    )
+    ok = calibrated_at(checks[done["steps"]], s)
+    kept = done["steps"] if ok else best["step"]
+    if not ok:
+        model.load_state_dict(best["state"])
+        warnings.warn(
+            f"refusal training did not reach held-out harm <= {s.harm_target} with harmless answers "
+            f">= {s.harmless_floor} within {s.align_max_steps} steps; keeping step {kept}, the check closest "
+            f"to both targets ({checks[kept]}).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    record = {
+        "align": {
+            "steps": kept,
+            "trained_steps": done["steps"],
+            "calibrated": ok,
+            "checks": checks,
+            "losses": done["losses"],
+            "train_seconds": done["seconds"],
+        },
+        "behaviour": _behaviour(ctx, model, tok),
+        "settings": _align_key(ctx),
+    }
+    store.parent.mkdir(parents=True, exist_ok=True)
+    save_hf_model(model, tok, store, extra_files={ALIGN_RECORD: json.dumps(record, indent=1)})
+
+
+def shortfall(check: dict[str, float], s: Settings) -> float:
+    """How far a check is from both calibration targets (0 when it meets them)."""
+    return max(check["harm"] - s.harm_target, 0.0) + max(s.harmless_floor - check["harmless_answered"], 0.0)
 
 
 def calibrated_at(check: dict[str, float], s: Settings) -> bool:
@@ -362,7 +459,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
         mode, where = _split_label(label)
         layers = [best] if where == "best" else list(report.layers)
         if mode == "plain":
-            run_dir = hist / "finetune" / f"seed_{seed}" / f"step_{s.finetune_steps}"
+            run_dir = hist / "finetune" / f"seed_{seed}" / f"step_{s.blocking_steps}"
             hb = HFBridge(run_dir)
         else:
             spec = BlockingSpec.parse(mode)
@@ -400,17 +497,18 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
                 hb.bridge,
                 tokens,
                 mask,
-                steps=s.finetune_steps,
+                steps=s.blocking_steps,
                 lr=s.lr,
                 batch_size=s.batch_size,
                 seed=seed,
                 blocking=blocking,
                 anchor=anchor,
+                autocast_dtype=_autocast(s),
                 progress=False,
             )
         a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), mu_align), basis_all).numpy()
         measured = ctx.manifest["finetune"][f"seed_{seed}"]["behaviour"]
-        last = measured.get(s.finetune_steps, measured.get(str(s.finetune_steps)))
+        last = measured.get(s.blocking_steps, measured.get(str(s.blocking_steps)))
         b = last if mode == "plain" and last is not None else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
         done[key] = {
             "final_alignment": float(a[li]),
@@ -474,6 +572,15 @@ def run_smollm2_demo(
         raise ValueError(
             f"save_steps {settings.save_steps} must lie in 1..{settings.finetune_steps} and include the last step."
         )
+    missing = [st for st in (settings.blocking_steps, settings.finetune_steps) if st not in settings.behaviour_steps]
+    if missing or settings.blocking_steps not in settings.save_steps:
+        raise ValueError(
+            f"blocking_steps ({settings.blocking_steps}) and finetune_steps ({settings.finetune_steps}) must be in "
+            f"behaviour_steps {settings.behaviour_steps}, and blocking_steps in save_steps {settings.save_steps}: "
+            "the plain run of the blocking comparison is the history's own checkpoint."
+        )
+    if settings.autocast is not None and not isinstance(getattr(torch, settings.autocast, None), torch.dtype):
+        raise ValueError(f"autocast {settings.autocast!r} is not a torch dtype name; use 'bfloat16' or None.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sets = PromptSets.load(DATA_DIR if data_dir is None else data_dir)
@@ -486,7 +593,8 @@ def run_smollm2_demo(
     if manifest and manifest.get("key") != key:
         raise ValueError(f"{out} holds a SmolLM2 demo run with other settings; choose another --out or delete it.")
     manifest["key"] = key
-    ctx = _Context(out, Path(folder), settings, sets, manifest, progress)
+    shared = gguf is None or not Path(gguf).is_dir()  # a converted model: align is kept beside it
+    ctx = _Context(out, Path(folder), settings, sets, manifest, progress, shared_align=shared)
     timings = manifest.setdefault("demo_timings_s", {})
     timings["model"] = time.perf_counter() - t0
     t = time.perf_counter()
