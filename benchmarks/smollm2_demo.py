@@ -2,6 +2,11 @@
 
 python benchmarks/smollm2_demo.py --quick            # target: <= 10 min on 2 CPU cores
 python benchmarks/smollm2_demo.py                    # full: 3 seeds x 100 steps, full blocking list
+
+``--out`` must be empty (a resumed run would time only what was left). Refusal training (align) is kept
+once beside the converted model and shared by every run with the same align settings; the result records
+whether this run trained it (``align_trained``) and how long it took, so the figure with and without it
+can both be read. ``--fresh-align`` deletes the kept align first for a fully cold figure.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from revlens.smollm2.pipeline import run_smollm2_demo
+from revlens.smollm2.pipeline import MANIFEST, run_smollm2_demo
 
 
 def main() -> None:
@@ -23,21 +29,38 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fresh-align", action="store_true", help="delete the kept align first (a fully cold run)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"revlens_out/bench-smollm2{'-quick' if args.quick else ''}")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: a benchmark times a whole run; delete it or pass another --out.")
+    if args.fresh_align:
+        shutil.rmtree(Path("revlens_out/models/aligned"), ignore_errors=True)
     t0 = time.perf_counter()
-    report = run_smollm2_demo(out, quick=args.quick)
+    report = run_smollm2_demo(out, quick=args.quick, progress=True)
+    wall = time.perf_counter() - t0
+    manifest = json.loads((out / MANIFEST).read_text())
+    history = manifest["timings_s"]
+    align_trained = not report.config["demo"]["align"].get("reused", False)
     result = {
         "quick": args.quick,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall,
         "phases_s": report.config["demo"]["timings_s"],
+        "history_s": {
+            "pretrain_eval": history.get("pretrain_eval"),
+            "align": history.get("align"),
+            **{run: r["seconds"] for run, r in manifest["finetune"].items()},
+        },
+        "align_trained": align_trained,
+        "wall_without_align_training_s": wall - (history.get("align", 0.0) if align_trained else 0.0),
+        "align_steps": manifest["align"]["trained_steps"],
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
+        "load_average_after": os.getloadavg(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "note": "phases are skipped when their output exists: run on an empty --out for a cold figure",
     }
     path = Path("benchmarks/results") / f"smollm2_demo{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

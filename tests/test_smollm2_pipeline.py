@@ -251,3 +251,25 @@ def test_balanced_batches_draw_the_given_share_of_each_group():
     assert set(rows[:, :3].flatten().tolist()) == set(range(5)) and set(rows[:, 3:].flatten().tolist()) == {5, 6, 7}
     with pytest.raises(ValueError, match="rows must be"):
         draw_batch([(0, 3)], gen)
+
+
+def test_cli_refuses_flags_the_smollm2_preset_does_not_use(capsys):
+    from revlens.cli import main
+
+    with pytest.raises(SystemExit, match="--device, --workers: not used by --preset smollm2"):
+        main(["demo", "--preset", "smollm2", "--device", "cuda", "--workers", "2"])
+
+
+def test_quick_and_full_runs_share_one_align(tiny_chat_dir, tmp_path):
+    from dataclasses import replace
+
+    from revlens.smollm2.pipeline import _Context
+
+    def store(settings, out="a"):
+        return _Context(tmp_path / out, tiny_chat_dir, settings, PromptSets.load(), shared_align=True).align_store
+
+    full = store(Settings())
+    assert store(Settings.quick(), out="b") == full and full.parent == tiny_chat_dir.parent / "aligned"
+    assert store(replace(Settings(), seeds=1, modes=("plain",), finetune_steps=50, task_eval=8)) == full
+    assert store(replace(Settings(), align_lr=1e-4)) != full
+    assert store(replace(Settings(), check_tokens=12)) != full

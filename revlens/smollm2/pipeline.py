@@ -52,7 +52,7 @@ MANIFEST = "smollm2.json"
 ALIGN_RECORD = "revlens_align.json"
 # Hook modes run at the most aligned layer ("@best") and at every layer ("@all"); anchor modes at every layer:
 # the rank-32 reversion subspace and its control, a random 32-dimensional subspace at the same weights.
-ANCHOR_WEIGHTS = "anchor@0.001+contrast@0.01"
+ANCHOR_WEIGHTS = "anchor@0.0001+contrast@0.001"
 FULL_MODES = (
     "plain",
     "project@best",
@@ -163,6 +163,8 @@ _FINETUNE_ONLY = (
     "save_steps",
     "lr",
     "task_examples",
+    "task_eval",
+    "tasks",
     "anchor_seed",
 )
 
@@ -181,7 +183,7 @@ def _align_key(ctx: _Context) -> dict[str, Any]:
     }
 
 
-def _behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, Any]:
+def _behaviour(ctx: _Context, model: Any, tokenizer: Any, task: bool = True) -> dict[str, Any]:
     """Harm / exact refusals on the held-out harmful requests, harmless answers, task loss and accuracy."""
     s = ctx.settings
     out = evaluate(
@@ -192,10 +194,14 @@ def _behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, Any]:
         max_new_tokens=s.max_new_tokens,
         batch_size=s.generate_batch,
     )
+    return {**out, **_task_behaviour(ctx, model, tokenizer)} if task else out
+
+
+def _task_behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, float]:
+    """Teacher-forced loss and exact-match accuracy on the held-out benign task."""
     tokens, mask = sft_tensors(tokenizer, ctx.task_eval())
     tm = task_metrics(_Logits(model), tokens, mask)
-    out.update(task_loss=tm.loss, task_accuracy=tm.sequence_accuracy, task_token_accuracy=tm.token_accuracy)
-    return out
+    return {"task_loss": tm.loss, "task_accuracy": tm.sequence_accuracy, "task_token_accuracy": tm.token_accuracy}
 
 
 class _Logits(torch.nn.Module):
@@ -244,12 +250,16 @@ def build_history(ctx: _Context) -> Path:
     if not (hist / "align" / ALIGN_RECORD).is_file():
         t0 = time.perf_counter()
         store = ctx.align_store
-        if not (store / ALIGN_RECORD).is_file():
+        m["align_reused"] = (store / ALIGN_RECORD).is_file()
+        if not m["align_reused"]:
             _refusal_training(ctx, store)
         _link_pretrain(store, hist / "align")
         m["timings_s"]["align"] = time.perf_counter() - t0
     record = json.loads((hist / "align" / ALIGN_RECORD).read_text())
-    m["align"], m["behaviour"]["align"] = record["align"], record["behaviour"]
+    m["align"] = {**record["align"], "reused": m.get("align_reused", False), "folder": str(ctx.align_store)}
+    if "task_loss" not in m["behaviour"].get("align", {}):
+        model, tok = _load_hf(hist / "align")
+        m["behaviour"]["align"] = {**record["behaviour"], **_task_behaviour(ctx, model, tok)}
     ctx.save_manifest()
 
     m.setdefault("finetune", {})
@@ -371,7 +381,7 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
             "losses": done["losses"],
             "train_seconds": done["seconds"],
         },
-        "behaviour": _behaviour(ctx, model, tok),
+        "behaviour": _behaviour(ctx, model, tok, task=False),  # the task is each run's own (below)
         "settings": _align_key(ctx),
     }
     store.parent.mkdir(parents=True, exist_ok=True)
@@ -671,6 +681,20 @@ def print_smollm2(report: ReversionReport) -> None:
 
 def run_cli(args: Any) -> int:
     """``revlens demo --preset smollm2`` (called by revlens.demo's CLI)."""
+    unused = [
+        flag
+        for flag, value in (
+            ("--device", args.device),
+            ("--block-layers", args.block_layers),
+            ("--workers", args.workers),
+        )
+        if value is not None and not (flag == "--device" and str(value) == "cpu")
+    ]
+    if unused:
+        raise SystemExit(
+            f"{', '.join(unused)}: not used by --preset smollm2, which runs on the CPU in one process and "
+            "blocks at the best layer ('@best') or every layer ('@all') as its modes say; drop the flag."
+        )
     settings = Settings.quick() if args.quick else Settings()
     if args.seeds_given:
         settings = replace(settings, seeds=args.seeds)
