@@ -493,7 +493,7 @@ def analyze(
                 stacklevel=2,
             )
         n_layers, d_model = pre.centroid.shape
-        noise = dirs.ROUNDOFF * ali.probe_centroid.norm(dim=-1)
+        noise = dirs.roundoff_floor(ali.probe_centroid)
         undefined = torch.isnan(basis).flatten(1).any(dim=1)  # layers without v_rev: NaN is not zero drift
         runs, steps = history.runs, history.steps
         shape = (len(runs), len(steps), n_layers)

@@ -114,6 +114,22 @@ def alignment(
     return torch.where(norm > min_norm, out, torch.full_like(out, float("nan")))
 
 
+@shape_checked
+def roundoff_floor(probe_centroid: Float[torch.Tensor, "n_layers d_model"]) -> Float[torch.Tensor, " n_layers"]:
+    """Per layer, the drift length below which alignment is float round-off: ``ROUNDOFF`` times the norm
+    of the aligned model's raw probe centroid.
+
+    The activations themselves set the round-off scale, so pass the probe centroid, not a contrast
+    (probe minus control) centroid, which can be far shorter. Every reader of alignment (``analyze``,
+    :class:`~revlens.finetune.ReversionMonitor`, the Trainer callback) uses this one floor, so a drift
+    comes out NaN (no direction) in all of them or in none.
+
+    Example:
+        >>> a = alignment(drift(mu_t, mu_align), basis, roundoff_floor(probe_centroid_align))  # doctest: +SKIP
+    """
+    return ROUNDOFF * probe_centroid.double().norm(dim=-1)
+
+
 def warn_if_zero_drift(values: torch.Tensor, label: str) -> None:
     if torch.isnan(values).any():
         warnings.warn(

@@ -63,9 +63,13 @@ class ReversionMonitor:
         mu_align: torch.Tensor,
         v_rev: torch.Tensor,
         null_p99: Sequence[float] | None = None,
+        floor: torch.Tensor | None = None,
     ):
         self.probe = probe
         self.mu_align = mu_align.double()
+        # drifts shorter than this are round-off (NaN); default from mu_align, exact when it is the raw
+        # probe centroid (no control set); from_models measures the raw centroid either way
+        self.floor = dirs.roundoff_floor(self.mu_align) if floor is None else floor.double()
         self.basis = v_rev.double()[:, None, :] if v_rev.ndim == 2 else v_rev.double()
         d = self.mu_align.shape[-1]
         self.null_p99 = np.asarray(
@@ -89,12 +93,18 @@ class ReversionMonitor:
         model's chat template when it has one (``chat_template``, ``system``: see :class:`ReversionProbe`)."""
         probe = ReversionProbe(prompts, per_example=False, chat_template=chat_template, system=system, **probe_kwargs)
         probe.use_template_of(align)
-        mu_p, mu_a = probe.centroid(pretrain), probe.centroid(align)
-        return cls(probe, mu_a, dirs.v_rev_mean_diff(mu_p, mu_a))
+        ali = probe.measure(align)
+        mu_p, mu_a = probe.centroid(pretrain), ali.centroid
+        return cls(probe, mu_a, dirs.v_rev_mean_diff(mu_p, mu_a), floor=dirs.roundoff_floor(ali.probe_centroid))
 
     def update(self, model: Any, step: int) -> np.ndarray:
-        """Measure alignment at ``step``; warn once per layer when it first exceeds the null's p99."""
-        a = dirs.alignment(dirs.drift(self.probe.centroid(model), self.mu_align), self.basis).numpy()
+        """Measure alignment at ``step``; warn once per layer when it first exceeds the null's p99.
+
+        A drift within float round-off of zero (:func:`revlens.directions.roundoff_floor`) has no direction:
+        NaN, with a warning, as in :func:`revlens.analyze`."""
+        values = dirs.alignment(dirs.drift(self.probe.centroid(model), self.mu_align), self.basis, self.floor)
+        dirs.warn_if_zero_drift(values, f"step {step}")
+        a = values.numpy()
         self.history[int(step)] = a
         layers = self.probe.resolve_layers(model)
         for i, value in enumerate(a):

@@ -106,10 +106,14 @@ class HFReadouts:
 
     def centroid(self, model: Any) -> torch.Tensor:
         """``[n_layers, d_model]`` float64: the probe centroid, minus the control centroid when there is one."""
-        mu = self.readouts(model, "probe").mean(0)
-        if "control" in self.sets:
-            mu = mu - self.readouts(model, "control").mean(0)
-        return mu
+        return self.centroid_and_floor(model)[0]
+
+    def centroid_and_floor(self, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`centroid` and the round-off floor of alignment from the raw probe centroid
+        (:func:`revlens.directions.roundoff_floor`), from one pass over the prompts."""
+        probe = self.readouts(model, "probe").mean(0)
+        mu = probe - self.readouts(model, "control").mean(0) if "control" in self.sets else probe
+        return mu, dirs.roundoff_floor(probe)
 
 
 class ReversionCallback(TrainerCallback):
@@ -159,6 +163,8 @@ class ReversionCallback(TrainerCallback):
                 f"per layer of {self.layers} (d_model last)."
             )
         self.basis, self.mu_align = basis, mu_align.double()
+        # from_report/from_models replace it with the floor of the aligned model's raw probe centroid
+        self.floor = dirs.roundoff_floor(self.mu_align)
         self.readout = _readouts(prompts, control, self.layers, tokenizer, chat_template, system, batch_size)
         d, k = basis.shape[-1], basis.shape[1]
         self.null_p99 = np.asarray(
@@ -206,7 +212,11 @@ class ReversionCallback(TrainerCallback):
             null_p99=np.asarray(report.null_p99)[idx],
             **kwargs,
         )
-        cb.mu_align = align.double() if isinstance(align, torch.Tensor) else cb.readout.centroid(align)
+        if isinstance(align, torch.Tensor):
+            cb.mu_align = align.double()
+            cb.floor = dirs.roundoff_floor(cb.mu_align)
+        else:
+            cb.mu_align, cb.floor = cb.readout.centroid_and_floor(align)
         return cb
 
     @classmethod
@@ -234,8 +244,8 @@ class ReversionCallback(TrainerCallback):
             tokenizer=tokenizer,
             **kwargs,
         )
-        mu_p, mu_a = cb.readout.centroid(pretrain), cb.readout.centroid(align)
-        cb.basis, cb.mu_align = dirs.v_rev_mean_diff(mu_p, mu_a)[:, None, :], mu_a
+        mu_p, (mu_a, floor) = cb.readout.centroid(pretrain), cb.readout.centroid_and_floor(align)
+        cb.basis, cb.mu_align, cb.floor = dirs.v_rev_mean_diff(mu_p, mu_a)[:, None, :], mu_a, floor
         return cb
 
     def attach(self, trainer: Any) -> ReversionCallback:
@@ -248,7 +258,7 @@ class ReversionCallback(TrainerCallback):
     def alignment(self, model: Any) -> np.ndarray:
         """Per-layer alignment of ``model``'s drift from the aligned centroid with v_rev (NaN: no drift)."""
         delta = dirs.drift(self.readout.centroid(model), self.mu_align)
-        return dirs.alignment(delta, self.basis, dirs.ROUNDOFF * self.mu_align.norm(dim=-1)).numpy()
+        return dirs.alignment(delta, self.basis, self.floor).numpy()
 
     def _measure(self, state: Any, model: Any) -> None:
         step = int(state.global_step)
