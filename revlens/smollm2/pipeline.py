@@ -107,7 +107,6 @@ class Settings:
             finetune_steps=20,
             save_steps=(1, 2, 5, 10, 20),
             behaviour_steps=(20,),
-            blocking_steps=20,
             modes=QUICK_MODES,
             task_eval=32,
         )
@@ -223,8 +222,9 @@ def _load_hf(folder: Path) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def _link_pretrain(model_dir: Path, target: Path) -> None:
-    """``history/pretrain`` is the converted model itself (a symlink; a copy where links are refused)."""
+def _link_folder(model_dir: Path, target: Path) -> None:
+    """``target`` (``history/pretrain``, ``history/align``) is ``model_dir`` itself (a symlink; a copy where
+    links are refused)."""
     if target.exists() or target.is_symlink():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,7 @@ def build_history(ctx: _Context) -> Path:
     s, hist, m = ctx.settings, ctx.history, ctx.manifest
     m.setdefault("timings_s", {})
     m.setdefault("behaviour", {})
-    _link_pretrain(ctx.model_dir, hist / "pretrain")
+    _link_folder(ctx.model_dir, hist / "pretrain")
     if "pretrain" not in m["behaviour"]:
         t0 = time.perf_counter()
         model, tok = _load_hf(hist / "pretrain")
@@ -253,7 +253,7 @@ def build_history(ctx: _Context) -> Path:
         m["align_reused"] = (store / ALIGN_RECORD).is_file()
         if not m["align_reused"]:
             _refusal_training(ctx, store)
-        _link_pretrain(store, hist / "align")
+        _link_folder(store, hist / "align")
         m["timings_s"]["align"] = time.perf_counter() - t0
     record = json.loads((hist / "align" / ALIGN_RECORD).read_text())
     m["align"] = {**record["align"], "reused": m.get("align_reused", False), "folder": str(ctx.align_store)}
@@ -394,7 +394,7 @@ def shortfall(check: dict[str, float], s: Settings) -> float:
 
 
 def calibrated_at(check: dict[str, float], s: Settings) -> bool:
-    return check["harm"] <= s.harm_target and check["harmless_answered"] >= s.harmless_floor
+    return shortfall(check, s) == 0.0
 
 
 def probe_sets(ctx: _Context, tokenizer: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
