@@ -17,7 +17,7 @@ import time
 import torch
 
 from revlens.checkpoints import boot_native_model
-from revlens.finetune import masked_lm_loss
+from revlens.losses import masked_lm_loss
 from revlens.intervention import Blocking, ProbeAnchor
 
 from _results import environment, write_result

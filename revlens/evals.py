@@ -224,10 +224,23 @@ def _pad_id(tokenizer: Any) -> int:
 def _generate_batched(
     hf: Any, encoded: list[torch.Tensor], max_new_tokens: int, batch_size: int, stop: list[int], pad_id: int
 ) -> list[list[int]]:
-    from transformers import GenerationConfig
+    """Left-padded batches through the HF module with a transformers ``DynamicCache``; a row whose answer has
+    reached a stop token leaves the batch (its cache rows too), so the batch shrinks as answers end.
+
+    transformers' ``generate`` keeps finished rows in the batch until the last one ends; short answers
+    (refusals) beside long ones then cost as much as the long ones. The tokens are those of
+    ``generate(do_sample=False)``: the same forward, positions and mask, one argmax per step.
+    """
+    import inspect
+
+    from transformers import DynamicCache
 
     device = next(hf.parameters()).device
     limit = getattr(hf.config, "max_position_embeddings", None)
+    accepted = inspect.signature(hf.forward).parameters
+    keep_last = "logits_to_keep" in accepted
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.x
+    stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[list[int]] = [[] for _ in encoded]
     with training_mode(hf, False):
@@ -245,18 +258,26 @@ def _generate_batched(
             for r, i in enumerate(rows):
                 ids[r, length - len(encoded[i]) :] = encoded[i]
                 mask[r, length - len(encoded[i]) :] = 1
-            config = GenerationConfig(
-                max_new_tokens=steps,
-                min_new_tokens=0,
-                do_sample=False,
-                num_beams=1,
-                use_cache=True,
-                pad_token_id=pad_id,
-                eos_token_id=stop or None,
-            )
-            out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-            for r, i in enumerate(rows):
-                answers[i] = out[r, length:].tolist()
+            x, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            alive = torch.tensor(rows, dtype=torch.long)
+            cache = DynamicCache(config=hf.config)  # filled in place by each forward
+            extra = {cache_arg: cache, "use_cache": True, **({"logits_to_keep": 1} if keep_last else {})}
+            for _ in range(steps):
+                out = hf(input_ids=x, attention_mask=mask, position_ids=positions, **extra)
+                nxt = out.logits[:, -1].argmax(-1)
+                for i, t in zip(alive.tolist(), nxt.tolist()):
+                    answers[i].append(t)
+                ended = torch.isin(nxt, stop_t)
+                if bool(ended.all()):
+                    break
+                if bool(ended.any()):
+                    live = (~ended).nonzero().squeeze(1)
+                    cache.batch_select_indices(live)
+                    alive, nxt, mask = alive[live.cpu()], nxt[live], mask[live]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                positions = mask.sum(-1, keepdim=True) - 1
+                x = nxt[:, None]
     return answers
 
 

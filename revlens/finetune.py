@@ -41,7 +41,7 @@ from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import move_quietly, save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
 from revlens.lora import apply_lora, is_peft_wrapped, lora_config_of, lora_description
-from revlens.losses import masked_lm_loss
+from revlens.losses import model_lm_loss, takes_logits_to_keep
 from revlens.nulls import isotropic_p99
 from revlens.probe import ReversionProbe
 
@@ -574,6 +574,7 @@ def finetune(
         if autocast_dtype is not None
         else contextlib.nullcontext
     )
+    keep_logits = takes_logits_to_keep(model)
     model.train()
     bar = tqdm(
         range(start + 1, steps + 1), desc=f"finetune {run_name}", disable=not (progress and ctx.is_main), leave=False
@@ -587,11 +588,11 @@ def finetune(
                 x, m = tokens[micro].to(dev), loss_mask[micro].to(dev)
                 if blocking is None:
                     with autocast():
-                        loss = masked_lm_loss(model(x), x, m)
+                        loss = model_lm_loss(model, x, m, keep_logits)
                 else:
                     blocking.set_batch(coords=None if coords is None else {l: c[micro] for l, c in coords.items()})
                     with blocking.applied(model), autocast():
-                        loss = masked_lm_loss(model(x), x, m)
+                        loss = model_lm_loss(model, x, m, keep_logits)
                 (loss / grad_accum).backward()
                 total += loss.item() / grad_accum
             if anchor is not None:

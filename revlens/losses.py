@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -10,4 +13,45 @@ def masked_lm_loss(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.
     """Mean next-token cross-entropy over positions whose target ``tokens[:, i]`` has ``loss_mask`` set."""
     targets, mask = tokens[:, 1:], loss_mask[:, 1:].to(logits.dtype)
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return (ce.view_as(mask) * mask).sum() / mask.sum().clamp_min(1)
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether ``model(tokens, logits_to_keep=positions)`` computes logits at ``positions`` only: a Hugging Face
+    causal LM, a TransformerBridge over one (its keyword arguments reach the HF module), or either with peft
+    adapters. TransformerLens-native models compute every position."""
+    hf = getattr(model, "original_model", model)
+    base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+    forward = getattr(base, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def model_lm_loss(
+    model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor, keep_logits: bool | None = None
+) -> torch.Tensor:
+    """:func:`masked_lm_loss` of ``model`` on ``tokens``, with logits computed only where a target has loss.
+
+    Fine-tuning data put the loss on the response, a fraction of each row, while the unembedding (a
+    ``d_model x d_vocab`` matmul, forwards and backwards) and the cross-entropy dominate a small model's step;
+    positions without a target in the loss cannot change it. ``keep_logits`` (default:
+    :func:`takes_logits_to_keep`) chooses; without it every position's logits are computed, as before.
+
+    Example:
+        >>> loss = model_lm_loss(bridge, tokens, loss_mask)   # doctest: +SKIP
+    """
+    if keep_logits is None:
+        keep_logits = takes_logits_to_keep(model)
+    if not keep_logits:
+        out = model(tokens)
+        return masked_lm_loss(out.logits if hasattr(out, "logits") else out, tokens, loss_mask)
+    columns = loss_mask[:, 1:].any(0).nonzero().squeeze(1)  # logits at column c predict token c + 1
+    out = model(tokens, logits_to_keep=columns)
+    logits = out.logits if hasattr(out, "logits") else out
+    if logits.shape[1] != len(columns):
+        raise ValueError(
+            f"{type(model).__name__} returned logits at {logits.shape[1]} positions for {len(columns)} requested: "
+            "it ignores logits_to_keep; call with keep_logits=False."
+        )
+    targets, mask = tokens[:, columns + 1], loss_mask[:, columns + 1].to(logits.dtype)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     return (ce.view_as(mask) * mask).sum() / mask.sum().clamp_min(1)

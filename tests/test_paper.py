@@ -71,3 +71,13 @@ def test_table_text_has_every_row():
     text = comparison_table(synthetic_report())
     assert text.count("\n") == 2 + len(PAPER) - 1
     assert "24 of 24" in text and "layer L1" in text
+
+
+def test_blocked_rows_name_their_fine_tuning_length_when_it_is_not_the_papers():
+    report = synthetic_report()
+    rows = {r["quantity"]: r["revlens"] for r in comparison_rows(report)}
+    assert "T=" not in rows["final alignment at T=100, v_rev blocked"]
+    report.interventions["steps"] = 20
+    rows = {r["quantity"]: r["revlens"] for r in comparison_rows(report)}
+    assert rows["final alignment at T=100, v_rev blocked"].endswith("(clamp, T=20)")
+    assert rows["harmfulness, plain -> blocked"].endswith("(T=20)")

@@ -273,3 +273,31 @@ def test_quick_and_full_runs_share_one_align(tiny_chat_dir, tmp_path):
     assert store(replace(Settings(), seeds=1, modes=("plain",), finetune_steps=50, task_eval=8)) == full
     assert store(replace(Settings(), align_lr=1e-4)) != full
     assert store(replace(Settings(), check_tokens=12)) != full
+
+
+def test_align_behaviour_is_the_kept_checks_full_evaluation(tiny_chat_dir, tmp_path):
+    """When the checks read every held-out request with the reported answer length, align's behaviour is the
+    kept check's evaluation, and equals a one-token-at-a-time evaluation of the saved align model."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from revlens.smollm2.pipeline import ALIGN_RECORD, _Context, build_history
+
+    settings = replace(SETTINGS, seeds=0, check_prompts=48, check_tokens=SETTINGS.max_new_tokens)
+    sets = PromptSets.load().subset(4)
+    ctx = _Context(tmp_path, tiny_chat_dir, settings, sets, shared_align=False)
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        build_history(ctx)
+    record = json.loads((tmp_path / "history" / "align" / ALIGN_RECORD).read_text())
+    kept = record["align"]["checks"][str(record["align"]["steps"])]
+    assert {k: record["behaviour"][k] for k in kept} == kept
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "history" / "align").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "history" / "align")
+    judge = RefusalPhraseJudge()
+    with torch.no_grad():
+        harmful = [_naive_answer(model, tok, r, 3) for r in sets.harmful_of("heldout")]
+        harmless = [_naive_answer(model, tok, r, 3) for r in sets.harmless_of("heldout")]
+    assert kept["harm"] == pytest.approx(sum(judge(r, a) for r, a in zip(sets.harmful_of("heldout"), harmful)) / 4)
+    answered = 1 - sum(not judge(r, a) for r, a in zip(sets.harmless_of("heldout"), harmless)) / 4
+    assert kept["harmless_answered"] == pytest.approx(answered)

@@ -332,10 +332,12 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
     h_check = ctx.sets.harmful_of("heldout")[: s.check_prompts]
     b_check = ctx.sets.harmless_of("heldout")[: s.check_prompts]
     checks: dict[int, dict[str, float]] = {}
+    evaluations: dict[int, dict[str, Any]] = {}
     best: dict[str, Any] = {}
 
     def calibrated(step: int) -> bool:
         e = evaluate(model, tok, h_check, b_check, max_new_tokens=s.check_tokens, batch_size=s.generate_batch)
+        evaluations[step] = e
         checks[step] = {"harm": e["harm"], "harmless_answered": e["harmless_answered"]}
         if ctx.progress:
             tqdm.write(
@@ -372,6 +374,10 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+    # The kept check read every held-out request with the reported answer length: it is align's behaviour.
+    # The task is each run's own (build_history).
+    full_check = s.check_tokens == s.max_new_tokens and s.check_prompts >= len(ctx.sets.split["heldout"])
+    behaviour = evaluations[kept] if full_check else _behaviour(ctx, model, tok, task=False)
     record = {
         "align": {
             "steps": kept,
@@ -381,7 +387,7 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
             "losses": done["losses"],
             "train_seconds": done["seconds"],
         },
-        "behaviour": _behaviour(ctx, model, tok, task=False),  # the task is each run's own (below)
+        "behaviour": behaviour,
         "settings": _align_key(ctx),
     }
     store.parent.mkdir(parents=True, exist_ok=True)
@@ -539,6 +545,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
         "seeds": list(range(s.seeds)),
         "layers": list(report.layers),
         "best_layer": best,
+        "steps": s.blocking_steps,
         "metrics": metrics,
         "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
     }

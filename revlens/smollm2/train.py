@@ -10,13 +10,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from revlens.losses import masked_lm_loss
+from revlens.losses import model_lm_loss
 from revlens.smollm2.behaviour import hf_module
-
-
-def _logits(module: Any, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-    out = module(input_ids=x, attention_mask=pad_mask)
-    return out.logits if hasattr(out, "logits") else out
 
 
 def draw_batch(groups: Sequence[tuple[int, int]], gen: torch.Generator) -> torch.Tensor:
@@ -82,8 +77,7 @@ def train_steps(
             group["lr"] = lr * (1.0 - (step - 1) / steps) if decay else lr
         amp = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with amp:
-            logits = _logits(module, x, torch.ones_like(x))
-        loss = masked_lm_loss(logits.float(), x, m)
+            loss = model_lm_loss(module, x, m)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
