@@ -17,8 +17,8 @@ import time
 import torch
 
 from revlens.checkpoints import boot_native_model
-from revlens.losses import masked_lm_loss
 from revlens.intervention import Blocking, ProbeAnchor
+from revlens.losses import masked_lm_loss
 
 from _results import environment, write_result
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from revlens.finetune import make_optimizer
 from revlens.losses import model_lm_loss
 from revlens.smollm2.behaviour import hf_module
 
@@ -59,7 +60,7 @@ def train_steps(
         )
     module = hf_module(model)
     dev = next(module.parameters()).device
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+    opt = make_optimizer(module.parameters(), "adamw", lr, 0.0)
     losses: dict[int, float] = {}
     spent, done = 0.0, 0
     for step in tqdm(range(1, steps + 1), desc="align", disable=not progress, leave=False):
