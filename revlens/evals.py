@@ -175,9 +175,11 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy answers to ``prompts``, batched, with a KV cache and left padding.
 
-    A TransformerBridge of a Hugging Face model (or a plain HF model) generates with transformers
-    ``generate(do_sample=False, use_cache=True)`` on a plain HF module sharing the bridge's weights
-    (see :func:`hf_causal_lm`); prompts are sorted by length so batches carry little padding.
+    A TransformerBridge of a Hugging Face model (or a plain HF model) generates through a plain HF module
+    sharing the bridge's weights (see :func:`hf_causal_lm`) with a transformers ``DynamicCache``: the tokens
+    of ``generate(do_sample=False)``, but an answer that reached its stop token leaves the batch, so short
+    answers (refusals) do not run as long as the longest; prompts are sorted by length so batches carry
+    little padding.
     TransformerLens-native bridges (no HF module) fall back to an uncached greedy loop.
 
     Args:
