@@ -231,7 +231,10 @@ def _generate_batched(
 
     transformers' ``generate`` keeps finished rows in the batch until the last one ends; short answers
     (refusals) beside long ones then cost as much as the long ones. The tokens are those of
-    ``generate(do_sample=False)``: the same forward, positions and mask, one argmax per step.
+    ``generate(do_sample=False)``: the same forward, positions and mask, one argmax per step. The tokens all
+    prompts of a batch start with (a chat template's system turn: 24 of SmolLM2's ~42) are run once and their
+    cache rows repeated: the batch is ``[shared prefix][left padding][own tokens]``, positions counting only
+    unmasked tokens, so every row sees what it would alone.
     """
     import inspect
 
@@ -255,16 +258,23 @@ def _generate_batched(
                     f"a prompt of {length} tokens leaves no room to generate within the model's "
                     f"context ({limit}); shorten it."
                 )
-            ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+            prompts = [encoded[i] for i in rows]
+            shared = _shared_prefix(prompts)
+            tail = length - shared
+            ids = torch.full((len(rows), tail), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), length), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, length - len(encoded[i]) :] = encoded[i]
-                mask[r, length - len(encoded[i]) :] = 1
+            mask[:, :shared] = 1
+            for r, prompt in enumerate(prompts):
+                ids[r, length - len(prompt) :] = prompt[shared:]
+                mask[r, length - len(prompt) + shared :] = 1
             x, mask = ids.to(device), mask.to(device)
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, shared:]
             alive = torch.tensor(rows, dtype=torch.long)
             cache = DynamicCache(config=hf.config)  # filled in place by each forward
             extra = {cache_arg: cache, "use_cache": True, **({"logits_to_keep": 1} if keep_last else {})}
+            if shared:  # the tokens every prompt starts with (a chat template's system turn) run once
+                hf(input_ids=prompts[0][None, :shared].to(device), **extra)
+                cache.batch_repeat_interleave(len(rows))
             for _ in range(steps):
                 out = hf(input_ids=x, attention_mask=mask, position_ids=positions, **extra)
                 nxt = out.logits[:, -1].argmax(-1)
@@ -281,6 +291,16 @@ def _generate_batched(
                 positions = mask.sum(-1, keepdim=True) - 1
                 x = nxt[:, None]
     return answers
+
+
+def _shared_prefix(prompts: list[torch.Tensor]) -> int:
+    """How many leading tokens all ``prompts`` share, leaving each at least one of its own."""
+    n = min(len(p) for p in prompts) - 1
+    if n < 1 or len(prompts) < 2:
+        return 0
+    heads = torch.stack([p[:n] for p in prompts])
+    same = (heads == heads[0]).all(0)
+    return int(n if bool(same.all()) else same.long().argmin())
 
 
 def _greedy_loop(

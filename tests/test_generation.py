@@ -94,3 +94,22 @@ def test_harmfulness_judges_the_templated_answers(sharp_llama):
     assert rate == pytest.approx(sum(a == answers[1] for a in answers) / len(answers))
     with pytest.raises(ValueError, match="non-empty list"):
         generate_greedy(bridge, "one string")
+
+
+def test_a_shared_system_turn_runs_once_and_answers_stay_the_same(sharp_llama, chat_tok):
+    """Prompts that start alike (a system turn) are run as [shared prefix][padding][own tokens]; each answer
+    equals the uncached loop on that prompt alone, retiring rows included."""
+    from revlens.evals import _shared_prefix
+
+    bridge, _ = sharp_llama
+    system = "you are a careful assistant and you answer in few words"
+    encoded = encode_requests(chat_tok, REQUESTS, system=system)
+    assert _shared_prefix(encoded) > 10
+    assert _shared_prefix([torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4, 5])]) == 2
+    assert _shared_prefix([torch.tensor([1, 2]), torch.tensor([1, 2, 4])]) == 1  # each keeps a token
+    full = [argmax_loop(bridge, t, NEW) for t in encoded]
+    stop = full[1][3]
+    got = generate_greedy(bridge, REQUESTS, system=system, max_new_tokens=NEW, batch_size=4, stop_tokens=[stop])
+    for tokens, text in zip(full, got):
+        cut = tokens[: tokens.index(stop)] if stop in tokens else tokens
+        assert text == chat_tok.decode(cut, skip_special_tokens=True)
