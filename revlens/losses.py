@@ -11,9 +11,18 @@ import torch.nn.functional as F
 
 def masked_lm_loss(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose target ``tokens[:, i]`` has ``loss_mask`` set."""
-    targets, mask = tokens[:, 1:], loss_mask[:, 1:].to(logits.dtype)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return _masked_cross_entropy(logits[:, :-1], tokens[:, 1:], loss_mask[:, 1:])
+
+
+def _masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [n, k, vocab]`` against ``targets [n, k]`` over positions where ``mask``."""
+    mask = mask.to(logits.dtype)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     return (ce.view_as(mask) * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
 
 
 def takes_logits_to_keep(model: Any) -> bool:
@@ -42,16 +51,12 @@ def model_lm_loss(
     if keep_logits is None:
         keep_logits = takes_logits_to_keep(model)
     if not keep_logits:
-        out = model(tokens)
-        return masked_lm_loss(out.logits if hasattr(out, "logits") else out, tokens, loss_mask)
+        return masked_lm_loss(_logits_of(model(tokens)), tokens, loss_mask)
     columns = loss_mask[:, 1:].any(0).nonzero().squeeze(1)  # logits at column c predict token c + 1
-    out = model(tokens, logits_to_keep=columns)
-    logits = out.logits if hasattr(out, "logits") else out
+    logits = _logits_of(model(tokens, logits_to_keep=columns))
     if logits.shape[1] != len(columns):
         raise ValueError(
             f"{type(model).__name__} returned logits at {logits.shape[1]} positions for {len(columns)} requested: "
             "it ignores logits_to_keep; call with keep_logits=False."
         )
-    targets, mask = tokens[:, columns + 1], loss_mask[:, columns + 1].to(logits.dtype)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    return (ce.view_as(mask) * mask).sum() / mask.sum().clamp_min(1)
+    return _masked_cross_entropy(logits, tokens[:, columns + 1], loss_mask[:, columns + 1])

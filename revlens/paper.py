@@ -46,12 +46,14 @@ def ours(report: ReversionReport, blocked_mode: str | None = None) -> dict[str, 
         blocked_mode = iv.get("best_mode")
     if iv and blocked_mode and blocked_mode in iv.get("metrics", {}):
         plain, blocked = iv["metrics"]["plain"], iv["metrics"][blocked_mode]
-        steps = iv.get("steps", 100)  # fine-tuning steps of the compared runs, when not the paper's T=100
-        at = "" if steps == 100 else f", T={steps}"
-        row["final_alignment_blocked"] = f"{fmt_pm(blocked['final_alignment'])} ({blocked_mode}{at})"
+        steps = iv.get("steps", 100)  # fine-tuning steps of the compared runs, named when not the paper's 100
+        at = "" if steps == 100 else f"T={steps}"
+        row["final_alignment_blocked"] = (
+            f"{fmt_pm(blocked['final_alignment'])} ({', '.join(filter(None, [blocked_mode, at]))})"
+        )
         row["harm_plain_to_blocked"] = (
             f"{fmt_pm(plain['harmfulness'], 1, 100, '%')} -> {fmt_pm(blocked['harmfulness'], 1, 100, '%')}"
-            + ("" if steps == 100 else f" (T={steps})")
+            + (f" ({at})" if at else "")
         )
         pl, bl = np.asarray(plain["task_loss"], float), np.asarray(blocked["task_loss"], float)
         row["task_cost"] = f"B2 loss {fmt_pm(bl - pl, 4)} ({100 * (bl.mean() / pl.mean() - 1):+.1f}%)"

@@ -332,19 +332,17 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
     h_check = ctx.sets.harmful_of("heldout")[: s.check_prompts]
     b_check = ctx.sets.harmless_of("heldout")[: s.check_prompts]
     checks: dict[int, dict[str, float]] = {}
-    evaluations: dict[int, dict[str, Any]] = {}
     best: dict[str, Any] = {}
 
     def calibrated(step: int) -> bool:
         e = evaluate(model, tok, h_check, b_check, max_new_tokens=s.check_tokens, batch_size=s.generate_batch)
-        evaluations[step] = e
         checks[step] = {"harm": e["harm"], "harmless_answered": e["harmless_answered"]}
         if ctx.progress:
             tqdm.write(
                 f"align step {step}: held-out harm {e['harm']:.3f}, harmless answered {e['harmless_answered']:.3f}"
             )
         if not best or shortfall(checks[step], s) <= shortfall(checks[best["step"]], s):
-            best.update(step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            best.update(step=step, evaluation=e, state={k: v.detach().clone() for k, v in model.state_dict().items()})
         return calibrated_at(checks[step], s)
 
     done = train_steps(
@@ -374,10 +372,11 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
-    # The kept check read every held-out request with the reported answer length: it is align's behaviour.
+    # The kept check (a calibrated one is also the best) read every held-out request with the reported answer
+    # length: it is align's behaviour.
     # The task is each run's own (build_history).
     full_check = s.check_tokens == s.max_new_tokens and s.check_prompts >= len(ctx.sets.split["heldout"])
-    behaviour = evaluations[kept] if full_check else _behaviour(ctx, model, tok, task=False)
+    behaviour = best["evaluation"] if full_check else _behaviour(ctx, model, tok, task=False)
     record = {
         "align": {
             "steps": kept,

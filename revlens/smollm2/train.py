@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from revlens.finetune import make_optimizer
-from revlens.losses import model_lm_loss
+from revlens.losses import model_lm_loss, takes_logits_to_keep
 from revlens.smollm2.behaviour import hf_module
 
 
@@ -61,6 +61,7 @@ def train_steps(
     module = hf_module(model)
     dev = next(module.parameters()).device
     opt = make_optimizer(module.parameters(), "adamw", lr, 0.0)
+    keep_logits = takes_logits_to_keep(module)
     losses: dict[int, float] = {}
     spent, done = 0.0, 0
     for step in tqdm(range(1, steps + 1), desc="align", disable=not progress, leave=False):
@@ -78,7 +79,7 @@ def train_steps(
             group["lr"] = lr * (1.0 - (step - 1) / steps) if decay else lr
         amp = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with amp:
-            loss = model_lm_loss(module, x, m)
+            loss = model_lm_loss(module, x, m, keep_logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
