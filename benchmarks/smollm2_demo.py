@@ -6,7 +6,9 @@ python benchmarks/smollm2_demo.py                    # full: 3 seeds x 100 steps
 ``--out`` must be empty (a resumed run would time only what was left). Refusal training (align) is kept
 once beside the converted model and shared by every run with the same align settings; the result records
 whether this run trained it (``align_trained``) and how long it took, so the figure with and without it
-can both be read. ``--fresh-align`` deletes the kept align first for a fully cold figure.
+can both be read. ``history_s.finetune_runs`` is the wall-clock of every seed's training and evaluations
+(side by side on ``workers`` processes); ``job_s`` the seconds of each seed's jobs.
+``--fresh-align`` deletes the kept align first for a fully cold figure.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core, at most 4)")
     p.add_argument("--fresh-align", action="store_true", help="delete the kept align first (a fully cold run)")
     args = p.parse_args()
     if args.threads:
@@ -39,7 +42,7 @@ def main() -> None:
     if args.fresh_align:
         shutil.rmtree(Path("revlens_out/models/aligned"), ignore_errors=True)
     t0 = time.perf_counter()
-    report = run_smollm2_demo(out, quick=args.quick, progress=True)
+    report = run_smollm2_demo(out, quick=args.quick, progress=True, workers=args.workers)
     wall = time.perf_counter() - t0
     manifest = json.loads((out / MANIFEST).read_text())
     history = manifest["timings_s"]
@@ -51,12 +54,14 @@ def main() -> None:
         "history_s": {
             "pretrain_eval": history.get("pretrain_eval"),
             "align": history.get("align"),
-            **{run: r["seconds"] for run, r in manifest["finetune"].items()},
+            "finetune_runs": history.get("finetune_runs"),
         },
+        "job_s": {run: r["seconds"] for run, r in manifest["finetune"].items()},
         "align_trained": align_trained,
         "wall_without_align_training_s": wall - (history.get("align", 0.0) if align_trained else 0.0),
         "align_steps": manifest["align"]["trained_steps"],
         "threads": torch.get_num_threads(),
+        "workers": report.config["demo"]["workers"],
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "load_average_after": os.getloadavg(),

@@ -6,7 +6,7 @@ the organism), analysis (measure drift along v_rev), blocking (fine-tune again p
 
 from __future__ import annotations
 
-import os
+import functools
 import sys
 import time
 import warnings
@@ -21,6 +21,7 @@ from revlens.analysis import analyze
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import load_revlens_checkpoint
 from revlens.finetune_cli import parse_layers
+from revlens.jobpool import JobPool, default_workers
 from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history
 from revlens.organism.presets import Preset, get_preset
 from revlens.organism.train import blocked_finetune, preset_of, read_manifest
@@ -83,9 +84,6 @@ _WORKER: dict[str, _Measurer] = {}
 
 
 def _worker_init(history_dir: Path, report_layers: list[int], basis: Any, li: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one thread per worker: the workers already use the cores
     _WORKER["measurer"] = _Measurer(history_dir, report_layers, basis, li)
 
 
@@ -150,22 +148,21 @@ def compare_blocking(
     jobs = sorted(((m, s) for m in modes for s in seeds if (m, s) not in rows), key=lambda j: -mode_cost(j[0]))
     bar = tqdm(total=len(jobs), desc="blocking", unit="run", disable=not progress)
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(
+        # one thread per worker: the organism's operations are too small to split
+        pool = JobPool(
             min(workers, len(jobs)),
-            mp_context=multiprocessing.get_context("spawn"),
+            threads=1,
             initializer=_worker_init,
             initargs=(history_dir, list(report.layers), basis, li),
-        ) as pool:
-            futures = {pool.submit(_worker_run, history_dir, block, mode, seed): (mode, seed) for mode, seed in jobs}
-            for future in as_completed(futures):
-                rows[futures[future]] = future.result()
-                bar.update()
+        )
+        run = _worker_run
     else:
+        pool, run = JobPool(1), functools.partial(_run, measurer)
+    with pool:
         for mode, seed in jobs:
-            rows[(mode, seed)] = _run(measurer, history_dir, block, mode, seed)
+            pool.submit((mode, seed), run, history_dir, block, mode, seed)
+        for key, row in pool.results():
+            rows[key] = row
             bar.update()
     bar.close()
     metrics = {m: {k: [rows[(m, s)][k] for s in seeds] for k in _METRICS} for m in modes}
@@ -366,7 +363,7 @@ def run_demo(
     reused = all(runs.get(f"seed_{s}", {}).get("complete") for s in range(seeds))
     if workers is None:
         on_gpu = (device or p.device) != "cpu" and _cuda_available()
-        workers = 1 if on_gpu else max(1, min(4, os.cpu_count() or 1))
+        workers = default_workers(on_gpu)
     est = estimate_seconds(p, seeds, modes, history_done=reused, workers=workers)
     t0 = time.perf_counter()
     _announce(

@@ -74,7 +74,7 @@ def tiny_chat_dir(tmp_path_factory) -> Path:
 def demo(tiny_chat_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     with pytest.warns(RuntimeWarning, match="did not reach"):
-        report = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False)
+        report = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False, workers=1)
     return out, report
 
 
@@ -166,7 +166,7 @@ def test_blocking_table_and_paper_rows(demo):
 
 def test_rerun_resumes_and_refuses_other_settings(demo, tiny_chat_dir):
     out, report = demo
-    again = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False)
+    again = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False, workers=1)
     assert again.alignment.tolist() == report.alignment.tolist()
     with pytest.raises(ValueError, match="other settings"):
         run_smollm2_demo(
@@ -256,8 +256,29 @@ def test_balanced_batches_draw_the_given_share_of_each_group():
 def test_cli_refuses_flags_the_smollm2_preset_does_not_use(capsys):
     from revlens.cli import main
 
-    with pytest.raises(SystemExit, match="--device, --workers: not used by --preset smollm2"):
-        main(["demo", "--preset", "smollm2", "--device", "cuda", "--workers", "2"])
+    with pytest.raises(SystemExit, match="--device, --block-layers: not used by --preset smollm2"):
+        main(["demo", "--preset", "smollm2", "--device", "cuda", "--block-layers", "1", "--workers", "2"])
+
+
+def test_worker_processes_give_the_one_process_numbers(demo, tiny_chat_dir, tmp_path, monkeypatch):
+    """The fine-tuning runs, their evaluations and the blocked runs on 2 worker processes (one thread each,
+    like this suite's process) record what the one-process run recorded."""
+    import revlens.jobpool
+
+    monkeypatch.setattr(revlens.jobpool, "threads_per_worker", lambda workers, cores=None: 1)
+    out, report = demo
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        again = run_smollm2_demo(tmp_path, gguf=tiny_chat_dir, settings=SETTINGS, progress=False, html=False, workers=2)
+    one, two = (json.loads((d / "smollm2.json").read_text()) for d in (out, tmp_path))
+    for run in ("seed_0", "seed_1"):
+        assert two["finetune"][run]["losses"] == one["finetune"][run]["losses"]
+        for step, b in one["finetune"][run]["behaviour"].items():
+            assert {k: v for k, v in two["finetune"][run]["behaviour"][step].items() if k != "seconds"} == {
+                k: v for k, v in b.items() if k != "seconds"
+            }
+    assert two["blocking"] == one["blocking"]
+    assert again.alignment.tolist() == report.alignment.tolist()
+    assert again.config["demo"]["workers"] == 2
 
 
 def test_quick_and_full_runs_share_one_align(tiny_chat_dir, tmp_path):

