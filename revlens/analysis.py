@@ -336,6 +336,47 @@ def _measure_shard(history: History, ctx: dist_.DistContext, cache: _Measurement
     bar.set_description("revlens analyze")
 
 
+_WORKER: dict[str, Any] = {}
+
+
+def _init_measure_worker(
+    probe: ReversionProbe, cache_args: tuple[Any, ...], cache_kwargs: dict[str, Any], loader_args: tuple[Any, ...]
+) -> None:
+    _WORKER.update(
+        probe=probe, cache=_MeasurementCache(*cache_args, **cache_kwargs), loader=CheckpointLoader(*loader_args)
+    )
+
+
+def _measure_job(ref: CheckpointRef) -> str:
+    """A worker's job: measure one checkpoint into the cache (its loader keeps the booted model between jobs)."""
+    model = _WORKER["loader"].load(ref)
+    _WORKER["cache"].put(ref, _WORKER["probe"].measure(model))
+    return ref.label
+
+
+def _measure_in_workers(
+    history: History, cache: _MeasurementCache, workers: int, threads: int | None, bar: Any, *init: Any
+) -> None:
+    """The ``workers`` pre-pass of :func:`analyze`: the checkpoints the cache lacks are measured by worker
+    processes (:class:`revlens.jobpool.JobPool`, the cores shared out as torch threads) into the cache, so
+    that the sequential pass finds every measurement cached; like the distributed pre-pass, nothing is
+    measured twice."""
+    from revlens.jobpool import JobPool
+
+    missing = [ref for ref in history if cache.get(ref) is None]
+    if len(missing) < 2:
+        return
+    bar.reset(total=len(missing))
+    bar.set_description(f"revlens analyze ({min(workers, len(missing))} workers)")
+    with JobPool(min(workers, len(missing)), threads, initializer=_init_measure_worker, initargs=init) as pool:
+        for ref in missing:
+            pool.submit(ref.label, _measure_job, ref)
+        for _ in pool.results():
+            bar.update(1)
+    bar.reset(total=len(history))
+    bar.set_description("revlens analyze")
+
+
 def analyze(
     ckpts: Any,
     prompts: Any = None,
@@ -359,6 +400,7 @@ def analyze(
     chat_template: Any = "auto",
     system: str | None = None,
     distributed: bool = False,
+    workers: int = 1,
 ) -> ReversionReport:
     """Measure v_rev and the alignment of fine-tuning drift with it, layer by layer.
 
@@ -378,7 +420,8 @@ def analyze(
         device_map: ``"auto"`` spreads a Hugging Face model over all visible GPUs (exclusive with ``device``).
         base: base model folder for LoRA adapter checkpoints whose ``base_model_name_or_path`` is not local.
         threads: torch CPU threads while measuring (default: :func:`revlens.threads.choose_num_threads`,
-            one thread for models under 20M parameters; ``$REVLENS_NUM_THREADS`` also sets it).
+            one thread for models under 20M parameters; ``$REVLENS_NUM_THREADS`` also sets it); with
+            ``workers``, each worker's threads (default: the cores shared out).
         chat_template, system: how string prompts are read (see :class:`ReversionProbe`): ``"auto"``
             reads each request inside the aligned checkpoint's chat template when its tokenizer has one,
             for every checkpoint alike; ``report.config`` records whether a template was used.
@@ -386,6 +429,10 @@ def analyze(
             :func:`_measure_shard`); needs ``cache_dir`` on a filesystem every rank sees. Every rank returns
             the same report; write it from rank 0 only. Each rank uses ``cuda:<LOCAL_RANK>`` (or the CPU)
             unless ``device``/``device_map`` say otherwise; with ``device_map="auto"`` run one rank per node.
+        workers: processes that measure the checkpoints side by side on the CPU, each with its share of
+            the cores as torch threads (:class:`revlens.jobpool.JobPool`); needs ``cache_dir`` (they hand
+            their measurements over through it) and checkpoints on disk. For many small checkpoints on a
+            multi-core CPU; the numbers are the same up to float rounding.
 
     Readouts that are NaN/inf raise a :class:`CheckpointError` for pretrain or align; for a fine-tuning
     checkpoint they warn, leave its numbers NaN and list it in ``report.config["non_finite"]``.
@@ -413,6 +460,17 @@ def analyze(
     policy = ThreadPolicy(threads)
     history = History.coerce(ckpts, base)
     ctx = _distributed_context(distributed, history, cache_dir, device_map)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: give a whole number of processes >= 1 (1: measure in this process).")
+    if workers > 1:
+        in_memory = [ref.label for ref in history if not isinstance(ref.source, (str, os.PathLike))]
+        if cache_dir is None or in_memory or ctx.active:
+            raise ValueError(
+                f"workers={workers} needs cache_dir (the workers hand their measurements over through it), "
+                "checkpoints on disk"
+                + (f" ({in_memory[:3]} are in-memory models)" if in_memory else "")
+                + " and no distributed job (under torchrun the ranks are the workers); or use workers=1."
+            )
     if ctx.active and device is None and device_map is None:
         device = ctx.device
     progress = progress and ctx.is_main
@@ -432,28 +490,29 @@ def analyze(
         system=system,
     )
     probe.use_template_of(history.align.source)
-    cache = _MeasurementCache(
-        cache_dir,
-        {
-            "prompts": probe.prompts,
-            "control": probe.control,
-            "layers": probe.layers,
-            "hook": hook,
-            "readout": readout,
-            "dtype": str(dtype),
-            "base": None if base is None else str(base),
-            "chat_template": probe.chat_template,
-            "system": system,
-        },
-        n_prompts=probe.n_prompts,
-        n_layers=None if probe.layers is None else len(probe.layers),
-        control=probe.control is not None,
-    )
+    cache_settings = {
+        "prompts": probe.prompts,
+        "control": probe.control,
+        "layers": probe.layers,
+        "hook": hook,
+        "readout": readout,
+        "dtype": str(dtype),
+        "base": None if base is None else str(base),
+        "chat_template": probe.chat_template,
+        "system": system,
+    }
+    cache_kwargs = {
+        "n_prompts": probe.n_prompts,
+        "n_layers": None if probe.layers is None else len(probe.layers),
+        "control": probe.control is not None,
+    }
+    cache = _MeasurementCache(cache_dir, cache_settings, **cache_kwargs)
     non_finite: list[str] = []
     bar = tqdm(total=len(history), desc="revlens analyze", disable=not progress, unit="ckpt")
 
     reference: dict[str, Any] = {}
-    loader = CheckpointLoader(device, dtype, device_map, base if base is not None else history.base)
+    loader_args = (device, dtype, device_map, base if base is not None else history.base)
+    loader = CheckpointLoader(*loader_args)
 
     def measure(ref: CheckpointRef, covariance: bool = False) -> ProbeResult:
         cached = cache.get(ref)
@@ -479,6 +538,10 @@ def analyze(
     try:
         if ctx.active:
             _measure_shard(history, ctx, cache, measure, bar)
+        elif workers > 1:
+            _measure_in_workers(
+                history, cache, workers, threads, bar, probe, (cache_dir, cache_settings), cache_kwargs, loader_args
+            )
         pre = measure(history.pretrain)
         layer_ids = reference.get("layers") or probe.layers or list(range(pre.centroid.shape[0]))
         _check_readouts(history.pretrain, pre, layer_ids, fatal=True)

@@ -57,6 +57,13 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         "or set REVLENS_NUM_THREADS)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes measuring checkpoints side by side on the CPU (the cores shared out as threads; "
+        "default 1); under torchrun the ranks share them instead",
+    )
+    p.add_argument(
         "--chat-template",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -93,6 +100,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         device_map=args.device_map,
         base=args.base,
         distributed=in_job,
+        workers=args.workers,
         chat_template="auto" if args.chat_template is None else args.chat_template,
         system=args.system,
     )

@@ -32,11 +32,40 @@ from revlens.threads import available_cores
 MAX_DEFAULT_WORKERS = 4
 
 
-def default_workers(on_gpu: bool = False, cores: int | None = None, cap: int = MAX_DEFAULT_WORKERS) -> int:
-    """One worker per CPU core, at most ``cap``; 1 on a GPU (the runs share the one device)."""
+def available_memory_bytes() -> int | None:
+    """Memory the system can give new processes without swapping (``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_workers(
+    on_gpu: bool = False,
+    cores: int | None = None,
+    cap: int = MAX_DEFAULT_WORKERS,
+    bytes_per_worker: int | None = None,
+    available_bytes: int | None = None,
+) -> int:
+    """One worker per CPU core, at most ``cap`` and at most as many as fit in the available memory at
+    ``bytes_per_worker`` each (when given); 1 on a GPU (the runs share the one device).
+
+    Example:
+        >>> default_workers(cores=8, bytes_per_worker=4 * 2**30, available_bytes=10 * 2**30)
+        2
+    """
     if on_gpu:
         return 1
-    return max(1, min(cap, available_cores() if cores is None else cores))
+    n = min(cap, available_cores() if cores is None else cores)
+    if bytes_per_worker:
+        free = available_memory_bytes() if available_bytes is None else available_bytes
+        if free is not None:
+            n = min(n, free // bytes_per_worker)
+    return max(1, n)
 
 
 def threads_per_worker(workers: int, cores: int | None = None) -> int:

@@ -50,5 +50,8 @@ def test_worker_counts():
     assert default_workers(cores=2) == 2 and default_workers(cores=16) == 4 and default_workers(cores=1) == 1
     assert threads_per_worker(2, cores=2) == 1 and threads_per_worker(4, cores=16) == 4
     assert threads_per_worker(4, cores=2) == 1
+    gib = 2**30
+    assert default_workers(cores=8, bytes_per_worker=4 * gib, available_bytes=9 * gib) == 2
+    assert default_workers(cores=8, bytes_per_worker=4 * gib, available_bytes=gib) == 1
     with pytest.raises(ValueError, match="whole number >= 1"):
         JobPool(0)

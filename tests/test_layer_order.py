@@ -24,7 +24,7 @@ ROWS = [
         "distributed",
         "integrations",
     },
-    {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer"},
+    {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer", "jobpool"},
     {"probe", "checkpoints", "selection", "integrations.hf_hooks"},
     {"subspace", "report"},
     {"intervention", "analysis", "paper"},

@@ -1,0 +1,46 @@
+"""`analyze(workers=N)`: worker processes measure the checkpoints into the cache; the report is unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_reliability_analyze import ONES, cache_entries, quiet_analyze, write_history
+
+import revlens
+import revlens.jobpool
+
+from conftest import PROMPTS, shifted
+
+
+@pytest.fixture()
+def history(tiny_model, tmp_path):
+    return write_history(
+        tmp_path / "h",
+        tiny_model,
+        {
+            "r0": {1: shifted(tiny_model, 1, -0.3 * ONES), 2: shifted(tiny_model, 1, 0.2 * ONES)},
+            "r1": {1: shifted(tiny_model, 2, 0.5 * ONES), 2: shifted(tiny_model, 0, torch.linspace(-1, 1, 32))},
+        },
+    )
+
+
+def test_workers_measure_into_the_cache_and_give_the_one_process_report(history, tmp_path, monkeypatch):
+    monkeypatch.setattr(revlens.jobpool, "threads_per_worker", lambda workers, cores=None: 1)
+    one, _ = quiet_analyze(str(history), PROMPTS, cache_dir=tmp_path / "c1")
+    two, _ = quiet_analyze(str(history), PROMPTS, cache_dir=tmp_path / "c2", workers=2)
+    assert set(cache_entries(tmp_path / "c2")) == set(cache_entries(tmp_path / "c1"))
+    assert len(cache_entries(tmp_path / "c2")) == 6
+    np.testing.assert_array_equal(two.alignment, one.alignment)
+    np.testing.assert_array_equal(two.drift_norm, one.drift_norm)
+    torch.testing.assert_close(two.v_rev, one.v_rev, rtol=0, atol=0)
+
+
+def test_workers_need_a_cache_on_disk(history, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="needs cache_dir"):
+        revlens.analyze(str(history), PROMPTS, workers=2, progress=False)
+    in_memory = {"pretrain": tiny_model, "align": tiny_model, "finetune": {"r": {1: tiny_model}}}
+    with pytest.raises(ValueError, match="in-memory models"):
+        revlens.analyze(in_memory, PROMPTS, workers=2, cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="whole number of processes"):
+        revlens.analyze(str(history), PROMPTS, workers=0, progress=False)
