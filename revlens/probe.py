@@ -30,7 +30,18 @@ from revlens.readout import (
     reduce_positions_unchecked,
 )
 
-_UNSET = object()
+
+class _Unset:
+    """ "Nothing measured yet"; one instance, also after a probe is pickled to a worker process."""
+
+    def __reduce__(self) -> str:
+        return "_UNSET"
+
+    def __repr__(self) -> str:
+        return "_UNSET"
+
+
+_UNSET = _Unset()
 
 
 @dataclass

@@ -33,7 +33,7 @@ def test_workers_measure_into_the_cache_and_give_the_one_process_report(history,
     assert len(cache_entries(tmp_path / "c2")) == 6
     np.testing.assert_array_equal(two.alignment, one.alignment)
     np.testing.assert_array_equal(two.drift_norm, one.drift_norm)
-    torch.testing.assert_close(two.v_rev, one.v_rev, rtol=0, atol=0)
+    torch.testing.assert_close(two.v_rev, one.v_rev, rtol=0, atol=0, equal_nan=True)
 
 
 def test_workers_need_a_cache_on_disk(history, tiny_model, tmp_path):
@@ -44,3 +44,15 @@ def test_workers_need_a_cache_on_disk(history, tiny_model, tmp_path):
         revlens.analyze(in_memory, PROMPTS, workers=2, cache_dir=tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="whole number of processes"):
         revlens.analyze(str(history), PROMPTS, workers=0, progress=False)
+
+
+def test_a_pickled_probe_is_still_unmeasured_and_measures_alike(tiny_model):
+    """Workers receive the probe pickled: its "nothing read yet" state must survive the trip."""
+    import pickle
+
+    from revlens.probe import ReversionProbe
+
+    probe = ReversionProbe(PROMPTS, layers=[0, 2])
+    sent = pickle.loads(pickle.dumps(probe))
+    assert sent.chat_template_used == probe.chat_template_used
+    torch.testing.assert_close(sent.measure(tiny_model).centroid, probe.measure(tiny_model).centroid, rtol=0, atol=0)
