@@ -2,9 +2,11 @@
 
 The demos' fine-tuning runs (the organism's blocked runs; the SmolLM2 preset's seeds, their checkpoint
 evaluations and its blocked runs) do not depend on each other. On a CPU, ``workers`` processes of
-``cores // workers`` torch threads each get more done than one process with every core: for SmolLM2-135M on
-2 cores, two one-thread processes did 1.23x the training steps and 1.34x the greedy answers per second of one
-two-thread process (``benchmarks/smollm2_demo.py`` records the demo's phases with and without).
+``cores // workers`` torch threads each get more done than one process with every core where the work is
+many small operations: for SmolLM2-135M on 2 cores, two one-thread processes gave 1.75x the greedy answers
+per second of one two-thread process, and 1.05x the training steps (large matrix products already use both
+cores); ``benchmarks/workers_throughput.py``. The SmolLM2 demo's full run went from 64.5 to 55.4 minutes
+(``benchmarks/smollm2_demo.py``).
 
 Results are the same as in one process up to float rounding: a different thread count may sum in another
 order. Each result comes back to the caller as soon as its job ends, so the caller can record it before the

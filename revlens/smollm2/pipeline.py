@@ -340,9 +340,13 @@ def _finetune_runs(ctx: _Context, workers: int) -> None:
     todo = [seed for seed in range(s.seeds) if not runs.get(f"seed_{seed}", {}).get("complete")]
     if not todo:
         return
-    n_jobs = sum(not trained(seed) for seed in todo) + len(todo) * len(eval_steps)
+    n_train = sum(not trained(seed) for seed in todo)
+    n_jobs = n_train + len(todo) * len(eval_steps)
+    # A lone training run keeps every core (one-thread workers gain nothing on its large matrix products,
+    # benchmarks/workers_throughput.py); so do its evaluations, which cannot start before it ends.
+    width = n_train if n_train else len(todo) * len(eval_steps)
     t0 = time.perf_counter()
-    with JobPool(min(workers, max(1, n_jobs))) as pool:
+    with JobPool(max(1, min(workers, width))) as pool:
         for seed in todo:
             if trained(seed):
                 runs[f"seed_{seed}"]["behaviour"] = {str(k): v for k, v in runs[f"seed_{seed}"]["behaviour"].items()}
