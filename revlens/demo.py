@@ -480,7 +480,8 @@ def add_cli(sub: Any) -> None:
         "--workers",
         type=int,
         default=None,
-        help="processes for the blocking runs (default: one per CPU core, at most 4; 1 on a GPU)",
+        help="processes for the blocking runs (smollm2: also the fine-tuning runs, their evaluations and the "
+        "analysis; default: one per CPU core, at most 4 and as many as fit in memory; 1 on a GPU)",
     )
     p.add_argument("--no-html", action="store_true")
     p.set_defaults(func=_run_cli)
