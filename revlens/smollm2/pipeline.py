@@ -615,7 +615,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
     final alignment at the report's best layer, evaluated without hooks; the runs on ``workers`` processes
     (:class:`revlens.jobpool.JobPool`), each row recorded as it arrives."""
     from revlens.blocking_spec import BlockingSpec
-    from revlens.demo import best_mode
+    from revlens.demo import best_mode, mode_cost
     from revlens.subspace import random_subspace, reversion_subspace
 
     s, hist = ctx.settings, ctx.history
@@ -625,10 +625,10 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
     measure = _Measure(list(report.layers), report.v_rev_basis.double(), li, probe.centroid(align.bridge))
     pca_cache: dict[int, dict[int, torch.Tensor]] = {}
-    # the longest runs first, so the workers finish together: anchors (a probe forward each step), then hooks
+    # the longest runs first, so the workers finish together; plain rows train nothing
     jobs = sorted(
         ((label, seed) for label in s.modes for seed in range(s.seeds) if f"{label}|{seed}" not in done),
-        key=lambda job: 2 if job[0] == "plain" else int(not any(w in job[0] for w in ("anchor", "contrast"))),
+        key=lambda job: 0.0 if job[0] == "plain" else -mode_cost(_split_label(job[0])[0]),
     )
     job_ctx = _worker_context(ctx)
     with JobPool(min(workers, max(1, len(jobs)))) as pool:
