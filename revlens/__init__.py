@@ -12,6 +12,7 @@ Example:
 """
 
 from revlens.analysis import analyze
+from revlens.benchmark_prompts import MissingDataPackage, PromptSource, harmbench_prompts, load_prompt_source
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.chat import encode_requests
 from revlens.checkpoints import (
@@ -22,15 +23,20 @@ from revlens.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_defense
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
 from revlens.finetune import FinetuneResult, ReversionMonitor, finetune
 from revlens.intervention import Blocking, ProbeAnchor, anchor_from_report, blocking_from_report, blocking_from_spec
+from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import default_control, default_prompts, load_prompt_file
 from revlens.readout import ProbeError
+from revlens.replay import ReplayMix
 from revlens.report import ReversionReport
 from revlens.selection import selection_test
-from revlens.subspace import random_subspace, reversion_subspace
+from revlens.stats import Rate, mcnemar_exact, wilson_interval
+from revlens.subspace import random_subspace, readout_pca, refusal_direction, reversion_subspace
+from revlens.weight_projection import safe_lora_project
 
 __all__ = [
     # measure
@@ -60,12 +66,30 @@ __all__ = [
     "anchor_from_report",
     "reversion_subspace",
     "random_subspace",
+    # defenses: the field's baselines beside v_rev blocking
+    "train_defense",
+    "defense_grid",
+    "defense_rows",
+    "KLAnchor",
+    "PenaltySum",
+    "ReplayMix",
+    "refusal_direction",
+    "readout_pca",
+    "safe_lora_project",
     # behaviour
     "harmfulness",
     "generate_greedy",
     "RefusalPhraseJudge",
     "task_metrics",
+    "BehaviourSet",
+    "harmbench_prompts",
+    "load_prompt_source",
+    "PromptSource",
+    "Rate",
+    "wilson_interval",
+    "mcnemar_exact",
     # errors
+    "MissingDataPackage",
     "CheckpointError",
     "ProbeError",
     "InterventionError",

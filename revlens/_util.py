@@ -8,6 +8,7 @@ target never share a temporary name: the last writer wins, whole.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -96,3 +97,16 @@ def pad_right(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Ten
     for i, s in enumerate(sequences):
         out[i, : len(s)] = s
     return out, lengths
+
+
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes (first 16 hex digits); None counts as a marker."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -9,9 +9,19 @@ parts joined by ``+``, each either a hook mode or ``name@number``::
     sample@K                       the anchor uses K prompts of each set per step (needs anchor/contrast)
     rank@K                         V = the rank-K reversion subspace instead of v_rev
     random@K[@DRAW]                V = a seeded random rank-K subspace (the control for rank@K)
+    refusal                        V = the refusal direction: harmful-minus-harmless mean readout at the
+                                   aligned model (Arditi et al. 2024), rank 1
+    harmpca@K                      V = the top-K principal directions of the aligned model's probe readouts
+                                   (a data-matched subspace that is not v_rev)
+    full                           V = every dimension: the anchor holds whole readouts (LDIFS-style)
+    kl@W                           KL(aligned || model) of the probe prompts' next-token distributions, weight W
+    replay@R                       R rows of every batch drawn from replay data (e.g. align's refusal examples)
+    safelora@F                     after training, project the update of the fraction F of weight matrices
+                                   least similar to their projection onto V = W_align - W_pretrain (Safe LoRA)
     layers@L1/L2/...               block at these layers (default: the caller's choice)
 
-``plain`` is no blocking. ``str(spec)`` prints the canonical string (parts in the order above, numbers
+Hook modes and the anchor act along V; ``kl``, ``replay`` and ``safelora`` need no direction and combine with
+anything. ``plain`` is no blocking. ``str(spec)`` prints the canonical string (parts in the order above, numbers
 in their shortest exact form), so ``BlockingSpec.parse(str(spec)) == spec``.
 """
 
@@ -25,9 +35,12 @@ HOOK_MODES = ("project", "clamp", "grad")
 PLAIN = "plain"
 GRAMMAR = (
     "parts joined by '+': project | clamp | grad | anchor@W | contrast@W | sample@K | rank@K | "
-    "random@K[@DRAW] | layers@L1/L2/..., or 'plain' alone (W > 0 a number, K >= 1, DRAW and L >= 0 "
-    "integers), e.g. 'clamp+grad' or 'anchor@0.003+contrast@0.1+rank@64'"
+    "random@K[@DRAW] | refusal | harmpca@K | full | kl@W | replay@R | safelora@F | layers@L1/L2/..., or "
+    "'plain' alone (W > 0 a number, K, R >= 1, 0 < F <= 1, DRAW and L >= 0 integers), e.g. 'clamp+grad' or "
+    "'anchor@0.003+contrast@0.1+rank@64'"
 )
+# Subspaces: the name in the compact string and how many numbers follow it.
+SUBSPACES = {"rank": 1, "random": 1, "refusal": 0, "harmpca": 1, "full": 0}
 
 
 class InterventionError(ValueError):
@@ -39,8 +52,8 @@ def _bad(text: str, part: str, why: str) -> InterventionError:
 
 
 def _number(x: float) -> str:
-    """Shortest exact decimal of a float: 1.0 -> '1', 0.003 -> '0.003'."""
-    out = repr(float(x))
+    """Shortest exact decimal of a float: 1.0 -> '1', 0.003 -> '0.003', 1e16 -> '1e16' (no '+', the part separator)."""
+    out = repr(float(x)).replace("e+", "e")
     return out[:-2] if out.endswith(".0") else out
 
 
@@ -53,9 +66,14 @@ class BlockingSpec:
         layers: layer indices to block at, or None (the caller's default).
         anchor: weight of the per-prompt probe anchor (0: none).
         contrast: weight of the contrast-centroid anchor (0: none).
-        subspace: None (v_rev), ``("rank", k)`` (the rank-k reversion subspace) or
-            ``("random", k, draw)`` (a seeded random rank-k subspace, the control).
-        sample: prompts of each anchor set used per step (None: all).
+        subspace: None (v_rev), ``("rank", k)`` (the rank-k reversion subspace),
+            ``("random", k, draw)`` (a seeded random rank-k subspace, the control), ``("refusal",)`` (the
+            refusal direction), ``("harmpca", k)`` (top-k principal directions of the aligned model's probe
+            readouts) or ``("full",)`` (every dimension).
+        sample: prompts of each anchor (and KL) set used per step (None: all).
+        kl: weight of the KL penalty to the aligned model's next-token distributions on the probe prompts.
+        replay: rows of every batch drawn from replay data (None: none).
+        safelora: fraction of weight matrices whose update is projected after training (None: none).
 
     Example:
         >>> spec = BlockingSpec.parse("anchor@0.003+contrast@0.1+rank@64")
@@ -69,6 +87,9 @@ class BlockingSpec:
     contrast: float = 0.0
     subspace: tuple | None = None
     sample: int | None = None
+    kl: float = 0.0
+    replay: int | None = None
+    safelora: float | None = None
 
     def __post_init__(self) -> None:
         hooks = tuple(self.hooks) if not isinstance(self.hooks, str) else (self.hooks,)
@@ -84,7 +105,7 @@ class BlockingSpec:
                 "'project' and 'clamp' both set the coordinate; choose one (add '+grad' if wanted)."
             )
         object.__setattr__(self, "hooks", tuple(h for h in HOOK_MODES if h in hooks))
-        for name in ("anchor", "contrast"):
+        for name in ("anchor", "contrast", "kl"):
             w = getattr(self, name)
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise InterventionError(f"{name} weight must be a finite number >= 0, got {w!r}.")
@@ -101,16 +122,30 @@ class BlockingSpec:
         if self.sample is not None:
             if isinstance(self.sample, bool) or not isinstance(self.sample, int) or self.sample < 1:
                 raise InterventionError(f"sample must be a positive number of prompts per step, got {self.sample!r}.")
-            if not self.has_anchor:
+            if not self.has_penalty:
                 raise InterventionError(
-                    "sample@k sets how many prompts an anchor uses per step; add anchor@w or contrast@w."
+                    "sample@k sets how many prompts an anchor uses per step; add anchor@w, contrast@w or kl@w."
                 )
+        if self.replay is not None and (not _is_int(self.replay) or self.replay < 1):
+            raise InterventionError(f"replay must be a positive number of rows per batch, got {self.replay!r}.")
+        if self.safelora is not None:
+            f = self.safelora
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                raise InterventionError(
+                    f"safelora takes the fraction of weight matrices to project, 0 < F <= 1, got {f!r}."
+                )
+            object.__setattr__(self, "safelora", float(f))
         if self.subspace is not None and not (self.hooks or self.has_anchor):
             raise InterventionError(
                 f"{self.subspace[0]}@k chooses the subspace that hooks or an anchor block; add a "
                 "hook mode or anchor@w/contrast@w."
             )
-        if self.layers is not None and self.is_plain:
+        if self.subspace == ("full",) and self.hooks:
+            raise InterventionError(
+                "hook modes along 'full' (every dimension) would erase or freeze the whole activation; use "
+                "'full' with anchor@w (the full-rank anchor) or choose a subspace for the hooks."
+            )
+        if self.layers is not None and not (self.hooks or self.has_anchor):
             raise InterventionError(
                 "layers@... says where to block, but nothing is blocked; add a hook mode or an anchor."
             )
@@ -122,9 +157,19 @@ class BlockingSpec:
         return self.anchor > 0 or self.contrast > 0
 
     @property
+    def has_penalty(self) -> bool:
+        """True when a loss term on the probe prompts (the anchor or the KL penalty) is part of the setup."""
+        return self.has_anchor or self.kl > 0
+
+    @property
+    def needs_directions(self) -> bool:
+        """True when hooks or the anchor act along directions (v_rev or a subspace)."""
+        return bool(self.hooks) or self.has_anchor
+
+    @property
     def is_plain(self) -> bool:
-        """True when nothing is blocked (no hooks, no anchor)."""
-        return not self.hooks and not self.has_anchor
+        """True when nothing is blocked (no hooks, no penalty, no replay, no weight projection)."""
+        return not self.hooks and not self.has_penalty and self.replay is None and self.safelora is None
 
     @property
     def hook_mode(self) -> str | None:
@@ -157,7 +202,7 @@ class BlockingSpec:
             if not part:
                 raise _bad(text, raw, "empty part")
             name, _, value = part.partition("@")
-            key = "subspace" if name in ("rank", "random") else name
+            key = "subspace" if name in SUBSPACES else name
             if key in seen:
                 raise _bad(text, part, f"{'a subspace' if key == 'subspace' else repr(name)} is given twice")
             seen.add(key)
@@ -167,8 +212,21 @@ class BlockingSpec:
                 if value:
                     raise _bad(text, part, f"hook mode {name!r} takes no number")
                 hooks.append(name)
-            elif name in ("anchor", "contrast"):
+            elif name in ("anchor", "contrast", "kl"):
                 fields[name] = _weight(text, part, value)
+            elif name == "replay":
+                fields["replay"] = _integer(text, part, value, minimum=1)
+            elif name == "safelora":
+                f = _weight(text, part, value)
+                if f > 1:
+                    raise _bad(text, part, "the fraction of weight matrices must be in (0, 1]")
+                fields["safelora"] = f
+            elif name in ("refusal", "full"):
+                if value:
+                    raise _bad(text, part, f"{name!r} takes no number")
+                fields["subspace"] = (name,)
+            elif name == "harmpca":
+                fields["subspace"] = ("harmpca", _integer(text, part, value, minimum=1))
             elif name == "sample":
                 fields["sample"] = _integer(text, part, value, minimum=1)
             elif name == "rank":
@@ -201,11 +259,21 @@ class BlockingSpec:
             parts.append(f"anchor@{_number(self.anchor)}")
         if self.contrast > 0:
             parts.append(f"contrast@{_number(self.contrast)}")
+        if self.kl > 0:
+            parts.append(f"kl@{_number(self.kl)}")
         if self.sample is not None:
             parts.append(f"sample@{self.sample}")
         if self.subspace is not None:
-            kind, k, *draw = self.subspace
-            parts.append(f"{kind}@{k}" + (f"@{draw[0]}" if draw and draw[0] else ""))
+            kind, *rest = self.subspace
+            if not rest:
+                parts.append(kind)
+            else:
+                k, *draw = rest
+                parts.append(f"{kind}@{k}" + (f"@{draw[0]}" if draw and draw[0] else ""))
+        if self.replay is not None:
+            parts.append(f"replay@{self.replay}")
+        if self.safelora is not None:
+            parts.append(f"safelora@{_number(self.safelora)}")
         if self.layers is not None:
             parts.append("layers@" + "/".join(str(l) for l in self.layers))
         return "+".join(parts)
@@ -218,14 +286,17 @@ class BlockingSpec:
 
 
 def _check_subspace(sub: tuple) -> tuple:
-    if sub and sub[0] == "rank" and len(sub) == 2 and _is_int(sub[1]) and sub[1] >= 1:
-        return ("rank", int(sub[1]))
+    if sub and sub[0] in ("rank", "harmpca") and len(sub) == 2 and _is_int(sub[1]) and sub[1] >= 1:
+        return (sub[0], int(sub[1]))
+    if sub in (("refusal",), ("full",)):
+        return sub
     if sub and sub[0] == "random" and len(sub) in (2, 3) and _is_int(sub[1]) and sub[1] >= 1:
         draw = sub[2] if len(sub) == 3 else 0
         if _is_int(draw) and draw >= 0:
             return ("random", int(sub[1]), int(draw))
     raise InterventionError(
-        f"subspace must be None, ('rank', k) or ('random', k, draw) with k >= 1 and draw >= 0, got {sub!r}."
+        f"subspace must be None, ('rank', k), ('random', k, draw), ('refusal',), ('harmpca', k) or ('full',) "
+        f"with k >= 1 and draw >= 0, got {sub!r}."
     )
 
 

@@ -735,10 +735,83 @@ def _intervention_traces(iv: dict[str, Any], rows: dict[str, tuple[int, int]]) -
     return out
 
 
+def defense_figure(defenses: dict[str, Any], harm_set: str = "harmbench", theme: str = "light") -> go.Figure:
+    """Harm against task cost for every mode of a defenses comparison (``report.config["defenses"]``).
+
+    Each point is one mode: x the task loss (mean over seeds, with the seeds' spread), y the harm rate on
+    ``harm_set`` with its 95% Wilson interval; one colour per method, the strengths joined by a line, the
+    pretrain and align models as reference lines, and the Pareto front (lower harm and lower loss) outlined.
+
+    Args:
+        defenses: the comparison (:func:`revlens.defenses.defense_rows` rows plus ``phases``, ``sets``).
+        harm_set: the harmful set on the y axis (``harmbench`` or ``heldout``).
+        theme: ``light``, ``dark`` or ``auto``.
+
+    Returns:
+        A ``plotly.graph_objects.Figure``.
+    """
+    from revlens.defense_table import pareto_front
+
+    style = THEMES[theme]
+    rows = [r for r in defenses["rows"] if "task_loss" in r]
+    front = set(pareto_front({r["mode"]: (r["sets"][harm_set]["rate"], r["task_loss"]["mean"]) for r in rows}))
+    fig = go.Figure()
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["task_loss"]["mean"])
+        cells = [r["sets"][harm_set] for r in mine]
+        sd = [
+            float(np.std(r["task_loss"]["per_seed"], ddof=1)) if len(r["task_loss"]["per_seed"]) > 1 else 0.0
+            for r in mine
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=[r["task_loss"]["mean"] for r in mine],
+                y=[100 * c["rate"] for c in cells],
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [100 * (c["high"] - c["rate"]) for c in cells],
+                    "arrayminus": [100 * (c["rate"] - c["low"]) for c in cells],
+                },
+                error_x={"type": "data", "array": sd, "visible": any(sd)},
+                mode="lines+markers",
+                name=method,
+                marker={
+                    "size": 10,
+                    "color": MODE_COLORS[i % len(MODE_COLORS)],
+                    "line": {"width": [3 if r["mode"] in front else 0 for r in mine], "color": style["font"]},
+                },
+                text=[r["mode"] for r in mine],
+                hovertemplate="%{text}<br>task loss %{x:.3f}<br>harm %{y:.1f}%<extra>" + method + "</extra>",
+            )
+        )
+    for phase, summary in defenses.get("phases", {}).items():
+        rate = 100 * summary["sets"][harm_set]["rate"]
+        fig.add_hline(y=rate, line_dash="dot", annotation_text=f"{phase} {rate:.0f}%", line_color=style["font"])
+    fig.update_layout(
+        title=f"Harm on {harm_set} (95% Wilson) against task loss after {defenses.get('steps')} steps; "
+        "outlined: the best trade-off",
+        xaxis_title="task loss (held-out benign task)",
+        yaxis_title=f"harm on {harm_set} (%)",
+        template=style["template"],
+        paper_bgcolor=style["paper"],
+        plot_bgcolor=style["plot"],
+        font={"color": style["font"]},
+        height=520,
+    )
+    return fig
+
+
 def save_dashboard_html(report: Any, path: str | Path, layer: int | None = None, theme: str = "light") -> Path:
-    """Write the dashboard as ONE self-contained HTML file (plotly.js embedded: works offline)."""
+    """Write the dashboard as ONE self-contained HTML file (plotly.js embedded: works offline); a report with a
+    defenses comparison (``report.config["defenses"]``) gets its harm-versus-task-cost figure below."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = build_dashboard(report, layer=layer, theme=theme)
     html = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False})
+    defenses = (report.config or {}).get("defenses")
+    if defenses:
+        extra = defense_figure(defenses, theme=theme).to_html(include_plotlyjs=False, full_html=False)
+        html = html.replace("</body>", extra + "\n</body>", 1)
     return atomic_write_text(path, html)

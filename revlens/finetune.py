@@ -36,14 +36,16 @@ from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens import distributed as dist_
-from revlens._util import atomic_write_json, temp_sibling
+from revlens._util import atomic_write_json, temp_sibling, tensor_digest
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import move_quietly, save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
 from revlens.lora import apply_lora, is_peft_wrapped, lora_config_of, lora_description
 from revlens.losses import model_lm_loss, takes_logits_to_keep
 from revlens.nulls import isotropic_p99
+from revlens.penalties import describe_penalty
 from revlens.probe import ReversionProbe
+from revlens.replay import ReplayMix
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -158,22 +160,9 @@ def check_run_name(run_name: str) -> str:
     return run_name
 
 
-def _digest(*tensors: torch.Tensor | None) -> str:
-    """sha256 of the tensors' dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is None:
-            h.update(b"none")
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def data_fingerprint(tokens: torch.Tensor, loss_mask: torch.Tensor) -> str:
     """sha256 of the token ids (int64) and the loss mask (float32)."""
-    return _digest(tokens.long(), loss_mask.float())
+    return tensor_digest(tokens.long(), loss_mask.float())
 
 
 def weights_fingerprint(model: Any) -> str:
@@ -192,34 +181,20 @@ def _blocking_description(blocking: Blocking | None, coords: Mapping[int, torch.
         return None
     constant = None
     if blocking.constant is not None:
-        constant = _digest(*(blocking.constant[l] for l in sorted(blocking.constant)))
+        constant = tensor_digest(*(blocking.constant[l] for l in sorted(blocking.constant)))
     return {
         "modes": sorted(blocking.modes),
         "hook": blocking.hook,
         "layers": list(blocking.layers),
-        "directions": _digest(*(blocking.bases[l] for l in blocking.layers)),
+        "directions": tensor_digest(*(blocking.bases[l] for l in blocking.layers)),
         "constant": constant,
-        "reference_coords": None if coords is None else _digest(*(coords[l] for l in sorted(coords))),
+        "reference_coords": None if coords is None else tensor_digest(*(coords[l] for l in sorted(coords))),
     }
 
 
-def _anchor_description(anchor: ProbeAnchor | None) -> dict | None:
-    if anchor is None:
-        return None
-    tensors = [anchor.bases[l] for l in anchor.layers]
-    for name in sorted(anchor.sets):
-        tensors += list(anchor.sets[name])
-        tensors += [anchor.reference_coords[name][l] for l in anchor.layers]
-    return {
-        "weight": anchor.weight,
-        "contrast_weight": anchor.contrast_weight,
-        "hook": anchor.hook,
-        "layers": list(anchor.layers),
-        "sample": anchor.sample,
-        "seed": anchor.seed,
-        "sets": sorted(anchor.sets),
-        "directions_prompts_reference": _digest(*tensors),
-    }
+def _anchor_description(anchor: Any) -> dict | None:
+    """What decides the penalty term (a ProbeAnchor, KLAnchor or PenaltySum: their ``description()``)."""
+    return describe_penalty(anchor)
 
 
 def _cosine_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -442,6 +417,7 @@ def finetune(
     seed: int = 0,
     blocking: Blocking | None = None,
     anchor: ProbeAnchor | None = None,
+    replay: ReplayMix | None = None,
     save_steps: Sequence[int] = (),
     out_dir: str | Path | None = None,
     run_name: str = "seed_0",
@@ -470,8 +446,11 @@ def finetune(
     Args:
         model: a TransformerBridge (TL-native or a Hugging Face architecture).
         steps, lr, optimizer, batch_size, grad_accum, weight_decay, seed: the optimisation.
-        blocking, anchor: v_rev blocking hooks and the probe anchor penalty (both act on the adapted
-            model when ``lora`` is set).
+        blocking, anchor: v_rev blocking hooks and a penalty on the probe prompts (a
+            :class:`~revlens.intervention.ProbeAnchor`, :class:`~revlens.penalties.KLAnchor` or their
+            :class:`~revlens.penalties.PenaltySum`; both act on the adapted model when ``lora`` is set).
+        replay: a :class:`~revlens.replay.ReplayMix`: ``replay.rows`` rows of every micro-batch come from its
+            data (safety-data replay); ``losses`` then record the mixed batches' loss.
         save_steps: steps whose weights are written to ``out_dir/finetune/<run_name>/step_<N>/``; the
             last step is always written too. The training state is saved at each of them.
         resume: continue from the saved state when its settings match (else :class:`FinetuneStateError`);
@@ -531,6 +510,10 @@ def finetune(
         with _seeded(seed, 0, dev):
             apply_lora(model, lora)
         move_quietly(model, dev)
+    n = tokens.shape[0]
+    if replay is not None:
+        replay.step_indices(n, batch_size, grad_accum, seed, 1)  # checks that task rows remain
+        tokens, loss_mask = replay.combined(tokens, loss_mask)
     coords = blocking.reference_coords(tokens) if blocking is not None and blocking.needs_coords else None
     settings = {
         "optimizer": optimizer,
@@ -552,6 +535,8 @@ def finetune(
         "blocking": _blocking_description(blocking, coords),
         "anchor": _anchor_description(anchor),
     }
+    if replay is not None:
+        settings["replay"] = replay.description()
     if spec is not None:
         settings["spec"] = str(BlockingSpec.parse(spec))
     dist_.check_same(settings, ctx, "the fine-tuning settings")
@@ -572,7 +557,6 @@ def finetune(
         if folder is not None and resume:
             start, result.losses = _load_state(folder, trainable, opt, scheduler)
             result.resumed_from = start
-    n = tokens.shape[0]
     save_set = set(save_steps) | ({steps} if out is not None else set())
     watch = set(save_steps if monitor_steps is None else monitor_steps)
     autocast = (
@@ -587,7 +571,11 @@ def finetune(
     )
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        idx = _batch_indices(n, batch_size * grad_accum, seed, step)
+        idx = (
+            _batch_indices(n, batch_size * grad_accum, seed, step)
+            if replay is None
+            else replay.step_indices(n, batch_size, grad_accum, seed, step)
+        )
         total = 0.0
         with _seeded(seed, step, dev):
             for micro in dist_.step_micro_batches(idx, batch_size, ctx):

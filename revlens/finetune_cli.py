@@ -48,6 +48,7 @@ DATA_OPTIONS = (
     "control",
     "max_length",
     "run_name",
+    "replay",
 )
 
 
@@ -108,7 +109,13 @@ def add_cli(sub: Any, finetuners: Mapping[str, str | Callable[..., dict]] | None
         default="plain",
         help="plain, or parts joined by '+': hook modes project, clamp, grad; "
         "the probe anchor anchor@W, contrast@W (needs --control), sample@K; subspaces rank@K, "
-        "random@K[@DRAW]; layers@L1/L2 (e.g. anchor@0.003+contrast@0.1+rank@64)",
+        "random@K[@DRAW], refusal (needs --control), harmpca@K, full; the baselines kl@W, replay@R (needs "
+        "--replay), safelora@F; layers@L1/L2 (e.g. anchor@0.003+contrast@0.1+rank@64)",
+    )
+    p.add_argument(
+        "--replay",
+        default=None,
+        help="JSONL of examples to replay (as --data; e.g. align's refusal examples) for --mode replay@R",
     )
     p.add_argument("--layers", type=parse_layers, default=None, help="comma-separated layers to block (default: all)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100; demo: its preset)")
@@ -338,10 +345,15 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
     from revlens.sft_data import load_sft_jsonl
 
     spec, layers = blocking_setup(args.mode, args.layers, _n_layers(history / "align"))
-    if spec.contrast and not args.control:
+    if (spec.contrast or spec.subspace == ("refusal",)) and not args.control:
         raise ValueError(
-            f"--mode {args.mode}: contrast@W anchors the probe-minus-control contrast; give the control "
-            "prompts with --control FILE (e.g. --control harmless_requests.txt, the shipped set)."
+            f"--mode {args.mode}: contrast@W and the refusal direction read the probe-minus-control contrast; give "
+            "the control prompts with --control FILE (e.g. --control harmless_requests.txt, the shipped set)."
+        )
+    if (spec.replay is not None) != (args.replay is not None):
+        raise ValueError(
+            f"--mode {args.mode} and --replay {args.replay}: replay@R draws R rows of each batch from --replay FILE; "
+            "give both or neither."
         )
     prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts()
     control = load_prompt_file(args.control) if args.control else None
@@ -370,13 +382,21 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
 
     model = load("align")
     data = load_sft_jsonl(args.data, model.tokenizer, max_length=args.max_length or getattr(model.cfg, "n_ctx", None))
-    blocking = anchor = None
-    if not spec.is_plain:
+    blocking = anchor = mix = None
+    if spec.replay is not None:
+        from revlens.replay import ReplayMix
+
+        rows = load_sft_jsonl(
+            args.replay, model.tokenizer, max_length=args.max_length or getattr(model.cfg, "n_ctx", None)
+        )
+        mix = ReplayMix(rows.tokens, rows.loss_mask, spec.replay)
+    if spec.needs_directions or spec.has_penalty:
         probe = ReversionProbe(prompts, control=control, layers=layers, per_example=rank is not None)
         pre, ali = probe.measure(load("pretrain")), probe.measure(model)
         report = _directions_report(pre, ali, layers, rank, probe.n_prompts)
         # a fresh load: deepcopy of HF bridges leaks
-        reference = load("align") if "clamp" in spec.hooks or spec.has_anchor else None
+        measured = spec.subspace is not None and spec.subspace[0] in ("refusal", "harmpca")
+        reference = load("align") if "clamp" in spec.hooks or spec.has_penalty or measured else None
         blocking, anchor = blocking_from_spec(
             spec, report, reference=reference, prompts=prompts, control=control, seed=args.seed
         )
@@ -403,7 +423,11 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         lora=lora,
         spec=spec,
         anchor=anchor,
+        replay=mix,
     )
+    projected = None
+    if spec.safelora is not None:
+        projected = _safe_lora_checkpoint(model, history, out, run, steps, spec, load)
     return {
         "mode": str(spec),
         "layers": layers,
@@ -417,4 +441,28 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         "resumed_from": result.resumed_from,
         "final_loss": result.losses.get(steps),
         "checkpoints": {int(s): str(p) for s, p in sorted(result.checkpoints.items())},
+        "safelora": projected,
     }
+
+
+def _safe_lora_checkpoint(
+    model: Any, history: Path, out: Path, run: str, steps: int, spec: BlockingSpec, load: Callable[[str], Any]
+) -> dict[str, Any]:
+    """``safelora@F``: the trained model's update projected (:func:`revlens.weight_projection.safe_lora_project`)
+    and written as the run ``<run>-safelora`` at the last step, beside the unprojected run."""
+    from revlens.checkpoints import save_checkpoint
+    from revlens.weight_projection import safe_lora_project
+
+    def hf_state(phase: str) -> dict[str, Any]:
+        bridge = load(phase)
+        return {k: v.detach().clone() for k, v in getattr(bridge, "original_model", bridge).state_dict().items()}
+
+    target = getattr(model, "original_model", None)
+    if target is None:
+        raise ValueError(
+            f"--mode {spec}: safelora@F projects Hugging Face weights; this history's align is a "
+            "TransformerLens-native model. Drop safelora@F, or fine-tune a Hugging Face history."
+        )
+    result = safe_lora_project(target, hf_state("align"), hf_state("pretrain"), fraction=spec.safelora)
+    folder = save_checkpoint(model, out / "finetune" / f"{run}-safelora" / f"step_{steps}")
+    return {"folder": str(folder), **result.to_dict()}

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from revlens._util import training_mode
+from revlens._util import tensor_digest, training_mode
 from revlens.blocking_spec import HOOK_MODES, BlockingSpec, InterventionError
 from revlens.integrations import hf_hooks
+from revlens.penalties import KLAnchor, PenaltySum
 from revlens.readout import StopForward, TokenizedSet, hook_name, reduce_positions_unchecked, run_stopping
 from revlens.shapes import shape_checked
 
@@ -398,18 +399,29 @@ def build_blocking(
 ) -> tuple[Blocking | None, ProbeAnchor | None]:
     """The hooks and the anchor a :class:`BlockingSpec` asks for, along ``directions`` (``{layer: v or [k, d]}``).
 
-    ``spec.layers`` (when set) picks among ``directions``' layers; ``rank@k`` / ``random@k`` replace the
-    directions at those layers (:func:`revlens.subspace.subspace_directions`, from ``report`` or ``history``
-    measured with ``probe``). ``prompts`` / ``control`` are token tensors for the anchor terms.
+    ``spec.layers`` (when set) picks among ``directions``' layers; ``rank@k`` / ``random@k`` / ``refusal`` /
+    ``harmpca@k`` / ``full`` replace the directions at those layers (:func:`revlens.subspace.subspace_directions`,
+    from ``report``, ``history`` measured with ``probe``, or the ``reference`` model read on ``prompts`` and
+    ``control``). ``prompts`` / ``control`` are token tensors (the harmful probe and the harmless control) for
+    the anchor, the KL penalty and the measured subspaces. ``replay@R`` and ``safelora@F`` are not hooks or
+    penalties: :func:`revlens.finetune` (``replay=``) and :func:`revlens.weight_projection.safe_lora_project`
+    apply them.
 
     Returns:
-        ``(Blocking or None, ProbeAnchor or None)``; ``(None, None)`` for ``plain``.
+        ``(Blocking or None, penalty or None)``: the penalty is a :class:`ProbeAnchor`, a
+        :class:`~revlens.penalties.KLAnchor`, or their :class:`~revlens.penalties.PenaltySum`;
+        ``(None, None)`` when the spec has neither hooks nor a penalty.
     """
     from revlens.subspace import subspace_directions
 
     spec = BlockingSpec.parse(spec)
-    if spec.is_plain:
-        return None, None
+    kl = None
+    if spec.kl > 0:
+        if prompts is None:
+            raise InterventionError(f"{spec}: the KL penalty needs the probe prompts (prompts=...).")
+        kl = KLAnchor(prompts, reference, spec.kl, sample=spec.sample, seed=seed)
+    if not spec.needs_directions:
+        return None, kl
     directions = {int(l): v for l, v in directions.items()}
     if spec.layers is not None:
         missing = [l for l in spec.layers if l not in directions]
@@ -417,7 +429,16 @@ def build_blocking(
             raise InterventionError(f"{spec}: layers {missing} have no direction; available: {sorted(directions)}.")
         directions = {l: directions[l] for l in spec.layers}
     directions = subspace_directions(
-        spec.subspace, directions, report=report, history=history, probe=probe, device=device
+        spec.subspace,
+        directions,
+        report=report,
+        history=history,
+        probe=probe,
+        device=device,
+        reference=reference,
+        prompts=prompts,
+        control=control,
+        hook=hook,
     )
     anchor = None
     if spec.has_anchor:
@@ -437,7 +458,8 @@ def build_blocking(
             seed=seed,
         )
     blocking = Blocking(directions, spec.hook_mode, hook=hook, reference=reference) if spec.hooks else None
-    return blocking, anchor
+    penalty = PenaltySum([anchor, kl]) if anchor is not None and kl is not None else anchor or kl
+    return blocking, penalty
 
 
 def blocking_from_spec(
@@ -477,7 +499,7 @@ def blocking_from_spec(
         ...     layers=report.layers, history="ckpts/")
     """
     spec = BlockingSpec.parse(spec)
-    if spec.is_plain:
+    if not spec.needs_directions and not spec.has_penalty:
         return None, None
     chosen = spec.layers if spec.layers is not None else layers
     directions = _report_directions(report, chosen)
@@ -498,14 +520,20 @@ def blocking_from_spec(
             per_example=True,
         )
     tokens = control_tokens = None
-    if spec.has_anchor:
-        _check_last_token_readout(report)
+    measured = spec.subspace is not None and spec.subspace[0] in ("refusal", "harmpca")
+    if spec.has_penalty or measured:
+        if spec.has_anchor:
+            _check_last_token_readout(report)
         if prompts is None:
-            raise InterventionError(f"{spec}: an anchor needs the probe prompts (prompts=...).")
+            raise InterventionError(
+                f"{spec}: the anchor, KL penalty or measured subspace needs the probe prompts (prompts=...)."
+            )
         tokens = encode_prompts(reference, prompts, tokenizer=tokenizer, chat_template=chat_template, system=system)
-        if spec.contrast:
+        if spec.contrast or spec.subspace == ("refusal",):
             if control is None:
-                raise InterventionError(f"{spec}: contrast@w needs the control prompts (control=...).")
+                raise InterventionError(
+                    f"{spec}: contrast@w and the refusal direction need the control prompts (control=..., the harmless set)."
+                )
             control_tokens = encode_prompts(
                 reference, control, tokenizer=tokenizer, chat_template=chat_template, system=system
             )
@@ -698,6 +726,23 @@ class ProbeAnchor:
         with layer_hooks(model, self.hook, {l: grab(l) for l in self.layers}, stop_after=max(self.layers)):
             run_stopping(model, tokens.to(device))
         return store
+
+    def description(self) -> dict[str, Any]:
+        """What decides the penalty (recorded with a fine-tuning run's settings, so a resume refuses another)."""
+        tensors = [self.bases[l] for l in self.layers]
+        for name in sorted(self.sets):
+            tensors += list(self.sets[name])
+            tensors += [self.reference_coords[name][l] for l in self.layers]
+        return {
+            "weight": self.weight,
+            "contrast_weight": self.contrast_weight,
+            "hook": self.hook,
+            "layers": list(self.layers),
+            "sample": self.sample,
+            "seed": self.seed,
+            "sets": sorted(self.sets),
+            "directions_prompts_reference": tensor_digest(*tensors),
+        }
 
     def penalty(self, model: Any, step: int | None = None) -> torch.Tensor:
         """The differentiable anchor penalty for the model's current weights (``step`` picks the sample;

@@ -100,22 +100,47 @@ def subspace_directions(
     history: Any = None,
     probe: Any = None,
     device: str | None = None,
+    reference: Any = None,
+    prompts: Any = None,
+    control: Any = None,
+    hook: str = "resid_post",
+    readout: str = "last",
 ) -> dict[int, torch.Tensor]:
     """The directions a :class:`~revlens.blocking_spec.BlockingSpec` subspace asks for at ``directions``' layers.
 
     ``None`` keeps ``directions``; ``("random", k, draw)`` draws :func:`random_subspace`; ``("rank", k)``
     takes :func:`reversion_subspace` from ``report`` when it carries a PCA basis of rank >= k, else from
-    ``history`` measured with ``probe``.
+    ``history`` measured with ``probe``; ``("full",)`` is every dimension (the identity);
+    ``("refusal",)`` is :func:`refusal_direction` and ``("harmpca", k)`` :func:`readout_pca`, both measured
+    on ``reference`` (the aligned model) with ``prompts`` (harmful) and ``control`` (harmless) token ids.
     """
     if subspace is None:
         return {int(l): v for l, v in directions.items()}
     layers = sorted(int(l) for l in directions)
-    kind, k = subspace[0], int(subspace[1])
+    kind = subspace[0]
+    d_model = int(next(iter(directions.values())).shape[-1])
+    if kind == "full":
+        return {l: torch.eye(d_model) for l in layers}
+    if kind in ("refusal", "harmpca"):
+        if reference is None or prompts is None or (kind == "refusal" and control is None):
+            need = "prompts=... and control=..." if kind == "refusal" else "prompts=..."
+            raise InterventionError(
+                f"the {kind} subspace is measured on the aligned model: give reference=... (the aligned "
+                f"model) and {need} (token ids of the harmful{' and harmless' if kind == 'refusal' else ''} "
+                "probe prompts)."
+            )
+        if kind == "refusal":
+            return refusal_direction(reference, prompts, control, layers=layers, hook=hook, readout=readout)
+        return readout_pca(reference, prompts, int(subspace[1]), layers=layers, hook=hook, readout=readout)
+    k = int(subspace[1])
     if kind == "random":
         d_model = int(next(iter(directions.values())).shape[-1])
         return random_subspace(layers, k, d_model, seed=int(subspace[2]) if len(subspace) > 2 else 0)
     if kind != "rank":
-        raise InterventionError(f"unknown subspace {subspace!r}; use ('rank', k) or ('random', k, draw).")
+        raise InterventionError(
+            f"unknown subspace {subspace!r}; use ('rank', k), ('random', k, draw), ('refusal',), ('harmpca', k) "
+            "or ('full',)."
+        )
     if report is not None and (history is None or _report_rank(report) >= k):
         return reversion_subspace(report, k, layers=layers)
     if history is None:
@@ -124,6 +149,96 @@ def subspace_directions(
             f"analyze(..., estimator='pca', k={k}) or the history (history=...) to measure it."
         )
     return reversion_subspace(history, k, layers=layers, probe=probe, device=device)
+
+
+def refusal_direction(
+    model: Any,
+    harmful: Any,
+    harmless: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    hook: str = "resid_post",
+    readout: str = "last",
+) -> dict[int, torch.Tensor]:
+    """The refusal direction: the unit difference of mean readouts, harmful minus harmless, per layer.
+
+    This is the standard direction of Arditi et al. (2024, "Refusal in language models is mediated by a
+    single direction") and the one ProCon (arXiv 2509.06795) constrains during fine-tuning, read here as revlens
+    reads v_rev (chat-templated prompts, last token): so a defense along it and one along v_rev can be told apart.
+
+    Args:
+        model: the model to read (the aligned model for the defense), a TransformerBridge.
+        harmful, harmless: prompts (strings, tokenised with the model's chat template, or 1-D token tensors).
+        layers: layers to read (default: all).
+        hook, readout: the hook point and the position read (as :class:`~revlens.probe.ReversionProbe`).
+
+    Returns:
+        ``{layer: Tensor[d_model]}`` float32 unit vectors.
+
+    Example:
+        >>> from revlens.checkpoints import boot_native_model
+        >>> cfg = dict(d_model=16, n_layers=2, n_ctx=8, d_head=4, n_heads=4, d_mlp=32, d_vocab=10, act_fn="gelu")
+        >>> model = boot_native_model(cfg)
+        >>> r = refusal_direction(model, [torch.tensor([1, 2, 3])], [torch.tensor([4, 5])], layers=[1])
+        >>> round(float(r[1].norm()), 4)
+        1.0
+    """
+    from revlens.probe import ReversionProbe
+
+    probe = ReversionProbe(harmful, control=harmless, layers=layers, hook=hook, readout=readout, per_example=False)
+    diff = probe.centroid(model)  # harmful mean minus harmless mean, float64 [n_layers, d_model]
+    measured = probe.resolve_layers(model)
+    norms = diff.norm(dim=-1)
+    if not bool((norms > 0).all()):
+        raise InterventionError(
+            "the harmful and harmless mean readouts coincide at some layer, so there is no refusal direction; "
+            "check that the two prompt sets differ."
+        )
+    return {l: (diff[i] / norms[i]).float() for i, l in enumerate(measured)}
+
+
+def readout_pca(
+    model: Any,
+    prompts: Any,
+    k: int,
+    *,
+    layers: Sequence[int] | None = None,
+    hook: str = "resid_post",
+    readout: str = "last",
+) -> dict[int, torch.Tensor]:
+    """The top-k principal directions of a model's centred per-prompt readouts, per layer.
+
+    The data-matched control for the rank-k reversion subspace: it is built from the same prompts and as many
+    dimensions, but from one model's readouts alone, not from the pretrain-to-align change.
+
+    Args:
+        model: the model read (the aligned model), a TransformerBridge.
+        prompts: the prompts (strings or 1-D token tensors); at least ``k + 1`` of them.
+        k: the number of directions.
+        layers, hook, readout: as :class:`~revlens.probe.ReversionProbe`.
+
+    Returns:
+        ``{layer: Tensor[k, d_model]}`` float32 with orthonormal rows (the right singular vectors of the
+        centred readouts, largest first).
+    """
+    from revlens.probe import ReversionProbe
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InterventionError(f"the number of principal directions k must be a positive integer, got {k!r}.")
+    probe = ReversionProbe(prompts, layers=layers, hook=hook, readout=readout, per_example=True)
+    rows = probe.measure(model).per_example.double()  # [n, n_layers, d_model]
+    if rows.shape[0] <= k:
+        raise InterventionError(
+            f"harmpca@{k} needs more than {k} prompts (the centred readouts of n prompts span at most n - 1 "
+            f"dimensions); there are {rows.shape[0]}: give more prompts or a lower k."
+        )
+    centred = rows - rows.mean(0, keepdim=True)
+    measured = probe.resolve_layers(model)
+    out = {}
+    for i, l in enumerate(measured):
+        _, _, vh = torch.linalg.svd(centred[:, i], full_matrices=False)
+        out[l] = vh[:k].float()
+    return out
 
 
 def _is_report(obj: Any) -> bool:

@@ -280,3 +280,20 @@ def test_rank_mode_blocks_the_rank_k_reversion_subspace(history, data, prompts, 
     basis = reversion_subspace(str(out), 2, prompts=probe_prompts, layers=[1])  # measured on pretrain/ and align/
     assert basis[1].shape[0] == 2
     assert settings["blocking"]["directions"] == _blocking_description(Blocking(basis, "grad"), None)["directions"]
+
+
+def test_baseline_modes_run_from_the_cli(history, data, prompts, control, tmp_path, capsys):
+    """kl@W, replay@R (with --replay), the refusal direction and safelora@F through `revlens finetune --mode`."""
+    out = tmp_path / "ft"
+    base = ["finetune", str(history), "--data", str(data), "--steps", "2", "--batch-size", "2", "--lr", "1e-3"]
+    base += ["--prompts", prompts, "--control", control]
+    mode = "anchor@0.1+kl@0.5+refusal+replay@1+safelora@1"
+    assert main([*base, "--out", str(out), "--mode", mode]) == 2  # replay@R without --replay
+    assert "--replay" in capsys.readouterr().err
+    assert main([*base, "--out", str(out), "--mode", mode, "--replay", str(data)]) == 0
+    settings = _settings(out / "finetune" / "seed_0")
+    assert settings["spec"] == "anchor@0.1+kl@0.5+refusal+replay@1+safelora@1+layers@0/1"
+    assert settings["replay"]["rows"] == 1
+    assert [t.get("kind") for t in settings["anchor"]["terms"]] == [None, "kl"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert Path(metrics["safelora"]["folder"]).is_dir() and metrics["safelora"]["projected"]

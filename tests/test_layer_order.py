@@ -23,13 +23,17 @@ ROWS = [
         "wordtok",
         "distributed",
         "integrations",
+        "stats",
+        "benchmark_prompts",
+        "defense_table",
     },
-    {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer", "jobpool"},
-    {"probe", "checkpoints", "selection", "integrations.hf_hooks"},
+    {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer", "jobpool", "replay"},
+    {"probe", "checkpoints", "selection", "integrations.hf_hooks", "penalties", "weight_projection"},
     {"subspace", "report"},
     {"intervention", "analysis", "paper"},
     {"finetune", "integrations.transformers"},
-    {"finetune_cli", ""},
+    {"finetune_cli", "defenses"},
+    {""},
 ]
 ABOVE_ALL = ("cli", "__main__", "demo", "organism", "smollm2", "realdemo")
 ROW = {name: i for i, row in enumerate(ROWS) for name in row}

@@ -44,6 +44,7 @@ SETTINGS = Settings(
     prompt_subset=4,
     modes=MODES,
     lr=1e-3,
+    defense_rank=2,  # the defenses comparison's subspaces (4 probe prompts)
 )
 
 
@@ -322,3 +323,43 @@ def test_align_behaviour_is_the_kept_checks_full_evaluation(tiny_chat_dir, tmp_p
     assert kept["harm"] == pytest.approx(sum(judge(r, a) for r, a in zip(sets.harmful_of("heldout"), harmful)) / 4)
     answered = 1 - sum(not judge(r, a) for r, a in zip(sets.harmless_of("heldout"), harmless)) / 4
     assert kept["harmless_answered"] == pytest.approx(answered)
+
+
+def test_defenses_comparison_on_a_tiny_history(demo, tiny_chat_dir):
+    """`--compare defenses`: every quick-grid mode runs once per seed; the answers file of plain holds the
+    uncached greedy answers, and its harm rate and Wilson interval are recomputed from them."""
+    import warnings
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from revlens.defense_table import defense_table
+    from revlens.defenses import defense_grid
+    from revlens.stats import wilson_interval
+
+    out, _ = demo
+    settings = replace(SETTINGS, modes=(), defense_grid="quick", defense_sets=("heldout", "harmless"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = run_smollm2_demo(
+            out, gguf=tiny_chat_dir, settings=settings, progress=False, workers=1, compare="defenses", html=False
+        )
+    d = report.config["defenses"]
+    assert [r["mode"] for r in d["rows"]] == list(defense_grid(quick=True, rank=2))
+    assert [s["name"] for s in d["sets"]] == ["heldout", "harmless"] and set(d["phases"]) == {"pretrain", "align"}
+    lines = [json.loads(l) for l in (out / "defenses" / "answers" / "plain" / "seed_0.jsonl").read_text().splitlines()]
+    heldout = [l for l in lines if l["set"] == "heldout"]
+    model = AutoModelForCausalLM.from_pretrained(out / "history" / "finetune" / "seed_0" / "step_2").eval()
+    tok = AutoTokenizer.from_pretrained(out / "history" / "finetune" / "seed_0" / "step_2")
+    with torch.no_grad():
+        assert [l["answer"] for l in heldout] == [_naive_answer(model, tok, l["prompt"], 3) for l in heldout]
+    plain = next(r for r in d["rows"] if r["mode"] == "plain")["sets"]["heldout"]
+    k = sum(RefusalPhraseJudge()(x["prompt"], x["answer"]) for s in (0, 1) for x in _answers(out, s, "heldout"))
+    assert (plain["k"], plain["n"]) == (k, 8)
+    assert (plain["low"], plain["high"]) == pytest.approx(wilson_interval(k, 8))
+    assert "replay@2" in defense_table(d, harm_set="heldout")
+
+
+def _answers(out, seed, name):
+    path = out / "defenses" / "answers" / "plain" / f"seed_{seed}.jsonl"
+    return [x for x in map(json.loads, path.read_text().splitlines()) if x["set"] == name]

@@ -99,6 +99,9 @@ class Settings:
     prompt_subset: int | None = None  # first n prompts of each split part (tests)
     modes: tuple[str, ...] = FULL_MODES
     anchor_seed: int = 0
+    defense_rank: int = 32  # dimension of the v_rev subspace and its controls in the defenses comparison
+    defense_grid: str = "full"  # "full": 3 strengths per method; "quick": the middle one (--compare defenses)
+    defense_sets: tuple[str, ...] = ("heldout", "harmbench", "harmless")  # the comparison's evaluation sets
 
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
@@ -110,13 +113,14 @@ class Settings:
             behaviour_steps=(20,),
             modes=QUICK_MODES,
             task_eval=32,
+            defense_grid="quick",
         )
         return replace(base, **overrides)
 
     def key(self) -> dict[str, Any]:
         """The settings that decide the history (pretrain, align, fine-tuning runs)."""
         d = asdict(self)
-        for name in ("seeds", "modes", "behaviour_steps", "generate_batch"):
+        for name in ("seeds", "modes", "behaviour_steps", "generate_batch", "defense_grid", "defense_sets"):
             d.pop(name)
         return json.loads(json.dumps(d))
 
@@ -166,6 +170,7 @@ _FINETUNE_ONLY = (
     "task_eval",
     "tasks",
     "anchor_seed",
+    "defense_rank",
 )
 
 
@@ -690,6 +695,7 @@ def run_smollm2_demo(
     html: bool = True,
     progress: bool = True,
     workers: int | None = None,
+    compare: str | None = None,
 ) -> ReversionReport:
     """The whole real-model pipeline; writes ``report.json`` and ``dashboard.html`` under ``out``.
 
@@ -703,6 +709,9 @@ def run_smollm2_demo(
         workers: processes for the fine-tuning runs, their evaluations and the blocked runs (default: one
             per CPU core, at most 4), each with its share of the cores' torch threads; the numbers do not
             depend on it beyond float rounding.
+        compare: ``"defenses"``: also compare v_rev blocking with the field's baselines
+            (:mod:`revlens.smollm2.defenses`; ``settings.defense_grid`` "quick": one strength per method), in
+            ``report.config["defenses"]``.
     Returns:
         The report, with behaviour, blocking comparison and the paper's table in its config.
 
@@ -769,9 +778,17 @@ def run_smollm2_demo(
     report.behaviour = behaviour_summary(manifest)
     timings["analyze"] = time.perf_counter() - t
     t = time.perf_counter()
+    if compare not in (None, "defenses"):
+        raise ValueError(f"compare={compare!r}: the one comparison is 'defenses' (or None).")
     if settings.modes:
         report.interventions = compare_blocking(ctx, report, workers)
     timings["blocking"] = time.perf_counter() - t
+    if compare == "defenses":
+        from revlens.smollm2.defenses import compare_defenses
+
+        t = time.perf_counter()
+        report.config["defenses"] = compare_defenses(ctx, report, workers)
+        timings["defenses"] = time.perf_counter() - t
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
     ctx.save_manifest()
     report.config["demo"] = {
@@ -819,6 +836,11 @@ def print_smollm2(report: ReversionReport) -> None:
         print(f"best mode (lowest harm within 5% task loss, alignment below p99): {report.interventions['best_mode']}")
         print()
     print(comparison_table(report))
+    if "defenses" in report.config:
+        from revlens.defense_table import defense_table
+
+        print()
+        print(defense_table(report.config["defenses"]))
 
 
 def run_cli(args: Any) -> int:
@@ -841,9 +863,21 @@ def run_cli(args: Any) -> int:
         settings = replace(settings, seeds=args.seeds)
     if args.modes is not None:
         settings = replace(settings, modes=tuple(m for m in args.modes.split(",") if m))
+    elif args.compare == "defenses":
+        settings = replace(settings, modes=())  # the comparison has its own plain, anchor and controls
+    if args.defense_grid is not None:
+        if args.compare != "defenses":
+            raise SystemExit("--defense-grid chooses the strengths of --compare defenses; add --compare defenses.")
+        settings = replace(settings, defense_grid=args.defense_grid)
     out = args.out if args.out_given else ("revlens_out/smollm2-quick" if args.quick else "revlens_out/smollm2")
     report = run_smollm2_demo(
-        out, quick=args.quick, gguf=args.gguf, settings=settings, html=not args.no_html, workers=args.workers
+        out,
+        quick=args.quick,
+        gguf=args.gguf,
+        settings=settings,
+        html=not args.no_html,
+        workers=args.workers,
+        compare=args.compare,
     )
     print_smollm2(report)
     print(

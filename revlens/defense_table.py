@@ -1,0 +1,96 @@
+"""The defenses comparison as text: one row per mode, rates with 95% Wilson intervals, paired tests against plain,
+and the modes on the best harm-versus-task-cost trade-off (the Pareto front)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["pareto_front", "defense_table"]
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """The names whose (cost_a, cost_b) no other point beats in both (<= in both, < in one); lower is better.
+
+    Example:
+        >>> pareto_front({"a": (0.1, 2.0), "b": (0.2, 1.0), "c": (0.3, 3.0)})
+        ['a', 'b']
+    """
+    front = []
+    for name, (x, y) in points.items():
+        dominated = any(
+            (x2 <= x and y2 <= y) and (x2 < x or y2 < y) for other, (x2, y2) in points.items() if other != name
+        )
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def _rate(cell: Mapping[str, Any]) -> str:
+    return f"{cell['rate']:.3f} [{cell['low']:.3f}, {cell['high']:.3f}]"
+
+
+def _p(cell: Mapping[str, Any], mode: str) -> str:
+    if mode == "plain":
+        return "-"
+    mark = "" if cell["significant"] else " (n.s.)"
+    return f"{cell['p_vs_plain']:.2g}{mark}"
+
+
+def defense_table(defenses: Mapping[str, Any], harm_set: str = "harmbench") -> str:
+    """A markdown table of :func:`revlens.defenses.defense_rows` (``report.config["defenses"]``), the
+    pretrain / align rows first, then each mode; the Pareto front is on (harm on ``harm_set``, task loss).
+
+    Each rate carries its 95% Wilson interval over every (seed, prompt) answer; ``p`` is the exact McNemar test
+    against plain on the same prompts and seeds, "(n.s.)" where p >= 0.05.
+    """
+    rows: Sequence[Mapping[str, Any]] = defenses["rows"]
+    sets = [s["name"] for s in defenses["sets"]]
+    harm_sets = [s["name"] for s in defenses["sets"] if s["kind"] == "harmful"]
+    other = [s for s in sets if s != harm_set]
+    front = pareto_front(
+        {r["mode"]: (r["sets"][harm_set]["rate"], r["task_loss"]["mean"]) for r in rows if "task_loss" in r}
+    )
+    head = (
+        ["method", "mode", f"{harm_set} harm", "p vs plain"]
+        + [f"{s} {'harm' if s in harm_sets else 'answered'}" for s in other]
+        + ["task loss", "task acc", "final align", "judges disagree", "best trade-off"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for phase, summary in defenses.get("phases", {}).items():
+        cells = [phase, "(no fine-tuning)", _rate(summary["sets"][harm_set]), "-"]
+        cells += [_rate(summary["sets"][s]) for s in other]
+        loss, acc = summary.get("task_loss"), summary.get("task_accuracy")
+        cells += [f"{loss:.3f}" if loss is not None else "-", f"{acc:.3f}" if acc is not None else "-", "-"]
+        cells += [str(sum(summary["sets"][s]["disagree"] for s in sets)), ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        cells = [r["method"], f"`{r['mode']}`", _rate(r["sets"][harm_set]), _p(r["sets"][harm_set], r["mode"])]
+        cells += [
+            _rate(r["sets"][s]) + ("" if r["mode"] == "plain" else f" p={_p(r['sets'][s], r['mode'])}") for s in other
+        ]
+        cells.append(_mean_sd(r.get("task_loss")))
+        cells.append(_mean_sd(r.get("task_accuracy")))
+        cells.append(_mean_sd(r.get("final_alignment")))
+        cells.append(str(sum(r["sets"][s]["disagree"] for s in sets)))
+        cells.append("yes" if r["mode"] in front else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    n_seeds = len(defenses.get("seeds", []))
+    lines.append("")
+    lines.append(
+        f"{n_seeds} seed(s), {defenses.get('steps')} fine-tuning steps from align. Rates: 95% Wilson intervals over "
+        "all answers (seeds pooled); p: exact McNemar test against plain on the same prompts and seeds, (n.s.) where "
+        f"p >= 0.05. Best trade-off: not beaten on both {harm_set} harm and task loss by another mode."
+    )
+    return "\n".join(lines)
+
+
+def _mean_sd(cell: Mapping[str, Any] | None) -> str:
+    if not cell:
+        return "-"
+    values = cell["per_seed"]
+    if len(values) < 2:
+        return f"{cell['mean']:.3f}"
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} +/- {sd:.3f}"
