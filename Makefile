@@ -1,13 +1,14 @@
 # Quick start: `make demo` and `make test`; both create .venv when it is missing.
-# `make test` is the fast suite CI runs (.ci/run): about 2 minutes on 2 idle cores. `make test-all` adds the
-# `slow` tests (the notebooks as shipped on the tiny preset, the demo's full blocking table): about 15 minutes.
+# `make test` is what CI runs (.ci/run): lint, the docs site (`make docs`, warnings are errors), then the fast
+# suite: about 2 minutes on 2 idle cores. `make test-all` adds the `slow` tests (the notebooks as shipped on the
+# tiny preset, the demo's full blocking table): about 15 minutes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.revlens-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo demo-real lint test test-all bench clean
+.PHONY: venv demo demo-real lint docs test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # One torch thread per process: with the organism's small matrices a second thread gains little on 2 idle
-# cores and, when other jobs share the cores, makes every step 10-20x slower (README, "Quick start").
+# cores and, when other jobs share the cores, makes every step 10-20x slower (docs/benchmarks.md).
 THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 DEMO_ARGS ?=
 
@@ -39,7 +40,12 @@ lint: $(STAMP)
 	$(PY) -m ruff check revlens tests benchmarks
 	$(PY) -m ruff format --check revlens tests benchmarks
 
-test: lint
+# The documentation site (mkdocs.yml) into site/, offline; any warning (a broken link, a docstring mkdocstrings
+# cannot parse) fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+test: lint docs
 	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" tests
 
 test-all: $(STAMP)
@@ -50,4 +56,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/intervention_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info site

@@ -15,11 +15,15 @@ Histories are read from ``pretrain/ align/ finetune/<run>/step_<N>/`` (Hugging F
 :class:`CheckpointLoader` boots the first checkpoint and copies each later checkpoint's weights into
 the live model when the architecture is the same.
 
-Weights are read with safetensors or ``torch.load(..., weights_only=True)``: never unpickled.
+Weights are read with safetensors or ``torch.load(..., weights_only=True)``: never unpickled. Every floating
+tensor is checked as it is read (NaN, inf, or |w| above ``MAX_ABS_WEIGHT``: :class:`WeightValueError`, naming the
+tensor and the checkpoint); a sharded folder's index is checked against its shards' headers, and a single weight
+file beside an index of the same format is refused (the two could be read differently).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -43,6 +47,38 @@ _STEP_DIR = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint or history that revlens cannot use, with the reason and the fix."""
+
+
+class WeightValueError(CheckpointError):
+    """A checkpoint whose weights hold NaN/inf or absurdly large values (a diverged run or a damaged file)."""
+
+
+# Largest |w| accepted in a floating weight tensor. Healthy models stay far below (random init and trained
+# language models: |w| < 1e3; old GPT-2 files hold the buffer masked_bias = -1e4); a diverged run or a damaged
+# file does not.
+MAX_ABS_WEIGHT = 1e6
+
+
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Silence transformers' own progress bars (``Loading weights``, one line per model load) inside the block,
+    then restore them; revlens' own tqdm bars are untouched. (The GGUF converter's one-off de-quantisation bar
+    uses tqdm directly and still shows.)
+
+    Example:
+        >>> with quiet_hf_progress():  # doctest: +SKIP
+        ...     model = AutoModelForCausalLM.from_pretrained(folder)
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _bridge_classes():
@@ -212,6 +248,14 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / n).exists() for n in names)
 
 
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json and special_tokens_map.json do not).
+_VOCAB_PATTERNS = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def _has_vocabulary(folder: Path) -> bool:
+    return any(next(folder.glob(pattern), None) is not None for pattern in _VOCAB_PATTERNS)
+
+
 def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
@@ -221,7 +265,22 @@ def _load_tokenizer(folder: Path):
             "revlens loads offline and will not fetch one from a hub. Save the tokenizer into the "
             "folder with tokenizer.save_pretrained(folder)."
         )
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if not _has_vocabulary(folder):
+        present = [n for n in ("tokenizer_config.json", "special_tokens_map.json") if (folder / n).is_file()]
+        raise CheckpointError(
+            f"{folder} has {' and '.join(present) or 'tokenizer settings'} but no tokenizer.json (nor vocab.json "
+            "+ merges.txt, vocab.txt or tokenizer.model): the tokenizer's vocabulary is missing. Copy "
+            "tokenizer.json from the model this checkpoint was trained from, or save the whole tokenizer into the "
+            "folder with tokenizer.save_pretrained(folder)."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"the tokenizer files in {folder} cannot be loaded ({first}); save the tokenizer again with "
+            "tokenizer.save_pretrained(folder)."
+        ) from err
 
 
 def _tokenizer_digest(folder: Path | None) -> str:
@@ -281,29 +340,103 @@ def _load_pickled_weights(path: Path, device: str | torch.device | None = "cpu")
     return dict(state)
 
 
+# A weight set transformers reads: the single file, or the shards its index lists; in transformers' own order
+# of preference (modeling_utils: model.safetensors, its index, pytorch_model.bin, its index).
+_WEIGHT_SETS = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
 def _hf_weight_files(folder: Path) -> list[Path]:
-    """The model weight files of a Hugging Face folder (never optimizer.pt, rng_state*.pth, training_args.bin)."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
+    """The model weight files of a Hugging Face folder (never optimizer.pt, rng_state*.pth, training_args.bin).
+
+    Picked in transformers' order, so that ``from_pretrained`` (the boot) and revlens' own reads (weight swaps,
+    worker processes, the measurement cache) read the same files; a single file beside a sharded index of the
+    same format is refused, and an index is checked against its shards' headers.
+    """
+    for single_name, index_name in _WEIGHT_SETS:
+        single, index = folder / single_name, folder / index_name
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, Mapping) or not weight_map:
-                raise CheckpointError(f"{index} has no weight_map; re-save the model with save_pretrained().")
-            files = [folder / name for name in sorted(set(weight_map.values()))]
-            missing = [p.name for p in files if not p.is_file()]
-            if missing:
+            shards = _indexed_shards(folder, index)
+            if single.is_file() and [p.name for p in shards] != [single_name]:
                 raise CheckpointError(
-                    f"{folder} is missing the shard(s) {missing} named in {index_name}; "
-                    "copy every shard or re-save the model."
+                    f"{folder} holds both {single_name} and the shards listed in {index_name} "
+                    f"({', '.join(p.name for p in shards[:3])}{', ...' if len(shards) > 3 else ''}): two copies of "
+                    "the weights, perhaps from different saves, which transformers and revlens' workers could read "
+                    f"differently. Delete the stale one: {single_name}, or {index_name} with its shards."
                 )
-            return files
-    for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
+            return shards
+        if single.is_file():
+            return [single]
+    for pattern in ("model-*.safetensors", "pytorch_model-*.bin"):
         files = sorted(folder.glob(pattern))
         if files:
             return files
     raise CheckpointError(
         f"{folder} has no weight files (model.safetensors or pytorch_model.bin); save the model with save_pretrained()."
     )
+
+
+def _shard_keys(path: Path) -> list[str]:
+    """The tensor names one weight file holds, read from its header (safetensors) or as meta tensors (.bin)."""
+    if path.suffix == ".safetensors":
+        return [k for k in _safetensors_header(path) if k != "__metadata__"]
+    return list(_load_pickled_weights(path, "meta"))
+
+
+def _indexed_shards(folder: Path, index: Path) -> list[Path]:
+    """The shards an index names, after checking that every tensor is where the index says and nowhere else."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, Mapping) else None
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map; re-save the model with save_pretrained().")
+    if not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index}: weight_map must map each tensor name to a shard file name; re-save the model with "
+            "save_pretrained()."
+        )
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder} is missing the shard(s) {missing} named in {index.name}; copy every shard or re-save the model."
+        )
+    found: dict[str, list[str]] = {}
+    for path in files:
+        for key in _shard_keys(path):
+            found.setdefault(key, []).append(path.name)
+    problems = []
+    unnamed: dict[str, str] | None = None  # shard files on disk that the index does not name (diagnosis only)
+    for name, shard in weight_map.items():
+        holders = found.get(name, [])
+        if shard not in holders:
+            if not holders and unnamed is None:
+                pattern = "model-*.safetensors" if index.name.startswith("model.") else "pytorch_model-*.bin"
+                unnamed = {
+                    key: path.name
+                    for path in sorted(set(folder.glob(pattern)) - set(files))
+                    for key in _shard_keys(path)
+                }
+            if holders:
+                where = f"it is in {holders[0]}"
+            elif name in (unnamed or {}):
+                where = f"it is in {unnamed[name]}, a shard the index does not name"
+            else:
+                where = "no shard holds it"
+            problems.append(f"{name} -> {shard}, but {where}")
+    problems += [f"{name} is in {len(h)} shards ({', '.join(h)})" for name, h in found.items() if len(h) > 1]
+    problems += [
+        f"{h[0]} holds {name}, which the index does not list" for name, h in found.items() if name not in weight_map
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{index} does not match its shards ({len(problems)} problem(s): {'; '.join(problems[:3])}"
+            f"{'; ...' if len(problems) > 3 else ''}): the index and the shards come from different saves or "
+            "were edited. Re-save the model with save_pretrained(), or copy the index and every shard together "
+            "from one save."
+        )
+    return files
 
 
 def _check_weight_files(files: Sequence[Path]) -> dict[str, int]:
@@ -327,17 +460,52 @@ def _checkpoint_dtype(counts: Mapping[str, int], config: Mapping[str, Any]) -> t
     return DTYPES.get(str(named).removeprefix("torch."), torch.float32)
 
 
+def check_weight_values(name: str, tensor: torch.Tensor, where: str | os.PathLike) -> None:
+    """Raise :class:`WeightValueError` when a floating tensor holds NaN/inf or |w| > ``MAX_ABS_WEIGHT``.
+
+    One pass over the tensor (``torch.aminmax``, which propagates NaN), no copy; integer, empty and meta
+    tensors pass. ``where`` names the checkpoint in the message.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
+        return
+    values = tensor.detach()
+    try:
+        lo, hi = torch.stack(torch.aminmax(values)).float().tolist()
+    except (RuntimeError, NotImplementedError):  # dtypes without aminmax (float8): through float32
+        lo, hi = torch.stack(torch.aminmax(values.float())).tolist()
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= MAX_ABS_WEIGHT:
+        return
+    if math.isnan(lo) or math.isnan(hi):
+        what = "holds NaN values"
+    elif not (math.isfinite(lo) and math.isfinite(hi)):
+        what = "holds infinite values"
+        if tensor.dtype == torch.float16:
+            what += " (float16 overflows above 65504: if dtype= cast it, load it with dtype='float32')"
+    else:
+        what = f"reaches |w| = {max(-lo, hi):.3g}, beyond any healthy model (|w| <= {MAX_ABS_WEIGHT:g})"
+    raise WeightValueError(
+        f"checkpoint {where}: the weight {name!r} {what}: the run that wrote it diverged or the file is damaged. "
+        "Replace the checkpoint (re-save it, or use an earlier step), or leave it out of the history."
+    )
+
+
 def _read_weights(files: Sequence[Path], device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from every weight file, safetensors read straight onto ``device``."""
+    """Yield (name, tensor) from every weight file, safetensors read straight onto ``device``; each tensor's
+    values are checked as it is read (:func:`check_weight_values`)."""
     from safetensors import safe_open
 
     for path in files:
+        where = f"{path.parent} ({path.name})"
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    tensor = f.get_tensor(key)
+                    check_weight_values(key, tensor, where)
+                    yield key, tensor
         else:
-            yield from _load_pickled_weights(path, device).items()
+            for key, tensor in _load_pickled_weights(path, device).items():
+                check_weight_values(key, tensor, where)
+                yield key, tensor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,6 +538,57 @@ def _is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
 
 
+_ADAPTER_HINT = "re-save the adapter with peft_model.save_pretrained(folder)"
+
+
+def _read_adapter_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json``, refused unless it is a JSON object describing a LoRA adapter with its targets:
+    without ``target_modules`` peft falls back to its default targets for the architecture and silently drops
+    the adapter's weights for every other module."""
+    path = folder / "adapter_config.json"
+    config = _read_json(path)
+    if not isinstance(config, Mapping):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of LoRA settings (peft_type, r, lora_alpha, "
+            f"target_modules, ...); {_ADAPTER_HINT}."
+        )
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise CheckpointError(
+            f"{path} has peft_type={peft_type!r}, but revlens merges LoRA adapters only (peft_type 'LORA'). Merge "
+            "the adapter into its base with peft (model.merge_and_unload()) and save the full model with "
+            "save_pretrained(), or fix peft_type if the adapter is LoRA."
+        )
+    targets = config.get("target_modules")
+    if not targets or not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
+        raise CheckpointError(
+            f"{path} has target_modules={targets!r}: peft would fall back to its default targets and silently drop "
+            'the adapter\'s weights for other modules. List the adapted modules (e.g. "target_modules": ["q_proj", '
+            f'"v_proj"], the module names in the adapter\'s weights) or {_ADAPTER_HINT}.'
+        )
+    return dict(config)
+
+
+def _check_adapter_targets(config_path: Path, config: Mapping[str, Any], weights: Path) -> None:
+    """Every LoRA module in the adapter's weights must be one of ``target_modules`` (a list; a regular expression
+    is left to peft), else peft would load the adapter without those weights."""
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        return
+    modules = set()
+    for key in _shard_keys(weights):
+        for marker in (".lora_A", ".lora_B"):
+            if marker in key:
+                modules.add(key.split(marker, 1)[0])
+    stray = sorted(m for m in modules if not any(m == t or m.endswith("." + t) for t in targets))
+    if stray:
+        raise CheckpointError(
+            f"{weights} holds LoRA weights for {stray[:3]}{' ...' if len(stray) > 3 else ''}, which the "
+            f"target_modules {sorted(targets)} of {config_path} do not name: peft would drop them. Add their module "
+            f"names to target_modules, or {_ADAPTER_HINT}."
+        )
+
+
 def _adapter_base(folder: Path, adapter_config: Mapping[str, Any], base: str | os.PathLike | None) -> Path:
     named = adapter_config.get("base_model_name_or_path")
     if named:
@@ -394,7 +613,7 @@ def _describe(folder: Path, dtype: str | torch.dtype | None, base: str | os.Path
         raise CheckpointError(f"checkpoint path {folder} is a file; give the folder that holds config.json.")
     wanted = resolve_dtype(dtype)
     if _is_adapter(folder) and not (folder / "config.json").is_file():
-        adapter_config = _read_json(folder / "adapter_config.json")
+        adapter_config = _read_adapter_config(folder)
         files = [p for p in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if p.is_file()]
         if not files:
             raise CheckpointError(
@@ -402,6 +621,7 @@ def _describe(folder: Path, dtype: str | torch.dtype | None, base: str | os.Path
                 "save the adapter with peft_model.save_pretrained(folder)."
             )
         _check_weight_files(files[:1])
+        _check_adapter_targets(folder / "adapter_config.json", adapter_config, files[0])
         base_folder = _adapter_base(folder, adapter_config, base)
         base_spec = _describe(base_folder, dtype, None)
         if base_spec.kind != "hf":
@@ -464,7 +684,8 @@ def _from_pretrained(spec: _Spec, device: str | torch.device | None, device_map:
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        with quiet_hf_progress():
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (RuntimeError, ValueError, OSError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
@@ -473,12 +694,19 @@ def _from_pretrained(spec: _Spec, device: str | torch.device | None, device_map:
         ) from err
     if peft is not None:
         try:
-            model = peft.PeftModel.from_pretrained(model, str(spec.folder), is_trainable=False).merge_and_unload()
+            with quiet_hf_progress():
+                model = peft.PeftModel.from_pretrained(model, str(spec.folder), is_trainable=False).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(
                 f"the adapter {spec.folder} does not fit its base {folder} ({str(err).splitlines()[0]}); "
                 "give the base it was trained on (base=PATH / --base PATH)."
             ) from err
+    where = f"{spec.folder} (merged onto its base {folder})" if peft is not None else str(folder)
+    seen: set[tuple[str, int]] = set()
+    for name, tensor in model.state_dict().items():
+        if (str(tensor.device), tensor.data_ptr()) not in seen:  # tied weights once
+            seen.add((str(tensor.device), tensor.data_ptr()))
+            check_weight_values(name, tensor, where)
     if device_map is None and device is not None:
         model = model.to(device)
     return model.eval()

@@ -532,7 +532,8 @@ def blocking_from_spec(
         if spec.contrast or spec.subspace == ("refusal",):
             if control is None:
                 raise InterventionError(
-                    f"{spec}: contrast@w and the refusal direction need the control prompts (control=..., the harmless set)."
+                    f"{spec}: contrast@w and the refusal direction need the control prompts "
+                    "(control=..., the harmless set)."
                 )
             control_tokens = encode_prompts(
                 reference, control, tokenizer=tokenizer, chat_template=chat_template, system=system

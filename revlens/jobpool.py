@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from revlens.threads import available_cores
@@ -75,9 +79,32 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
     return max(1, (available_cores() if cores is None else cores) // max(1, workers))
 
 
-def _init_worker(threads: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
+# A worker whose parent died exits with this status, within PARENT_POLL_S seconds.
+ORPHAN_EXIT_CODE = 70
+PARENT_POLL_S = 1.0
+
+
+def watch_parent(parent: int, interval: float = PARENT_POLL_S) -> None:
+    """Return never: poll every ``interval`` seconds and end this process (``os._exit``) once its parent
+    ``parent`` is gone (the process is re-parented, so ``os.getppid()`` changes). Run in a daemon thread of each
+    worker, so a killed parent (SIGKILL, out of memory, a closed terminal) does not leave its workers training on.
+
+    Polling, not ``prctl(PR_SET_PDEATHSIG)``: that signal fires when the parent *thread* that started the worker
+    ends, and the pool starts workers from whichever thread submits; polling works on every POSIX system.
+    """
+    while True:
+        if os.getppid() != parent:
+            os._exit(ORPHAN_EXIT_CODE)
+        time.sleep(interval)
+
+
+def _init_worker(
+    threads: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...], parent: int | None = None
+) -> None:
     import torch
 
+    if parent is not None:
+        threading.Thread(target=watch_parent, args=(parent,), name="revlens-watch-parent", daemon=True).start()
     torch.set_num_threads(threads)
     if initializer is not None:
         initializer(*initargs)
@@ -85,6 +112,21 @@ def _init_worker(threads: int, initializer: Callable[..., Any] | None, initargs:
 
 class JobFailed(RuntimeError):
     """A job raised; the message names the job and the original error is its cause."""
+
+
+def _failure(key: Hashable, err: BaseException, in_worker: bool) -> JobFailed:
+    """One line naming the job and what went wrong (the full error and its traceback stay as the cause)."""
+    if isinstance(err, BrokenProcessPool):
+        return JobFailed(
+            f"job {key!r} failed: its worker process died before returning (killed by a signal, e.g. out of "
+            "memory, or it called os._exit); rerun with fewer workers or more memory, or with workers=1 to see "
+            "the error in this process."
+        )
+    text = " ".join(str(err).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    where = " in a worker process" if in_worker else ""
+    return JobFailed(f"job {key!r} failed{where}: {type(err).__name__}" + (f": {text}" if text else ""))
 
 
 class JobPool:
@@ -96,6 +138,9 @@ class JobPool:
             functions and their arguments picklable).
         threads: torch threads per worker process (default :func:`threads_per_worker`).
         initializer, initargs: called once in each worker process (after its thread count is set).
+
+    A job that raises, or whose worker dies, ends :meth:`results` with a one-line :class:`JobFailed` naming the
+    job. Workers end themselves within ``PARENT_POLL_S`` seconds when this process dies (:func:`watch_parent`).
     """
 
     def __init__(
@@ -117,7 +162,7 @@ class JobPool:
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.threads, initializer, initargs),
+                initargs=(self.threads, initializer, initargs, os.getpid()),
             )
 
     def __enter__(self) -> JobPool:
@@ -157,7 +202,7 @@ class JobPool:
                 result = fn(*args, **kwargs)
             except Exception as err:
                 self.close()
-                raise JobFailed(f"job {key!r} failed: {type(err).__name__}: {err}") from err
+                raise _failure(key, err, in_worker=False) from err
             yield key, result
         while self._futures:
             done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
@@ -166,5 +211,5 @@ class JobPool:
                 err = future.exception()
                 if err is not None:
                     self.close()
-                    raise JobFailed(f"job {key!r} failed in a worker process: {type(err).__name__}: {err}") from err
+                    raise _failure(key, err, in_worker=True) from err
                 yield key, future.result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -415,13 +416,17 @@ class ReversionReport:
         tensors = {"v_rev": self.v_rev.float().clone(), "v_rev_basis": self.v_rev_basis.float().clone()}
         for name in _ARRAY_AXES:
             dtype = torch.float32 if name == "per_example_cos" else torch.float64
-            tensors[name] = torch.as_tensor(np.asarray(getattr(self, name), dtype=np.float64)).to(dtype)
+            # a copy: two fields may hold one array, and safetensors refuses tensors that share memory
+            tensors[name] = torch.tensor(np.asarray(getattr(self, name), dtype=np.float64)).to(dtype)
         if self.null_draws_activation is not None:
             tensors["null_draws_activation"] = torch.as_tensor(np.asarray(self.null_draws_activation, np.float32))
         return tensors
 
     def save(self, directory: str | Path) -> Path:
         """Write ``report.json`` (summary, config, scalars) and ``tensors.safetensors`` (every array).
+
+        ``report.json`` records each array's shape (``arrays``) and dtype (``array_dtypes``) and the sha256 of
+        ``tensors.safetensors`` (``tensors_sha256``), so :meth:`load` refuses a tensors file from another run.
 
         Returns:
             The path of ``report.json``.
@@ -435,6 +440,8 @@ class ReversionReport:
             **self._scalars(),
             "summary": self.summary(),
             "arrays": {name: list(t.shape) for name, t in tensors.items()},
+            "array_dtypes": {name: _dtype_name(t.dtype) for name, t in tensors.items()},
+            "tensors_sha256": _file_sha256(directory / REPORT_TENSORS),
         }
         return atomic_write_json(directory / REPORT_JSON, header, indent=1)
 
@@ -442,8 +449,11 @@ class ReversionReport:
     def load(cls, directory: str | Path) -> ReversionReport:
         """Read a report written by :meth:`save`: this format, or the older one with arrays in report.json.
 
-        Every array's shape is checked against the report's runs, steps, layers and d_model; a
-        ``tensors.safetensors`` from another report is refused with an error that names the file.
+        Every array's shape is checked against the report's runs, steps, layers and d_model, its dtype against
+        the one ``report.json`` records (older reports: floating point), and the file against the recorded
+        sha256 (reports saved before the digest existed are read without it); a ``tensors.safetensors`` from
+        another report is refused with an error that names the file. A malformed field of ``report.json``
+        (``format``, ``layers``, ``steps``, ``runs``, ``d_model``) is a one-line error naming it.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -459,11 +469,7 @@ class ReversionReport:
             raise ValueError(f"{path} is not valid JSON ({err}); the report is damaged: rerun the analysis.") from err
         if not isinstance(d, dict) or not {"layers", "runs", "steps", "d_model"} <= set(d):
             raise ValueError(f"{path} is not a revlens report (it lacks layers/runs/steps/d_model).")
-        fmt = d.get("format", 1)
-        if fmt > REPORT_FORMAT:
-            raise ValueError(
-                f"{path} has report format {fmt}, newer than this revlens reads ({REPORT_FORMAT}); upgrade revlens."
-            )
+        fmt = _check_header(d, path)
         if not tpath.is_file():
             raise FileNotFoundError(
                 f"{tpath} is missing: a report needs both {REPORT_JSON} and {REPORT_TENSORS} "
@@ -473,6 +479,7 @@ class ReversionReport:
             tensors = load_file(str(tpath))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{tpath} cannot be read as safetensors ({err}); the report is damaged.") from err
+        _check_dtypes(tensors, d.get("array_dtypes"), path, tpath)
         arrays: dict[str, np.ndarray] = {}
         for name in _ARRAY_AXES:
             if fmt >= 2:
@@ -511,6 +518,14 @@ class ReversionReport:
             **{name: arrays.get(name) for name in _ARRAY_AXES},
         )
         report._check_shapes(path, tpath, arrays_in_tensors=fmt >= 2)
+        digest = d.get("tensors_sha256")  # last: the shape and dtype errors above say more when they apply
+        if digest is not None and digest != _file_sha256(tpath):
+            raise ValueError(
+                f"{tpath} is not the tensors file {path} was saved with (its sha256 differs from the "
+                f"tensors_sha256 recorded in {REPORT_JSON}): the two files come from different runs, or one was "
+                f"edited. Copy {REPORT_JSON} and {REPORT_TENSORS} together from one report.save(), or rerun the "
+                "analysis."
+            )
         return report
 
     def _check_shapes(self, json_path: Path, tensors_path: Path, arrays_in_tensors: bool) -> None:
@@ -556,6 +571,74 @@ class ReversionReport:
         from revlens.dashboard import save_dashboard_html
 
         return save_dashboard_html(self, path, **kwargs)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_header(d: dict[str, Any], path: Path) -> int:
+    """The report format of a parsed ``report.json``, after checking the fields every report has; a bad field
+    is a one-line ValueError that names it."""
+    fmt = d.get("format", 1)
+    if _is_int(fmt) and fmt > REPORT_FORMAT:
+        raise ValueError(
+            f"{path} has report format {fmt}, newer than this revlens reads ({REPORT_FORMAT}); upgrade revlens."
+        )
+    if fmt not in range(1, REPORT_FORMAT + 1) or not _is_int(fmt):
+        raise ValueError(
+            f"{path}: field 'format' is {fmt!r}, not a report format this revlens knows (1 to {REPORT_FORMAT}); "
+            "the file was not written by ReversionReport.save or was edited: rerun the analysis."
+        )
+    fields = {
+        "layers": (lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v), "a list of layer numbers"),
+        "steps": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integer steps"),
+        "runs": (lambda v: isinstance(v, list) and all(isinstance(x, (str, int)) for x in v), "a list of run names"),
+        "d_model": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    }
+    for name, (ok, what) in fields.items():
+        if not ok(d[name]):
+            raise ValueError(
+                f"{path}: field {name!r} is {_short(d[name])}, not {what}; the file was edited or not written by "
+                "ReversionReport.save: rerun the analysis (or fix the field)."
+            )
+    return fmt
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_dtypes(tensors: dict[str, torch.Tensor], recorded: Any, json_path: Path, tensors_path: Path) -> None:
+    """Refuse arrays whose dtype is not the one ``report.json`` recorded (older reports: not floating point)."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for name, tensor in tensors.items():
+        want = recorded.get(name)
+        got = _dtype_name(tensor.dtype)
+        if want is not None and got != want:
+            problem = f"{json_path} records {want}"
+        elif want is None and not tensor.is_floating_point():
+            problem = "a report's arrays are floating point"
+        else:
+            continue
+        raise ValueError(
+            f"{tensors_path}: array {name!r} has dtype {got}, but {problem}; the tensors file does not belong to "
+            f"{json_path.name} (another run, or rewritten). Copy {REPORT_JSON} and {REPORT_TENSORS} together from "
+            "one report.save(), or rerun the analysis."
+        )
 
 
 def _wrap(line: str, width: int) -> str:

@@ -232,9 +232,17 @@ def selection_test(
     if len(layers) != n_layers or len(runs) != n_runs:
         raise ValueError(f"alignment has shape {a.shape} but {len(runs)} runs and {len(layers)} layers were given.")
     eligible = np.ones(n_layers, bool) if eligible is None else np.asarray(eligible, bool)
-    eligible = eligible & np.isfinite(layer_means(a))
+    measured = np.isfinite(layer_means(a))
+    if not measured.any():
+        raise ValueError(
+            f"every alignment is NaN ({a.size} run-step-layer values): no layer can be chosen or tested. Either the "
+            "fine-tuning checkpoints diverged (NaN/inf weights; see report.config['non_finite']), or v_rev is "
+            "undefined because pretrain and align give the same readouts (report.v_rev_norm is 0): check that the "
+            "history's pretrain and align are different models and replace the diverged checkpoints."
+        )
+    eligible = eligible & measured
     if not eligible.any():
-        eligible = np.isfinite(layer_means(a))
+        eligible = measured
     runs = list(runs)
     if select_on is None:
         chosen_runs, test_runs = runs, runs

@@ -24,9 +24,12 @@ class HFBridge:
         from transformer_lens.model_bridge import TransformerBridge
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from revlens.checkpoints import quiet_hf_progress
+
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-        module = AutoModelForCausalLM.from_pretrained(str(self.folder), dtype=dtype, local_files_only=True)
+        with quiet_hf_progress():
+            module = AutoModelForCausalLM.from_pretrained(str(self.folder), dtype=dtype, local_files_only=True)
         if device is not None:
             module.to(device)
         self.config = module.config

