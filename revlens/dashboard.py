@@ -740,7 +740,7 @@ def defense_figure(defenses: dict[str, Any], harm_set: str = "harmbench", theme:
 
     Each point is one mode: x the task loss (mean over seeds, with the seeds' spread), y the harm rate on
     ``harm_set`` with its 95% Wilson interval; one colour per method, the strengths joined by a line, the
-    pretrain and align models as reference lines, and the Pareto front (lower harm and lower loss) outlined.
+    pretrain and align models as reference lines, and the Pareto front (harm and task loss) outlined.
 
     Args:
         defenses: the comparison (:func:`revlens.defenses.defense_rows` rows plus ``phases``, ``sets``).
@@ -750,11 +750,11 @@ def defense_figure(defenses: dict[str, Any], harm_set: str = "harmbench", theme:
     Returns:
         A ``plotly.graph_objects.Figure``.
     """
-    from revlens.defense_table import pareto_front
+    from revlens.defense_table import pareto_front, trade_off_costs
 
     style = THEMES[theme]
     rows = [r for r in defenses["rows"] if "task_loss" in r]
-    front = set(pareto_front({r["mode"]: (r["sets"][harm_set]["rate"], r["task_loss"]["mean"]) for r in rows}))
+    front = set(pareto_front({r["mode"]: trade_off_costs(r, harm_set) for r in rows}))
     fig = go.Figure()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, method in enumerate(methods):

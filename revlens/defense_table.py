@@ -6,24 +6,34 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["pareto_front", "defense_table"]
+__all__ = ["pareto_front", "trade_off_costs", "defense_table"]
 
 
-def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
-    """The names whose (cost_a, cost_b) no other point beats in both (<= in both, < in one); lower is better.
+def pareto_front(points: Mapping[str, Sequence[float]]) -> list[str]:
+    """The names whose costs no other point beats in every one (<= in all, < in one); lower is better.
 
     Example:
         >>> pareto_front({"a": (0.1, 2.0), "b": (0.2, 1.0), "c": (0.3, 3.0)})
         ['a', 'b']
+        >>> pareto_front({"a": (0.1, 2.0, 0.5), "b": (0.2, 1.0, 0.1), "c": (0.3, 3.0, 0.0)})
+        ['a', 'b', 'c']
     """
     front = []
-    for name, (x, y) in points.items():
+    for name, p in points.items():
         dominated = any(
-            (x2 <= x and y2 <= y) and (x2 < x or y2 < y) for other, (x2, y2) in points.items() if other != name
+            all(b <= a for a, b in zip(p, q)) and any(b < a for a, b in zip(p, q))
+            for other, q in points.items()
+            if other != name
         )
         if not dominated:
             front.append(name)
     return front
+
+
+def trade_off_costs(row: Mapping[str, Any], harm_set: str) -> tuple[float, float]:
+    """What a mode costs on the table's trade-off, lower is better: harm on ``harm_set`` and the task loss.
+    Over-refusal is reported beside it, not folded in (with it, almost every mode is on the front)."""
+    return (row["sets"][harm_set]["rate"], row["task_loss"]["mean"])
 
 
 def _rate(cell: Mapping[str, Any]) -> str:
@@ -48,9 +58,7 @@ def defense_table(defenses: Mapping[str, Any], harm_set: str = "harmbench") -> s
     sets = [s["name"] for s in defenses["sets"]]
     harm_sets = [s["name"] for s in defenses["sets"] if s["kind"] == "harmful"]
     other = [s for s in sets if s != harm_set]
-    front = pareto_front(
-        {r["mode"]: (r["sets"][harm_set]["rate"], r["task_loss"]["mean"]) for r in rows if "task_loss" in r}
-    )
+    front = pareto_front({r["mode"]: trade_off_costs(r, harm_set) for r in rows if "task_loss" in r})
     head = (
         ["method", "mode", f"{harm_set} harm", "p vs plain"]
         + [f"{s} {'harm' if s in harm_sets else 'answered'}" for s in other]
@@ -80,7 +88,8 @@ def defense_table(defenses: Mapping[str, Any], harm_set: str = "harmbench") -> s
     lines.append(
         f"{n_seeds} seed(s), {defenses.get('steps')} fine-tuning steps from align. Rates: 95% Wilson intervals over "
         "all answers (seeds pooled); p: exact McNemar test against plain on the same prompts and seeds, (n.s.) where "
-        f"p >= 0.05. Best trade-off: not beaten on both {harm_set} harm and task loss by another mode."
+        f"p >= 0.05. Best trade-off: no other mode is at least as good on both {harm_set} harm and task loss and "
+        "better on one; read the harmless column beside it (over-refusal is not part of the front)."
     )
     return "\n".join(lines)
 

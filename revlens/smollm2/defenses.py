@@ -145,7 +145,13 @@ def _defense_run(
     a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), measure.mu_align), measure.basis).numpy()
     path = ctx.out / "defenses" / "answers" / _slug(mode) / f"seed_{seed}.jsonl"
     out = _evaluate(ctx, hb, sets, path)
-    return {**out, **record, "final_alignment": float(a[measure.li]), "seconds": time.perf_counter() - t0}
+    return {
+        **out,
+        **record,
+        "final_alignment": float(a[measure.li]),
+        "alignment_layer": measure.layers[measure.li],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _replay_rows(ctx: Any, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +214,9 @@ def compare_defenses(ctx: Any, report: Any, workers: int = 1, quick: bool | None
     _ALIGN_REFERENCE.clear()
     ctx.manifest["timings_s"]["defenses"] = ctx.manifest["timings_s"].get("defenses", 0.0) + time.perf_counter() - t0
     ctx.save_manifest()
-    by_mode = {m: {seed: store["runs"][f"{m}|{seed}"] for seed in range(s.seeds)} for m in modes}
+    by_mode = {
+        m: {seed: _at_layer(store["runs"][f"{m}|{seed}"], report.best_layer) for seed in range(s.seeds)} for m in modes
+    }
     return {
         "modes": list(modes),
         "seeds": list(range(s.seeds)),
@@ -220,6 +228,14 @@ def compare_defenses(ctx: Any, report: Any, workers: int = 1, quick: bool | None
         "phases": {p: _phase_summary(store["phases"][p]) for p in PHASES},
         "rows": defense_rows(by_mode),
     }
+
+
+def _at_layer(run: dict[str, Any], layer: int) -> dict[str, Any]:
+    """The run with its final alignment only when it was read at ``layer`` (the report's best layer now: a rerun
+    with more seeds can choose another layer, and a number read at the old one would be mislabelled)."""
+    if run.get("alignment_layer") == layer:
+        return run
+    return {k: v for k, v in run.items() if k != "final_alignment"}
 
 
 def _phase_summary(run: dict[str, Any]) -> dict[str, Any]:
