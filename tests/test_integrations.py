@@ -373,3 +373,42 @@ def test_callback_warns_once_above_the_null_and_without_a_trainer_still_records(
     assert state.log_history[0][METRIC.format(layer=1)] == pytest.approx(float(callback.alignment(moved)[0]))
     with pytest.raises(InterventionError, match="one row per layer"):
         ReversionCallback(torch.zeros(2, 32), torch.zeros(1, 32), probe, layers=[0, 1])
+
+
+def test_blocked_trainer_takes_the_kl_penalty_and_safe_lora_after_training(tok, tokens, tmp_path):
+    """The KL baseline as the Trainer's penalty: the update is plain training plus one KL gradient (SGD); Safe LoRA
+    then projects the trained update in place, leaving the pretrain -> align direction's share untouched."""
+    from revlens.integrations.transformers import BlockedTrainer
+    from revlens.penalties import KLAnchor
+    from revlens.weight_projection import safe_lora_project
+
+    probe, _ = tokens
+    reference = llama(tok, 0)
+    kl = KLAnchor(probe, reference, weight=5.0)
+    moved = llama(tok, 0)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    kw = dict(optim="sgd", learning_rate=0.1, weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0)
+    runs = {}
+    for name, penalty in (("plain", None), ("kl", kl)):
+        model = copy.deepcopy(moved)
+        BlockedTrainer(model=model, args=args(tmp_path, **kw), train_dataset=Rows(len(tok)), anchor=penalty).train()
+        runs[name] = model
+    model = copy.deepcopy(moved)
+    model.zero_grad()
+    kl.penalty(model, step=1).backward()
+    for (name, p), q, r in zip(model.named_parameters(), runs["plain"].parameters(), runs["kl"].parameters()):
+        expected = q.detach() - 0.1 * (p.grad if p.grad is not None else torch.zeros_like(p))
+        torch.testing.assert_close(r.detach(), expected, atol=2e-6, rtol=1e-5, msg=name)
+    aligned = {k: v.detach().clone() for k, v in moved.state_dict().items()}
+    pretrained = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    trained = runs["kl"]
+    result = safe_lora_project(trained, aligned, pretrained, fraction=1.0)
+    name = result.projected[0]
+    v = (aligned[name] - pretrained[name]).double()
+    d = trained.state_dict()[name].double() - aligned[name].double()  # the update after projection
+    assert torch.linalg.matrix_rank(d) >= 1 and len(result.projected) == len(result.similarity)
+    # the projected update lies in the column space of V: projecting it again with the exact projector keeps it
+    exact = v @ torch.linalg.pinv(v)
+    torch.testing.assert_close(exact @ d, d, atol=1e-6, rtol=1e-4)
