@@ -5,10 +5,17 @@ Measure: :func:`analyze` a :class:`History` of checkpoints into a :class:`Revers
 :class:`ProbeAnchor` built from a report (:func:`blocking_from_spec`, :func:`anchor_from_report`), watched by a
 :class:`ReversionMonitor`. Behaviour: :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
 
+The examples in these docstrings run as doctests (``tests/test_doctests.py``) on a tiny random model: ``ckpts``
+is a history folder (``pretrain/ align/ finetune/<run>/step_<N>/``) whose fine-tuning checkpoints moved by planted
+vectors at layer 0, ``aligned`` and ``model`` its aligned and one fine-tuned checkpoint, ``prompts`` / ``control``
+five probe / control prompts and ``report = revlens.analyze(ckpts, prompts)`` (the namespace: ``conftest.py``).
+
 Example:
-    >>> report = revlens.analyze("ckpts/", revlens.default_prompts(),   # doctest: +SKIP
-    ...                          control=revlens.default_control())
-    >>> print(report.summary())                                         # doctest: +SKIP
+    >>> report = revlens.analyze(ckpts, prompts, progress=False)  # or revlens.default_prompts()
+    >>> print(report.summary().splitlines()[0])
+    revlens report: 2 run(s) x 2 step(s), 2 layer(s) (L0, L1), d_model 16
+    >>> report.best_layer, round(float(report.alignment[0, -1, 0]), 3)  # seed_0's last step: 0.6 along v_rev
+    (0, 0.6)
 """
 
 from revlens.analysis import analyze

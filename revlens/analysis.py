@@ -445,9 +445,14 @@ def analyze(
         the nulls' p99, and the settings in ``report.config``.
 
     Example:
-        >>> report = revlens.analyze("ckpts/", revlens.default_prompts(), control=revlens.default_control(),
-        ...                          layers=[4, 8, 12], cache_dir="out/cache")   # doctest: +SKIP
-        >>> print(report.summary()); report.save("out/")                          # doctest: +SKIP
+        >>> report = revlens.analyze(ckpts, prompts, layers=[0, 1], cache_dir=tmp / "analyze" / "cache",
+        ...                          progress=False)  # real runs: revlens.default_prompts(), control=...
+        >>> report.alignment.shape  # runs x steps x layers
+        (2, 2, 2)
+        >>> round(float(report.alignment[0, 1, 0]), 3)  # seed_0, step 2, layer 0: drift 0.6 u + 0.8 w, v_rev = u
+        0.6
+        >>> report.save(tmp / "analyze" / "report").name
+        'report.json'
     """
     check_device(device)
     if isinstance(null_samples, bool) or not isinstance(null_samples, int) or null_samples < 1:

@@ -41,6 +41,9 @@ GRAMMAR = (
 )
 # Subspaces: the name in the compact string and how many numbers follow it.
 SUBSPACES = {"rank": 1, "random": 1, "refusal": 0, "harmpca": 1, "full": 0}
+# Whole numbers (ranks, draws, rows, prompts, layers) stay below this: draws seed 64-bit random generators, and
+# every count is an int64 somewhere downstream.
+INT_LIMIT = 2**63
 
 
 class InterventionError(ValueError):
@@ -128,6 +131,7 @@ class BlockingSpec:
                 )
         if self.replay is not None and (not _is_int(self.replay) or self.replay < 1):
             raise InterventionError(f"replay must be a positive number of rows per batch, got {self.replay!r}.")
+        _check_limits(self)
         if self.safelora is not None:
             f = self.safelora
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
@@ -304,6 +308,26 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _too_large(what: str, n: int) -> InterventionError:
+    return InterventionError(
+        f"{what} {n} is too large: ranks, draws, rows, prompts and layers must be below 2**63 = {INT_LIMIT} "
+        "(draws seed 64-bit random generators); choose a smaller number."
+    )
+
+
+def _check_limits(spec: BlockingSpec) -> None:
+    """Refuse whole numbers that do not fit in 64 bits (before anything uses them)."""
+    named = [("sample", spec.sample), ("replay", spec.replay)]
+    if spec.subspace is not None and len(spec.subspace) > 1:
+        named.append((f"{spec.subspace[0]}@ rank", spec.subspace[1]))
+        if len(spec.subspace) > 2:
+            named.append(("random@ draw", spec.subspace[2]))
+    named += [("layer", l) for l in spec.layers or ()]
+    for what, n in named:
+        if _is_int(n) and n >= INT_LIMIT:
+            raise _too_large(what, n)
+
+
 def _weight(text: str, part: str, value: str) -> float:
     if not value:
         raise _bad(text, part, "missing weight after '@'")
@@ -319,9 +343,19 @@ def _weight(text: str, part: str, value: str) -> float:
 def _integer(text: str, part: str, value: str, minimum: int) -> int:
     if not value:
         raise _bad(text, part, "missing number after '@'")
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise _bad(text, part, f"{value!r} is not a whole number >= {minimum}")
+    if len(value.lstrip("0")) > len(str(INT_LIMIT)):  # int() of thousands of digits is slow, then refused
+        raise _bad(
+            text,
+            part,
+            f"{value[:20]}... is too large: whole numbers must be below 2**63 = {INT_LIMIT}; choose a smaller one",
+        )
     n = int(value)
     if n < minimum:
         raise _bad(text, part, f"{n} is below {minimum}")
+    if n >= INT_LIMIT:
+        raise _bad(
+            text, part, f"{n} is too large: whole numbers must be below 2**63 = {INT_LIMIT}; choose a smaller one"
+        )
     return n

@@ -65,8 +65,10 @@ def uses_chat_template(tokenizer: Any, chat_template: Any = AUTO) -> bool:
     """Whether requests are rendered through a chat template (see :func:`resolve_chat_template`).
 
     Example:
-        >>> uses_chat_template(tokenizer)              # doctest: +SKIP
-        True                                           # the tokenizer carries a chat template
+        >>> uses_chat_template(chat_tokenizer), uses_chat_template(tokenizer)  # only the first carries a template
+        (True, False)
+        >>> uses_chat_template(tokenizer, "{{ messages[0]['content'] }}")  # a template given here is used
+        True
     """
     return resolve_chat_template(tokenizer, chat_template) is not None
 
@@ -103,9 +105,11 @@ def encode_requests(
         one 1-D LongTensor per prompt.
 
     Example:
-        >>> ids = encode_requests(tok, ["how do i bake bread"])      # doctest: +SKIP
-        >>> tok.decode(ids[0])                                        # doctest: +SKIP
-        '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\nhow do i bake bread<|im_end|>\\n...'
+        >>> ids = encode_requests(chat_tokenizer, ["how do i bake bread"])
+        >>> chat_tokenizer.decode(ids[0])  # a user turn, then the generation prompt
+        '<|user|> how do i bake bread <|end|> <|assistant|>'
+        >>> tokenizer.decode(encode_requests(tokenizer, ["how do i bake bread"])[0])  # no template: BOS + text
+        '<bos> how do i bake bread'
     """
     if tokenizer is None:
         raise ValueError("string prompts need a tokenizer; pass token ids instead.")

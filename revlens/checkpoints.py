@@ -66,8 +66,10 @@ def quiet_hf_progress() -> Iterator[None]:
     uses tqdm directly and still shows.)
 
     Example:
-        >>> with quiet_hf_progress():  # doctest: +SKIP
-        ...     model = AutoModelForCausalLM.from_pretrained(folder)
+        >>> with quiet_hf_progress():  # around AutoModelForCausalLM.from_pretrained(folder), for example
+        ...     loaded = load_checkpoint(f"{ckpts}/align")
+        >>> loaded.cfg.n_layers
+        2
     """
     from transformers.utils import logging as hf_logging
 
@@ -134,7 +136,11 @@ def save_checkpoint(
     half-written checkpoint. ``metadata`` is recorded in revlens folders only.
 
     Example:
-        >>> save_checkpoint(model, "ckpts/finetune/seed_0/step_100")  # doctest: +SKIP
+        >>> path = save_checkpoint(model, tmp / "save" / "finetune" / "seed_0" / "step_100")
+        >>> sorted(p.name for p in path.iterdir())  # a TL-native bridge: a revlens folder
+        ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']
+        >>> load_checkpoint(path).cfg.d_model
+        16
     """
     path = Path(path)
     tmp = temp_sibling(path)
@@ -837,7 +843,12 @@ def load_checkpoint(
         The model as a TransformerBridge, in eval mode.
 
     Example:
-        >>> model = load_checkpoint("runs/sft/checkpoint-500", dtype="bfloat16", base="models/base")  # doctest: +SKIP
+        >>> step_1 = load_checkpoint(f"{ckpts}/finetune/seed_0/step_1", dtype="bfloat16")
+        >>> step_1.cfg.d_model, next(step_1.parameters()).dtype
+        (16, torch.bfloat16)
+
+        A LoRA adapter folder whose base is not a local folder names it:
+        ``load_checkpoint("runs/sft/checkpoint-500", base="models/base")``.
     """
     _check_placement(device, device_map)
     if hasattr(source, "run_with_cache") and hasattr(source, "cfg"):
@@ -861,9 +872,16 @@ class CheckpointLoader:
     The returned model is the loader's live model: it is only valid until the next :meth:`load`.
 
     Example:
-        >>> loader = CheckpointLoader(dtype="auto")  # doctest: +SKIP
-        >>> for ref in history:
-        ...     model = loader.load(ref)
+        >>> loader = CheckpointLoader(dtype="auto")
+        >>> for ref in History.from_dir(ckpts):  # booted once, then weights copied in
+        ...     live = loader.load(ref)
+        ...     print(ref.label, live is loader.model)
+        pretrain True
+        align True
+        finetune/seed_0/step_1 True
+        finetune/seed_0/step_2 True
+        finetune/seed_1/step_1 True
+        finetune/seed_1/step_2 True
     """
 
     def __init__(
@@ -1126,7 +1144,9 @@ class History:
         number (``step_5`` and ``step_05``, or ``step_5`` and ``checkpoint-5``) are refused.
 
         Example:
-            >>> history = History.from_dir("my_history", base="models/Llama-3.2-1B-Instruct")  # doctest: +SKIP
+            >>> history = History.from_dir(ckpts)  # LoRA adapters on a remote base: base="models/Llama-3.2-1B"
+            >>> history.runs, history.steps, len(history)
+            (['seed_0', 'seed_1'], [1, 2], 6)
         """
         root = Path(root)
         if not root.exists():
@@ -1181,8 +1201,11 @@ class History:
             base: base model folder for adapters whose ``base_model_name_or_path`` is not local.
 
         Example:
-            >>> history = History.from_trainer("out/sft", pretrain="models/base",  # doctest: +SKIP
-            ...                                align="models/instruct")
+            >>> _ = save_checkpoint(model, tmp / "trainer" / "sft" / "checkpoint-5")  # as the Trainer saves
+            >>> history = History.from_trainer(tmp / "trainer" / "sft", pretrain=f"{ckpts}/pretrain",
+            ...                                align=f"{ckpts}/align")
+            >>> history.runs, history.steps
+            (['sft'], [5])
         """
         output_dir = Path(output_dir)
         if not output_dir.is_dir():

@@ -124,15 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `revlens` command; user errors print one line and exit 2."""
+    """Entry point of the `revlens` command; user errors print one line and exit 2.
+
+    That includes a job that failed in a ``--workers`` process (:class:`revlens.jobpool.JobFailed`: its one line
+    names the job and the error), a non-finite fine-tuning loss and a run folder held by another process."""
     from revlens.checkpoints import CheckpointError
     from revlens.distributed import DistributedError, shutdown
+    from revlens.finetune import FinetuneStateError, NonFiniteLossError
+    from revlens.jobpool import JobFailed
     from revlens.probe import ProbeError
 
     args = build_parser().parse_args(argv)
+    named = (CheckpointError, ProbeError, FinetuneStateError, NonFiniteLossError, DistributedError, JobFailed)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ProbeError, OSError, ValueError, DistributedError) as err:
+    except (*named, OSError, ValueError) as err:
         print(f"revlens {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -446,8 +446,11 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
         A ``plotly.graph_objects.Figure`` whose height fits its panels (width follows the page).
 
     Example:
-        >>> report.dashboard()                       # doctest: +SKIP
-        >>> report.save_html("dashboard.html")       # doctest: +SKIP
+        >>> fig = report.dashboard()  # build_dashboard(report)
+        >>> type(fig).__name__, fig.layout.height > 0
+        ('Figure', True)
+        >>> report.save_html(tmp / "dashboard" / "dashboard.html").name  # one offline HTML file
+        'dashboard.html'
     """
     if theme not in THEMES:
         raise ValueError(f"unknown theme {theme!r}; choose one of {sorted(THEMES)}.")

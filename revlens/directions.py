@@ -125,7 +125,15 @@ def roundoff_floor(probe_centroid: Float[torch.Tensor, "n_layers d_model"]) -> F
     comes out NaN (no direction) in all of them or in none.
 
     Example:
-        >>> a = alignment(drift(mu_t, mu_align), basis, roundoff_floor(probe_centroid_align))  # doctest: +SKIP
+        >>> probe_centroid_align = torch.tensor([[3.0, 4.0]])  # one layer, d_model 2
+        >>> floor = roundoff_floor(probe_centroid_align)
+        >>> floor
+        tensor([5.0000e-05], dtype=torch.float64)
+        >>> mu_align, basis = torch.zeros(1, 2), torch.tensor([[[1.0, 0.0]]])  # v_rev = e0
+        >>> alignment(drift(torch.tensor([[0.6, 0.8]]), mu_align), basis, floor)
+        tensor([0.6000], dtype=torch.float64)
+        >>> alignment(drift(torch.tensor([[1e-5, 0.0]]), mu_align), basis, floor)  # below the floor: no direction
+        tensor([nan], dtype=torch.float64)
     """
     return ROUNDOFF * probe_centroid.double().norm(dim=-1)
 

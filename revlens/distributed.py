@@ -93,7 +93,7 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
 
     Example:
         >>> ctx = init()  # doctest: +SKIP
-        >>> ctx.rank, ctx.world_size, ctx.device
+        >>> ctx.rank, ctx.world_size, ctx.device  # rank 0 of `torchrun --nproc-per-node 2` on GPUs  # doctest: +SKIP
         (0, 2, 'cuda:0')
     """
     world_size = _env_int("WORLD_SIZE", 1)

@@ -229,8 +229,9 @@ def generate_greedy(
         one decoded answer per prompt (special tokens skipped, the stop token excluded).
 
     Example:
-        >>> generate_greedy(bridge, ["How do I bake bread?"], max_new_tokens=32)   # doctest: +SKIP
-        ['Here is a simple recipe ...']
+        >>> answers = generate_greedy(aligned, ["how do i bake bread", "how do i fix a car"], max_new_tokens=4)
+        >>> len(answers), type(answers[0]).__name__  # a chat model answers 'Here is a simple recipe ...'
+        (2, 'str')
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings.")
@@ -399,6 +400,12 @@ def harmfulness(
     """Fraction of ``prompts`` whose greedy answer the judge calls harmful (default: refusal phrases).
 
     Answers come from :func:`generate_greedy`, inside the model's chat template when it has one.
+
+    Example:
+        >>> harmfulness(aligned, prompts, judge=lambda prompt, answer: True, max_new_tokens=2)  # any callable
+        1.0
+        >>> 0.0 <= harmfulness(aligned, prompts, max_new_tokens=2) <= 1.0  # RefusalPhraseJudge
+        True
     """
     judge = RefusalPhraseJudge() if judge is None else judge
     completions = generate_greedy(
@@ -422,7 +429,17 @@ class TaskMetrics:
 
 @torch.no_grad()
 def task_metrics(model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor, batch_size: int = 64) -> TaskMetrics:
-    """Held-out task loss and accuracy (teacher-forced) on ``tokens`` with ``loss_mask`` (targets)."""
+    """Held-out task loss and accuracy (teacher-forced) on ``tokens`` with ``loss_mask`` (targets).
+
+    Example:
+        >>> tokens = aligned.to_tokens(prompts)
+        >>> targets = torch.ones(tokens.shape)  # the loss on every next token
+        >>> metrics = task_metrics(aligned, tokens, targets, batch_size=2)
+        >>> abs(metrics.loss - masked_lm_loss(aligned(tokens), tokens, targets).item()) < 1e-5
+        True
+        >>> 0.0 <= metrics.token_accuracy <= 1.0, 0.0 <= metrics.sequence_accuracy <= 1.0
+        (True, True)
+    """
     device = next(model.parameters()).device
     total_loss, total_tokens, correct, rows_ok = 0.0, 0.0, 0.0, 0
     with training_mode(model, False):

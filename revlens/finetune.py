@@ -14,6 +14,11 @@ fix (``overwrite=True`` / ``--overwrite``, or another ``out_dir`` / ``run_name``
 
 Batches are drawn from a generator seeded by (seed, step), and each step's random state (dropout) is
 seeded the same way, so neither depends on resuming.
+
+A step whose task loss, penalty or (when clipping) gradient norm is not finite stops the run with
+:class:`NonFiniteLossError` before its optimizer step, so no NaN reaches the weights, the checkpoints or the
+training state. One process at a time trains into a run folder: ``<run>/.lock`` (pid, host) refuses a second
+one with :class:`RunLockedError`; a lock left by a killed process is replaced with a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import json
 import math
 import os
 import shutil
+import socket
+import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +58,10 @@ from revlens.replay import ReplayMix
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 STATE_FORMAT = 2
+LOCK_NAME = ".lock"
+# Random streams are seeded with seed * _SEED_STRIDE + step (+ a small salt): that must fit a 64-bit generator.
+_SEED_STRIDE = 1_000_003
+_SEED_LIMIT = 2**63
 
 
 class ReversionMonitor:
@@ -128,6 +140,17 @@ class FinetuneStateError(ValueError):
     """A saved fine-tuning state that this call cannot continue (other settings, or unreadable), with the fix."""
 
 
+class RunLockedError(FinetuneStateError):
+    """Another process is fine-tuning into the same run folder (its ``.lock`` names the pid and host)."""
+
+
+class NonFiniteLossError(ValueError):
+    """A step's loss (or gradient norm) was not finite; the run stopped before applying it, with the fix.
+
+    The weights in memory are those of the previous step, and the checkpoints and training state written
+    before stay valid (nothing non-finite is written)."""
+
+
 @dataclass
 class FinetuneResult:
     losses: dict[int, float] = field(default_factory=dict)
@@ -139,7 +162,7 @@ class FinetuneResult:
 
 
 def _batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    gen = torch.Generator().manual_seed(int(seed) * _SEED_STRIDE + int(step))
     return torch.randint(n, (batch,), generator=gen)
 
 
@@ -361,10 +384,17 @@ def _refuse(run_dir: Path, what: str) -> FinetuneStateError:
 
 
 def _clear_run(run_dir: Path) -> None:
-    if run_dir.exists():
-        aside = temp_sibling(run_dir).with_suffix(".old")
-        run_dir.rename(aside)
-        shutil.rmtree(aside, ignore_errors=True)
+    """Delete the run's files but not this process's lock: the training state first (a run killed midway is
+    then refused for its leftover checkpoints, never resumed without them), then everything else."""
+    if not run_dir.is_dir():
+        return
+    children = sorted(run_dir.iterdir(), key=lambda p: p.name != "state")
+    for child in children:
+        if child.name == LOCK_NAME:
+            continue
+        aside = temp_sibling(child).with_suffix(".old")
+        child.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
 
 
 def _resume_point(run_dir: Path, settings: dict[str, Any], steps: int, overwrite: bool) -> Path | None:
@@ -388,6 +418,270 @@ def _resume_point(run_dir: Path, settings: dict[str, Any], steps: int, overwrite
     return folder
 
 
+# --- one process per run folder ----------------------------------------------------------------------------
+# <run>/.lock holds {"pid", "host", "start", "token", "since"}. It appears whole: written to a temporary file and
+# hard-linked into place (fails if a lock exists), or created with O_CREAT | O_EXCL where links are unsupported.
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` on this host is still the one that wrote the lock (not gone, a zombie or reused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False  # ended; only its parent has not reaped it yet
+    except (OSError, IndexError):
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """The lock's record, or None when it is gone or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _holder(record: dict[str, Any]) -> str:
+    return f"pid {record.get('pid')} on host {record.get('host')!r} (since {record.get('since', '?')})"
+
+
+def _lock_is_stale(record: dict[str, Any]) -> bool:
+    """True when the holder ran on this host and is gone; a lock from another host is never judged stale."""
+    pid = record.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or record.get("host") != socket.gethostname():
+        return False
+    return not _pid_alive(pid, record.get("start"))
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists (False); the file never appears half-written."""
+    tmp = temp_sibling(path)
+    try:
+        tmp.write_text(text)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            pass  # no hard links on this filesystem
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _break_stale_lock(path: Path, record: dict[str, Any]) -> None:
+    """Remove the stale lock ``record`` (only that one: a lock taken meanwhile by a live process is put back)."""
+    aside = temp_sibling(path)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # released or broken by another process meanwhile
+    moved = _read_lock(aside)
+    if moved is not None and moved.get("token") != record.get("token"):
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)  # a live process's fresh lock: restore it
+    aside.unlink(missing_ok=True)
+    warnings.warn(
+        f"{path}: replacing the stale lock of {_holder(record)}: that process is gone (a run killed before it "
+        "could remove its lock); this run resumes from the saved state as usual.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def acquire_run_lock(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Take ``run_dir/.lock`` for this process, or raise :class:`RunLockedError` naming the holder.
+
+    A lock whose process is gone (same host, pid not alive, a zombie, or the pid reused by a younger process)
+    is replaced with a ``RuntimeWarning``. Returns the record written; give it to :func:`release_run_lock`.
+
+    Example:
+        >>> lock = acquire_run_lock(tmp / "locked" / "finetune" / "seed_0")
+        >>> lock["pid"] == os.getpid(), (tmp / "locked" / "finetune" / "seed_0" / ".lock").is_file()
+        (True, True)
+        >>> release_run_lock(tmp / "locked" / "finetune" / "seed_0", lock)
+        >>> (tmp / "locked").exists()  # the lock is gone, and so are the empty folders taking it made
+        False
+    """
+    run_dir = Path(run_dir)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # removed again when left empty
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _process_start(os.getpid()),
+        "token": uuid.uuid4().hex,
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for _ in range(5):
+        try:
+            if _create_exclusive(path, json.dumps(me)):
+                return {**me, "created": [str(p) for p in created]}
+        except FileNotFoundError:  # the folder was removed meanwhile (left empty by a run that ended): again
+            run_dir.mkdir(parents=True, exist_ok=True)
+            continue
+        record = _read_lock(path)
+        if record is None:
+            if not path.exists():
+                continue  # released between our attempt and the read
+            raise RunLockedError(
+                f"{path} exists but is unreadable (being written, or left empty by a killed run); if no "
+                f"`revlens finetune` is running on {run_dir}, delete {path} and rerun."
+            )
+        if not _lock_is_stale(record):
+            raise _held(run_dir, path, record)
+        _break_stale_lock(path, record)
+    raise RunLockedError(f"could not take {path}: other processes keep taking it; run one fine-tuning per run folder.")
+
+
+def _held(run_dir: Path, path: Path, record: dict[str, Any]) -> RunLockedError:
+    return RunLockedError(
+        f"{run_dir} is being fine-tuned by another process: {path} is held by {_holder(record)}. Wait for it to "
+        "end, or choose another out_dir (--out) or run_name (--run-name); if that process is no longer running "
+        f"(e.g. on another host), delete {path} and rerun."
+    )
+
+
+def release_run_lock(run_dir: str | os.PathLike, lock: Mapping[str, Any]) -> None:
+    """Remove ``run_dir/.lock`` if it is still ``lock`` (this process's), and the folders that taking it made,
+    when they are empty."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_NAME
+    record = _read_lock(path)
+    if record is not None and record.get("token") == lock.get("token"):
+        path.unlink(missing_ok=True)
+    for folder in reversed(sorted(lock.get("created", ()), key=len)):
+        with contextlib.suppress(OSError):
+            Path(folder).rmdir()  # only when empty
+
+
+def check_run_unlocked(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`RunLockedError` when a live process holds ``run_dir/.lock`` (before deleting a run)."""
+    path = Path(run_dir) / LOCK_NAME
+    record = _read_lock(path)
+    if record is not None and not _lock_is_stale(record):
+        raise _held(Path(run_dir), path, record)
+
+
+def _check_seed(seed: int, steps: int) -> None:
+    """Every random stream's seed (seed * _SEED_STRIDE + step + a salt) must fit a 64-bit generator."""
+    limit = (_SEED_LIMIT - 1 - 2 * steps - 16) // _SEED_STRIDE
+    if isinstance(seed, bool) or int(seed) != seed or abs(int(seed)) > limit:
+        raise ValueError(
+            f"seed must be a whole number of magnitude at most {limit} (random streams are seeded with "
+            f"seed * {_SEED_STRIDE} + step, which must fit in 64 bits), got {seed!r}; choose a smaller seed."
+        )
+
+
+def _check_finite(
+    step: int,
+    task: float,
+    penalty: float | None,
+    grad_norm: float | None,
+    settings: Mapping[str, Any],
+    run_name: str,
+    run_dir: Path | None,
+    last_saved: int | None,
+    ctx: Any,
+) -> None:
+    """Raise :class:`NonFiniteLossError` (on every rank) when this step's numbers are not all finite."""
+    bad_penalty = penalty is not None and not math.isfinite(penalty)
+    if ctx.active and penalty is not None:  # every rank decides alike (task loss and gradients are reduced)
+        bad_penalty = dist_.all_reduce_sum(1.0 if bad_penalty else 0.0, ctx) > 0
+    if math.isfinite(task) and not bad_penalty and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    if bad_penalty:
+        what = f"penalty on the probe prompts is {penalty} (task loss {task:.4g})"
+        fix = "lower the penalty weight (anchor@W, contrast@W, kl@W) or the learning rate"
+    elif not math.isfinite(task):
+        what = f"task loss is {task}"
+        fix = (
+            "the starting weights or the data already give it: check the model (e.g. load and evaluate it) or "
+            "train in a wider dtype (--dtype float32, no autocast)"
+            if step == 1
+            else "lower the learning rate, or clip the gradient (max_grad_norm / --max-grad-norm)"
+        )
+    else:
+        what = f"gradient norm is {grad_norm} (task loss {task:.4g})"
+        fix = "lower the learning rate or the penalty weight, or train in a wider dtype (no autocast)"
+    spec = settings.get("spec") or _spec_fallback(settings)
+    weights = "the starting weights" if step == 1 else f"the weights after step {step - 1}"
+    if run_dir is None or last_saved is None:
+        kept = "nothing was saved, so a rerun starts afresh"
+    else:
+        kept = (
+            f"the checkpoints and training state up to step {last_saved} in {run_dir} stay valid: rerun under "
+            "another run_name (--run-name) to keep them, or with overwrite=True (--overwrite) to replace them"
+        )
+    raise NonFiniteLossError(
+        f"fine-tuning run {run_name!r} stopped at step {step}: the {what} with blocking spec {spec!r} and "
+        f"lr {settings.get('lr'):g}. That update was not applied (the model keeps {weights}). Fix: {fix}; "
+        f"{kept}."
+    )
+
+
+def _spec_fallback(settings: Mapping[str, Any]) -> str:
+    """What the settings say about blocking when no spec= named it: hook modes and penalty weights."""
+    blocking, anchor = settings.get("blocking"), settings.get("anchor")
+    if blocking is None and anchor is None and "replay" not in settings:
+        return "plain"
+    weights: list[str] = []
+
+    def collect(d: Any) -> None:
+        if isinstance(d, dict):
+            weights.extend(f"{k}={v:g}" for k, v in d.items() if k.endswith("weight") and isinstance(v, (int, float)))
+            for v in d.values():
+                collect(v)
+        elif isinstance(d, list):
+            for v in d:
+                collect(v)
+
+    collect(anchor)
+    parts = ([f"hooks {'+'.join(blocking['modes'])}"] if blocking else []) + (
+        [f"penalty {', '.join(weights)}"] if weights else []
+    )
+    return f"not recorded (pass spec= to finetune): {'; '.join(parts) or 'replay'}"
+
+
+def _check_weights_finite(trainable: Mapping[str, torch.Tensor], step: int, run_name: str) -> None:
+    """Before saving step ``step``: refuse non-finite weights (an update that overflowed from a finite loss)."""
+    bad = [name for name, p in trainable.items() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise NonFiniteLossError(
+            f"fine-tuning run {run_name!r} stopped at step {step}: its loss was finite but the update made "
+            f"{len(bad)} parameter(s) non-finite (first: {bad[0]}), so step {step} is not saved (earlier "
+            "checkpoints and training state stay valid). Fix: lower the learning rate or clip the gradient "
+            "(max_grad_norm / --max-grad-norm); then rerun under another run_name or with overwrite=True."
+        )
+
+
 @contextlib.contextmanager
 def _seeded(seed: int, step: int, device: torch.device):
     """Run the block with the global random state seeded by (seed, step), restoring it afterwards."""
@@ -395,7 +689,7 @@ def _seeded(seed: int, step: int, device: torch.device):
         [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     )
     with torch.random.fork_rng(devices=devices):
-        value = int(seed) * 1_000_003 + int(step) + 7
+        value = int(seed) * _SEED_STRIDE + int(step) + 7
         torch.random.default_generator.manual_seed(value)
         for index in devices:
             with torch.cuda.device(index):
@@ -476,6 +770,12 @@ def finetune(
     Returns:
         :class:`FinetuneResult`: task loss and learning rate per step run, checkpoint folders, monitor
         readings, the step resumed from and the settings recorded with the state.
+    Raises:
+        NonFiniteLossError: a step's task loss, penalty or (with ``max_grad_norm``) gradient norm is not finite;
+            raised before that step's update, so the weights and everything saved are the last finite ones.
+        RunLockedError: another live process holds ``out_dir/finetune/<run_name>/.lock`` (a lock left by a
+            process that is gone is replaced, with a warning); the lock is held until this call returns.
+        FinetuneStateError: the saved state was written with other settings (see ``resume``, ``overwrite``).
 
     Example:
         >>> result = finetune(model, tokens, mask, steps=100, lr=1e-4, schedule="cosine", warmup_steps=10,
@@ -501,7 +801,88 @@ def finetune(
         raise ValueError(f"save_steps {bad} fall outside 1..{steps}.")
     if save_steps and out_dir is None:
         raise ValueError("save_steps needs an out_dir to write checkpoints to.")
+    _check_seed(seed, steps)
     ctx = dist_.context(distributed)
+    out = None if out_dir is None else Path(out_dir)
+    run_dir = None if out is None else out / "finetune" / run_name
+    lock = None
+    if run_dir is not None:
+        dist_.check_shared_folder(out, ctx, "out_dir")
+        lock = dist_.on_main(lambda: acquire_run_lock(run_dir), ctx, "locking the run folder")
+    try:
+        return _finetune_locked(
+            model,
+            tokens,
+            loss_mask,
+            ctx=ctx,
+            out=out,
+            run_dir=run_dir,
+            steps=steps,
+            lr=lr,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            weight_decay=weight_decay,
+            seed=seed,
+            blocking=blocking,
+            anchor=anchor,
+            replay=replay,
+            save_steps=save_steps,
+            run_name=run_name,
+            device=device,
+            monitor=monitor,
+            monitor_steps=monitor_steps,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            on_step=on_step,
+            autocast_dtype=autocast_dtype,
+            max_grad_norm=max_grad_norm,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            lora=lora,
+            spec=spec,
+        )
+    finally:
+        if lock is not None and ctx.is_main:
+            release_run_lock(run_dir, lock)
+
+
+def _finetune_locked(
+    model: Any,
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    ctx: Any,
+    out: Path | None,
+    run_dir: Path | None,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    batch_size: int,
+    grad_accum: int,
+    weight_decay: float,
+    seed: int,
+    blocking: Blocking | None,
+    anchor: Any,
+    replay: ReplayMix | None,
+    save_steps: Sequence[int],
+    run_name: str,
+    device: str | None,
+    monitor: ReversionMonitor | None,
+    monitor_steps: Sequence[int] | None,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    on_step: Callable[[int, Any], None] | None,
+    autocast_dtype: torch.dtype | None,
+    max_grad_norm: float | None,
+    warmup_steps: int,
+    schedule: str,
+    lora: Any,
+    spec: Any,
+) -> FinetuneResult:
+    """:func:`finetune` once its arguments are checked and (with ``run_dir``) the run folder is locked."""
     move_quietly(model, ctx.device if ctx.active and device is None else device)
     dev = next(model.parameters()).device
     dist_.broadcast_parameters([t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()], ctx)
@@ -547,16 +928,14 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _cosine_factor(i, warmup_steps, steps, schedule))
     result = FinetuneResult(settings=settings)
     start = 0
-    out = None if out_dir is None else Path(out_dir)
-    run_dir = None if out is None else out / "finetune" / run_name
     if run_dir is not None:
-        dist_.check_shared_folder(out, ctx, "out_dir")
         folder = dist_.on_main(
             lambda: _resume_point(run_dir, settings, steps, overwrite), ctx, "checking the saved state"
         )
         if folder is not None and resume:
             start, result.losses = _load_state(folder, trainable, opt, scheduler)
             result.resumed_from = start
+    last_saved = start if start > 0 else None
     save_set = set(save_steps) | ({steps} if out is not None else set())
     watch = set(save_steps if monitor_steps is None else monitor_steps)
     autocast = (
@@ -589,14 +968,20 @@ def finetune(
                         loss = model_lm_loss(model, x, m, keep_logits)
                 (loss / grad_accum).backward()
                 total += loss.item() / grad_accum
+            penalty_value = None
             if anchor is not None:
                 with autocast():
                     penalty = anchor.penalty(model, step)
-                (penalty * dist_.replicated_loss_scale(ctx) if ctx.active else penalty).backward()
+                penalty_value = float(penalty.detach() if torch.is_tensor(penalty) else penalty)
+                if math.isfinite(penalty_value):
+                    (penalty * dist_.replicated_loss_scale(ctx) if ctx.active else penalty).backward()
         dist_.all_reduce_gradients(trainable.values(), ctx)
         total = dist_.all_reduce_sum(total, ctx)
+        grad_norm = None
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm))
+        # before the optimizer step: a non-finite loss or gradient stops the run with the weights untouched
+        _check_finite(step, total, penalty_value, grad_norm, settings, run_name, run_dir, last_saved, ctx)
         result.lrs[step] = float(opt.param_groups[0]["lr"])
         opt.step()
         scheduler.step()
@@ -610,18 +995,16 @@ def finetune(
         if step in save_set and run_dir is not None:
 
             def save(step: int = step) -> Path:
+                _check_weights_finite(trainable, step, run_name)
                 path = save_checkpoint(model, run_dir / f"step_{step}")
                 _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
                 return path
 
             result.checkpoints[step] = dist_.on_main(save, ctx, f"saving step {step}")
+            last_saved = step
     if run_dir is not None:
         for step in sorted(save_set):
             if (run_dir / f"step_{step}").is_dir():
                 result.checkpoints.setdefault(step, run_dir / f"step_{step}")
-    if not math.isfinite(result.losses.get(steps, 0.0)):
-        warnings.warn(
-            "fine-tuning loss is not finite at the last step; lower the learning rate.", RuntimeWarning, stacklevel=2
-        )
     model.eval()
     return result

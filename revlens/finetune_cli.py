@@ -206,10 +206,14 @@ def _resolve(target: str | Callable[..., dict]) -> Callable[..., dict]:
 
 def run_cli(args: argparse.Namespace, finetuners: Mapping[str, Any]) -> int:
     from revlens import distributed
+    from revlens.finetune import check_run_name, check_run_unlocked
 
     history, out = Path(args.history_dir), Path(args.out)
     _check_history(history)
     _check_layers(args.layers, _n_layers(history / "align"))
+    # a run folder another process is training into is refused before anything loads (finetune() holds the lock)
+    run = (args.run_name if args.data is not None else None) or f"seed_{args.seed}"
+    check_run_unlocked(out / "finetune" / check_run_name(run))
     ctx = distributed.context(None)  # under torchrun: data-parallel, each rank on cuda:LOCAL_RANK (or the CPU)
     if ctx.active:
         if args.data is None:

@@ -187,11 +187,20 @@ class Blocking:
         model's coordinates ``{layer: [n, seq, k]}``. Build one from a report with :func:`blocking_from_report`.
 
     Example:
-        >>> blocking = Blocking({8: report.v_rev[report.layers.index(8)]}, "clamp+grad",  # doctest: +SKIP
-        ...                     reference=aligned)
-        >>> blocking.set_batch(tokens)                                                   # doctest: +SKIP
-        >>> with blocking.applied(model):                                                # doctest: +SKIP
+        >>> v = report.v_rev[report.layers.index(0)]
+        >>> blocking = Blocking({0: v}, "clamp+grad", reference=aligned)
+        >>> tokens = model.to_tokens(prompts)
+        >>> blocking.set_batch(tokens)  # clamp's coordinates: the aligned model's, on this batch
+        >>> with blocking.applied(model):
         ...     loss = model(tokens, return_type="loss"); loss.backward()
+        >>> model.zero_grad(set_to_none=True)
+        >>> probe = revlens.ReversionProbe(prompts, layers=[0])
+        >>> along_v = lambda m: float(probe.centroid(m)[0] @ v.double())  # mean readout's coordinate along v
+        >>> round(along_v(model) - along_v(aligned), 3)  # fine-tuning moved it by 0.6
+        0.6
+        >>> with Blocking({0: v}, "project").applied(model):  # project removes it in every forward pass inside
+        ...     abs(along_v(model)) < 1e-5
+        True
     """
 
     def __init__(
@@ -343,7 +352,9 @@ def blocking_from_report(report: Any, mode: str, layers: Sequence[int] | None = 
         The :class:`Blocking`, hooked at the report's hook point.
 
     Example:
-        >>> blocking = blocking_from_report(report, "clamp+grad", reference=aligned)  # doctest: +SKIP
+        >>> blocking = blocking_from_report(report, "clamp+grad", reference=aligned)
+        >>> blocking.layers, blocking.hook, sorted(blocking.modes)  # the best layer, the report's hook point
+        ([0], 'resid_post', ['clamp', 'grad'])
     """
     directions = _report_directions(report, layers)
     return Blocking(directions, mode, hook=report.config.get("hook", "resid_post"), **kwargs)
@@ -494,9 +505,12 @@ def blocking_from_spec(
         ``anchor.penalty(model, step)`` to the loss (``revlens.finetune`` and ``BlockedTrainer`` do both).
 
     Example:
-        >>> blocking, anchor = blocking_from_spec("anchor@0.003+contrast@0.1+rank@64", report,  # doctest: +SKIP
-        ...     reference=aligned, prompts=revlens.default_prompts(), control=revlens.default_control(),
-        ...     layers=report.layers, history="ckpts/")
+        >>> blocking, anchor = blocking_from_spec("grad+anchor@0.003+contrast@0.1+rank@2", report,
+        ...     reference=aligned, prompts=prompts, control=control, layers=report.layers, history=ckpts)
+        >>> blocking.layers, sorted(blocking.modes), anchor.weight, anchor.contrast_weight
+        ([0, 1], ['grad'], 0.003, 0.1)
+        >>> anchor.bases[0].shape  # rank@2: the reversion subspace measured on the history
+        torch.Size([2, 16])
     """
     spec = BlockingSpec.parse(spec)
     if not spec.needs_directions and not spec.has_penalty:
@@ -590,8 +604,12 @@ def anchor_from_report(
         The :class:`ProbeAnchor`; add ``anchor.penalty(model, step)`` to the training loss.
 
     Example:
-        >>> anchor = revlens.anchor_from_report(report, revlens.default_prompts(), aligned, 0.003,  # doctest: +SKIP
-        ...     control=revlens.default_control(), contrast_weight=0.1, rank=64, layers=report.layers)
+        >>> anchor = revlens.anchor_from_report(report, prompts, aligned, 1.0,
+        ...     control=control, contrast_weight=0.1, layers=[0])
+        >>> anchor.penalty(aligned, 0).item()  # the reference itself has not moved
+        0.0
+        >>> round(anchor.penalty(model, 0).item(), 3)  # each probe readout moved 0.6 along v_rev: 1.0 * 0.6 ** 2
+        0.36
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InterventionError(f"rank must be a positive integer, got {rank!r}.")
@@ -655,8 +673,11 @@ class ProbeAnchor:
         report with :func:`anchor_from_report` (or :func:`blocking_from_spec`).
 
     Example:
-        >>> anchor = ProbeAnchor({8: v_rev_8}, encode_prompts(aligned, prompts), aligned, 0.003)  # doctest: +SKIP
-        >>> loss = task_loss + anchor.penalty(model, step)                                      # doctest: +SKIP
+        >>> anchor = ProbeAnchor({0: report.v_rev[0]}, encode_prompts(aligned, prompts), aligned, 0.003)
+        >>> tokens = model.to_tokens(prompts)
+        >>> loss = model(tokens, return_type="loss") + anchor.penalty(model, 1)  # step 1's training loss
+        >>> round(anchor.penalty(model, 1).item() / 0.003, 3)  # 0.6 ** 2: model moved 0.6 along v_rev
+        0.36
     """
 
     def __init__(

@@ -46,7 +46,12 @@ def model_lm_loss(
     :func:`takes_logits_to_keep`) chooses; without it every position's logits are computed, as before.
 
     Example:
-        >>> loss = model_lm_loss(bridge, tokens, loss_mask)   # doctest: +SKIP
+        >>> tokens = model.to_tokens(prompts)
+        >>> loss_mask = torch.zeros(tokens.shape)
+        >>> loss_mask[:, 3:] = 1.0  # the loss on the tokens from the fourth on
+        >>> loss = model_lm_loss(model, tokens, loss_mask)
+        >>> torch.allclose(loss, masked_lm_loss(model(tokens), tokens, loss_mask))
+        True
     """
     if keep_logits is None:
         keep_logits = takes_logits_to_keep(model)

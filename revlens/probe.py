@@ -120,9 +120,14 @@ class ReversionProbe:
         :meth:`iter_readouts` the ``[batch, n_layers, d_model]`` readouts batch by batch.
 
     Example:
-        >>> probe = ReversionProbe(revlens.default_prompts(), layers=[4, 8])   # doctest: +SKIP
-        >>> probe.centroid(model).shape                                       # doctest: +SKIP
-        torch.Size([2, 576])
+        >>> probe = ReversionProbe(prompts, layers=[0, 1])  # or revlens.default_prompts()
+        >>> probe.centroid(aligned).shape  # [n_layers, d_model], float64
+        torch.Size([2, 16])
+        >>> moved = probe.centroid(model) - probe.centroid(aligned)  # model: aligned moved 0.6 u + 0.8 w at layer 0
+        >>> [round(float(x), 3) for x in moved[0, :2]]
+        [0.6, 0.8]
+        >>> probe.measure(model).per_example.shape  # [n_prompts, n_layers, d_model]
+        torch.Size([5, 2, 16])
     """
 
     def __init__(

@@ -44,8 +44,8 @@ def load_prompt_file(name: str | Path) -> list[str]:
         the prompts, one per non-blank line that does not start with ``#``.
 
     Example:
-        >>> load_prompt_file("harmless_requests.txt")[:1]      # doctest: +SKIP
-        ['How do I bake a loaf of sourdough bread?']
+        >>> load_prompt_file("harmless_requests.txt")[:1]
+        ['How do I build a bird house at home?']
     """
     path = Path(name)
     if path.is_dir():

@@ -49,10 +49,14 @@ def mean_std(values: Any) -> tuple[float, float]:
 
 
 def fmt_pm(values: Any, digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
-    """``"mean +/- std"`` of ``values * scale`` (NaN ignored), or ``"n/a"`` when nothing was measured."""
-    m, s = mean_std(np.asarray(values, dtype=np.float64) * scale)
+    """``"mean +/- std"`` of ``values * scale`` (NaN ignored); the mean alone when one value was measured (there
+    is no spread to show), ``"n/a"`` when none was."""
+    arr = np.asarray(values, dtype=np.float64).reshape(-1) * scale
+    m, s = mean_std(arr)
     if np.isnan(m):
         return "n/a"
+    if int(np.count_nonzero(~np.isnan(arr))) == 1:
+        return f"{m:.{digits}f}{suffix}"
     return f"{m:.{digits}f}{suffix} +/- {s:.{digits}f}{suffix}"
 
 
@@ -104,10 +108,21 @@ class ReversionReport:
         folder: report.json + tensors.safetensors), :meth:`dashboard` / ``save_html`` (plotly figures).
 
     Example:
-        >>> report = revlens.analyze("history/", prompts)          # doctest: +SKIP
-        >>> print(report.summary()); report.selection().p_value      # doctest: +SKIP
-        >>> report.to_dataframe().groupby("layer").alignment.mean()  # doctest: +SKIP
-        >>> report.save("out/"); ReversionReport.load("out/")        # doctest: +SKIP
+        >>> report = revlens.analyze(ckpts, prompts, progress=False)
+        >>> print(report.summary().splitlines()[0])
+        revlens report: 2 run(s) x 2 step(s), 2 layer(s) (L0, L1), d_model 16
+        >>> test = report.selection()
+        >>> test.layer, test.pairs, test.above["isotropic_p99"]
+        (0, 4, 4)
+        >>> report.to_dataframe().groupby("layer").alignment.mean().round(2)
+        layer
+        0    0.72
+        1    0.64
+        Name: alignment, dtype: float64
+        >>> report.save(tmp / "report_class").name
+        'report.json'
+        >>> ReversionReport.load(tmp / "report_class").layers
+        [0, 1]
     """
 
     layers: list[int]
@@ -336,8 +351,14 @@ class ReversionReport:
         null_p99_activation, v_rev_norm, v_rev_snr, low_snr, best_layer. NaN where not measured.
 
         Example:
-            >>> df = report.to_dataframe()                                         # doctest: +SKIP
-            >>> df.pivot_table(index="step", columns="layer", values="alignment")  # doctest: +SKIP
+            >>> df = report.to_dataframe()
+            >>> df.shape  # 2 runs x 2 steps x 2 layers
+            (8, 15)
+            >>> df.pivot_table(index="step", columns="layer", values="alignment").round(2)  # mean over runs
+            layer     0     1
+            step
+            1      0.65  0.56
+            2      0.79  0.72
         """
         import pandas as pd
 

@@ -168,7 +168,11 @@ def encode_sft(
 
     Example:
         >>> chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-        >>> data = encode_sft(tok, [chat])  # doctest: +SKIP
+        >>> data = encode_sft(chat_tokenizer, [chat])  # rendered by the tokenizer's chat template
+        >>> chat_tokenizer.convert_ids_to_tokens(data.tokens[0].tolist())
+        ['<|user|>', 'hi', '<|end|>', '<|assistant|>', 'hello', '<|end|>']
+        >>> data.loss_mask[0].tolist()  # the assistant's answer through its end-of-turn token
+        [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     use = has_template if chat_template == "auto" else bool(chat_template)
@@ -206,7 +210,15 @@ def load_sft_jsonl(
     """:func:`read_jsonl` then :func:`encode_sft`: a JSONL training file ready for :func:`revlens.finetune.finetune`.
 
     Example:
-        >>> data = load_sft_jsonl("train.jsonl", model.tokenizer)  # doctest: +SKIP
-        >>> finetune(model, data.tokens, data.loss_mask, steps=100, lr=1e-4)  # doctest: +SKIP
+        >>> path = tmp / "sft" / "train.jsonl"
+        >>> path.parent.mkdir(exist_ok=True)
+        >>> _ = path.write_text('{"prompt": "how do i bake bread", "response": "sure"}\\n')
+        >>> student = revlens.load_checkpoint(f"{ckpts}/align")
+        >>> data = load_sft_jsonl(path, student.tokenizer)  # no chat template: BOS + prompt, response + EOS
+        >>> data.loss_mask.tolist()
+        [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]]
+        >>> result = revlens.finetune(student, data.tokens, data.loss_mask, steps=2, lr=1e-3, progress=False)
+        >>> sorted(result.losses)
+        [1, 2]
     """
     return encode_sft(tokenizer, read_jsonl(path), chat_template=chat_template, max_length=max_length, source=str(path))

@@ -52,9 +52,11 @@ def reversion_subspace(
         with the mean difference.
 
     Example:
-        >>> basis = reversion_subspace("ckpts/", 16, prompts=revlens.default_prompts(), layers=[4])  # doctest: +SKIP
-        >>> basis[4].shape  # doctest: +SKIP
-        torch.Size([16, 2048])
+        >>> basis = reversion_subspace(ckpts, 2, prompts=prompts, layers=[0])  # measures pretrain and align
+        >>> basis[0].shape
+        torch.Size([2, 16])
+        >>> round(float(basis[0][0] @ report.v_rev[0]), 3)  # its first row is v_rev
+        1.0
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InterventionError(f"the subspace rank k must be a positive integer, got {k!r}.")

@@ -80,9 +80,13 @@ class ThreadPolicy:
     """Sets torch's thread count for the first model it is shown; restores the previous count on exit.
 
     Example:
+        >>> probe, before = revlens.ReversionProbe(prompts), torch.get_num_threads()
         >>> with ThreadPolicy(override=None) as policy:
-        ...     policy.fit(model)          # 1 thread for a small model
-        ...     probe.measure(model)
+        ...     policy.fit(model)  # 1 thread for a small model
+        ...     result = probe.measure(model)
+        1
+        >>> torch.get_num_threads() == before  # restored on exit
+        True
     """
 
     def __init__(self, override: int | None = None):

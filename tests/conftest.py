@@ -68,6 +68,48 @@ def shifted(model, layer: int, shift: torch.Tensor):
     return out
 
 
+def unit(d: int, i: int) -> torch.Tensor:
+    v = torch.zeros(d)
+    v[i] = 1.0
+    return v
+
+
+PLANTED_LAYER = 1
+
+
+@pytest.fixture()
+def planted(tiny_model):
+    """pretrain = align + 2u at layer 1; fine-tune steps move along -u and an orthogonal w by known amounts."""
+    d = tiny_model.cfg.d_model
+    u = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    u = u / u.norm()
+    w = torch.randn(d, generator=torch.Generator().manual_seed(2))
+    w = w - (w @ u) * u
+    w = w / w.norm()
+    moves = {"seed_0": {1: (0.3, 0.4), 5: (0.9, 0.1)}, "seed_1": {1: (-0.2, 0.5), 5: (0.6, 0.6)}}
+    finetune = {
+        run: {s: shifted(tiny_model, PLANTED_LAYER, a * u + b * w) for s, (a, b) in steps.items()}
+        for run, steps in moves.items()
+    }
+    spec = {"pretrain": shifted(tiny_model, PLANTED_LAYER, 2.0 * u), "align": tiny_model, "finetune": finetune}
+    return spec, u, moves
+
+
+def prompt_ids(model, prompts):
+    from revlens.intervention import encode_prompts
+
+    return encode_prompts(model, prompts, chat_template=False)
+
+
+def last_resid(model, ids, layer):
+    """Last-token resid_post of each prompt at ``layer``, from TransformerLens' own run_with_cache."""
+    rows = []
+    for t in ids:
+        _, cache = model.run_with_cache(t[None])
+        rows.append(cache[f"blocks.{layer}.hook_resid_post"][0, -1].double())
+    return torch.stack(rows)
+
+
 @pytest.fixture(scope="session")
 def chat_tok():
     """A byte-level BPE tokenizer with ChatML special tokens and a chat template (tests/hf_models.py)."""

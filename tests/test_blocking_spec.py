@@ -174,3 +174,73 @@ def test_subspace_directions_follow_the_spec():
     assert torch.equal(subspace_directions(("rank", 3), v, report=report)[2], report.v_rev_basis[0, :3])
     with pytest.raises(InterventionError, match="rank@3 needs"):
         subspace_directions(("rank", 3), v)
+
+
+# Reliability round 3, item 3: whole numbers fit in 64 bits, and every spec prints a string that parses back.
+
+TOO_LARGE = [
+    ("random@" + "9" * 20, "is too large"),  # used to parse, then overflow a 64-bit generator seed
+    ("project+random@4@" + "9" * 20, "is too large"),
+    ("project+random@4@" + str(2**63), f"{2**63} is too large"),
+    ("grad+rank@" + str(2**63), "is too large"),
+    ("grad+harmpca@" + str(2**64), "is too large"),
+    ("anchor@1+sample@" + str(2**63), "is too large"),
+    ("replay@" + str(2**63), "is too large"),
+    ("grad+layers@0/" + str(2**63), "is too large"),
+    ("grad+rank@" + "9" * 5000, "is too large"),  # refused before int() of 5000 digits
+    ("grad+rank@²", "is not a whole number"),  # a Unicode digit int() cannot read
+]
+
+
+@pytest.mark.parametrize("text,message", TOO_LARGE)
+def test_numbers_beyond_64_bits_are_refused_naming_the_part(text, message):
+    with pytest.raises(InterventionError, match="grammar") as err:
+        BlockingSpec.parse(text)
+    assert message in str(err.value) and "(part '" in str(err.value)
+
+
+def test_the_largest_64_bit_numbers_parse_and_direct_construction_is_bounded_too():
+    top = 2**63 - 1
+    spec = BlockingSpec.parse(f"project+random@{top}@{top}+layers@{top}")
+    assert spec.subspace == ("random", top, top) and spec.layers == (top,)
+    for kwargs in (
+        dict(hooks=("grad",), subspace=("random", 4, 2**63)),
+        dict(hooks=("grad",), subspace=("rank", 2**63)),
+        dict(anchor=1.0, sample=2**63),
+        dict(replay=2**63),
+        dict(hooks=("grad",), layers=(0, 2**63)),
+    ):
+        with pytest.raises(InterventionError, match=r"is too large: .* below 2\*\*63"):
+            BlockingSpec(**kwargs)
+
+
+def _random_weights(n: int, seed: int = 0) -> list[float]:
+    """Positive finite doubles from random bit patterns: every exponent, subnormals included."""
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2**63 - 1, size=4 * n, dtype=np.int64)  # sign bit clear: >= 0
+    values = [float(v) for v in bits.view(np.float64) if np.isfinite(v) and v > 0]
+    return values[:n]
+
+
+def test_every_spec_prints_a_string_that_parses_back_to_it():
+    """Property-style: weights across the whole double range (1e16, 1e-300, the smallest subnormal 5e-324,
+    the largest double, random bit patterns) and 64-bit integers round-trip through str() and parse()."""
+    weights = [1e16, 1e-300, 5e-324, 1.7976931348623157e308, 1e22, 0.1, 1 / 3, 2.0**53 + 2, 123.0, 1e15, 1.5e-7]
+    weights += _random_weights(200)
+    fractions = [5e-324, 1e-300, 1 / 3, 0.5, 1.0] + [w for w in _random_weights(200, seed=1) if w <= 1][:20]
+    integers = [1, 7, 2**31, 2**53 + 1, 2**62, 2**63 - 1]
+    specs = []
+    for i, w in enumerate(weights):
+        n = integers[i % len(integers)]
+        specs += [
+            BlockingSpec(anchor=w),
+            BlockingSpec(hooks=("grad",), contrast=w, subspace=("random", n, integers[-1 - i % len(integers)])),
+            BlockingSpec(kl=w, sample=n, replay=n),
+            BlockingSpec(hooks=("clamp", "grad"), anchor=w, contrast=w, kl=w, subspace=("rank", n), layers=(0, n)),
+        ]
+    specs += [BlockingSpec(hooks=("project",), safelora=f, subspace=("harmpca", 3)) for f in fractions]
+    for spec in specs:
+        text = str(spec)
+        back = BlockingSpec.parse(text)
+        assert back == spec, text
+        assert str(back) == text and "e+" not in text, text  # an exponent's '+' would split the string

@@ -1,6 +1,6 @@
-"""The defense baselines (revlens.defenses, penalties, replay, the new subspaces) against independent computations:
-replay batches hold exactly the requested rows, the full-rank anchor is a hand-written squared distance, KL is
-torch's kl_div, the refusal direction and the readout PCA are recomputed from TransformerLens' own cache."""
+"""The defense baselines (revlens.defenses, penalties, replay) against independent computations: replay batches
+hold exactly the requested rows, the full-rank anchor is a hand-written squared distance, KL is torch's kl_div.
+The subspaces they block (refusal direction, readout PCA) are checked in test_subspace.py."""
 
 from __future__ import annotations
 
@@ -13,26 +13,12 @@ from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.defense_table import defense_table, pareto_front
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, judge_answers, method_of, train_defense
 from revlens.finetune import finetune
-from revlens.intervention import build_blocking, encode_prompts
+from revlens.intervention import build_blocking
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.replay import ReplayMix
 from revlens.stats import mcnemar_exact
-from revlens.subspace import readout_pca, refusal_direction
 
-from conftest import CONTROL, PROMPTS
-
-
-def _ids(model, prompts):
-    return encode_prompts(model, prompts, chat_template=False)
-
-
-def _last_resid(model, ids, layer):
-    """Last-token resid_post of each prompt at ``layer``, from TransformerLens' own run_with_cache."""
-    rows = []
-    for t in ids:
-        _, cache = model.run_with_cache(t[None])
-        rows.append(cache[f"blocks.{layer}.hook_resid_post"][0, -1].double())
-    return torch.stack(rows)
+from conftest import CONTROL, PROMPTS, last_resid, prompt_ids
 
 
 def _moved(model):
@@ -128,20 +114,20 @@ def test_finetune_with_replay_trains_on_the_mixed_batch(tiny_model):
 
 # ------------------------------------------------------------------------------------------------ penalties
 def test_full_rank_anchor_is_the_squared_distance_of_whole_readouts(tiny_model):
-    ids, layers = _ids(tiny_model, PROMPTS), [1, 2]
+    ids, layers = prompt_ids(tiny_model, PROMPTS), [1, 2]
     model = _moved(tiny_model)
     directions = {l: torch.randn(tiny_model.cfg.d_model) for l in layers}  # replaced by 'full'
     _, anchor = build_blocking("anchor@0.5+full", directions, reference=tiny_model, prompts=ids)
     expected = (
         0.5
-        * sum(((_last_resid(model, ids, l) - _last_resid(tiny_model, ids, l)) ** 2).sum(-1).mean() for l in layers)
+        * sum(((last_resid(model, ids, l) - last_resid(tiny_model, ids, l)) ** 2).sum(-1).mean() for l in layers)
         / len(layers)
     )
     assert float(anchor.penalty(model)) == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_kl_penalty_equals_torch_kl_div(tiny_model):
-    ids = _ids(tiny_model, PROMPTS)
+    ids = prompt_ids(tiny_model, PROMPTS)
     model = _moved(tiny_model)
     kl = KLAnchor(ids, tiny_model, weight=2.0)
     with torch.no_grad():
@@ -155,7 +141,7 @@ def test_kl_penalty_equals_torch_kl_div(tiny_model):
 
 
 def test_spec_with_anchor_and_kl_is_their_sum(tiny_model):
-    ids, ctrl = _ids(tiny_model, PROMPTS), _ids(tiny_model, CONTROL)
+    ids, ctrl = prompt_ids(tiny_model, PROMPTS), prompt_ids(tiny_model, CONTROL)
     model = _moved(tiny_model)
     v = {2: torch.randn(tiny_model.cfg.d_model)}
     _, both = build_blocking("anchor@0.3+kl@0.7", v, reference=tiny_model, prompts=ids, control=ctrl)
@@ -163,31 +149,6 @@ def test_spec_with_anchor_and_kl_is_their_sum(tiny_model):
     _, kl = build_blocking("kl@0.7", v, reference=tiny_model, prompts=ids)
     assert isinstance(both, PenaltySum)
     assert float(both.penalty(model)) == pytest.approx(float(anchor.penalty(model) + kl.penalty(model)), rel=1e-5)
-
-
-# ------------------------------------------------------------------------------------------------ subspaces
-def test_refusal_direction_is_the_unit_difference_of_means(tiny_model):
-    harmful, harmless = _ids(tiny_model, PROMPTS), _ids(tiny_model, CONTROL)
-    got = refusal_direction(tiny_model, harmful, harmless, layers=[1, 2])
-    for l in (1, 2):
-        diff = _last_resid(tiny_model, harmful, l).mean(0) - _last_resid(tiny_model, harmless, l).mean(0)
-        torch.testing.assert_close(got[l].double(), diff / diff.norm(), atol=1e-5, rtol=1e-4)
-
-
-def test_readout_pca_spans_the_top_principal_directions(tiny_model):
-    harmful = _ids(tiny_model, PROMPTS)
-    got = readout_pca(tiny_model, harmful, 2, layers=[2])[2].double()
-    rows = _last_resid(tiny_model, harmful, 2)
-    centred = rows - rows.mean(0)
-    eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred)
-    top = eigvecs[:, -2:].T  # the two largest
-    torch.testing.assert_close(got @ got.T, torch.eye(2, dtype=torch.float64), atol=1e-5, rtol=0)
-    # the same 2-dimensional subspace: projecting one basis on the other keeps it whole
-    torch.testing.assert_close(
-        (top @ got.T).abs().square().sum(1), torch.ones(2, dtype=torch.float64), atol=1e-4, rtol=0
-    )
-    with pytest.raises(InterventionError, match="more than 5 prompts"):
-        readout_pca(tiny_model, harmful, 5, layers=[2])
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
@@ -246,7 +207,7 @@ def test_judges_disagree_on_a_late_refusal():
 # ------------------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("mode", ["kl@1+sample@2", "replay@1", "anchor@0.1+contrast@0.1+refusal", "grad+refusal"])
 def test_train_defense_runs_each_baseline(tiny_model, mode):
-    ids, ctrl = _ids(tiny_model, PROMPTS), _ids(tiny_model, CONTROL)
+    ids, ctrl = prompt_ids(tiny_model, PROMPTS), prompt_ids(tiny_model, CONTROL)
     reference = copy.deepcopy(tiny_model)
     torch.manual_seed(0)
     tokens = torch.randint(1, 15, (6, 6))

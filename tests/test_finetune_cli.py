@@ -297,3 +297,40 @@ def test_baseline_modes_run_from_the_cli(history, data, prompts, control, tmp_pa
     assert [t.get("kind") for t in settings["anchor"]["terms"]] == [None, "kl"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert Path(metrics["safelora"]["folder"]).is_dir() and metrics["safelora"]["projected"]
+
+
+def test_an_absurd_anchor_weight_stops_with_one_line_and_exit_2(history, data, prompts, tmp_path, capsys):
+    """Reliability round 3, item 1: anchor@1e308 used to train to NaN and exit 0; now the step and the spec are
+    named, nothing non-finite is written and the run folder is left unlocked."""
+    out = tmp_path / "ft"
+    args = ["finetune", str(history), "--data", str(data), "--out", str(out), "--prompts", prompts]
+    args += ["--mode", "anchor@1e308", "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--save-steps", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    (line,) = [l for l in err.splitlines() if l.startswith("revlens finetune: error:")]
+    assert "stopped at step 1: the penalty on the probe prompts is" in line
+    assert "blocking spec 'anchor@1e308+layers@0/1'" in line and "lower the penalty weight" in line
+    run = out / "finetune" / "seed_0"
+    assert not list(run.glob("step_*")) and not (run / ".lock").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_second_run_on_one_run_folder_is_refused_before_loading(history, data, tmp_path, capsys, monkeypatch):
+    """Reliability round 3, item 2: a live holder (this test's own pid) refuses `revlens finetune` at once."""
+    import os
+    import socket
+
+    import revlens.checkpoints
+
+    run = tmp_path / "ft" / "finetune" / "mine"
+    run.mkdir(parents=True)
+    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model for a refused run")
+
+    monkeypatch.setattr(revlens.checkpoints, "load_checkpoint", no_load)
+    args = ["finetune", str(history), "--data", str(data), "--out", str(tmp_path / "ft"), "--run-name", "mine"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("revlens finetune: error: ") and err.count("\n") == 1
+    assert f"is held by pid {os.getpid()} on host '{socket.gethostname()}'" in err and "--run-name" in err

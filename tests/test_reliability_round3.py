@@ -461,3 +461,84 @@ def test_workers_end_when_the_parent_is_killed_and_a_dead_worker_is_named(tmp_pa
         pool.submit("crash", os._exit, 3)
         with pytest.raises(JobFailed, match=r"^job 'crash' failed: its worker process died"):
             dict(pool.results())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A job failing in a --workers process reaches the command line as one line and exit 2, like one process
+
+
+def _run_jobs_in_workers(args):
+    """Stands in for a command whose jobs run in worker processes (analyze --workers, demo --workers)."""
+    import math
+
+    with JobPool(2, threads=1) as pool:
+        pool.submit(("step", 5), math.sqrt, -1.0)  # raises ValueError inside the spawned worker
+        dict(pool.results())
+    return 0
+
+
+def test_a_job_failing_in_a_worker_is_one_line_and_exit_2(monkeypatch, capsys):
+    from revlens import cli
+
+    monkeypatch.setattr(cli, "_run_analyze", _run_jobs_in_workers)
+    assert cli.main(["analyze", "history", "--out", "unused", "--workers", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "revlens analyze: error: job ('step', 5) failed in a worker process: ValueError: math domain error\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Papercuts: one seed prints no "+/- 0.000"; a real model's tables use its own words, not the organism's
+
+
+def test_one_measured_value_prints_its_mean_without_a_spread():
+    from revlens.report import fmt_pm
+
+    assert fmt_pm([0.25]) == "0.250" and fmt_pm([0.25, float("nan")]) == "0.250"
+    assert fmt_pm(0.5, 1, 100, "%") == "50.0%" and fmt_pm([]) == "n/a" and fmt_pm([float("nan")]) == "n/a"
+    values = [0.1, 0.4]
+    assert fmt_pm(values) == f"{np.mean(values):.3f} +/- {np.std(values, ddof=1):.3f}"
+
+
+def _interventions(seeds):
+    metrics = {
+        mode: {
+            "final_alignment": [0.5] * len(seeds),
+            "harmfulness": [0.25] * len(seeds),
+            "task_loss": [1.5] * len(seeds),
+            "task_accuracy": [0.75] * len(seeds),
+            "b1_retention": [0.875] * len(seeds),
+        }
+        for mode in ("plain", "clamp")
+    }
+    return {"modes": ["plain", "clamp"], "seeds": list(seeds), "layers": [3], "metrics": metrics, "best_mode": None}
+
+
+def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_keep_their_names(capsys):
+    from revlens.demo import intervention_table, table_labels
+    from revlens.smollm2.pipeline import print_smollm2
+
+    from dashboard_reports import deep_report
+
+    organism = deep_report(n_layers=6, n_runs=1, steps=(1, 2), n_prompts=4, d=8, blocking=False)
+    organism.config["demo"] = {"preset": "micro"}
+    assert table_labels(organism) is None
+    head = intervention_table(_interventions([0, 1])).splitlines()[1].split()
+    assert head == ["mode", "final_alignment", "harmfulness", "task_loss", "task_accuracy", "b1_retention"]
+
+    real = deep_report(n_layers=6, n_runs=1, steps=(1, 2), n_prompts=4, d=8, blocking=False)
+    real.config["demo"] = {"preset": "smollm2", "align": {"steps": 40, "calibrated": True, "checks": {}}}
+    real.interventions = _interventions([0])
+    row = {"pretrain": [0.5], "align": [0.125], "final": [0.25]}
+    metrics = ("harm", "refused_exact", "harmless_answered", "task_loss", "task_accuracy")
+    real.behaviour = {m: row for m in metrics} | {"along": {}}
+    print_smollm2(real)
+    printed = capsys.readouterr().out
+    table = printed[printed.index("blocking at layers") : printed.index("best mode")]
+    assert "task loss" in table and "task accuracy" in table and "harmless answered" in table
+    assert "b1_retention" not in table and "task_loss" not in table and "+/-" not in table  # one seed: no spread
+    assert "0.875" in table and "1.500" in table
+    behaviour = printed[printed.index("behaviour on held-out") : printed.index("blocking at layers")]
+    for label in ("task loss", "task accuracy", "harmless answered", "refused (exact)"):
+        assert f"  {label} " in behaviour
+    assert "+/- 0.000" not in behaviour and "B1" not in behaviour and "B2" not in behaviour

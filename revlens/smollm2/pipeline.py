@@ -810,7 +810,7 @@ def run_smollm2_demo(
 
 def print_smollm2(report: ReversionReport) -> None:
     """The summary, behaviour (pretrain / align / along fine-tuning), blocking table and the paper's table."""
-    from revlens.demo import intervention_table
+    from revlens.demo import intervention_table, table_labels
     from revlens.paper import comparison_table
     from revlens.report import fmt_pm
 
@@ -823,17 +823,19 @@ def print_smollm2(report: ReversionReport) -> None:
         f"checks {align.get('checks')}"
     )
     print("behaviour on held-out requests (final = last fine-tuning step, per seed):")
+    names = {"refused_exact": "refused (exact)", "harmless_answered": "harmless answered"}
+    names |= {"task_loss": "task loss", "task_accuracy": "task accuracy"}
     for metric in ("harm", "refused_exact", "harmless_answered", "task_loss", "task_accuracy"):
         row = b[metric]
         print(
-            f"  {metric:<18} pretrain {row['pretrain'][0]:.3f}  align {row['align'][0]:.3f}  "
+            f"  {names.get(metric, metric):<18} pretrain {row['pretrain'][0]:.3f}  align {row['align'][0]:.3f}  "
             f"final {fmt_pm(row['final'])}  per seed {[round(v, 3) for v in row['final']]}"
         )
     for run, steps in b.get("along", {}).items():
         print(f"  {run}: harm along fine-tuning " + ", ".join(f"step {k}: {v['harm']:.3f}" for k, v in steps.items()))
     print()
     if report.interventions:
-        print(intervention_table(report.interventions))
+        print(intervention_table(report.interventions, labels=table_labels(report)))
         print(f"best mode (lowest harm within 5% task loss, alignment below p99): {report.interventions['best_mode']}")
         print()
     print(comparison_table(report))

@@ -1,8 +1,10 @@
-"""Tidy results: long tables, arrays in safetensors beside a small JSON, old reports, shape validation."""
+"""ReversionReport: summary and round trip of an analysed report; tidy results (long tables, arrays in
+safetensors beside a small JSON, old reports, shape validation)."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,10 @@ import pytest
 import tomllib
 import torch
 
+import revlens
 from revlens.report import REPORT_JSON, REPORT_TENSORS, ReversionReport
+
+from conftest import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +55,22 @@ def deep_report(
         },
         behaviour={"harm": {"final": [0.5, 0.25]}},
     )
+
+
+def test_report_summary_and_roundtrip(planted, tmp_path):
+    spec, _, _ = planted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = revlens.analyze(spec, PROMPTS, progress=False)
+    text = report.summary()
+    assert "null p99" in text and f"L{report.best_layer}" in text
+    report.save(tmp_path)
+    back = revlens.ReversionReport.load(tmp_path)
+    np.testing.assert_allclose(back.alignment, report.alignment, equal_nan=True)
+    np.testing.assert_allclose(back.null_p99_activation, report.null_p99_activation, equal_nan=True)
+    assert torch.allclose(back.v_rev, report.v_rev, equal_nan=True)
+    assert back.layers == report.layers and back.runs == report.runs and back.steps == report.steps
+    assert report.to_dict()["exceedance"]["pairs"] == 4
 
 
 def test_to_dataframe_is_long_and_holds_every_value():

@@ -1,4 +1,5 @@
-"""The activation-space null from per-example readouts (no d x d matrix) equals the covariance-based one."""
+"""The nulls against exact distributions (scipy's Beta) and large independent Monte Carlo; the activation-space
+null from per-example readouts (no d x d matrix) equals the covariance-based one."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import revlens
 from revlens import nulls
 from revlens.probe import ReversionProbe
 
-from conftest import PROMPTS, shifted
+from conftest import PROMPTS, shifted, unit
 
 
 def quantile_se(samples: np.ndarray, q: float) -> float:
@@ -30,6 +31,51 @@ def correlated_readouts(n: int, d: int, seed: int) -> torch.Tensor:
     return torch.randn(n, d, generator=gen, dtype=torch.float64) @ mix + 3.0
 
 
+@pytest.mark.parametrize("d", [8, 64, 768])
+def test_isotropic_p99_is_the_beta_quantile_and_matches_monte_carlo(d):
+    exact = nulls.isotropic_p99(d)
+    assert exact == pytest.approx(2 * stats.beta.ppf(0.99, (d - 1) / 2, (d - 1) / 2) - 1, abs=1e-12)
+    n = 200_000 if d <= 64 else 40_000  # the bound below scales with n; 200k x 768 draws cost seconds
+    mc = nulls.monte_carlo_isotropic(d, n=n, seed=3)
+    # Standard error of a sample quantile: sqrt(q(1-q)/n) / density at the quantile.
+    dist = stats.beta((d - 1) / 2, (d - 1) / 2)
+    se = math.sqrt(0.99 * 0.01 / n) / (dist.pdf((exact + 1) / 2) / 2)
+    assert abs(mc - exact) < 5 * se
+    if d >= 64:
+        assert exact == pytest.approx(2.33 / math.sqrt(d), rel=0.05)
+
+
+def test_subspace_null_matches_monte_carlo():
+    d, k = 40, 3
+    mc = nulls.monte_carlo_isotropic(d, k=k, n=100_000, seed=4)
+    assert mc == pytest.approx(nulls.isotropic_p99(d, k), abs=0.01)
+
+
+def test_p_values_are_exact_tail_probabilities():
+    d = 16
+    p = nulls.isotropic_p_value(np.array([0.0, nulls.isotropic_p99(d), np.nan]), d)
+    assert p[0] == pytest.approx(0.5, abs=1e-12)
+    assert p[1] == pytest.approx(0.01, abs=1e-9)
+    assert np.isnan(p[2])
+
+
+def test_activation_null_uses_the_covariance():
+    d = 20
+    v = unit(d, 0)[None]
+    # All variance along v: every draw is +-v, so the p99 of cos is 1.
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    cov[0, 0] = 4.0
+    assert nulls.activation_null_quantile(cov, v.double()) == pytest.approx(1.0)
+    # Isotropic covariance reproduces the exact isotropic p99.
+    iso = nulls.activation_null_quantile(torch.eye(d, dtype=torch.float64), v.double(), n=100_000)
+    assert iso == pytest.approx(nulls.isotropic_p99(d), abs=0.02)
+
+
+def test_exceedance_count_ignores_missing_pairs():
+    assert nulls.exceedance_count(np.array([[0.5, np.nan], [0.1, 0.9]]), 0.3) == (2, 3)
+
+
+# ------------------------------------------------------------------------------------ from per-example readouts
 @pytest.mark.parametrize("n, k", [(60, 1), (25, 1), (200, 3)])  # n > d, n < d, a rank-3 subspace
 def test_readout_null_matches_covariance_null(n, k):
     d, draws = 40, 60_000
