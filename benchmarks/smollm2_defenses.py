@@ -3,6 +3,7 @@
 python benchmarks/smollm2_defenses.py --quick           # target: <= 20 min on 2 CPU cores once align is kept
 python benchmarks/smollm2_defenses.py                   # full: 3 seeds, 3 strengths per method; target <= 2 h
 python benchmarks/smollm2_defenses.py --from OUT [--quick]   # collect a finished run of the command above
+python benchmarks/smollm2_defenses.py --from OUT --versus MODE  # every mode paired against MODE instead of plain
 
 Writes ``benchmarks/results/smollm2_defenses[_quick].json``: the phases' wall-clock seconds (``demo_timings_s``
 of the run's manifest: model conversion, history with align, analysis, the comparison), each (mode, seed) job's
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from revlens.defense_table import defense_table
+from revlens.defenses import defense_rows
 from revlens.report import ReversionReport
 from revlens.smollm2.pipeline import MANIFEST, Settings, run_smollm2_demo
 
@@ -50,6 +52,31 @@ def collect(out: Path, quick: bool, wall: float | None) -> dict:
     }
 
 
+def versus_table(out: Path, reference: str, harm_set: str = "harmbench") -> str:
+    """Each mode against ``reference`` on the same (seed, prompt) pairs: rate differences and exact McNemar p."""
+    runs: dict[str, dict[int, dict]] = {}
+    for key, run in json.loads((out / MANIFEST).read_text())["defenses"]["runs"].items():
+        mode, seed = key.rsplit("|", 1)
+        runs.setdefault(mode, {})[int(seed)] = run
+    if reference not in runs:
+        raise SystemExit(f"no runs of {reference!r} in {out}; modes: {sorted(runs)}")
+    lines = [
+        f"| mode | {harm_set} harm - reference | p | harmless answered - reference | p |",
+        "|---|---|---|---|---|",
+    ]
+    rows = {r["mode"]: r for r in defense_rows(runs, baseline=reference)}
+    for mode, row in rows.items():
+        if mode == reference:
+            continue
+        cells = [f"`{mode}`"]
+        for name in (harm_set, "harmless"):
+            diff = row["sets"][name]["rate"] - rows[reference]["sets"][name]["rate"]
+            mark = "" if row["sets"][name]["significant"] else " (n.s.)"
+            cells += [f"{100 * diff:+.1f} pts", f"{row['sets'][name]['p_vs_plain']:.2g}{mark}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -57,10 +84,16 @@ def main() -> None:
     p.add_argument("--from", dest="source", default=None, help="a finished run's folder: collect it, run nothing")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--table", action="store_true", help="print the markdown table of the result file and exit")
+    p.add_argument("--versus", default=None, help="with --from: pair every mode against this mode and exit")
     args = p.parse_args()
     path = Path("benchmarks/results") / f"smollm2_defenses{'_quick' if args.quick else ''}.json"
     if args.table:
         print(defense_table(json.loads(path.read_text())["defenses"]))
+        return
+    if args.versus:
+        if args.source is None:
+            raise SystemExit("--versus reads a finished run: give it with --from OUT")
+        print(versus_table(Path(args.source), args.versus))
         return
     wall = None
     if args.source is None:

@@ -738,12 +738,26 @@ def _intervention_traces(iv: dict[str, Any], rows: dict[str, tuple[int, int]]) -
     return out
 
 
-def defense_figure(defenses: dict[str, Any], harm_set: str = "harmbench", theme: str = "light") -> go.Figure:
-    """Harm against task cost for every mode of a defenses comparison (``report.config["defenses"]``).
+def _cost_axis(rows: list[dict[str, Any]], cost: str) -> tuple[list[float], list[float]]:
+    """x values (and their seed spread) of one trade-off panel: task loss, or over-refusal in percent."""
+    if cost == "task loss":
+        return (
+            [r["task_loss"]["mean"] for r in rows],
+            [
+                float(np.std(r["task_loss"]["per_seed"], ddof=1)) if len(r["task_loss"]["per_seed"]) > 1 else 0.0
+                for r in rows
+            ],
+        )
+    return [100 * (1 - r["sets"]["harmless"]["rate"]) for r in rows], [0.0] * len(rows)
 
-    Each point is one mode: x the task loss (mean over seeds, with the seeds' spread), y the harm rate on
-    ``harm_set`` with its 95% Wilson interval; one colour per method, the strengths joined by a line, the
-    pretrain and align models as reference lines, and the Pareto front (harm and task loss) outlined.
+
+def defense_figure(defenses: dict[str, Any], harm_set: str = "harmbench", theme: str = "light") -> go.Figure:
+    """Harm against what it costs, for every mode of a defenses comparison (``report.config["defenses"]``).
+
+    One panel per trade-off of :func:`revlens.defense_table.trade_off_fronts`: x the task loss (mean over seeds,
+    with the seeds' spread, log scale), then the over-refusal (harmless prompts refused, %); y the harm rate on
+    ``harm_set`` with its 95% Wilson interval. One colour per method, the strengths joined by a line, the
+    pretrain and align models as reference lines, and each panel's Pareto front outlined.
 
     Args:
         defenses: the comparison (:func:`revlens.defenses.defense_rows` rows plus ``phases``, ``sets``).
@@ -753,50 +767,57 @@ def defense_figure(defenses: dict[str, Any], harm_set: str = "harmbench", theme:
     Returns:
         A ``plotly.graph_objects.Figure``.
     """
-    from revlens.defense_table import pareto_front, trade_off_costs
+    from revlens.defense_table import trade_off_fronts
 
     style = THEMES[theme]
     rows = [r for r in defenses["rows"] if "task_loss" in r]
-    front = set(pareto_front({r["mode"]: trade_off_costs(r, harm_set) for r in rows}))
-    fig = go.Figure()
+    fronts = trade_off_fronts(rows, harm_set)
+    titles = {
+        "task loss": "task loss (held-out benign task, log scale)",
+        "over-refusal": "harmless prompts refused (%)",
+    }
+    fig = make_subplots(rows=1, cols=len(fronts), shared_yaxes=True, horizontal_spacing=0.06)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for i, method in enumerate(methods):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["task_loss"]["mean"])
-        cells = [r["sets"][harm_set] for r in mine]
-        sd = [
-            float(np.std(r["task_loss"]["per_seed"], ddof=1)) if len(r["task_loss"]["per_seed"]) > 1 else 0.0
-            for r in mine
-        ]
-        fig.add_trace(
-            go.Scatter(
-                x=[r["task_loss"]["mean"] for r in mine],
-                y=[100 * c["rate"] for c in cells],
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [100 * (c["high"] - c["rate"]) for c in cells],
-                    "arrayminus": [100 * (c["rate"] - c["low"]) for c in cells],
-                },
-                error_x={"type": "data", "array": sd, "visible": any(sd)},
-                mode="lines+markers",
-                name=method,
-                marker={
-                    "size": 10,
-                    "color": MODE_COLORS[i % len(MODE_COLORS)],
-                    "line": {"width": [3 if r["mode"] in front else 0 for r in mine], "color": style["font"]},
-                },
-                text=[r["mode"] for r in mine],
-                hovertemplate="%{text}<br>task loss %{x:.3f}<br>harm %{y:.1f}%<extra>" + method + "</extra>",
+    for col, (cost, front) in enumerate(fronts.items(), start=1):
+        for i, method in enumerate(methods):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["task_loss"]["mean"])
+            cells = [r["sets"][harm_set] for r in mine]
+            x, sd = _cost_axis(mine, cost)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[100 * c["rate"] for c in cells],
+                    error_y={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": [100 * (c["high"] - c["rate"]) for c in cells],
+                        "arrayminus": [100 * (c["rate"] - c["low"]) for c in cells],
+                    },
+                    error_x={"type": "data", "array": sd, "visible": any(sd)},
+                    mode="lines+markers",
+                    name=method,
+                    legendgroup=method,
+                    showlegend=col == 1,
+                    marker={
+                        "size": 10,
+                        "color": MODE_COLORS[i % len(MODE_COLORS)],
+                        "line": {"width": [3 if r["mode"] in front else 0 for r in mine], "color": style["font"]},
+                    },
+                    text=[r["mode"] for r in mine],
+                    hovertemplate="%{text}<br>" + cost + " %{x:.3f}<br>harm %{y:.1f}%<extra>" + method + "</extra>",
+                ),
+                row=1,
+                col=col,
             )
-        )
+        # log scale: a collapsed task (loss 5+) sits beside modes that differ by hundredths
+        fig.update_xaxes(title_text=titles[cost], type="log" if cost == "task loss" else "linear", row=1, col=col)
     for phase, summary in defenses.get("phases", {}).items():
         rate = 100 * summary["sets"][harm_set]["rate"]
         fig.add_hline(y=rate, line_dash="dot", annotation_text=f"{phase} {rate:.0f}%", line_color=style["font"])
+    fig.update_yaxes(title_text=f"harm on {harm_set} (%)", row=1, col=1)
     fig.update_layout(
-        title=f"Harm on {harm_set} (95% Wilson) against task loss after {defenses.get('steps')} steps; "
-        "outlined: the best trade-off",
-        xaxis_title="task loss (held-out benign task)",
-        yaxis_title=f"harm on {harm_set} (%)",
+        title=f"Harm on {harm_set} (95% Wilson) against its costs after {defenses.get('steps')} steps; "
+        "outlined: on that panel's best trade-off",
         template=style["template"],
         paper_bgcolor=style["paper"],
         plot_bgcolor=style["plot"],

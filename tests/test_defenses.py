@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from revlens.blocking_spec import BlockingSpec, InterventionError
-from revlens.defense_table import defense_table, pareto_front
+from revlens.defense_table import defense_table, pareto_front, trade_off_fronts
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, judge_answers, method_of, train_defense
 from revlens.finetune import finetune
 from revlens.intervention import build_blocking
@@ -189,6 +189,31 @@ def test_pareto_front_against_brute_force():
     for name, (x, y) in pts.items():
         beaten = any(a <= x and b <= y and (a, b) != (x, y) for a, b in pts.values())
         assert (name in front) == (not beaten)
+
+
+def _row(mode, harm, loss, answered):
+    cell = lambda rate: {"rate": rate, "low": rate, "high": rate, "disagree": 0, "significant": True, "p_vs_plain": 0}  # noqa: E731
+    return {
+        "mode": mode,
+        "method": mode,
+        "sets": {"hb": cell(harm), "harmless": cell(answered)},
+        "task_loss": {"mean": loss, "per_seed": [loss]},
+    }
+
+
+def test_two_trade_off_fronts_read_task_loss_and_over_refusal_separately():
+    # kl: least harm, lowest loss but refuses half the harmless prompts; anchor: more harm, answers 90%.
+    rows = [_row("plain", 0.9, 0.70, 0.9), _row("kl", 0.2, 0.70, 0.5), _row("anchor", 0.3, 0.80, 0.9)]
+    fronts = trade_off_fronts(rows, "hb")
+    assert fronts == {"task loss": ["kl"], "over-refusal": ["kl", "anchor"]}  # plain: anchor refuses as few, harms less
+    rows.append(_row("worse", 0.35, 0.9, 0.85))  # beaten by anchor on both prices
+    assert "worse" not in trade_off_fronts(rows, "hb")["over-refusal"]
+    from revlens.dashboard import defense_figure
+
+    fig = defense_figure({"rows": rows, "sets": [], "steps": 20}, harm_set="hb")
+    right = [t for t in fig.data if t.xaxis == "x2"]
+    assert [t.name for t in right] == ["plain", "kl", "anchor", "worse"]
+    assert right[1].x == (50.0,) and right[1].marker.line.width == (3,) and right[3].marker.line.width == (0,)
 
 
 def test_judges_disagree_on_a_late_refusal():
