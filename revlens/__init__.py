@@ -18,6 +18,7 @@ Example:
     (0, 0.6)
 """
 
+from revlens._util import DiskFullError
 from revlens.analysis import analyze
 from revlens.benchmark_prompts import MissingDataPackage, PromptSource, harmbench_prompts, load_prompt_source
 from revlens.blocking_spec import BlockingSpec, InterventionError
@@ -97,6 +98,7 @@ __all__ = [
     "mcnemar_exact",
     # errors
     "MissingDataPackage",
+    "DiskFullError",
     "CheckpointError",
     "ProbeError",
     "InterventionError",

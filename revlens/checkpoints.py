@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from revlens._util import replace_dir, temp_sibling
+from revlens._util import naming_disk_full, replace_dir, temp_sibling
 
 REVLENS_FORMAT = 1
 PHASES = ("pretrain", "align", "finetune")
@@ -133,7 +133,8 @@ def save_checkpoint(
       ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``base`` (default: the local folder
       the model was loaded from).
     Files are written to a temporary folder and renamed into place, so an interrupted save never leaves a
-    half-written checkpoint. ``metadata`` is recorded in revlens folders only.
+    half-written checkpoint; a full disk raises :class:`revlens.DiskFullError` naming ``path`` and removes the
+    temporary folder. ``metadata`` is recorded in revlens folders only.
 
     Example:
         >>> path = save_checkpoint(model, tmp / "save" / "finetune" / "seed_0" / "step_100")
@@ -146,7 +147,8 @@ def save_checkpoint(
     tmp = temp_sibling(path)
     tmp.mkdir(parents=True)
     try:
-        _write_checkpoint(model, tmp, metadata, base)
+        with naming_disk_full(path):
+            _write_checkpoint(model, tmp, metadata, base)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens import distributed as dist_
-from revlens._util import atomic_write_json, temp_sibling, tensor_digest
+from revlens._util import DiskFullError, atomic_write_json, naming_disk_full, temp_sibling, tensor_digest
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import move_quietly, save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
@@ -304,16 +304,17 @@ def _save_state(
     tmp = temp_sibling(root / name)
     tmp.mkdir()
     try:
-        from safetensors.torch import save_file
+        with naming_disk_full(root / name):
+            from safetensors.torch import save_file
 
-        save_file(
-            {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()},
-            str(tmp / "trainable.safetensors"),
-        )
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "progress.json").write_text(
-            json.dumps({"format": STATE_FORMAT, "step": step, "losses": losses, "settings": settings}, indent=1)
-        )
+            save_file(
+                {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()},
+                str(tmp / "trainable.safetensors"),
+            )
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            (tmp / "progress.json").write_text(
+                json.dumps({"format": STATE_FORMAT, "step": step, "losses": losses, "settings": settings}, indent=1)
+            )
         tmp.rename(root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -474,7 +475,8 @@ def _create_exclusive(path: Path, text: str) -> bool:
     """Create ``path`` holding ``text`` unless it exists (False); the file never appears half-written."""
     tmp = temp_sibling(path)
     try:
-        tmp.write_text(text)
+        with naming_disk_full(path):
+            tmp.write_text(text)
         try:
             os.link(tmp, path)
             return True
@@ -997,7 +999,11 @@ def _finetune_locked(
             def save(step: int = step) -> Path:
                 _check_weights_finite(trainable, step, run_name)
                 path = save_checkpoint(model, run_dir / f"step_{step}")
-                _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
+                try:
+                    _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
+                except DiskFullError:  # no checkpoint without its state: a rerun resumes from the last state
+                    shutil.rmtree(path, ignore_errors=True)
+                    raise
                 return path
 
             result.checkpoints[step] = dist_.on_main(save, ctx, f"saving step {step}")
