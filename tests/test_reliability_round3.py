@@ -515,7 +515,8 @@ def _interventions(seeds):
 
 
 def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_keep_their_names(capsys):
-    from revlens.demo import intervention_table, table_labels
+    from revlens.demo import intervention_table
+    from revlens.metric_labels import table_labels
     from revlens.smollm2.pipeline import print_smollm2
 
     from dashboard_reports import deep_report
@@ -542,3 +543,72 @@ def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_kee
     for label in ("task loss", "task accuracy", "harmless answered", "refused (exact)"):
         assert f"  {label} " in behaviour
     assert "+/- 0.000" not in behaviour and "B1" not in behaviour and "B2" not in behaviour
+
+
+def _one_and_two_seed_reports():
+    from dashboard_reports import deep_report
+
+    out = {}
+    for seeds in ((0,), (0, 1)):
+        report = deep_report(n_layers=6, n_runs=len(seeds), steps=(1, 2), n_prompts=4, d=8, blocking=False)
+        report.interventions = _interventions(seeds)
+        out[len(seeds)] = report
+    return out
+
+
+def test_the_paper_table_names_the_task_loss_in_the_models_own_words():
+    from revlens.paper import ours
+
+    report = _one_and_two_seed_reports()[2]
+    iv = report.interventions
+    iv["best_mode"] = "clamp"
+    iv["metrics"]["plain"]["task_loss"], iv["metrics"]["clamp"]["task_loss"] = [1.5, 1.7], [1.6, 1.9]
+    diff, pct = np.array([0.1, 0.2]), 100 * (1.75 / 1.6 - 1)  # blocked - plain per seed; mean blocked / plain
+    spread = f"{diff.mean():.4f} +/- {diff.std(ddof=1):.4f} ({pct:+.1f}%)"
+    assert ours(report)["task_cost"] == f"B2 loss {spread}"  # the organism
+    report.config["demo"] = {"preset": "smollm2"}
+    assert ours(report)["task_cost"] == f"task loss {spread}"  # a real model
+    one = _one_and_two_seed_reports()[1]
+    one.config["demo"] = {"preset": "smollm2"}
+    one.interventions["best_mode"] = "clamp"
+    one.interventions["metrics"]["clamp"]["task_loss"] = [1.6]
+    assert ours(one)["task_cost"] == f"task loss 0.1000 ({100 * (1.6 / 1.5 - 1):+.1f}%)"  # one seed: no spread
+
+
+def _panel_words(fig) -> tuple[list[str], list[str]]:
+    titles = [a.text for a in fig.layout.annotations]
+    axes = [fig.layout[k].title.text for k in fig.layout if k.startswith("yaxis") and fig.layout[k].title.text]
+    return titles, axes
+
+
+def test_the_dashboard_says_harmless_answered_for_a_real_model_and_shows_no_spread_for_one_seed():
+    from revlens.dashboard import build_dashboard
+
+    reports = _one_and_two_seed_reports()
+    organism_titles, organism_axes = _panel_words(build_dashboard(reports[2]))
+    assert "B1 retention, by mode" in organism_titles and "% of held-out B1 prompts" in organism_axes
+    for report in reports.values():
+        report.config["demo"] = {"preset": "smollm2"}
+    fig = build_dashboard(reports[1])
+    titles, axes = _panel_words(fig)
+    assert "Harmless answered, by mode" in titles and "% of held-out harmless prompts" in axes
+    assert not any("B1" in t or "B2" in t for t in titles + axes)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == 4 and all("+/-" not in t.hovertemplate and "mean %{y:.3f}<br>" in t.hovertemplate for t in bars)
+    trajectory = [t for t in fig.data if t.name == "mean over 1 runs"]
+    assert trajectory and all("+/-" not in t.hovertemplate for t in trajectory)
+    two = [t for t in build_dashboard(reports[2]).data if t.type == "bar" and t.name == "task_loss"][0]
+    assert "mean %{y:.3f} +/- %{customdata[0]:.3f}" in two.hovertemplate  # two seeds: the spread is shown
+
+
+def test_the_report_summary_shows_one_runs_value_without_a_spread():
+    reports = _one_and_two_seed_reports()
+    one = reports[1].summary().splitlines()
+    assert "+/-" not in "\n".join(one) and "one run, at the best layer" in one[2]
+    row = next(line for line in one if line.startswith("1 "))
+    best = reports[1].best_layer_index()
+    assert f"{reports[1].alignment[0, 0, best]:+.3f}" in row.split()
+    two = reports[2].summary().splitlines()
+    row = next(line for line in two if line.startswith("1 "))
+    a = reports[2].alignment[:, 0, reports[2].best_layer_index()]
+    assert f"{a.mean():+.3f} +/- {a.std(ddof=1):.3f}" in row and "mean +/- std over runs" in two[2]
