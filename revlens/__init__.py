@@ -18,6 +18,7 @@ Example:
     (0, 0.6)
 """
 
+from revlens._util import DiskFullError
 from revlens.analysis import analyze
 from revlens.benchmark_prompts import MissingDataPackage, PromptSource, harmbench_prompts, load_prompt_source
 from revlens.blocking_spec import BlockingSpec, InterventionError
@@ -27,13 +28,24 @@ from revlens.checkpoints import (
     CheckpointLoader,
     CheckpointRef,
     History,
+    WeightValueError,
     load_checkpoint,
     save_checkpoint,
 )
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_defense
+from revlens.distributed import DistributedError
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
-from revlens.finetune import FinetuneResult, ReversionMonitor, finetune
+from revlens.finetune import (
+    FinetuneResult,
+    FinetuneStateError,
+    NonFiniteLossError,
+    ReversionMonitor,
+    RunLockedError,
+    finetune,
+)
+from revlens.integrations.hf_hooks import HookError
 from revlens.intervention import Blocking, ProbeAnchor, anchor_from_report, blocking_from_report, blocking_from_spec
+from revlens.jobpool import JobFailed
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import default_control, default_prompts, load_prompt_file
@@ -95,10 +107,18 @@ __all__ = [
     "Rate",
     "wilson_interval",
     "mcnemar_exact",
-    # errors
-    "MissingDataPackage",
+    # errors (each names the problem and the fix; `revlens` prints it as one line and exits 2)
     "CheckpointError",
+    "WeightValueError",
     "ProbeError",
     "InterventionError",
+    "HookError",
+    "FinetuneStateError",
+    "RunLockedError",
+    "NonFiniteLossError",
+    "JobFailed",
+    "DistributedError",
+    "DiskFullError",
+    "MissingDataPackage",
 ]
 __version__ = "0.1.0"

@@ -2,12 +2,14 @@
 
 Atomic writes go to a uniquely named temporary sibling (pid + random suffix) and are renamed into
 place, so an interrupted write never leaves a half-written file and two processes writing the same
-target never share a temporary name: the last writer wins, whole.
+target never share a temporary name: the last writer wins, whole. A write that runs out of disk space raises
+:class:`DiskFullError` naming the file and the fix, and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +20,89 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+class DiskFullError(OSError):
+    """A write that ran out of disk space (or quota); the message names the file and the fix.
+
+    An :class:`OSError` with ``errno`` ENOSPC and ``filename`` set to the file (or folder) being written; the
+    library's own error (an ``OSError``, a safetensors ``SafetensorError``, torch's serializer error) is its
+    ``__cause__``.
+    """
+
+    def __init__(self, path: str | os.PathLike, free: int | None = None):
+        room = "" if free is None else f" ({_size(free)} free there)"
+        super().__init__(
+            f"no space left on the disk while writing {path}{room}; nothing half-written was kept. Free space on "
+            "that disk, or write to a folder on another disk (--out / out_dir=), and run again."
+        )
+        self.errno = errno.ENOSPC
+        self.filename = str(path)
+
+    def __str__(self) -> str:  # the message alone (OSError would print "[Errno 28] None: 'path'")
+        return str(self.args[0])
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+# Messages the writers give when the disk is full: OSError's strerror, and the Rust "os error 28" of safetensors
+# ("Error while serializing: I/O error: No space left on device (os error 28)").
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+# torch.save's serializer reports a failed write without the OS error ("[enforce fail at inline_container.cc:...]
+# unexpected pos ..."): it counts as disk full only when the disk has (nearly) no room left.
+_TORCH_WRITER_TEXT = ("inline_container", "PytorchStreamWriter")
+_NEARLY_FULL = 16 * 2**20
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def is_disk_full(err: BaseException, path: str | os.PathLike) -> bool:
+    """True when ``err``, raised while writing ``path``, means the disk (or the user's quota) is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if any(marker in text for marker in _DISK_FULL_TEXT):
+        return True
+    if isinstance(err, RuntimeError) and any(marker in text for marker in _TORCH_WRITER_TEXT):
+        free = _free_bytes(Path(path))
+        return free is not None and free < _NEARLY_FULL
+    return False
+
+
+@contextlib.contextmanager
+def naming_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a disk-full error of any writer inside the block into one :class:`DiskFullError` naming ``path``.
+
+    Example:
+        >>> import errno
+        >>> with naming_disk_full("out/report.json"):
+        ...     raise OSError(errno.ENOSPC, "No space left on device")
+        Traceback (most recent call last):
+        ...
+        revlens._util.DiskFullError: no space left on the disk while writing out/report.json...
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err, path):
+            raise
+        raise DiskFullError(path, _free_bytes(Path(path))) from err
 
 
 def temp_sibling(path: str | os.PathLike) -> Path:
@@ -31,7 +116,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     tmp = temp_sibling(path)
     try:
-        tmp.write_text(text)
+        with naming_disk_full(path):
+            tmp.write_text(text)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -52,11 +138,12 @@ def atomic_save_tensors(
     path = Path(path)
     tmp = temp_sibling(path)
     try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata=None if metadata is None else dict(metadata),
-        )
+        with naming_disk_full(path):
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                str(tmp),
+                metadata=None if metadata is None else dict(metadata),
+            )
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from revlens._util import replace_dir, temp_sibling
+from revlens._util import naming_disk_full, replace_dir, temp_sibling
 
 REVLENS_FORMAT = 1
 PHASES = ("pretrain", "align", "finetune")
@@ -133,7 +133,8 @@ def save_checkpoint(
       ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is ``base`` (default: the local folder
       the model was loaded from).
     Files are written to a temporary folder and renamed into place, so an interrupted save never leaves a
-    half-written checkpoint. ``metadata`` is recorded in revlens folders only.
+    half-written checkpoint; a full disk raises :class:`revlens.DiskFullError` naming ``path`` and removes the
+    temporary folder. ``metadata`` is recorded in revlens folders only.
 
     Example:
         >>> path = save_checkpoint(model, tmp / "save" / "finetune" / "seed_0" / "step_100")
@@ -146,7 +147,8 @@ def save_checkpoint(
     tmp = temp_sibling(path)
     tmp.mkdir(parents=True)
     try:
-        _write_checkpoint(model, tmp, metadata, base)
+        with naming_disk_full(path):
+            _write_checkpoint(model, tmp, metadata, base)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -595,6 +597,41 @@ def _check_adapter_targets(config_path: Path, config: Mapping[str, Any], weights
         )
 
 
+# Where a LoRA weight keeps its rank: lora_A (and lora_embedding_A) rows, lora_B (and lora_embedding_B) columns.
+_LORA_RANK_AXIS = {".lora_A.": 0, ".lora_embedding_A": 0, ".lora_B.": 1, ".lora_embedding_B": 1}
+
+
+def _configured_rank(config: Mapping[str, Any], module: str) -> tuple[Any, str]:
+    """The rank peft gives ``module``: its ``rank_pattern`` entry (matched as peft does), else ``r``; and where
+    that number is written."""
+    patterns = config.get("rank_pattern") or {}
+    for pattern, rank in patterns.items() if isinstance(patterns, Mapping) else ():
+        try:
+            if pattern == module or re.match(rf"(.*\.)?({pattern})$", module):
+                return rank, f"rank_pattern[{pattern!r}]={rank!r}"
+        except re.error:
+            continue
+    return config.get("r"), f"r={config.get('r')!r}"
+
+
+def _check_adapter_ranks(config_path: Path, config: Mapping[str, Any], weights: Path) -> None:
+    """Every LoRA weight's rank must be the one the config gives its module (``r`` or ``rank_pattern``), else
+    peft fails to load it with a size mismatch that reads like a wrong base model."""
+    for name, tensor in _weight_names([weights]):
+        axis = next((a for marker, a in _LORA_RANK_AXIS.items() if marker in name), None)
+        if axis is None or tensor.dim() < 2:
+            continue
+        module = re.split(r"\.lora_(?:embedding_)?[AB]", name, maxsplit=1)[0].removeprefix("base_model.model.")
+        expected, written = _configured_rank(config, module)
+        if tensor.shape[axis] != expected:
+            raise CheckpointError(
+                f"{weights} holds LoRA weights of rank {tensor.shape[axis]} ({name} has shape {list(tensor.shape)}), "
+                f"but {config_path} gives that module {written}: the config and the weights come from different "
+                f"saves. Set the rank in {config_path.name} to {tensor.shape[axis]} if the weights are right, or "
+                f"{_ADAPTER_HINT}."
+            )
+
+
 def _adapter_base(folder: Path, adapter_config: Mapping[str, Any], base: str | os.PathLike | None) -> Path:
     named = adapter_config.get("base_model_name_or_path")
     if named:
@@ -628,6 +665,7 @@ def _describe(folder: Path, dtype: str | torch.dtype | None, base: str | os.Path
             )
         _check_weight_files(files[:1])
         _check_adapter_targets(folder / "adapter_config.json", adapter_config, files[0])
+        _check_adapter_ranks(folder / "adapter_config.json", adapter_config, files[0])
         base_folder = _adapter_base(folder, adapter_config, base)
         base_spec = _describe(base_folder, dtype, None)
         if base_spec.kind != "hf":
@@ -703,9 +741,11 @@ def _from_pretrained(spec: _Spec, device: str | torch.device | None, device_map:
             with quiet_hf_progress():
                 model = peft.PeftModel.from_pretrained(model, str(spec.folder), is_trainable=False).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            first = next((line for line in lines if "size mismatch" in line), lines[0])  # the shapes, if named
             raise CheckpointError(
-                f"the adapter {spec.folder} does not fit its base {folder} ({str(err).splitlines()[0]}); "
-                "give the base it was trained on (base=PATH / --base PATH)."
+                f"the adapter {spec.folder} does not fit its base {folder} ({first}); give the base it was trained on "
+                "(base=PATH / --base PATH)."
             ) from err
     where = f"{spec.folder} (merged onto its base {folder})" if peft is not None else str(folder)
     seen: set[tuple[str, int]] = set()

@@ -4,7 +4,8 @@ Panels, top to bottom: at the chosen layer, alignment per step (mean +/- std ove
 null p99 lines) and drift norm per step; the per-example alignment distribution and v_rev's
 signal-to-noise per layer; every layer's mean alignment beside its nulls and the selection-corrected
 threshold; a step x layer heatmap; and, when the report has them, the blocking modes compared
-(harmfulness, final alignment, task loss, B1 retention; error bars = std over seeds). A dropdown
+(harmfulness, final alignment, task loss, harmless prompts answered -- the organism's B2 loss and B1 retention;
+error bars = std over seeds, none with one seed). A dropdown
 switches the per-layer panels between layers. Layers whose v_rev is noise (low SNR) are greyed.
 
 The layout is computed in pixels from what is drawn (rows, layers, steps), so it reads the same at
@@ -25,6 +26,7 @@ from plotly.colors import get_colorscale
 from plotly.subplots import make_subplots
 
 from revlens._util import atomic_write_text
+from revlens.metric_labels import harmless_set, metric_labels
 
 THEMES = {
     # Transparent backgrounds and mid-grey text read on both light and dark Jupyter themes.
@@ -67,6 +69,17 @@ MODE_COLORS = (
     "#bcbd22",
     "#ff7f0e",
 )
+
+
+def _sentence(words: str) -> str:
+    return words[:1].upper() + words[1:]
+
+
+def _hover_per_point(with_spread: str, without: str, counts: Any) -> str | list[str]:
+    """The hover template of each point: ``with_spread`` (mean +/- std) where two or more values were measured,
+    ``without`` (the mean alone: no spread was measured) elsewhere; one string when all points agree."""
+    templates = [with_spread if int(n) > 1 else without for n in counts]
+    return templates[0] if len(set(templates)) == 1 else templates
 
 
 def _mean_std(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +229,11 @@ def _layer_traces(report: Any, li: int, visible: bool, rows: dict[str, tuple[int
                 showlegend=visible,
                 visible=visible,
                 customdata=std,
-                hovertemplate=f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}<extra></extra>",
+                hovertemplate=_hover_per_point(
+                    f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}<extra></extra>",
+                    f"L{layer} step %{{x}}<br>mean %{{y:.4f}}<extra></extra>",
+                    np.sum(~np.isnan(a), axis=0),
+                ),
             ),
             *traj,
         )
@@ -475,7 +492,7 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
         "harmfulness": "Harmfulness after fine-tuning, by mode",
         "final_alignment": "Final alignment at the last step, by mode",
         "task_loss": "Fine-tuning task loss (held-out), by mode",
-        "b1_retention": "B1 retention, by mode",
+        "b1_retention": _sentence(metric_labels(report.config)["b1_retention"]) + ", by mode",
     }
     rows: dict[str, tuple[int, int]] = {}
     titles, specs = [], []
@@ -649,7 +666,7 @@ def _style_axes(
             ("harmfulness", "% of harmful prompts"),
             ("final_alignment", "cosine"),
             ("task_loss", "cross-entropy (nats/token)"),
-            ("b1_retention", "% of held-out B1 prompts"),
+            ("b1_retention", f"% of held-out {harmless_set(report.config)} prompts"),
         ):
             fig.update_yaxes(title_text=label, row=rows[panel][0], col=rows[panel][1])
         p99 = float(report.null_p99[report.best_layer_index()])
@@ -711,13 +728,14 @@ def _intervention_traces(iv: dict[str, Any], rows: dict[str, tuple[int, int]]) -
     out = []
     scales = (("harmfulness", 100.0), ("final_alignment", 1.0), ("task_loss", 1.0), ("b1_retention", 100.0))
     for metric, scale in scales:
-        means, stds, texts = [], [], []
+        means, stds, texts, counts = [], [], [], []
         for mode in modes:
             vals = np.asarray(iv["metrics"][mode].get(metric, []), dtype=float) * scale
             m, s = _mean_std(vals[None, :], axis=1) if vals.size else (np.array([np.nan]), np.array([0.0]))
             means.append(float(m[0]))
             stds.append(float(s[0]))
             texts.append(", ".join(f"{v:.3f}" for v in vals))
+            counts.append(int(np.count_nonzero(~np.isnan(vals))))
         out.append(
             (
                 _tr(
@@ -729,8 +747,11 @@ def _intervention_traces(iv: dict[str, Any], rows: dict[str, tuple[int, int]]) -
                     customdata=np.stack([stds, texts], axis=1),
                     showlegend=False,
                     name=metric,
-                    hovertemplate="%{x}<br>mean %{y:.3f} +/- %{customdata[0]:.3f}<br>per seed: "
-                    "%{customdata[1]}<extra></extra>",
+                    hovertemplate=_hover_per_point(
+                        "%{x}<br>mean %{y:.3f} +/- %{customdata[0]:.3f}<br>per seed: %{customdata[1]}<extra></extra>",
+                        "%{x}<br>mean %{y:.3f}<br>per seed: %{customdata[1]}<extra></extra>",
+                        counts,
+                    ),
                 ),
                 *rows[metric],
             )

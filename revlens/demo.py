@@ -204,27 +204,12 @@ def best_mode(
     )
 
 
-# A real model's (the SmolLM2 preset's) column names: its task and harmless prompts are not the organism's B2 / B1.
-REAL_MODEL_LABELS = {
-    "final_alignment": "final alignment",
-    "harmfulness": "harmfulness",
-    "task_loss": "task loss",
-    "task_accuracy": "task accuracy",
-    "b1_retention": "harmless answered",
-}
-
-
-def table_labels(report: ReversionReport) -> dict[str, str] | None:
-    """The intervention table's column names for ``report``: plain words for a real-model (SmolLM2) report
-    (``report.config["demo"]["preset"] == "smollm2"``), None (the organism's metric names) otherwise."""
-    return dict(REAL_MODEL_LABELS) if report.config.get("demo", {}).get("preset") == "smollm2" else None
-
-
 def intervention_table(interventions: dict[str, Any], labels: dict[str, str] | None = None) -> str:
     """Per mode: mean +/- std over seeds (the mean alone with one seed) of final alignment, harmfulness, task
     loss/accuracy (the organism's B2) and harmless prompts answered (its B1 retention).
 
-    ``labels`` renames the columns (:func:`table_labels` of the report); by default they are the metric names.
+    ``labels`` renames the columns (:func:`revlens.metric_labels.table_labels` of the report); by default they are
+    the metric names.
     """
     cols = ("final_alignment", "harmfulness", "task_loss", "task_accuracy", "b1_retention")
     names = {c: (labels or {}).get(c, c) for c in cols}

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens import distributed as dist_
-from revlens._util import atomic_write_json, temp_sibling, tensor_digest
+from revlens._util import DiskFullError, atomic_write_json, naming_disk_full, temp_sibling, tensor_digest
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import move_quietly, save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
@@ -304,16 +304,17 @@ def _save_state(
     tmp = temp_sibling(root / name)
     tmp.mkdir()
     try:
-        from safetensors.torch import save_file
+        with naming_disk_full(root / name):
+            from safetensors.torch import save_file
 
-        save_file(
-            {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()},
-            str(tmp / "trainable.safetensors"),
-        )
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "progress.json").write_text(
-            json.dumps({"format": STATE_FORMAT, "step": step, "losses": losses, "settings": settings}, indent=1)
-        )
+            save_file(
+                {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()},
+                str(tmp / "trainable.safetensors"),
+            )
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            (tmp / "progress.json").write_text(
+                json.dumps({"format": STATE_FORMAT, "step": step, "losses": losses, "settings": settings}, indent=1)
+            )
         tmp.rename(root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -474,7 +475,8 @@ def _create_exclusive(path: Path, text: str) -> bool:
     """Create ``path`` holding ``text`` unless it exists (False); the file never appears half-written."""
     tmp = temp_sibling(path)
     try:
-        tmp.write_text(text)
+        with naming_disk_full(path):
+            tmp.write_text(text)
         try:
             os.link(tmp, path)
             return True
@@ -617,33 +619,40 @@ def _check_finite(
         bad_penalty = dist_.all_reduce_sum(1.0 if bad_penalty else 0.0, ctx) > 0
     if math.isfinite(task) and not bad_penalty and (grad_norm is None or math.isfinite(grad_norm)):
         return
+    lr = settings.get("lr")
+    lower_lr = f"the learning rate (e.g. lr={lr / 10:g}, --lr {lr / 10:g})"
     if bad_penalty:
         what = f"penalty on the probe prompts is {penalty} (task loss {task:.4g})"
-        fix = "lower the penalty weight (anchor@W, contrast@W, kl@W) or the learning rate"
+        fix = f"lower the penalty weight (anchor@W, contrast@W, kl@W in the spec) or {lower_lr}"
     elif not math.isfinite(task):
         what = f"task loss is {task}"
         fix = (
             "the starting weights or the data already give it: check the model (e.g. load and evaluate it) or "
             "train in a wider dtype (--dtype float32, no autocast)"
             if step == 1
-            else "lower the learning rate, or clip the gradient (max_grad_norm / --max-grad-norm)"
+            else f"lower {lower_lr}, or clip the gradient (max_grad_norm / --max-grad-norm)"
         )
     else:
         what = f"gradient norm is {grad_norm} (task loss {task:.4g})"
-        fix = "lower the learning rate or the penalty weight, or train in a wider dtype (no autocast)"
+        fix = f"lower {lower_lr} or the penalty weight, or train in a wider dtype (no autocast)"
     spec = settings.get("spec") or _spec_fallback(settings)
     weights = "the starting weights" if step == 1 else f"the weights after step {step - 1}"
-    if run_dir is None or last_saved is None:
-        kept = "nothing was saved, so a rerun starts afresh"
-    else:
-        kept = (
-            f"the checkpoints and training state up to step {last_saved} in {run_dir} stay valid: rerun under "
-            "another run_name (--run-name) to keep them, or with overwrite=True (--overwrite) to replace them"
-        )
     raise NonFiniteLossError(
         f"fine-tuning run {run_name!r} stopped at step {step}: the {what} with blocking spec {spec!r} and "
-        f"lr {settings.get('lr'):g}. That update was not applied (the model keeps {weights}). Fix: {fix}; "
-        f"{kept}."
+        f"lr {lr:g}. That update was not applied (the model keeps {weights}). Fix: {fix}; "
+        f"{_rerun_with_other_settings(run_dir, last_saved)}."
+    )
+
+
+def _rerun_with_other_settings(run_dir: Path | None, last_saved: int | None) -> str:
+    """How to rerun a stopped run with the fix: the same settings stop at the same step, and the saved state resumes
+    only with its own settings, so a rerun with other settings starts over (``overwrite``) or in another folder."""
+    if run_dir is None or last_saved is None:
+        return "then rerun (nothing was saved, so the rerun starts afresh)"
+    return (
+        f"the same settings would stop here again and the saved state resumes only with its own, so rerun with the "
+        f"fix and overwrite=True (--overwrite) to start {run_dir} over, or under another run_name (--run-name) to "
+        f"keep its checkpoints and state up to step {last_saved}"
     )
 
 
@@ -678,7 +687,9 @@ def _check_weights_finite(trainable: Mapping[str, torch.Tensor], step: int, run_
             f"fine-tuning run {run_name!r} stopped at step {step}: its loss was finite but the update made "
             f"{len(bad)} parameter(s) non-finite (first: {bad[0]}), so step {step} is not saved (earlier "
             "checkpoints and training state stay valid). Fix: lower the learning rate or clip the gradient "
-            "(max_grad_norm / --max-grad-norm); then rerun under another run_name or with overwrite=True."
+            "(max_grad_norm / --max-grad-norm), then rerun with overwrite=True (--overwrite) to start the run over, "
+            "or under another run_name (--run-name) to keep the earlier checkpoints (a saved run resumes only with "
+            "its own settings)."
         )
 
 
@@ -997,7 +1008,11 @@ def _finetune_locked(
             def save(step: int = step) -> Path:
                 _check_weights_finite(trainable, step, run_name)
                 path = save_checkpoint(model, run_dir / f"step_{step}")
-                _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
+                try:
+                    _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
+                except DiskFullError:  # no checkpoint without its state: a rerun resumes from the last state
+                    shutil.rmtree(path, ignore_errors=True)
+                    raise
                 return path
 
             result.checkpoints[step] = dist_.on_main(save, ctx, f"saving step {step}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -98,10 +99,21 @@ def watch_parent(parent: int, interval: float = PARENT_POLL_S) -> None:
         time.sleep(interval)
 
 
+# In a worker: where it reports each job it starts (job id, pid), so a worker that dies is blamed on its own job.
+_STARTED: Any = None
+
+
 def _init_worker(
-    threads: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...], parent: int | None = None
+    threads: int,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    parent: int | None = None,
+    started: Any = None,
 ) -> None:
+    global _STARTED
     import torch
+
+    _STARTED = started
 
     if parent is not None:
         threading.Thread(target=watch_parent, args=(parent,), name="revlens-watch-parent", daemon=True).start()
@@ -110,18 +122,40 @@ def _init_worker(
         initializer(*initargs)
 
 
+def _run_job(job: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """In a worker: report that job ``job`` starts in this process, then run it."""
+    if _STARTED is not None:
+        _STARTED.put((job, os.getpid()))  # a SimpleQueue: written at once, before the job can die
+    return fn(*args, **kwargs)
+
+
 class JobFailed(RuntimeError):
     """A job raised; the message names the job and the original error is its cause."""
 
 
+def _how_it_died(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "killed by a signal, e.g. out of memory, or it called os._exit"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}" + (", e.g. out of memory" if exitcode == -signal.SIGKILL else "")
+    return f"exit code {exitcode}: it called os._exit or crashed"
+
+
+def _dead_worker_failure(keys: list[Hashable], exitcode: int | None) -> JobFailed:
+    """One line naming the job(s) whose worker process died (one when it is known, else every running job)."""
+    jobs = f"job {keys[0]!r}" if len(keys) == 1 else "one of the jobs " + ", ".join(repr(k) for k in keys)
+    return JobFailed(
+        f"{jobs} failed: its worker process died before returning ({_how_it_died(exitcode)}); rerun with fewer "
+        "workers or more memory, or with workers=1 to see the error in this process."
+    )
+
+
 def _failure(key: Hashable, err: BaseException, in_worker: bool) -> JobFailed:
     """One line naming the job and what went wrong (the full error and its traceback stay as the cause)."""
-    if isinstance(err, BrokenProcessPool):
-        return JobFailed(
-            f"job {key!r} failed: its worker process died before returning (killed by a signal, e.g. out of "
-            "memory, or it called os._exit); rerun with fewer workers or more memory, or with workers=1 to see "
-            "the error in this process."
-        )
     text = " ".join(str(err).split())
     if len(text) > 300:
         text = text[:297] + "..."
@@ -140,7 +174,9 @@ class JobPool:
         initializer, initargs: called once in each worker process (after its thread count is set).
 
     A job that raises, or whose worker dies, ends :meth:`results` with a one-line :class:`JobFailed` naming the
-    job. Workers end themselves within ``PARENT_POLL_S`` seconds when this process dies (:func:`watch_parent`).
+    job (a dead worker's own job: each worker reports the jobs it starts, and the worker that died is told from
+    the ones the pool then stops by its exit code). Workers end themselves within ``PARENT_POLL_S`` seconds when
+    this process dies (:func:`watch_parent`).
     """
 
     def __init__(
@@ -156,13 +192,16 @@ class JobPool:
         self.threads = threads_per_worker(self.workers) if threads is None else threads
         self._queue: collections.deque[tuple[Hashable, Callable[..., Any], tuple, dict]] = collections.deque()
         self._futures: dict[Future, Hashable] = {}
+        self._job_ids: dict[Future, int] = {}
         self._executor: ProcessPoolExecutor | None = None
         if self.workers > 1:
+            context = multiprocessing.get_context("spawn")
+            self._started = context.SimpleQueue()
             self._executor = ProcessPoolExecutor(
                 self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=context,
                 initializer=_init_worker,
-                initargs=(self.threads, initializer, initargs, os.getpid()),
+                initargs=(self.threads, initializer, initargs, os.getpid(), self._started),
             )
 
     def __enter__(self) -> JobPool:
@@ -175,6 +214,7 @@ class JobPool:
         """Drop jobs not started and wait for running ones (their results are not read)."""
         self._queue.clear()
         self._futures.clear()
+        self._job_ids.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -184,7 +224,9 @@ class JobPool:
         if self._executor is None:
             self._queue.append((key, fn, args, kwargs))
         else:
-            self._futures[self._executor.submit(fn, *args, **kwargs)] = key
+            future = self._executor.submit(_run_job, len(self._job_ids), fn, args, kwargs)
+            self._futures[future] = key
+            self._job_ids[future] = len(self._job_ids)
 
     def pending(self) -> int:
         """Jobs submitted whose result has not been yielded yet."""
@@ -207,9 +249,42 @@ class JobPool:
         while self._futures:
             done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
             for future in done:
-                key = self._futures.pop(future)
                 err = future.exception()
+                if isinstance(err, BrokenProcessPool):
+                    failure = self._blame_dead_worker()
+                    self.close()
+                    raise failure from err
+                key = self._futures.pop(future)
                 if err is not None:
                     self.close()
                     raise _failure(key, err, in_worker=True) from err
                 yield key, future.result()
+
+    def _blame_dead_worker(self) -> JobFailed:
+        """The failure of the job that ran in the worker that died (every job running then, when unknown)."""
+        wait(list(self._futures), timeout=PARENT_POLL_S)  # the pool fails every unfinished job at once
+        pid_of: dict[int, int] = {}
+        while not self._started.empty():
+            job, pid = self._started.get()
+            pid_of[job] = pid
+        running = {
+            future: pid_of[job]
+            for future, job in self._job_ids.items()
+            if future in self._futures
+            and job in pid_of
+            and future.done()
+            and not future.cancelled()
+            and isinstance(future.exception(), BrokenProcessPool)
+        }
+        processes = dict(getattr(self._executor, "_processes", None) or {})  # pid -> Process (CPython's pool)
+        exitcodes = {}
+        for pid in set(running.values()):
+            process = processes.get(pid)
+            if process is not None:
+                process.join(timeout=PARENT_POLL_S)
+                exitcodes[pid] = process.exitcode
+        # the pool stops the other workers with SIGTERM once one died; the dead one ended otherwise
+        dead = [f for f, pid in running.items() if exitcodes.get(pid) not in (None, -signal.SIGTERM)]
+        culprits = dead or list(running) or list(self._futures)[:1]
+        pid = running.get(culprits[0]) if len(culprits) == 1 else None
+        return _dead_worker_failure([self._futures[f] for f in culprits], exitcodes.get(pid))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from revlens.metric_labels import metric_labels
 from revlens.report import ReversionReport, fmt_pm
 
 # Quoted from the paper's abstract (SCIENCE.md, "The paper's headline numbers"): citations, not results.
@@ -56,7 +57,8 @@ def ours(report: ReversionReport, blocked_mode: str | None = None) -> dict[str, 
             + (f" ({at})" if at else "")
         )
         pl, bl = np.asarray(plain["task_loss"], float), np.asarray(blocked["task_loss"], float)
-        row["task_cost"] = f"B2 loss {fmt_pm(bl - pl, 4)} ({100 * (bl.mean() / pl.mean() - 1):+.1f}%)"
+        loss = metric_labels(report.config)["task_loss"]  # "task loss" (real model) or "B2 loss" (organism)
+        row["task_cost"] = f"{loss} {fmt_pm(bl - pl, 4)} ({100 * (bl.mean() / pl.mean() - 1):+.1f}%)"
     elif report.behaviour and "harm" in report.behaviour:
         harm = report.behaviour["harm"]
         row["harm_plain_to_blocked"] = f"plain: {fmt_pm(harm.get('final', []), 1, 100, '%')}; blocked: n/a"

@@ -48,16 +48,17 @@ def mean_std(values: Any) -> tuple[float, float]:
     return float(arr.mean()), std
 
 
-def fmt_pm(values: Any, digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
+def fmt_pm(values: Any, digits: int = 3, scale: float = 1.0, suffix: str = "", signed: bool = False) -> str:
     """``"mean +/- std"`` of ``values * scale`` (NaN ignored); the mean alone when one value was measured (there
-    is no spread to show), ``"n/a"`` when none was."""
+    is no spread to show), ``"n/a"`` when none was. ``signed`` prints the mean's sign (``+0.600``)."""
     arr = np.asarray(values, dtype=np.float64).reshape(-1) * scale
     m, s = mean_std(arr)
     if np.isnan(m):
         return "n/a"
+    mean = f"{m:{'+' if signed else ''}.{digits}f}{suffix}"
     if int(np.count_nonzero(~np.isnan(arr))) == 1:
-        return f"{m:.{digits}f}{suffix}"
-    return f"{m:.{digits}f}{suffix} +/- {s:.{digits}f}{suffix}"
+        return mean
+    return f"{mean} +/- {s:.{digits}f}{suffix}"
 
 
 def _fmt_p(p: float) -> str:
@@ -251,8 +252,8 @@ class ReversionReport:
         for si, step in enumerate(self.steps):
             cells = []
             for li in shown:
-                m, s = mean_std(self.alignment[:, si, li])
-                cells.append("nan" if math.isnan(m) else f"{m:+.3f} +/- {s:.3f}")
+                cell = fmt_pm(self.alignment[:, si, li], signed=True)  # one run: the value alone, no "+/- 0.000"
+                cells.append("nan" if cell == "n/a" else cell)
             rows.append([str(step)] + cells)
         rows.append(["null p99 iso"] + [f"{self.null_p99[li]:.3f}" for li in shown])
         rows.append(["null p99 act"] + [f"{self.null_p99_activation[li]:.3f}" for li in shown])
@@ -274,7 +275,9 @@ class ReversionReport:
                 f"hook {cfg.get('hook')}, readout {cfg.get('readout')}, estimator {cfg.get('estimator')}, "
                 f"contrast {cfg.get('contrast')}"
             ),
-            "alignment cos(drift, v_rev), mean +/- std over runs, at the best layer (*) and its neighbours"
+            "alignment cos(drift, v_rev), "
+            + ("mean +/- std over runs" if len(self.runs) > 1 else "one run")
+            + ", at the best layer (*) and its neighbours"
             + (" (! = low SNR)" if any(self.flagged[li] for li in self._shown_layer_indices(best)) else ""),
         ]
         iso, n = self.exceedance(best, "isotropic")

@@ -78,7 +78,8 @@ def random_subspace(layers: Sequence[int], k: int, d_model: int, seed: int = 0) 
     """``{layer: [k, d_model]}`` orthonormal rows of a seeded random subspace (Gaussian draw, QR).
 
     The control for :func:`reversion_subspace` with the same rank; each layer gets its own draw, and
-    the same ``(layer, seed)`` always gives the same rows.
+    the same ``(layer, seed)`` always gives the same rows. The generator's seed is ``seed * 10007 + layer``
+    modulo 2**64, so seeds of any size work (and seeds whose value fits 64 bits give the rows they always gave).
 
     Example:
         >>> random_subspace([0, 2], 4, 64, seed=1)[2].shape
@@ -88,7 +89,7 @@ def random_subspace(layers: Sequence[int], k: int, d_model: int, seed: int = 0) 
         raise InterventionError(f"random@{k}: the rank must be an integer between 1 and d_model={d_model}.")
     out = {}
     for l in layers:
-        gen = torch.Generator().manual_seed(int(seed) * 10_007 + int(l))
+        gen = torch.Generator().manual_seed((int(seed) * 10_007 + int(l)) % 2**64)
         q, _ = torch.linalg.qr(torch.randn(d_model, k, generator=gen, dtype=torch.float64))
         out[int(l)] = q.T.float()
     return out

@@ -163,6 +163,30 @@ def test_random_subspace_is_an_orthonormal_seeded_draw_per_layer():
         random_subspace([0], 17, 16)
 
 
+def draw_by_hand(seed: int, layer: int, k: int, d: int) -> torch.Tensor:
+    """The documented draw: a float64 Gaussian [d, k] from seed * 10007 + layer modulo 2**64, QR, rows."""
+    gen = torch.Generator().manual_seed((seed * 10_007 + layer) % 2**64)
+    return torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))[0].T.float()
+
+
+def test_random_subspace_draws_of_any_size_do_not_overflow_and_small_draws_do_not_move():
+    twenty_digits = 98765432109876543210  # a 20-digit draw (beyond 2**64)
+    largest = 2**63 - 1  # the largest draw random@K@DRAW parses; seed * 10007 used to overflow the generator
+    for seed in (twenty_digits, largest, -3):
+        got = random_subspace([0, 7], 3, 16, seed=seed)
+        for layer in (0, 7):
+            assert torch.equal(got[layer], draw_by_hand(seed, layer, 3, 16))
+            torch.testing.assert_close(got[layer] @ got[layer].T, torch.eye(3), atol=1e-5, rtol=0)
+    # draws whose seed fits 64 bits give the rows they always gave (the generator seeded without the modulo)
+    for seed in (0, 1, 12345):
+        gen = torch.Generator().manual_seed(seed * 10_007 + 2)
+        before = torch.linalg.qr(torch.randn(16, 3, generator=gen, dtype=torch.float64))[0].T.float()
+        assert torch.equal(random_subspace([2], 3, 16, seed=seed)[2], before)
+    spec = BlockingSpec.parse(f"project+random@3@{largest}")
+    v = {0: torch.ones(16), 7: torch.ones(16)}
+    assert torch.equal(subspace_directions(spec.subspace, v)[7], draw_by_hand(largest, 7, 3, 16))
+
+
 def test_subspace_directions_follow_the_spec():
     h_pre, h_ali = readouts()
     from revlens.directions import v_rev_pca

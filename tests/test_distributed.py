@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``torchrun --standalone --nproc-per-node nproc ARGS`` with this checkout's revlens, one thread each."""
+def torchrun(nproc: int, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone --nproc-per-node nproc ARGS`` with this checkout's revlens, one thread each
+    (with ``check``, assert that it succeeded)."""
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -34,7 +36,7 @@ def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.Complet
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0 or not check, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -139,3 +141,47 @@ def test_micro_batches_are_dealt_once_and_distributed_analyze_needs_a_cache_on_d
             distributed=True,
             cache_dir="c",
         )
+
+
+@pytest.mark.slow
+def test_a_bad_checkpoint_under_torchrun_is_one_line_and_exit_2_on_every_rank(tiny_model, tmp_path, capsys):
+    """A checkpoint with a NaN weight stops `revlens analyze` under torchrun as it does in one process: the rank
+    that loads it prints the single-process line and exits 2; the other rank prints one line naming that rank and
+    the error and exits 2, unless torchrun ends it first (SIGTERM); no revlens traceback is printed (torchrun's
+    own launcher then reports the exit codes and exits 1)."""
+    from revlens import cli
+
+    d = tiny_model.cfg.d_model
+    hist = tmp_path / "hist"
+    save_checkpoint(shifted(tiny_model, 0, torch.ones(d)), hist / "pretrain")
+    save_checkpoint(tiny_model, hist / "align")
+    for run in ("seed_0", "seed_1"):
+        save_checkpoint(shifted(tiny_model, 0, 0.1 * torch.ones(d)), hist / "finetune" / run / "step_1")
+    bad = shifted(tiny_model, 0, 0.2 * torch.ones(d))
+    with torch.no_grad():
+        bad.blocks[1].mlp.out.bias[3] = float("nan")
+    save_checkpoint(bad, hist / "finetune" / "seed_1" / "step_2")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    args = ["analyze", str(hist), "--prompts", str(tmp_path / "prompts.txt")]
+
+    assert cli.main([*args, "--out", str(tmp_path / "single")]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert line == (
+        f"revlens analyze: error: [finetune/seed_1/step_2] checkpoint {hist / 'finetune/seed_1/step_2'} "
+        "(model.safetensors): the weight 'blocks.1.mlp.out.bias' holds NaN values: the run that wrote it diverged "
+        "or the file is damaged. Replace the checkpoint (re-save it, or use an earlier step), or leave it out of "
+        "the history."
+    )
+
+    proc = torchrun(2, "-m", "revlens", *args, "--out", str(tmp_path / "dist"), check=False)
+    out = proc.stdout + proc.stderr
+    # each rank's line (one may follow the other rank's unfinished progress bar on the shared stderr)
+    errors = re.findall(r"revlens analyze: error: [^\r\n]*", out)
+    assert line in errors and len(errors) in (1, 2), out[-4000:]
+    prefix = r"revlens analyze: error: measuring checkpoints failed on rank\(s\) [01]: CheckpointError: "
+    for other in (e for e in errors if e != line):  # the other rank, unless torchrun ended it first
+        assert re.fullmatch(prefix + re.escape(line.removeprefix("revlens analyze: error: ")), other)
+    assert re.search(r"Root Cause.*?exitcode\s*: 2 ", out, flags=re.S), out[-4000:]
+    # every rank exited 2, or was ended by torchrun (SIGTERM) once the first rank had failed
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", out)) <= {"2", "-15"}, out[-4000:]
+    assert not re.search(r'File "[^"]*revlens[/\\]', out), out[-4000:]  # no traceback through revlens' code

@@ -334,3 +334,47 @@ def test_a_second_run_on_one_run_folder_is_refused_before_loading(history, data,
     err = capsys.readouterr().err
     assert err.startswith("revlens finetune: error: ") and err.count("\n") == 1
     assert f"is held by pid {os.getpid()} on host '{socket.gethostname()}'" in err and "--run-name" in err
+
+
+@pytest.mark.slow
+def test_the_rerun_a_non_finite_loss_names_really_works(history, data, prompts, tmp_path, capsys, monkeypatch):
+    """Reliability round 3: after a non-finite penalty at step 2 (step 1 saved), the message's fix is a command
+    that runs. The same folder with other settings is refused (a saved run resumes only with its own); with
+    --overwrite, or under another --run-name (keeping step 1), the rerun finishes."""
+    from revlens.intervention import ProbeAnchor
+
+    real = ProbeAnchor.penalty
+
+    def nan_from_step_2(self, model, step=None):
+        value = real(self, model, step)
+        return value + float("nan") if step is not None and step >= 2 else value
+
+    out = tmp_path / "ft"
+    args = ["finetune", str(history), "--data", str(data), "--out", str(out), "--prompts", prompts]
+    args += ["--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--save-steps", "1"]
+    monkeypatch.setattr(ProbeAnchor, "penalty", nan_from_step_2)
+    assert main([*args, "--mode", "anchor@0.5"]) == 2
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("revlens finetune: error:")]
+    run = out / "finetune" / "seed_0"
+    assert "stopped at step 2: the penalty on the probe prompts is nan" in line
+    assert (
+        "lower the penalty weight (anchor@W, contrast@W, kl@W in the spec) or the learning rate (e.g. lr=0.0001, "
+        in line
+    )
+    assert line.endswith(
+        "the same settings would stop here again and the saved state resumes only with its own, so rerun with the fix "
+        f"and overwrite=True (--overwrite) to start {run} over, or under another run_name (--run-name) to keep its "
+        "checkpoints and state up to step 1."
+    )
+    monkeypatch.undo()  # the lower weight below removes the cause
+
+    assert main([*args, "--mode", "anchor@0.05"]) == 2  # without --overwrite: refused, as the message says
+    refused = capsys.readouterr().err
+    assert "spec: saved 'anchor@0.5+layers@0/1', now 'anchor@0.05+layers@0/1'). Pass overwrite=True" in refused
+    assert main([*args, "--mode", "anchor@0.05", "--run-name", "lower"]) == 0
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_1"]  # kept
+    assert sorted(p.name for p in (out / "finetune" / "lower").glob("step_*")) == ["step_1", "step_2"]
+    assert main([*args, "--mode", "anchor@0.05", "--overwrite"]) == 0
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_1", "step_2"]
+    assert _settings(run)["spec"] == _settings(out / "finetune" / "lower")["spec"]
+    assert "anchor@0.05" in _settings(run)["spec"]

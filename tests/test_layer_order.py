@@ -26,6 +26,7 @@ ROWS = [
         "stats",
         "benchmark_prompts",
         "defense_table",
+        "metric_labels",
     },
     {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer", "jobpool", "replay"},
     {"probe", "checkpoints", "selection", "integrations.hf_hooks", "penalties", "weight_projection"},

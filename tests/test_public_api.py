@@ -24,3 +24,44 @@ def test_entry_points_document_args_returns_and_an_example(name):
     doc = inspect.getdoc(getattr(revlens, name)) or ""
     sections = set(re.findall(r"^(Args|Returns|Example):$", doc, flags=re.M))
     assert sections == {"Args", "Returns", "Example"}, f"{name} documents only {sorted(sections)}"
+
+
+# Every error revlens raises for a user's input or environment, exported so that callers can catch it by name.
+ERRORS = {
+    "CheckpointError": ValueError,
+    "WeightValueError": ValueError,
+    "ProbeError": ValueError,
+    "InterventionError": ValueError,
+    "HookError": ValueError,
+    "FinetuneStateError": ValueError,
+    "RunLockedError": ValueError,
+    "NonFiniteLossError": ValueError,
+    "JobFailed": RuntimeError,
+    "DistributedError": RuntimeError,
+    "DiskFullError": OSError,
+    "MissingDataPackage": ValueError,
+}
+
+
+def test_the_error_classes_are_exported():
+    exported = {n for n in revlens.__all__ if isinstance(getattr(revlens, n), type)}
+    assert {n for n in exported if issubclass(getattr(revlens, n), Exception)} == set(ERRORS)
+    assert issubclass(revlens.WeightValueError, revlens.CheckpointError)
+    assert issubclass(revlens.RunLockedError, revlens.FinetuneStateError)
+    for name, base in ERRORS.items():
+        assert issubclass(getattr(revlens, name), base), name
+
+
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_each_exported_error_is_one_line_and_exit_2_from_the_command_line(name, monkeypatch, capsys):
+    from revlens import cli
+
+    cls = getattr(revlens, name)
+    err = cls("out/report.json") if name == "DiskFullError" else cls("the problem; the fix.")
+
+    def command(args):
+        raise err
+
+    monkeypatch.setattr(cli, "_run_analyze", command)
+    assert cli.main(["analyze", "history", "--out", "unused"]) == 2
+    assert capsys.readouterr().err == f"revlens analyze: error: {err}\n" and "\n" not in str(err)

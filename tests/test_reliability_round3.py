@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -157,6 +158,39 @@ def test_adapter_weights_outside_target_modules_are_refused(tmp_path, tiny_llama
     folder = fake_adapter(tmp_path / "ad", config, modules=("q_proj", "k_proj"))
     with pytest.raises(CheckpointError, match=r"LoRA weights for .*self_attn.k_proj.*do not name: peft would drop"):
         load_checkpoint(folder, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("config", "written"),
+    [({**LORA, "r": 8}, "r=8"), ({**LORA, "rank_pattern": {"q_proj": 8}}, "rank_pattern['q_proj']=8")],
+)
+def test_an_adapter_whose_rank_disagrees_with_its_weights_names_the_rank_not_the_base(
+    tmp_path, tiny_llama_dir, config, written
+):
+    folder = fake_adapter(tmp_path / "ad", {**config, "base_model_name_or_path": str(tiny_llama_dir)})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(folder, device="cpu")
+    assert str(err.value) == (
+        f"{folder / 'adapter_model.safetensors'} holds LoRA weights of rank 4 (base_model.model.model.layers.0."
+        f"self_attn.q_proj.lora_A.weight has shape [4, 32]), but {folder / 'adapter_config.json'} gives that module "
+        f"{written}: the config and the weights come from different saves. Set the rank in adapter_config.json to 4 "
+        "if the weights are right, or re-save the adapter with peft_model.save_pretrained(folder)."
+    )
+
+
+def test_an_adapter_on_another_base_names_the_shapes_and_the_base(tmp_path, chat_tok):
+    wide = tiny_llama(chat_tok, hidden=64)  # the adapter's weights (rank 4, from a 32-wide model) do not fit it
+    wide.save_pretrained(tmp_path / "wide")
+    chat_tok.save_pretrained(tmp_path / "wide")
+    folder = fake_adapter(tmp_path / "ad", {**LORA, "base_model_name_or_path": str(tmp_path / "wide")})
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(folder, device="cpu")
+    assert str(err.value) == (
+        f"the adapter {folder} does not fit its base {tmp_path / 'wide'} (size mismatch for base_model.model.model."
+        "layers.0.self_attn.q_proj.lora_A.default.weight: copying a param with shape torch.Size([4, 32]) from "
+        "checkpoint, the shape in current model is torch.Size([4, 64]).); give the base it was trained on "
+        "(base=PATH / --base PATH)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -463,6 +497,23 @@ def test_workers_end_when_the_parent_is_killed_and_a_dead_worker_is_named(tmp_pa
             dict(pool.results())
 
 
+@pytest.mark.slow
+def test_a_killed_worker_is_reported_against_its_own_job():
+    """The pool fails every unfinished job once a worker dies; the failure names the job that ran in the dead
+    worker (killed by SIGKILL here) and how it died, not whichever job the pool happened to fail first."""
+    with JobPool(2, threads=1) as pool:
+        pool.submit("slow", time.sleep, 30)  # running in the other worker, which the pool then stops
+        pool.submit("killed", signal.raise_signal, signal.SIGKILL)
+        for key in ("c", "d", "e"):  # queued behind them
+            pool.submit(key, time.sleep, 0.1)
+        with pytest.raises(JobFailed) as err:
+            dict(pool.results())
+    assert str(err.value) == (
+        "job 'killed' failed: its worker process died before returning (killed by SIGKILL, e.g. out of memory); "
+        "rerun with fewer workers or more memory, or with workers=1 to see the error in this process."
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A job failing in a --workers process reaches the command line as one line and exit 2, like one process
 
@@ -515,7 +566,8 @@ def _interventions(seeds):
 
 
 def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_keep_their_names(capsys):
-    from revlens.demo import intervention_table, table_labels
+    from revlens.demo import intervention_table
+    from revlens.metric_labels import table_labels
     from revlens.smollm2.pipeline import print_smollm2
 
     from dashboard_reports import deep_report
@@ -542,3 +594,80 @@ def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_kee
     for label in ("task loss", "task accuracy", "harmless answered", "refused (exact)"):
         assert f"  {label} " in behaviour
     assert "+/- 0.000" not in behaviour and "B1" not in behaviour and "B2" not in behaviour
+
+
+def _one_and_two_seed_reports():
+    from dashboard_reports import deep_report
+
+    out = {}
+    for seeds in ((0,), (0, 1)):
+        report = deep_report(n_layers=6, n_runs=len(seeds), steps=(1, 2), n_prompts=4, d=8, blocking=False)
+        report.interventions = _interventions(seeds)
+        out[len(seeds)] = report
+    return out
+
+
+def test_the_paper_table_names_the_task_loss_in_the_models_own_words():
+    from revlens.paper import ours
+
+    report = _one_and_two_seed_reports()[2]
+    iv = report.interventions
+    iv["best_mode"] = "clamp"
+    iv["metrics"]["plain"]["task_loss"], iv["metrics"]["clamp"]["task_loss"] = [1.5, 1.7], [1.6, 1.9]
+    diff, pct = np.array([0.1, 0.2]), 100 * (1.75 / 1.6 - 1)  # blocked - plain per seed; mean blocked / plain
+    spread = f"{diff.mean():.4f} +/- {diff.std(ddof=1):.4f} ({pct:+.1f}%)"
+    assert ours(report)["task_cost"] == f"B2 loss {spread}"  # the organism
+    report.config["demo"] = {"preset": "smollm2"}
+    assert ours(report)["task_cost"] == f"task loss {spread}"  # a real model
+    one = _one_and_two_seed_reports()[1]
+    one.config["demo"] = {"preset": "smollm2"}
+    one.interventions["best_mode"] = "clamp"
+    one.interventions["metrics"]["clamp"]["task_loss"] = [1.6]
+    assert ours(one)["task_cost"] == f"task loss 0.1000 ({100 * (1.6 / 1.5 - 1):+.1f}%)"  # one seed: no spread
+
+
+def _panel_words(fig) -> tuple[list[str], list[str]]:
+    titles = [a.text for a in fig.layout.annotations]
+    axes = [fig.layout[k].title.text for k in fig.layout if k.startswith("yaxis") and fig.layout[k].title.text]
+    return titles, axes
+
+
+def test_the_dashboard_says_harmless_answered_for_a_real_model_and_shows_no_spread_for_one_seed():
+    from revlens.dashboard import build_dashboard
+
+    reports = _one_and_two_seed_reports()
+    organism_titles, organism_axes = _panel_words(build_dashboard(reports[2]))
+    assert "B1 retention, by mode" in organism_titles and "% of held-out B1 prompts" in organism_axes
+    for report in reports.values():
+        report.config["demo"] = {"preset": "smollm2"}
+    fig = build_dashboard(reports[1])
+    titles, axes = _panel_words(fig)
+    assert "Harmless answered, by mode" in titles and "% of held-out harmless prompts" in axes
+    assert not any("B1" in t or "B2" in t for t in titles + axes)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == 4 and all("+/-" not in t.hovertemplate and "mean %{y:.3f}<br>" in t.hovertemplate for t in bars)
+    trajectory = [t for t in fig.data if t.name == "mean over 1 runs"]
+    assert trajectory and all("+/-" not in t.hovertemplate for t in trajectory)
+    two = [t for t in build_dashboard(reports[2]).data if t.type == "bar" and t.name == "task_loss"][0]
+    assert "mean %{y:.3f} +/- %{customdata[0]:.3f}" in two.hovertemplate  # two seeds: the spread is shown
+
+
+def test_the_report_summary_shows_one_runs_value_without_a_spread():
+    reports = _one_and_two_seed_reports()
+    one = reports[1].summary().splitlines()
+    assert "+/-" not in "\n".join(one) and "one run, at the best layer" in one[2]
+    row = next(line for line in one if line.startswith("1 "))
+    best = reports[1].best_layer_index()
+    assert f"{reports[1].alignment[0, 0, best]:+.3f}" in row.split()
+    two = reports[2].summary().splitlines()
+    row = next(line for line in two if line.startswith("1 "))
+    a = reports[2].alignment[:, 0, reports[2].best_layer_index()]
+    assert f"{a.mean():+.3f} +/- {a.std(ddof=1):.3f}" in row and "mean +/- std over runs" in two[2]
+
+
+def test_every_test_the_reliability_guide_names_exists():
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "guides" / "reliability.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(\w+)`", guide)
+    assert len(named) > 50
+    missing = [f"{f}::{t}" for f, t in named if f"def {t}(" not in (Path(__file__).parent / f).read_text()]
+    assert missing == []

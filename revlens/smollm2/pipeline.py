@@ -810,7 +810,8 @@ def run_smollm2_demo(
 
 def print_smollm2(report: ReversionReport) -> None:
     """The summary, behaviour (pretrain / align / along fine-tuning), blocking table and the paper's table."""
-    from revlens.demo import intervention_table, table_labels
+    from revlens.demo import intervention_table
+    from revlens.metric_labels import table_labels
     from revlens.paper import comparison_table
     from revlens.report import fmt_pm
 
