@@ -34,6 +34,7 @@ from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_def
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
 from revlens.finetune import FinetuneResult, ReversionMonitor, finetune
 from revlens.intervention import Blocking, ProbeAnchor, anchor_from_report, blocking_from_report, blocking_from_spec
+from revlens.model_sources import MODEL_SOURCES, GGUFError, ModelNotFoundError, ModelSource, ensure_model
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import default_control, default_prompts, load_prompt_file
@@ -92,6 +93,10 @@ __all__ = [
     "harmbench_prompts",
     "load_prompt_source",
     "PromptSource",
+    # real models from offline sources
+    "ensure_model",
+    "ModelSource",
+    "MODEL_SOURCES",
     "Rate",
     "wilson_interval",
     "mcnemar_exact",
@@ -100,5 +105,7 @@ __all__ = [
     "CheckpointError",
     "ProbeError",
     "InterventionError",
+    "ModelNotFoundError",
+    "GGUFError",
 ]
 __version__ = "0.1.0"
