@@ -46,6 +46,7 @@ from revlens.finetune import (
 from revlens.integrations.hf_hooks import HookError
 from revlens.intervention import Blocking, ProbeAnchor, anchor_from_report, blocking_from_report, blocking_from_spec
 from revlens.jobpool import JobFailed
+from revlens.model_sources import MODEL_SOURCES, GGUFError, ModelNotFoundError, ModelSource, ensure_model
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import default_control, default_prompts, load_prompt_file
@@ -104,6 +105,10 @@ __all__ = [
     "harmbench_prompts",
     "load_prompt_source",
     "PromptSource",
+    # real models from offline sources
+    "ensure_model",
+    "ModelSource",
+    "MODEL_SOURCES",
     "Rate",
     "wilson_interval",
     "mcnemar_exact",
@@ -120,5 +125,7 @@ __all__ = [
     "DistributedError",
     "DiskFullError",
     "MissingDataPackage",
+    "ModelNotFoundError",
+    "GGUFError",
 ]
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ ROWS = [
     },
     {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer", "jobpool", "replay"},
     {"probe", "checkpoints", "selection", "integrations.hf_hooks", "penalties", "weight_projection"},
-    {"subspace", "report"},
+    {"subspace", "report", "model_sources"},
     {"intervention", "analysis", "paper"},
     {"finetune", "integrations.transformers"},
     {"finetune_cli", "defenses"},

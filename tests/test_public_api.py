@@ -10,7 +10,7 @@ import pytest
 
 import revlens
 
-DOCUMENTED = ("analyze", "ReversionProbe", "Blocking", "ProbeAnchor", "finetune", "ReversionReport")
+DOCUMENTED = ("analyze", "ReversionProbe", "Blocking", "ProbeAnchor", "finetune", "ReversionReport", "ensure_model")
 
 
 def test_every_exported_name_resolves():
@@ -40,6 +40,8 @@ ERRORS = {
     "DistributedError": RuntimeError,
     "DiskFullError": OSError,
     "MissingDataPackage": ValueError,
+    "ModelNotFoundError": FileNotFoundError,
+    "GGUFError": ValueError,
 }
 
 
