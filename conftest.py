@@ -53,7 +53,7 @@ def build_doctest_namespace(root) -> dict:
     import torch
 
     import revlens
-    from revlens.checkpoints import boot_native_model
+    from revlens.checkpoint_loader import boot_native_model
     from revlens.wordtok import word_tokenizer
 
     root = Path(root)

@@ -30,7 +30,8 @@ SEQ = 12
 
 def build_history(root: Path, runs: int, steps: int, d_model: int, n_layers: int) -> int:
     """pretrain, align and ``runs x steps`` fine-tuning checkpoints, each a perturbed copy; returns n_params."""
-    from revlens.checkpoints import boot_native_model, save_checkpoint
+    from revlens.checkpoint_loader import boot_native_model
+    from revlens.checkpoint_save import save_checkpoint
     from revlens.threads import count_parameters
 
     cfg = dict(

@@ -72,10 +72,10 @@ def worker(args: argparse.Namespace) -> None:
 
     import revlens
     from revlens import distributed
-    from revlens.checkpoints import _bridge_classes
+    from revlens.checkpoint_loader import bridge_classes
 
     torch.set_num_threads(1)
-    _bridge_classes()  # import TransformerLens before the clock starts: a per-process cost, counted in job_s
+    bridge_classes()  # import TransformerLens before the clock starts: a per-process cost, counted in job_s
     ctx = distributed.init()
     distributed.barrier(ctx)
     start, cpu = time.perf_counter(), time.process_time()

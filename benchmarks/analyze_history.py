@@ -126,7 +126,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     import revlens
-    from revlens.checkpoints import CheckpointLoader, load_checkpoint
+    from revlens.checkpoint_loader import CheckpointLoader, load_checkpoint
     from revlens.probe import ReversionProbe
 
     dtype = getattr(torch, args.dtype)

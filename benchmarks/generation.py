@@ -83,7 +83,7 @@ def main() -> None:
 
     import revlens
     from revlens.chat import encode_requests
-    from revlens.checkpoints import load_hf_folder
+    from revlens.checkpoint_loader import load_hf_folder
     from revlens.evals import _greedy_loop, generate_greedy
 
     folder = write_folder(Path(args.workdir) / args.weights, args.weights)

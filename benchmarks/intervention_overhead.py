@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from revlens.checkpoints import boot_native_model
+from revlens.checkpoint_loader import boot_native_model
 from revlens.intervention import Blocking, ProbeAnchor
 from revlens.losses import masked_lm_loss
 

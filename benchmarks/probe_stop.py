@@ -28,7 +28,7 @@ class _Stop(Exception):
 
 
 def build_model(d_model: int, n_layers: int, device: str):
-    from revlens.checkpoints import boot_native_model
+    from revlens.checkpoint_loader import boot_native_model
 
     d_head = min(64, d_model // 4)
     cfg = dict(

@@ -25,7 +25,7 @@ SEQ = 32
 
 
 def build_model(d_model: int, n_layers: int, device: str):
-    from revlens.checkpoints import boot_native_model
+    from revlens.checkpoint_loader import boot_native_model
 
     cfg = dict(
         d_model=d_model,

@@ -23,15 +23,9 @@ from revlens.analysis import analyze
 from revlens.benchmark_prompts import MissingDataPackage, PromptSource, harmbench_prompts, load_prompt_source
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.chat import encode_requests
-from revlens.checkpoints import (
-    CheckpointError,
-    CheckpointLoader,
-    CheckpointRef,
-    History,
-    WeightValueError,
-    load_checkpoint,
-    save_checkpoint,
-)
+from revlens.checkpoint_format import CheckpointError, WeightValueError
+from revlens.checkpoint_loader import CheckpointLoader, CheckpointRef, load_checkpoint
+from revlens.checkpoint_save import save_checkpoint
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_defense
 from revlens.distributed import DistributedError
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
@@ -43,6 +37,7 @@ from revlens.finetune import (
     RunLockedError,
     finetune,
 )
+from revlens.history import History
 from revlens.integrations.hf_hooks import HookError
 from revlens.intervention import Blocking, ProbeAnchor, anchor_from_report, blocking_from_report, blocking_from_spec
 from revlens.jobpool import JobFailed

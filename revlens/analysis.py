@@ -19,8 +19,10 @@ from revlens import directions as dirs
 from revlens import distributed as dist_
 from revlens import nulls, selection
 from revlens._util import atomic_save_tensors
-from revlens.checkpoints import CheckpointError, CheckpointLoader, CheckpointRef, History, check_same_architecture
+from revlens.checkpoint_format import CheckpointError
+from revlens.checkpoint_loader import CheckpointLoader, CheckpointRef
 from revlens.devices import check_device
+from revlens.history import History, check_same_architecture
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import (  # noqa: F401  (re-exported: the prompt-file API lived here)
     DEFAULT_CONTROL,

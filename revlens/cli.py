@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     That includes a job that failed in a ``--workers`` process (:class:`revlens.jobpool.JobFailed`: its one line
     names the job and the error), a non-finite fine-tuning loss and a run folder held by another process."""
-    from revlens.checkpoints import CheckpointError
+    from revlens.checkpoint_format import CheckpointError
     from revlens.distributed import DistributedError, shutdown
     from revlens.finetune import FinetuneStateError, NonFiniteLossError
     from revlens.jobpool import JobFailed

@@ -19,7 +19,7 @@ import numpy as np
 from revlens import directions as dirs
 from revlens.analysis import analyze
 from revlens.blocking_spec import BlockingSpec
-from revlens.checkpoints import load_revlens_checkpoint
+from revlens.checkpoint_loader import load_revlens_checkpoint
 from revlens.finetune_cli import parse_layers
 from revlens.jobpool import JobPool, default_workers
 from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history

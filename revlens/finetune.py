@@ -1,7 +1,7 @@
 """A small, resumable fine-tuning loop with optional v_rev blocking, and a ReversionMonitor.
 
 Checkpoints go to ``out_dir/finetune/<run>/step_<N>/`` (the layout `analyze` reads; the last step is always
-saved), written by :func:`revlens.checkpoints.save_checkpoint`: revlens folders for TL-native models, Hugging
+saved), written by :func:`revlens.checkpoint_save.save_checkpoint`: revlens folders for TL-native models, Hugging
 Face folders for HF architectures, adapter folders with LoRA. The training state (trainable weights,
 optimizer, schedule, losses and the run's settings) goes to ``out_dir/finetune/<run>/state/`` at every saved
 step, so a run interrupted and called again continues and ends with the same weights (bitwise on CPU).
@@ -46,7 +46,8 @@ from revlens import directions as dirs
 from revlens import distributed as dist_
 from revlens._util import DiskFullError, atomic_write_json, naming_disk_full, temp_sibling, tensor_digest
 from revlens.blocking_spec import BlockingSpec
-from revlens.checkpoints import move_quietly, save_checkpoint
+from revlens.checkpoint_loader import move_quietly
+from revlens.checkpoint_save import save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
 from revlens.lora import apply_lora, is_peft_wrapped, lora_config_of, lora_description
 from revlens.losses import model_lm_loss, takes_logits_to_keep

@@ -342,7 +342,7 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
     import torch
 
     from revlens.analysis import default_prompts, load_prompt_file
-    from revlens.checkpoints import load_checkpoint
+    from revlens.checkpoint_loader import load_checkpoint
     from revlens.finetune import finetune
     from revlens.intervention import blocking_from_spec
     from revlens.probe import ReversionProbe
@@ -454,7 +454,7 @@ def _safe_lora_checkpoint(
 ) -> dict[str, Any]:
     """``safelora@F``: the trained model's update projected (:func:`revlens.weight_projection.safe_lora_project`)
     and written as the run ``<run>-safelora`` at the last step, beside the unprojected run."""
-    from revlens.checkpoints import save_checkpoint
+    from revlens.checkpoint_save import save_checkpoint
     from revlens.weight_projection import safe_lora_project
 
     def hf_state(phase: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@
 - :func:`save_adapter_folder`: ``adapter_config.json`` + ``adapter_model.safetensors`` for a peft-wrapped
   bridge (:func:`revlens.lora.apply_lora`), with ``base_model_name_or_path`` set to the local base folder:
   ``peft.PeftModel.from_pretrained(base, folder)`` loads it.
-Both write into a folder the caller renames into place (see :func:`revlens.checkpoints.save_checkpoint`).
+Both write into a folder the caller renames into place (see :func:`revlens.checkpoint_save.save_checkpoint`).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from revlens._util import replace_dir, temp_sibling
-from revlens.checkpoints import quiet_hf_progress
+from revlens.checkpoint_loader import quiet_hf_progress
 
 MODELS_DIR = Path("revlens_out/models")
 MARKER = "revlens_conversion.json"

@@ -39,7 +39,7 @@ def reversion_subspace(
               K >= k (PCA bases are nested: its first k rows are the rank-k subspace);
             - a pair ``(h_pretrain, h_align)`` of per-example readouts ``[n_prompts, n_layers, d_model]``
               (``layers`` names their layer axis; default 0..n_layers-1);
-            - a history (a :class:`~revlens.checkpoints.History`, its folder or dict): its pretrain and
+            - a history (a :class:`~revlens.history.History`, its folder or dict): its pretrain and
               aligned checkpoints are measured with ``probe`` (a per-example
               :class:`~revlens.probe.ReversionProbe`), or with one built from ``prompts``, ``control``,
               ``hook``, ``readout`` and ``layers``.
@@ -179,7 +179,7 @@ def refusal_direction(
         ``{layer: Tensor[d_model]}`` float32 unit vectors.
 
     Example:
-        >>> from revlens.checkpoints import boot_native_model
+        >>> from revlens.checkpoint_loader import boot_native_model
         >>> cfg = dict(d_model=16, n_layers=2, n_ctx=8, d_head=4, n_heads=4, d_mlp=32, d_vocab=10, act_fn="gelu")
         >>> model = boot_native_model(cfg)
         >>> r = refusal_direction(model, [torch.tensor([1, 2, 3])], [torch.tensor([4, 5])], layers=[1])
@@ -284,7 +284,7 @@ def _from_history(
     readout: str,
     device: str | None,
 ) -> dict[int, torch.Tensor]:
-    from revlens.checkpoints import History
+    from revlens.history import History
     from revlens.probe import ReversionProbe
 
     if not isinstance(source, (History, str, os.PathLike, Mapping)):

@@ -18,7 +18,7 @@ os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 import pytest
 import torch
 
-from revlens.checkpoints import boot_native_model
+from revlens.checkpoint_loader import boot_native_model
 from revlens.wordtok import word_tokenizer
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 def _record_loads(log: list[str]) -> None:
     """Note the label of every checkpoint this process loads (through the loader or a ref's own load)."""
-    from revlens.checkpoints import CheckpointLoader, CheckpointRef
+    from revlens.checkpoint_loader import CheckpointLoader, CheckpointRef
 
     loader_load, ref_load = CheckpointLoader.load, CheckpointRef.load
 
@@ -51,7 +51,7 @@ def case_model():
     """The tiny TL-native model (d_model 32, 3 layers) that :func:`finetune_case` starts from."""
     import torch
 
-    from revlens.checkpoints import boot_native_model
+    from revlens.checkpoint_loader import boot_native_model
     from revlens.wordtok import word_tokenizer
 
     from conftest import WORDS, tiny_config

@@ -9,7 +9,7 @@ import torch
 
 import revlens
 from revlens.chat import encode_requests, template_for_history, uses_chat_template
-from revlens.checkpoints import load_hf_folder
+from revlens.checkpoint_loader import load_hf_folder
 from revlens.probe import ProbeError, ReversionProbe
 
 from conftest import PROMPTS

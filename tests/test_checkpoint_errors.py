@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from revlens.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from revlens.checkpoint_format import CheckpointError
+from revlens.checkpoint_loader import load_checkpoint
+from revlens.checkpoint_save import save_checkpoint
 
 from conftest import PROMPTS
 from hf_models import save_tiny_llama, tiny_llama

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import revlens
-from revlens.checkpoints import CheckpointError, History, boot_native_model, load_checkpoint, save_checkpoint
+from revlens.checkpoint_format import CheckpointError
+from revlens.checkpoint_loader import boot_native_model, load_checkpoint
+from revlens.checkpoint_save import save_checkpoint
+from revlens.history import History
 
 from conftest import PROMPTS, shifted, tiny_config
 

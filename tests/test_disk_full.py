@@ -24,7 +24,8 @@ from safetensors import SafetensorError
 
 import revlens
 from revlens import DiskFullError
-from revlens.checkpoints import load_checkpoint, save_checkpoint
+from revlens.checkpoint_loader import load_checkpoint
+from revlens.checkpoint_save import save_checkpoint
 from revlens.report import REPORT_JSON, REPORT_TENSORS, ReversionReport
 
 from conftest import PROMPTS, shifted

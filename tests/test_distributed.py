@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import revlens
-from revlens.checkpoints import save_checkpoint
+from revlens.checkpoint_save import save_checkpoint
 from revlens.report import ReversionReport
 
 from conftest import PROMPTS, shifted

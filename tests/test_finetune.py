@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from revlens.checkpoints import History, load_checkpoint
+from revlens.checkpoint_loader import load_checkpoint
 from revlens.finetune import ReversionMonitor, finetune
+from revlens.history import History
 from revlens.intervention import Blocking
 from revlens.losses import masked_lm_loss
 

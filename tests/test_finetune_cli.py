@@ -55,7 +55,7 @@ def _settings(run_dir):
 
 
 def test_data_run_writes_a_history_analyze_reads_and_refuses_other_settings(history, data, prompts, tmp_path, capsys):
-    from revlens.checkpoints import History
+    from revlens.history import History
 
     out = tmp_path / "ft"
     args = [
@@ -319,7 +319,7 @@ def test_a_second_run_on_one_run_folder_is_refused_before_loading(history, data,
     import os
     import socket
 
-    import revlens.checkpoints
+    import revlens.checkpoint_loader
 
     run = tmp_path / "ft" / "finetune" / "mine"
     run.mkdir(parents=True)
@@ -328,7 +328,7 @@ def test_a_second_run_on_one_run_folder_is_refused_before_loading(history, data,
     def no_load(*a, **k):
         raise AssertionError("loaded a model for a refused run")
 
-    monkeypatch.setattr(revlens.checkpoints, "load_checkpoint", no_load)
+    monkeypatch.setattr(revlens.checkpoint_loader, "load_checkpoint", no_load)
     args = ["finetune", str(history), "--data", str(data), "--out", str(tmp_path / "ft"), "--run-name", "mine"]
     assert main(args) == 2
     err = capsys.readouterr().err

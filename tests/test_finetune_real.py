@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from revlens.checkpoints import load_checkpoint, save_checkpoint
+from revlens.checkpoint_loader import load_checkpoint
+from revlens.checkpoint_save import save_checkpoint
 from revlens.finetune import finetune
 from revlens.intervention import Blocking
 from revlens.sft_data import encode_sft

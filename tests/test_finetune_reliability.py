@@ -74,7 +74,7 @@ def test_last_step_is_always_saved(tiny_model, tmp_path):
     result = finetune(model, tokens, mask, out_dir=tmp_path, save_steps=(1, 2), **{**KW, "steps": 5})
     run = tmp_path / "finetune" / "seed_0"
     assert sorted(result.checkpoints) == [1, 2, 5]
-    from revlens.checkpoints import load_checkpoint
+    from revlens.checkpoint_loader import load_checkpoint
 
     assert same_weights(load_checkpoint(run / "step_5"), model)
     assert json.loads((run / "state" / "latest.json").read_text())["step"] == 5
@@ -166,7 +166,7 @@ def test_a_non_finite_penalty_stops_before_the_update_and_keeps_the_saved_state(
     """Item 1: the step whose penalty is NaN is not applied; weights, checkpoints and state are the last finite
     ones (equal to a clean run of that length), the lock is gone, and both the state and the checkpoint can be
     started from."""
-    from revlens.checkpoints import load_checkpoint
+    from revlens.checkpoint_loader import load_checkpoint
     from revlens.finetune import NonFiniteLossError
 
     tokens, mask = toy_data(tiny_model)

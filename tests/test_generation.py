@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from revlens.chat import encode_requests
-from revlens.checkpoints import load_hf_folder
+from revlens.checkpoint_loader import load_hf_folder
 from revlens.evals import generate_greedy, greedy_completions, harmfulness, hf_causal_lm
 
 from conftest import PROMPTS

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import revlens
-from revlens.checkpoints import CheckpointError, CheckpointLoader, History, load_checkpoint, save_checkpoint
+from revlens.checkpoint_format import CheckpointError
+from revlens.checkpoint_loader import CheckpointLoader, load_checkpoint
+from revlens.checkpoint_save import save_checkpoint
+from revlens.history import History
 
 from conftest import PROMPTS, shifted
 from hf_models import save_tiny_llama, tiny_llama

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from revlens.checkpoints import load_hf_folder
+from revlens.checkpoint_loader import load_hf_folder
 from revlens.losses import masked_lm_loss, model_lm_loss, takes_logits_to_keep
 
 

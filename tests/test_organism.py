@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import revlens
-from revlens.checkpoints import load_checkpoint
+from revlens.checkpoint_loader import load_checkpoint
 from revlens.organism import (
     World,
     analysis_kwargs,
@@ -96,7 +96,7 @@ def test_analysis_reads_the_organism(micro_history):
 
 
 def test_blocking_modes_build_hooks_and_anchor_terms(micro_history):
-    from revlens.checkpoints import load_revlens_checkpoint
+    from revlens.checkpoint_loader import load_revlens_checkpoint
     from revlens.intervention import InterventionError
     from revlens.organism.train import blocking_for_world, v_rev_of_history
 
@@ -126,7 +126,7 @@ def test_reversion_subspace_spans_the_top_principal_directions_of_the_prompt_dif
     """Independent check with TransformerLens' cache: last-token readouts minus the control mean, then numpy's SVD."""
     import numpy as np
 
-    from revlens.checkpoints import load_revlens_checkpoint
+    from revlens.checkpoint_loader import load_revlens_checkpoint
     from revlens.organism.train import reversion_subspace
 
     world, layer, k = World(0), 1, 4

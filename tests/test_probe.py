@@ -51,7 +51,7 @@ def test_token_id_prompts_equal_string_prompts(tiny_model):
 
 def test_probe_tokenizes_once_for_checkpoints_sharing_a_vocabulary(tiny_model):
     """Checkpoints load one at a time, each with its own tokenizer object: one tokenization serves them all."""
-    from revlens.checkpoints import boot_native_model
+    from revlens.checkpoint_loader import boot_native_model
     from revlens.wordtok import word_tokenizer
 
     from conftest import WORDS, tiny_config

@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 import revlens
 from revlens import analysis
 from revlens.analysis import _MeasurementCache
-from revlens.checkpoints import CheckpointError, CheckpointRef, boot_native_model, save_checkpoint
+from revlens.checkpoint_format import CheckpointError
+from revlens.checkpoint_loader import CheckpointRef, boot_native_model
+from revlens.checkpoint_save import save_checkpoint
 from revlens.probe import ProbeResult, ReversionProbe
 
 from conftest import PROMPTS, shifted, tiny_config

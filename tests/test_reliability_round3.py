@@ -21,7 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from revlens import jobpool
-from revlens.checkpoints import CheckpointError, CheckpointLoader, WeightValueError, load_checkpoint, save_checkpoint
+from revlens.checkpoint_format import CheckpointError, WeightValueError
+from revlens.checkpoint_loader import CheckpointLoader, load_checkpoint
+from revlens.checkpoint_save import save_checkpoint
 from revlens.jobpool import JobFailed, JobPool
 from revlens.report import REPORT_JSON, REPORT_TENSORS, ReversionReport
 from revlens.selection import selection_test

@@ -216,7 +216,8 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
     logits, and generation on them equals a token-by-token loop (the bridge's wrapped module is not used)."""
     from transformers import AutoModelForCausalLM
 
-    from revlens.checkpoints import load_checkpoint, save_checkpoint
+    from revlens.checkpoint_loader import load_checkpoint
+    from revlens.checkpoint_save import save_checkpoint
     from revlens.smollm2.behaviour import greedy_answers
     from revlens.smollm2.hf_io import HFBridge
 

@@ -23,7 +23,8 @@ from revlens import ReversionProbe, subspace
 from revlens import directions as dirs
 from revlens._util import atomic_write_json, training_mode
 from revlens.blocking_spec import BlockingSpec
-from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
+from revlens.checkpoint_loader import boot_native_model, load_revlens_checkpoint
+from revlens.checkpoint_save import save_checkpoint
 from revlens.evals import greedy_completions, task_metrics
 from revlens.finetune import finetune
 from revlens.intervention import Blocking, ProbeAnchor, build_blocking

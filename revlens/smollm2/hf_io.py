@@ -1,6 +1,6 @@
 """Hugging Face folders into the demo: a TransformerBridge over a plain HF module (float32), and a plain
 HF copy of its current weights for evaluation. Trained bridges are written with core
-:func:`revlens.checkpoints.save_checkpoint` (a standard HF folder in the model's dtype).
+:func:`revlens.checkpoint_save.save_checkpoint` (a standard HF folder in the model's dtype).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class HFBridge:
         from transformer_lens.model_bridge import TransformerBridge
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from revlens.checkpoints import quiet_hf_progress
+        from revlens.checkpoint_loader import quiet_hf_progress
 
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)

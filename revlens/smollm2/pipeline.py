@@ -34,7 +34,8 @@ from revlens import directions as dirs
 from revlens._util import atomic_write_json
 from revlens.analysis import analyze
 from revlens.chat import encode_requests
-from revlens.checkpoints import quiet_hf_progress, save_checkpoint
+from revlens.checkpoint_loader import quiet_hf_progress
+from revlens.checkpoint_save import save_checkpoint
 from revlens.evals import task_metrics
 from revlens.finetune import finetune
 from revlens.intervention import Blocking, ProbeAnchor
