@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from revlens.defense_table import defense_table
+from revlens.demos.chat_model.pipeline import MANIFEST, Settings, run_smollm2_demo
 from revlens.report import ReversionReport
-from revlens.smollm2.pipeline import MANIFEST, Settings, run_smollm2_demo
 
 
 def collect(out: Path, quick: bool, wall: float | None) -> dict:

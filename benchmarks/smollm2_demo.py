@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from revlens.smollm2.pipeline import MANIFEST, run_smollm2_demo
+from revlens.demos.chat_model.pipeline import MANIFEST, run_smollm2_demo
 
 
 def main() -> None:

@@ -343,7 +343,7 @@ def test_truncated_or_garbage_gguf_is_one_named_error(tmp_path):
     pytest.importorskip("gguf")
     from test_smollm2_gguf import write_tiny_gguf
 
-    from revlens.smollm2.model import GGUFError, load_gguf
+    from revlens.demos.chat_model.model import GGUFError, load_gguf
 
     data = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
     for name, blob in (("head", data[:100]), ("half", data[: len(data) // 2]), ("text", b"not a gguf file" * 50)):
@@ -515,8 +515,8 @@ def _interventions(seeds):
 
 
 def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_keep_their_names(capsys):
-    from revlens.demo import intervention_table, table_labels
-    from revlens.smollm2.pipeline import print_smollm2
+    from revlens.demos.chat_model.pipeline import print_smollm2
+    from revlens.demos.comparison import intervention_table, table_labels
 
     from dashboard_reports import deep_report
 

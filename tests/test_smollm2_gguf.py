@@ -15,7 +15,7 @@ from hf_models import CHATML_TEMPLATE, chat_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-from revlens.smollm2.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf  # noqa: E402
+from revlens.demos.chat_model.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf  # noqa: E402
 
 D, LAYERS, HEADS, KV, FF = 32, 2, 4, 2, 64
 

@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from revlens.chat import encode_requests
+from revlens.demos.chat_model.data import REFUSAL, PromptSets, sft_tensors
+from revlens.demos.chat_model.pipeline import Settings, run_smollm2_demo
+from revlens.demos.chat_model.tasks import TASKS, benign_pairs
 from revlens.evals import RefusalPhraseJudge
-from revlens.smollm2.data import REFUSAL, PromptSets, sft_tensors
-from revlens.smollm2.pipeline import Settings, run_smollm2_demo
-from revlens.smollm2.tasks import TASKS, benign_pairs
 
 from hf_models import chat_tokenizer, save_tiny_llama
 
@@ -217,8 +217,8 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from revlens.checkpoints import load_checkpoint, save_checkpoint
-    from revlens.smollm2.behaviour import greedy_answers
-    from revlens.smollm2.hf_io import HFBridge
+    from revlens.demos.chat_model.behaviour import greedy_answers
+    from revlens.demos.chat_model.hf_io import HFBridge
 
     hb = HFBridge(tiny_chat_dir)
     x = encode_requests(hb.tokenizer, ["how do i bake a cake"], chat_template=True)[0][None]
@@ -244,7 +244,7 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
 
 
 def test_balanced_batches_draw_the_given_share_of_each_group():
-    from revlens.smollm2.train import draw_batch
+    from revlens.demos.chat_model.train import draw_batch
 
     gen = torch.Generator().manual_seed(0)
     rows = torch.stack([draw_batch([(5, 3), (3, 5)], gen) for _ in range(200)])
@@ -285,7 +285,7 @@ def test_worker_processes_give_the_one_process_numbers(demo, tiny_chat_dir, tmp_
 def test_quick_and_full_runs_share_one_align(tiny_chat_dir, tmp_path):
     from dataclasses import replace
 
-    from revlens.smollm2.pipeline import _Context
+    from revlens.demos.chat_model.pipeline import _Context
 
     def store(settings, out="a"):
         return _Context(tmp_path / out, tiny_chat_dir, settings, PromptSets.load(), shared_align=True).align_store
@@ -304,7 +304,7 @@ def test_align_behaviour_is_the_kept_checks_full_evaluation(tiny_chat_dir, tmp_p
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from revlens.smollm2.pipeline import ALIGN_RECORD, _Context, build_history
+    from revlens.demos.chat_model.pipeline import ALIGN_RECORD, _Context, build_history
 
     settings = replace(SETTINGS, seeds=0, check_prompts=48, check_tokens=SETTINGS.max_new_tokens)
     sets = PromptSets.load().subset(4)

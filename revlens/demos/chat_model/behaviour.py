@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from revlens.evals import RefusalPhraseJudge, generate_greedy
-from revlens.smollm2.data import REFUSAL
-from revlens.smollm2.tasks import exact_match
+from revlens import RefusalPhraseJudge, generate_greedy
+from revlens.demos.chat_model.data import REFUSAL
+from revlens.demos.chat_model.tasks import exact_match
 
 
 def hf_module(model: Any) -> Any:

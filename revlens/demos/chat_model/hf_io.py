@@ -24,7 +24,7 @@ class HFBridge:
         from transformer_lens.model_bridge import TransformerBridge
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from revlens.checkpoints import quiet_hf_progress
+        from revlens import quiet_hf_progress
 
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)

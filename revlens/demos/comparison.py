@@ -1,0 +1,99 @@
+"""What the demos' blocking comparisons share: the mode that blocks v_rev at little cost, the relative cost of a
+blocked step, and the table of modes (the organism's metric names, or plain words for a real chat model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from revlens import BlockingSpec, ReversionReport, fmt_pm
+
+TASK_LOSS_TOLERANCE = 0.05  # a blocking mode "costs little" if its task loss is within 5% of plain's
+
+
+def best_mode(
+    metrics: dict[str, dict[str, list[float]]],
+    tolerance: float = TASK_LOSS_TOLERANCE,
+    alignment_limit: float | None = None,
+) -> str | None:
+    """The blocked mode with the lowest mean harmfulness among those whose mean task loss is within
+    ``tolerance`` of plain fine-tuning's (all blocked modes if none is, or without a plain row) and, given
+    ``alignment_limit`` (the null's p99), whose mean final alignment is below it (if any is): the mode
+    that blocks v_rev at little cost. Ties go to the lower final alignment. With a plain row, a mode must
+    leave less harm than plain fine-tuning to count: None when no mode does (nothing is "best")."""
+    blocked = [m for m in metrics if m != "plain"]
+    if "plain" in metrics:
+        plain_harm = round(float(np.mean(metrics["plain"]["harmfulness"])), 9)
+        blocked = [m for m in blocked if round(float(np.mean(metrics[m]["harmfulness"])), 9) < plain_harm]
+        limit = (1 + tolerance) * np.mean(metrics["plain"]["task_loss"])
+        blocked = [m for m in blocked if np.mean(metrics[m]["task_loss"]) <= limit] or blocked
+    if alignment_limit is not None:
+        blocked = [m for m in blocked if np.mean(metrics[m]["final_alignment"]) < alignment_limit] or blocked
+    if not blocked:
+        return None
+    return min(
+        blocked,
+        key=lambda m: (
+            round(float(np.mean(metrics[m]["harmfulness"])), 9),
+            float(np.mean(metrics[m]["final_alignment"])),
+        ),
+    )
+
+
+# A real chat model's column names: its task and harmless prompts are not the organism's B2 / B1.
+REAL_MODEL_LABELS = {
+    "final_alignment": "final alignment",
+    "harmfulness": "harmfulness",
+    "task_loss": "task loss",
+    "task_accuracy": "task accuracy",
+    "b1_retention": "harmless answered",
+}
+
+
+def table_labels(report: ReversionReport) -> dict[str, str] | None:
+    """The intervention table's column names for ``report``: plain words for a real chat model's report (the
+    chat-model pipeline's, ``report.config["demo"]["pipeline"] == "chat_model"``, or an older SmolLM2 report's),
+    None (the organism's metric names) otherwise."""
+    demo = report.config.get("demo", {})
+    real = demo.get("pipeline") == "chat_model" or demo.get("preset") == "smollm2"
+    return dict(REAL_MODEL_LABELS) if real else None
+
+
+def intervention_table(interventions: dict[str, Any], labels: dict[str, str] | None = None) -> str:
+    """Per mode: mean +/- std over seeds (the mean alone with one seed) of final alignment, harmfulness, task
+    loss/accuracy (the organism's B2) and harmless prompts answered (its B1 retention).
+
+    ``labels`` renames the columns (:func:`table_labels` of the report); by default they are the metric names.
+    """
+    cols = ("final_alignment", "harmfulness", "task_loss", "task_accuracy", "b1_retention")
+    names = {c: (labels or {}).get(c, c) for c in cols}
+    w = max(12, *(len(m) + 2 for m in interventions["modes"]))
+    head = f"{'mode':<{w}}" + "".join(f"{names[c]:>22}" for c in cols)
+    lines = [
+        f"blocking at layers {interventions['layers']}, seeds {interventions['seeds']} (T = fine-tuning steps)",
+        head,
+        "-" * len(head),
+    ]
+    for mode in interventions["modes"]:
+        m = interventions["metrics"][mode]
+        lines.append(f"{mode:<{w}}" + "".join(f"{fmt_pm(m[c], 3):>22}" for c in cols))
+    lines.append(
+        "per seed harmfulness: "
+        + "; ".join(
+            f"{mode}: {', '.join(f'{v:.2f}' for v in interventions['metrics'][mode]['harmfulness'])}"
+            for mode in interventions["modes"]
+        )
+    )
+    return "\n".join(lines)
+
+
+def mode_cost(mode: str) -> float:
+    """A blocked fine-tuning step's cost relative to a plain one (benchmarks/intervention_overhead.py): hooks
+    add a few percent each, the anchor a forward and backward pass over the probe prompts, the contrast
+    term one more over the control prompts."""
+    spec = BlockingSpec.parse(mode)
+    cost = 1.0 + 0.05 * len(spec.hooks)
+    if spec.anchor or spec.contrast:
+        cost += 1.0 + (1.1 if spec.contrast else 0.0)
+    return cost
