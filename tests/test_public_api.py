@@ -24,4 +24,3 @@ def test_entry_points_document_args_returns_and_an_example(name):
     doc = inspect.getdoc(getattr(revlens, name)) or ""
     sections = set(re.findall(r"^(Args|Returns|Example):$", doc, flags=re.M))
     assert sections == {"Args", "Returns", "Example"}, f"{name} documents only {sorted(sections)}"
-
