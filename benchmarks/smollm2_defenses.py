@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from revlens.defense_table import defense_table
-from revlens.demos.chat_model.pipeline import MANIFEST, Settings, run_smollm2_demo
+from revlens.demos.chat_model.pipeline import MANIFEST, Settings, run_chat_model
 from revlens.report import ReversionReport
 
 
@@ -69,8 +69,14 @@ def main() -> None:
             raise SystemExit(f"{out} is not empty: a benchmark times a whole run; delete it or pass another --out.")
         t0 = time.perf_counter()
         settings = replace(Settings.quick() if args.quick else Settings(), modes=())  # as the CLI's --compare
-        run_smollm2_demo(
-            out, quick=args.quick, settings=settings, progress=True, workers=args.workers, compare="defenses"
+        run_chat_model(
+            out,
+            preset="smollm2",
+            quick=args.quick,
+            settings=settings,
+            progress=True,
+            workers=args.workers,
+            compare="defenses",
         )
         wall = time.perf_counter() - t0
     else:

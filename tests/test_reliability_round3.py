@@ -515,7 +515,7 @@ def _interventions(seeds):
 
 
 def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_keep_their_names(capsys):
-    from revlens.demos.chat_model.pipeline import print_smollm2
+    from revlens.demos.chat_model.pipeline import print_chat_model
     from revlens.demos.comparison import intervention_table, table_labels
 
     from dashboard_reports import deep_report
@@ -532,7 +532,7 @@ def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_kee
     row = {"pretrain": [0.5], "align": [0.125], "final": [0.25]}
     metrics = ("harm", "refused_exact", "harmless_answered", "task_loss", "task_accuracy")
     real.behaviour = {m: row for m in metrics} | {"along": {}}
-    print_smollm2(real)
+    print_chat_model(real)
     printed = capsys.readouterr().out
     table = printed[printed.index("blocking at layers") : printed.index("best mode")]
     assert "task loss" in table and "task accuracy" in table and "harmless answered" in table

@@ -50,6 +50,17 @@ class HFBridge:
         return fresh.to(next(iter(self.state.values())).device).eval()
 
 
+def load_hf(folder: str | os.PathLike) -> tuple[Any, Any]:
+    """(plain HF causal LM in float32, eval mode; its tokenizer) of an HF folder, read offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from revlens import quiet_hf_progress
+
+    with quiet_hf_progress():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
 def load_bridge(folder: str | os.PathLike, device: str | None = None) -> Any:
     """:class:`HFBridge` of an HF folder (float32)."""
     return HFBridge(folder, device)
