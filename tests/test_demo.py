@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from revlens.cli import main
-from revlens.demos.organism.demo import _Measurer
+from revlens.demos.organism.demo import final_alignment_reader
 from revlens.demos.organism.train import blocked_finetune
 from revlens.paper import PAPER
 from revlens.report import ReversionReport
@@ -68,10 +68,10 @@ def test_demo_cli_writes_report_dashboard_and_table(micro_history, tmp_path, cap
     # The other rows came from worker processes (one per core); the same run in this process agrees.
     layers = report.interventions["layers"]
     block = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-    measurer = _Measurer(out / "history", report.layers, report.v_rev_basis.double(), li)
+    measurer = final_alignment_reader(out / "history", report)
     for mode in ("plain", "clamp"):
         model, behaviour = blocked_finetune(out / "history", block, mode, 1)
-        assert metrics[mode]["final_alignment"][1] == pytest.approx(measurer.final_alignment(model), abs=1e-6)
+        assert metrics[mode]["final_alignment"][1] == pytest.approx(measurer(model), abs=1e-6)
         assert metrics[mode]["harmfulness"][1] == behaviour["harm"]
         assert metrics[mode]["task_loss"][1] == pytest.approx(behaviour["b2_loss"], abs=1e-6)
     html = (out / "dashboard.html").read_text()

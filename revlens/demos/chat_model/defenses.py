@@ -29,11 +29,9 @@ from revlens import (
     BlockingSpec,
     JobPool,
     ReversionProbe,
-    alignment,
     behaviour_outcomes,
     defense_grid,
     defense_rows,
-    drift,
     harmbench_prompts,
     harmless_eval_prompts,
     project_update,
@@ -143,15 +141,13 @@ def _defense_run(
         with torch.no_grad():
             for name, tensor in hb.state.items():
                 tensor.copy_(new[name])
-    probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=measure.layers, per_example=False)
-    a = alignment(drift(probe.centroid(hb.bridge), measure.mu_align), measure.basis).numpy()
     path = ctx.out / "defenses" / "answers" / _slug(mode) / f"seed_{seed}.jsonl"
     out = _evaluate(ctx, hb, sets, path)
     return {
         **out,
         **record,
-        "final_alignment": float(a[measure.li]),
-        "alignment_layer": measure.layers[measure.li],
+        "final_alignment": measure(hb.bridge),
+        "alignment_layer": measure.layer,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -168,7 +164,8 @@ def compare_defenses(ctx: Any, report: Any, workers: int = 1, quick: bool | None
     seed, so an interrupted run holds whole seeds). ``quick`` overrides the settings' grid. Returns the table rows
     and what was run."""
     from revlens import reversion_subspace
-    from revlens.demos.chat_model.pipeline import _ALIGN_REFERENCE, _align_reference, _Measure, _worker_context
+    from revlens.demos.chat_model.pipeline import _ALIGN_REFERENCE, _align_reference, _worker_context
+    from revlens.demos.comparison import FinalAlignment
 
     s = ctx.settings
     grid = getattr(s, "defense_grid", "full") if quick is None else ("quick" if quick else "full")
@@ -186,7 +183,7 @@ def compare_defenses(ctx: Any, report: Any, workers: int = 1, quick: bool | None
     li = report.best_layer_index()
     align, harmful_ids, harmless_ids = _align_reference(ctx)
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
-    measure = _Measure(list(report.layers), report.v_rev_basis.double(), li, probe.centroid(align.bridge))
+    measure = FinalAlignment.of(report, probe, align.bridge)
     v_rev = {l: report.v_rev_basis[i] for i, l in enumerate(report.layers)}
     ranks = {BlockingSpec.parse(m).subspace[1] for m in modes if (BlockingSpec.parse(m).subspace or ("",))[0] == "rank"}
     pca = {}

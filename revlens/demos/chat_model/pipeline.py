@@ -38,12 +38,10 @@ from revlens import (
     ProbeAnchor,
     ReversionProbe,
     ReversionReport,
-    alignment,
     analyze,
     atomic_write_json,
     comparison_rows,
     default_workers,
-    drift,
     encode_requests,
     finetune,
     save_checkpoint,
@@ -58,6 +56,7 @@ from revlens.demos.chat_model.recipe import PRESETS, Recipe
 from revlens.demos.chat_model.sources import is_converted, model_folder
 from revlens.demos.chat_model.tasks import benign_pairs
 from revlens.demos.chat_model.train import train_steps
+from revlens.demos.comparison import FinalAlignment
 
 MANIFEST = "chat_model.json"
 LEGACY_MANIFEST = "smollm2.json"  # the name before the pipeline was generic: renamed on resume
@@ -606,23 +605,12 @@ def _align_reference(ctx: _Context) -> tuple[HFBridge, list[torch.Tensor], list[
     return _ALIGN_REFERENCE[key]
 
 
-@dataclass(frozen=True)
-class _Measure:
-    """How a blocked run's final alignment is read: the report's layers, v_rev basis, best layer index and
-    align's probe centroid."""
-
-    layers: list[int]
-    basis: torch.Tensor
-    li: int
-    mu_align: torch.Tensor
-
-
 def _blocked_run(
     ctx: _Context,
     label: str,
     seed: int,
     directions: dict[int, torch.Tensor] | None,
-    measure: _Measure,
+    measure: FinalAlignment,
     plain_behaviour: dict[str, Any] | None,
 ) -> dict[str, float]:
     """One row of the blocking comparison: fine-tune from align for ``blocking_steps`` with the mode's hooks
@@ -666,15 +654,13 @@ def _blocked_run(
             autocast_dtype=_autocast(s),
             progress=False,
         )
-    probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=measure.layers, per_example=False)
-    a = alignment(drift(probe.centroid(hb.bridge), measure.mu_align), measure.basis).numpy()
     b = (
         plain_behaviour
         if mode == "plain" and plain_behaviour is not None
         else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
     )
     return {
-        "final_alignment": float(a[measure.li]),
+        "final_alignment": measure(hb.bridge),
         "harmfulness": b["harm"],
         "refused_exact": b["refused_exact"],
         "task_loss": b["task_loss"],
@@ -688,19 +674,19 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
     final alignment at the report's best layer, evaluated without hooks; the runs on ``workers`` processes
     (:class:`revlens.jobpool.JobPool`), each row recorded as it arrives."""
     from revlens import BlockingSpec, random_subspace, reversion_subspace
-    from revlens.demos.comparison import best_mode, mode_cost
+    from revlens.demos.comparison import blocking_summary, costliest_first
 
     s, hist = ctx.settings, ctx.history
     done = ctx.manifest.setdefault("blocking", {})
-    li, best = report.best_layer_index(), report.best_layer
+    best = report.best_layer
     align, harmful_ids, harmless_ids = _align_reference(ctx)
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
-    measure = _Measure(list(report.layers), report.v_rev_basis.double(), li, probe.centroid(align.bridge))
+    measure = FinalAlignment.of(report, probe, align.bridge)
     pca_cache: dict[int, dict[int, torch.Tensor]] = {}
     # the longest runs first, so the workers finish together; plain rows train nothing
-    jobs = sorted(
-        ((label, seed) for label in s.modes for seed in range(s.seeds) if f"{label}|{seed}" not in done),
-        key=lambda job: 0.0 if job[0] == "plain" else -mode_cost(_split_label(job[0])[0]),
+    jobs = costliest_first(
+        [(label, seed) for label in s.modes for seed in range(s.seeds) if f"{label}|{seed}" not in done],
+        lambda label: _split_label(label)[0],
     )
     job_ctx = _worker_context(ctx)
     with JobPool(min(workers, max(1, len(jobs)))) as pool:
@@ -734,20 +720,9 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
             done[key] = row
             ctx.save_manifest()
     _ALIGN_REFERENCE.clear()
-    metrics: dict[str, dict[str, list[float]]] = {}
-    for label in s.modes:
-        for seed in range(s.seeds):
-            for name, value in done[f"{label}|{seed}"].items():
-                metrics.setdefault(label, {}).setdefault(name, []).append(value)
-    return {
-        "modes": list(s.modes),
-        "seeds": list(range(s.seeds)),
-        "layers": list(report.layers),
-        "best_layer": best,
-        "steps": s.blocking_steps,
-        "metrics": metrics,
-        "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
-    }
+    rows = {(label, seed): done[f"{label}|{seed}"] for label in s.modes for seed in range(s.seeds)}
+    summary = blocking_summary(rows, s.modes, range(s.seeds), report)
+    return {**summary, "layers": list(report.layers), "best_layer": best, "steps": s.blocking_steps}
 
 
 def check_settings(settings: Settings) -> None:

@@ -20,16 +20,20 @@ from revlens import (
     JobPool,
     ReversionProbe,
     ReversionReport,
-    alignment,
     analyze,
     comparison_rows,
     comparison_table,
     default_workers,
-    drift,
     fmt_pm,
     load_revlens_checkpoint,
 )
-from revlens.demos.comparison import best_mode, intervention_table, mode_cost
+from revlens.demos.comparison import (
+    FinalAlignment,
+    blocking_summary,
+    costliest_first,
+    intervention_table,
+    mode_cost,
+)
 from revlens.demos.organism import World, analysis_kwargs, behaviour_summary, build_history
 from revlens.demos.organism.presets import Preset, get_preset
 from revlens.demos.organism.train import blocked_finetune, preset_of, read_manifest
@@ -51,22 +55,13 @@ DEFAULT_MODES = ("plain", "clamp", "anchor@0.003+contrast@0.1+rank@64")
 MODE_SETS = {"all": ALL_MODES, "default": DEFAULT_MODES}
 
 
-_METRICS = ("final_alignment", "harmfulness", "task_loss", "task_accuracy", "b1_retention")
-
-
-class _Measurer:
-    """Final alignment exactly as the report measures it: its probe, control and v_rev, at its best layer."""
-
-    def __init__(self, history_dir: Path, report_layers: list[int], basis: Any, li: int) -> None:
-        kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
-        self.probe = ReversionProbe(
-            kw["prompts"], control=kw["control"], readout=kw["readout"], layers=report_layers, per_example=False
-        )
-        self.mu_align = self.probe.centroid(load_revlens_checkpoint(history_dir / "align"))
-        self.basis, self.li = basis, li
-
-    def final_alignment(self, model: Any) -> float:
-        return float(alignment(drift(self.probe.centroid(model), self.mu_align), self.basis).numpy()[self.li])
+def final_alignment_reader(history_dir: Path, report: ReversionReport) -> FinalAlignment:
+    """Final alignment as the report measures it on this organism: its probe, control and readout, at its layers."""
+    kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
+    probe = ReversionProbe(
+        kw["prompts"], control=kw["control"], readout=kw["readout"], layers=list(report.layers), per_example=False
+    )
+    return FinalAlignment.of(report, probe, load_revlens_checkpoint(history_dir / "align"))
 
 
 def _row(alignment: float, behaviour: dict[str, Any]) -> dict[str, float]:
@@ -79,23 +74,23 @@ def _row(alignment: float, behaviour: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _run(measurer: _Measurer, history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
+def _run(measurer: FinalAlignment, history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
     model, behaviour = blocked_finetune(history_dir, block, mode, seed)
-    return _row(measurer.final_alignment(model), behaviour)
+    return _row(measurer(model), behaviour)
 
 
-_WORKER: dict[str, _Measurer] = {}
+_WORKER: dict[str, FinalAlignment] = {}
 
 
-def _worker_init(history_dir: Path, report_layers: list[int], basis: Any, li: int) -> None:
-    _WORKER["measurer"] = _Measurer(history_dir, report_layers, basis, li)
+def _worker_init(measurer: FinalAlignment) -> None:
+    _WORKER["measurer"] = measurer
 
 
 def _worker_run(history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
     return _run(_WORKER["measurer"], history_dir, block, mode, seed)
 
 
-def _history_plain_row(history_dir: Path, seed: int, measurer: _Measurer) -> dict[str, float] | None:
+def _history_plain_row(history_dir: Path, seed: int, measurer: FinalAlignment) -> dict[str, float] | None:
     """The plain row of a seed from the history itself: its last fine-tuning checkpoint is the model a plain
     re-run produces (same data, seed and steps; tests/test_demo.py checks it), and its behaviour is recorded."""
     manifest = read_manifest(history_dir)
@@ -105,7 +100,7 @@ def _history_plain_row(history_dir: Path, seed: int, measurer: _Measurer) -> dic
     behaviour = run.get("behaviour", {}).get(str(steps))
     if not run.get("complete") or behaviour is None or not (ckpt / "config.json").is_file():
         return None
-    return _row(measurer.final_alignment(load_revlens_checkpoint(ckpt)), behaviour)
+    return _row(measurer(load_revlens_checkpoint(ckpt)), behaviour)
 
 
 def compare_blocking(
@@ -140,16 +135,15 @@ def compare_blocking(
 
     history_dir = Path(history_dir)
     layers = [report.best_layer] if layers is None else list(layers)
-    basis, li = report.v_rev_basis.double(), report.best_layer_index()
     block = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-    measurer = _Measurer(history_dir, list(report.layers), basis, li)
+    measurer = final_alignment_reader(history_dir, report)
     rows: dict[tuple[str, int], dict[str, float]] = {}
     if reuse_plain and "plain" in modes:
         for seed in seeds:
             row = _history_plain_row(history_dir, seed, measurer)
             if row is not None:
                 rows[("plain", seed)] = row
-    jobs = sorted(((m, s) for m in modes for s in seeds if (m, s) not in rows), key=lambda j: -mode_cost(j[0]))
+    jobs = costliest_first([(m, s) for m in modes for s in seeds if (m, s) not in rows])
     bar = tqdm(total=len(jobs), desc="blocking", unit="run", disable=not progress)
     if workers > 1 and len(jobs) > 1:
         # one thread per worker: the organism's operations are too small to split
@@ -157,7 +151,7 @@ def compare_blocking(
             min(workers, len(jobs)),
             threads=1,
             initializer=_worker_init,
-            initargs=(history_dir, list(report.layers), basis, li),
+            initargs=(measurer,),
         )
         run = _worker_run
     else:
@@ -169,14 +163,7 @@ def compare_blocking(
             rows[key] = row
             bar.update()
     bar.close()
-    metrics = {m: {k: [rows[(m, s)][k] for s in seeds] for k in _METRICS} for m in modes}
-    return {
-        "modes": list(modes),
-        "seeds": list(seeds),
-        "layers": layers,
-        "metrics": metrics,
-        "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
-    }
+    return {**blocking_summary(rows, modes, seeds, report), "layers": layers}
 
 
 def parse_modes(text: str) -> list[str]:

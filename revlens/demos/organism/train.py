@@ -24,15 +24,14 @@ from revlens import (
     BlockingSpec,
     ProbeAnchor,
     ReversionProbe,
-    alignment,
     atomic_write_json,
     boot_native_model,
     build_blocking,
-    drift,
     finetune,
     greedy_completions,
     load_revlens_checkpoint,
     masked_lm_loss,
+    roundoff_floor,
     save_checkpoint,
     task_metrics,
     training_mode,
@@ -40,6 +39,7 @@ from revlens import (
 )
 from revlens import random_subspace as _random_subspace
 from revlens import reversion_subspace as _reversion_subspace
+from revlens.demos.comparison import FinalAlignment
 from revlens.demos.organism.presets import Preset, get_preset, preset_key
 from revlens.demos.organism.world import COMPLY_MARK, World, compliance
 
@@ -390,8 +390,18 @@ def v_rev_of_history(
     history_dir: str | Path, device: str | None = None
 ) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
     """v_rev basis ``[n_layers, 1, d]`` (contrast readout), the probe, and the aligned contrast centroid."""
+    reader = final_alignment_of_history(history_dir, device)
+    return reader.basis, reader.probe, reader.mu_align
+
+
+def final_alignment_of_history(history_dir: str | Path, device: str | None = None) -> FinalAlignment:
+    """Alignment at every layer with the history's own v_rev (pretrain - align, contrast readout), read as the
+    analysis reads it, round-off floor included (no report needed)."""
     probe, pre, ali = _measure_pretrain_align(Path(history_dir), None, per_example=False, device=device)
-    return v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :], probe, ali.centroid
+    basis = v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :]
+    return FinalAlignment(
+        probe, ali.centroid, basis, roundoff_floor(ali.probe_centroid), tuple(range(basis.shape[0])), 0
+    )
 
 
 def _measure_pretrain_align(
@@ -427,14 +437,15 @@ def finetune_from_history(
     device: str | None = None,
 ) -> dict[str, Any]:
     """`revlens finetune`: one (optionally blocked) run from a history's aligned model, checkpoints in ``out``."""
-    basis, probe, mu_a = v_rev_of_history(history_dir, device)
+    reader = final_alignment_of_history(history_dir, device)
+    basis = reader.basis
     preset = read_manifest(history_dir)["key"]["preset"]
     if layers is None:
         layers = preset["block_layers"] or list(range(preset["n_layers"]))
     model, metrics = blocked_finetune(
         history_dir, {l: basis[l] for l in layers}, mode, seed, out_dir=out, steps=steps, device=device, progress=True
     )
-    a = alignment(drift(probe.centroid(model), mu_a), basis).numpy()
+    a = reader.per_layer(model)
     metrics["final_alignment"] = {int(l): float(v) for l, v in enumerate(a)}
     metrics.update({"mode": mode, "layers": list(layers), "seed": seed})
     out.mkdir(parents=True, exist_ok=True)
