@@ -151,8 +151,10 @@ def test_blocking_table_and_paper_rows(demo):
 
 def test_rerun_resumes_and_refuses_other_settings(demo, tiny_chat_dir):
     out, report = demo
+    (out / "chat_model.json").rename(out / "smollm2.json")  # a run folder written before the pipeline was generic
     again = run_chat_model(out, model=tiny_chat_dir, settings=SETTINGS, progress=False, workers=1)
     assert again.alignment.tolist() == report.alignment.tolist()
+    assert (out / "chat_model.json").is_file() and not (out / "smollm2.json").exists()
     with pytest.raises(ValueError, match="other settings"):
         run_chat_model(out, model=tiny_chat_dir, settings=Settings(**{**SETTINGS.__dict__, "lr": 2e-3}), progress=False)
 
