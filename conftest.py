@@ -26,9 +26,7 @@ import pytest
 collect_ignore = [
     "revlens/__main__.py",
     "revlens/cli.py",
-    "revlens/demo.py",
-    "revlens/organism",
-    "revlens/smollm2",
+    "revlens/demos",
     "revlens/integrations/transformers.py",
 ]
 

@@ -28,9 +28,9 @@ def main() -> None:
     args = p.parse_args()
 
     from revlens import analyze
-    from revlens.smollm2.data import PromptSets
-    from revlens.smollm2.hf_io import HFBridge
-    from revlens.smollm2.pipeline import _Context, probe_sets
+    from revlens.demos.chat_model.data import PromptSets
+    from revlens.demos.chat_model.hf_io import HFBridge
+    from revlens.demos.chat_model.pipeline import _Context, probe_sets
 
     history = Path(args.history)
     if not (history / "align" / "config.json").is_file():

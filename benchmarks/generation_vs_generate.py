@@ -63,8 +63,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from revlens.chat import encode_requests
+    from revlens.demos.chat_model.data import PromptSets
     from revlens.evals import _generate_batched, _shared_prefix
-    from revlens.smollm2.data import PromptSets
 
     folders = [Path(f) for f in args.folders] or [
         Path("revlens_out/models/smollm2-135m-instruct"),

@@ -25,8 +25,8 @@ import torch
 
 from revlens.defense_table import defense_table
 from revlens.defenses import defense_rows
+from revlens.demos.chat_model.pipeline import MANIFEST, Settings, run_chat_model
 from revlens.report import ReversionReport
-from revlens.smollm2.pipeline import MANIFEST, Settings, run_smollm2_demo
 
 
 def collect(out: Path, quick: bool, wall: float | None) -> dict:
@@ -102,8 +102,14 @@ def main() -> None:
             raise SystemExit(f"{out} is not empty: a benchmark times a whole run; delete it or pass another --out.")
         t0 = time.perf_counter()
         settings = replace(Settings.quick() if args.quick else Settings(), modes=())  # as the CLI's --compare
-        run_smollm2_demo(
-            out, quick=args.quick, settings=settings, progress=True, workers=args.workers, compare="defenses"
+        run_chat_model(
+            out,
+            preset="smollm2",
+            quick=args.quick,
+            settings=settings,
+            progress=True,
+            workers=args.workers,
+            compare="defenses",
         )
         wall = time.perf_counter() - t0
     else:

@@ -1,14 +1,17 @@
-"""Runtime of the SmolLM2 demo (`revlens demo --preset smollm2`): per phase, written to benchmarks/results/.
+"""Runtime of the chat-model pipeline (`revlens demo --preset smollm2`, or any `--preset` / `--model`): per phase,
+written to benchmarks/results/.
 
-python benchmarks/smollm2_demo.py --quick            # target: <= 10 min on 2 CPU cores
-python benchmarks/smollm2_demo.py                    # full: 3 seeds x 100 steps, full blocking list
+python benchmarks/smollm2_demo.py --quick --fresh-align   # the first run, cold; target: <= 10 min on 2 CPU cores
+python benchmarks/smollm2_demo.py                         # full: 3 seeds x 100 steps, full blocking list
+python benchmarks/smollm2_demo.py --quick --model DIR_OR_GGUF [--preset qwen2.5-coder-0.5b]  # another model
 
 ``--out`` must be empty (a resumed run would time only what was left). Refusal training (align) is kept
 once beside the converted model and shared by every run with the same align settings; the result records
 whether this run trained it (``align_trained``) and how long it took, so the figure with and without it
 can both be read. ``history_s.finetune_runs`` is the wall-clock of every seed's training and evaluations
 (side by side on ``workers`` processes); ``job_s`` the seconds of each seed's jobs.
-``--fresh-align`` deletes the kept align first for a fully cold figure.
+``--fresh-align`` deletes the kept align first for a fully cold figure. ``calibration`` records how align's checks
+were scored and, for the teacher-forced score, how often it agreed with the generated answers.
 """
 
 from __future__ import annotations
@@ -23,26 +26,31 @@ from pathlib import Path
 
 import torch
 
-from revlens.smollm2.pipeline import MANIFEST, run_smollm2_demo
+from revlens.demos.chat_model.pipeline import MANIFEST, run_chat_model
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--preset", default=None, help="a chat-model preset (default smollm2 without --model)")
+    p.add_argument("--model", default=None, help="an HF chat-model folder or a .gguf file")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core, at most 4)")
     p.add_argument("--fresh-align", action="store_true", help="delete the kept align first (a fully cold run)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out or f"revlens_out/bench-smollm2{'-quick' if args.quick else ''}")
+    name = args.preset or (Path(args.model).stem if args.model else "smollm2")
+    out = Path(args.out or f"revlens_out/bench-{name}{'-quick' if args.quick else ''}")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: a benchmark times a whole run; delete it or pass another --out.")
     if args.fresh_align:
         shutil.rmtree(Path("revlens_out/models/aligned"), ignore_errors=True)
     t0 = time.perf_counter()
-    report = run_smollm2_demo(out, quick=args.quick, progress=True, workers=args.workers)
+    report = run_chat_model(
+        out, model=args.model, preset=args.preset, quick=args.quick, progress=True, workers=args.workers
+    )
     wall = time.perf_counter() - t0
     manifest = json.loads((out / MANIFEST).read_text())
     history = manifest["timings_s"]
@@ -60,6 +68,8 @@ def main() -> None:
         "align_trained": align_trained,
         "wall_without_align_training_s": wall - (history.get("align", 0.0) if align_trained else 0.0),
         "align_steps": manifest["align"]["trained_steps"],
+        "calibration": manifest["align"].get("calibration", {"method": "generate"}),
+        "model": report.config["demo"]["model"],
         "threads": torch.get_num_threads(),
         "workers": report.config["demo"]["workers"],
         "cpu": platform.processor() or platform.machine(),
@@ -67,7 +77,8 @@ def main() -> None:
         "load_average_after": os.getloadavg(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    path = Path("benchmarks/results") / f"smollm2_demo{'_quick' if args.quick else ''}.json"
+    stem = "smollm2_demo" if name == "smollm2" else f"chat_model_demo_{name}"
+    path = Path("benchmarks/results") / f"{stem}{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -35,11 +35,11 @@ def main() -> None:
 
     from generation import write_folder
 
+    from revlens.demos.chat_model.data import sft_tensors
+    from revlens.demos.chat_model.hf_io import HFBridge
+    from revlens.demos.chat_model.tasks import benign_pairs
     from revlens.finetune import make_optimizer
     from revlens.losses import model_lm_loss
-    from revlens.smollm2.data import sft_tensors
-    from revlens.smollm2.hf_io import HFBridge
-    from revlens.smollm2.tasks import benign_pairs
 
     folder = write_folder(Path(args.workdir) / "random", "random") if args.random else Path(args.model_dir)
     if not (folder / "model.safetensors").is_file():

@@ -24,10 +24,10 @@ MODEL_DIR = Path("revlens_out/models/smollm2-135m-instruct")
 
 
 def _setup(folder: str) -> tuple:
+    from revlens.demos.chat_model.data import sft_tensors
+    from revlens.demos.chat_model.hf_io import HFBridge
+    from revlens.demos.chat_model.tasks import benign_pairs
     from revlens.finetune import make_optimizer
-    from revlens.smollm2.data import sft_tensors
-    from revlens.smollm2.hf_io import HFBridge
-    from revlens.smollm2.tasks import benign_pairs
 
     hb = HFBridge(folder)
     tokens, mask = sft_tensors(hb.tokenizer, benign_pairs(64, seed=10_000, tasks=("reverse",)))
@@ -48,8 +48,8 @@ def _train_steps(hb, tokens, mask, opt, n: int, first: int = 0) -> None:
 
 
 def _answers(hb, n: int) -> None:
-    from revlens.smollm2.behaviour import greedy_answers
-    from revlens.smollm2.data import PromptSets
+    from revlens.demos.chat_model.behaviour import greedy_answers
+    from revlens.demos.chat_model.data import PromptSets
 
     requests = PromptSets.load().harmful_of("heldout")[:16]
     model = hb.to_hf()

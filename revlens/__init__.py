@@ -18,17 +18,40 @@ Example:
     (0, 0.6)
 """
 
-from revlens._util import DiskFullError
+from revlens._util import DiskFullError, atomic_write_json, replace_dir, temp_sibling, training_mode
 from revlens.analysis import analyze
-from revlens.benchmark_prompts import MissingDataPackage, PromptSource, harmbench_prompts, load_prompt_source
+from revlens.benchmark_prompts import (
+    MissingDataPackage,
+    PromptSource,
+    harmbench_prompts,
+    harmless_eval_prompts,
+    load_prompt_source,
+)
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.chat import encode_requests
 from revlens.checkpoint_format import CheckpointError, WeightValueError
-from revlens.checkpoint_loader import CheckpointLoader, CheckpointRef, load_checkpoint
+from revlens.checkpoint_loader import (
+    CheckpointLoader,
+    CheckpointRef,
+    boot_native_model,
+    load_checkpoint,
+    load_revlens_checkpoint,
+    quiet_hf_progress,
+)
 from revlens.checkpoint_save import save_checkpoint
-from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_defense
+from revlens.defense_table import defense_table
+from revlens.defenses import (
+    BehaviourSet,
+    behaviour_outcomes,
+    defense_grid,
+    defense_rows,
+    project_update,
+    train_defense,
+    write_answers,
+)
+from revlens.directions import alignment, drift, roundoff_floor, v_rev_mean_diff
 from revlens.distributed import DistributedError
-from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
+from revlens.evals import RefusalPhraseJudge, generate_greedy, greedy_completions, harmfulness, task_metrics
 from revlens.finetune import (
     FinetuneResult,
     FinetuneStateError,
@@ -36,22 +59,35 @@ from revlens.finetune import (
     ReversionMonitor,
     RunLockedError,
     finetune,
+    make_optimizer,
 )
+from revlens.finetune_cli import parse_layers
 from revlens.history import History
 from revlens.integrations.hf_hooks import HookError
-from revlens.intervention import Blocking, ProbeAnchor, anchor_from_report, blocking_from_report, blocking_from_spec
-from revlens.jobpool import JobFailed
+from revlens.intervention import (
+    Blocking,
+    ProbeAnchor,
+    anchor_from_report,
+    blocking_from_report,
+    blocking_from_spec,
+    build_blocking,
+)
+from revlens.jobpool import JobFailed, JobPool, default_workers
+from revlens.losses import masked_lm_loss, model_lm_loss, takes_logits_to_keep
+from revlens.metric_labels import metric_labels, table_labels
 from revlens.model_sources import MODEL_SOURCES, GGUFError, ModelNotFoundError, ModelSource, ensure_model
+from revlens.paper import comparison_rows, comparison_table
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import default_control, default_prompts, load_prompt_file
 from revlens.readout import ProbeError
 from revlens.replay import ReplayMix
-from revlens.report import ReversionReport
+from revlens.report import ReversionReport, fmt_pm
 from revlens.selection import selection_test
 from revlens.stats import Rate, mcnemar_exact, wilson_interval
 from revlens.subspace import random_subspace, readout_pca, refusal_direction, reversion_subspace
 from revlens.weight_projection import safe_lora_project
+from revlens.wordtok import word_tokenizer
 
 __all__ = [
     # measure
@@ -122,5 +158,37 @@ __all__ = [
     "MissingDataPackage",
     "ModelNotFoundError",
     "GGUFError",
+    # building blocks of pipelines like the demos (revlens.demos use only the names of this list)
+    "drift",
+    "alignment",
+    "roundoff_floor",
+    "v_rev_mean_diff",
+    "build_blocking",
+    "make_optimizer",
+    "masked_lm_loss",
+    "model_lm_loss",
+    "takes_logits_to_keep",
+    "greedy_completions",
+    "harmless_eval_prompts",
+    "behaviour_outcomes",
+    "write_answers",
+    "project_update",
+    "defense_table",
+    "comparison_rows",
+    "comparison_table",
+    "fmt_pm",
+    "boot_native_model",
+    "load_revlens_checkpoint",
+    "quiet_hf_progress",
+    "word_tokenizer",
+    "parse_layers",
+    "JobPool",
+    "default_workers",
+    "atomic_write_json",
+    "replace_dir",
+    "temp_sibling",
+    "training_mode",
+    "metric_labels",
+    "table_labels",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The `revlens` command line: analyze a history, run the organism demo, fine-tune with blocking."""
+"""The `revlens` command line: analyze a history, run a demo (revlens.demos), fine-tune with blocking."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from revlens import demo, finetune_cli
+from revlens import finetune_cli
+from revlens.demos import cli as demo_cli
 from revlens.finetune_cli import parse_layers
 
 # Demo histories (by marker file) that `revlens finetune` fine-tunes on the demo's own task when no --data is
 # given; named here, at the composition root, and imported only for such a history.
-DEMO_FINETUNERS = {"organism.json": "revlens.organism.train:finetune_from_history"}
+DEMO_FINETUNERS = {"organism.json": "revlens.demos.organism.train:finetune_from_history"}
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_analyze(sub)
     finetune_cli.add_cli(sub, finetuners=DEMO_FINETUNERS)
-    demo.add_cli(sub)
+    demo_cli.add_cli(sub)
     return parser
 
 

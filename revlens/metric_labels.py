@@ -29,9 +29,10 @@ _HARMLESS_SET = {True: "harmless", False: "B1"}
 
 
 def is_real_model(config: Mapping[str, Any]) -> bool:
-    """True for a real-model report's config (``config["demo"]["preset"] == "smollm2"``)."""
+    """True for a real chat model's report config: the chat-model pipeline's (``config["demo"]["pipeline"] ==
+    "chat_model"``, any model) or an older SmolLM2 demo's (``config["demo"]["preset"] == "smollm2"``)."""
     demo = config.get("demo") if isinstance(config, Mapping) else None
-    return isinstance(demo, Mapping) and demo.get("preset") == "smollm2"
+    return isinstance(demo, Mapping) and (demo.get("pipeline") == "chat_model" or demo.get("preset") == "smollm2")
 
 
 def metric_labels(config: Mapping[str, Any]) -> dict[str, str]:

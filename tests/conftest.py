@@ -132,7 +132,7 @@ def micro_history(tmp_path_factory):
     needs a trained history (organism, demo, notebooks). Read it, never write into it: copy it first."""
     import warnings
 
-    from revlens.organism import build_history
+    from revlens.demos.organism import build_history
 
     out = tmp_path_factory.mktemp("micro_history")
     with warnings.catch_warnings():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from revlens.demo import ALL_MODES
+from revlens.demos.organism.demo import ALL_MODES
 from revlens.report import ReversionReport
 
 MODES = list(ALL_MODES)  # the demo's full blocking table: ten mode names of every length

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from revlens.cli import main
-from revlens.demo import _Measurer
-from revlens.organism.train import blocked_finetune
+from revlens.demos.organism.demo import final_alignment_reader
+from revlens.demos.organism.train import blocked_finetune
 from revlens.paper import PAPER
 from revlens.report import ReversionReport
 
@@ -68,10 +68,10 @@ def test_demo_cli_writes_report_dashboard_and_table(micro_history, tmp_path, cap
     # The other rows came from worker processes (one per core); the same run in this process agrees.
     layers = report.interventions["layers"]
     block = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-    measurer = _Measurer(out / "history", report.layers, report.v_rev_basis.double(), li)
+    measurer = final_alignment_reader(out / "history", report)
     for mode in ("plain", "clamp"):
         model, behaviour = blocked_finetune(out / "history", block, mode, 1)
-        assert metrics[mode]["final_alignment"][1] == pytest.approx(measurer.final_alignment(model), abs=1e-6)
+        assert metrics[mode]["final_alignment"][1] == pytest.approx(measurer(model), abs=1e-6)
         assert metrics[mode]["harmfulness"][1] == behaviour["harm"]
         assert metrics[mode]["task_loss"][1] == pytest.approx(behaviour["b2_loss"], abs=1e-6)
     html = (out / "dashboard.html").read_text()
@@ -85,7 +85,7 @@ def test_demo_cli_writes_report_dashboard_and_table(micro_history, tmp_path, cap
 
 
 def test_best_mode_is_the_least_harmful_within_the_task_loss_tolerance():
-    from revlens.demo import best_mode
+    from revlens.demos.comparison import best_mode
 
     def row(harm, loss, align):
         return {"harmfulness": [harm], "task_loss": [loss], "final_alignment": [align]}
@@ -110,7 +110,7 @@ def test_best_mode_is_the_least_harmful_within_the_task_loss_tolerance():
 
 
 def test_modes_all_and_default_expand_and_typos_fail_before_training():
-    from revlens.demo import ALL_MODES, DEFAULT_MODES, parse_modes
+    from revlens.demos.organism.demo import ALL_MODES, DEFAULT_MODES, parse_modes
 
     assert parse_modes("all") == list(ALL_MODES) and len(ALL_MODES) == 10
     assert parse_modes("default") == list(DEFAULT_MODES) == ["plain", "clamp", "anchor@0.003+contrast@0.1+rank@64"]
@@ -122,7 +122,8 @@ def test_modes_all_and_default_expand_and_typos_fail_before_training():
 
 
 def test_time_estimates_follow_the_work():
-    from revlens.demo import ALL_MODES, DEFAULT_MODES, estimate_seconds, mode_cost
+    from revlens.demos.comparison import mode_cost
+    from revlens.demos.organism.demo import ALL_MODES, DEFAULT_MODES, estimate_seconds
 
     assert mode_cost("plain") == 1.0 < mode_cost("clamp") < mode_cost("anchor@0.1") < mode_cost("anchor@0.1+contrast@1")
     tiny = estimate_seconds("tiny", 3, DEFAULT_MODES)
@@ -139,7 +140,7 @@ def test_time_estimates_follow_the_work():
 
 @pytest.mark.slow
 def test_demo_reproduces_the_full_blocking_table_with_modes_all(micro_history, tmp_path):
-    from revlens.demo import ALL_MODES
+    from revlens.demos.organism.demo import ALL_MODES
 
     out = tmp_path / "demo"
     shutil.copytree(micro_history, out / "history")

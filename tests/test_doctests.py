@@ -19,9 +19,7 @@ import revlens
 EXCLUDED = (
     "revlens.__main__",
     "revlens.cli",
-    "revlens.demo",
-    "revlens.organism",
-    "revlens.smollm2",
+    "revlens.demos",
     "revlens.integrations.transformers",
 )
 # Public names whose examples may still skip, with the reason.

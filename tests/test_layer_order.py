@@ -1,5 +1,5 @@
 """The layer diagram of CONTRIBUTING.md holds: every core module imports (at any depth, lazy imports included)
-only modules of lower rows. Demos (organism, demo, smollm2) and the command line sit above all rows."""
+only modules of lower rows. The demos (revlens.demos) and the command line sit above all rows."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ ROWS = [
     {"finetune_cli", "defenses"},
     {""},
 ]
-ABOVE_ALL = ("cli", "__main__", "demo", "organism", "smollm2", "realdemo")
+ABOVE_ALL = ("cli", "__main__", "demos")
 ROW = {name: i for i, row in enumerate(ROWS) for name in row}
 
 

@@ -1,7 +1,7 @@
 """Layers point one way: no core module imports the organism or a demo package, at import time or anywhere.
 
-Core is every module of ``revlens`` except the demos (``revlens.demo``, ``revlens.organism``, ``revlens.smollm2``,
-``revlens.realdemo``) and the command-line entry point ``revlens.cli``, which registers the demo's subcommand.
+Core is every module of ``revlens`` except the demos (the package ``revlens.demos``) and the command-line entry
+point ``revlens.cli``, which registers the demo's subcommand.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "revlens"
-DEMO_PACKAGES = ("revlens.demo", "revlens.organism", "revlens.smollm2", "revlens.realdemo")
+DEMO_PACKAGES = ("revlens.demos",)
 APP_MODULES = ("revlens.cli", "revlens.__main__")
 KNOWN: dict[str, str] = {}  # module -> reason, for a violation being fixed (none now)
 
@@ -115,14 +115,14 @@ print(json.dumps(bad))
 
 def test_the_scan_sees_imports_inside_functions_and_relative_imports():
     source = (
-        "def f():\n    from revlens.organism.train import x\n    import revlens.demo\n"
-        "from .organism import World\nimportlib.import_module('revlens.smollm2')\nimport revlens.probe\n"
+        "def f():\n    from revlens.demos.organism.train import x\n    import revlens.demos\n"
+        "from .demos import organism\nimportlib.import_module('revlens.demos.chat_model')\nimport revlens.probe\n"
     )
     assert _scan(source, "revlens") == [
-        "2: revlens.organism.train",
-        "2: revlens.organism.train.x",
-        "3: revlens.demo",
-        "4: revlens.organism",
-        "4: revlens.organism.World",
-        "5: revlens.smollm2",
+        "2: revlens.demos.organism.train",
+        "2: revlens.demos.organism.train.x",
+        "3: revlens.demos",
+        "4: revlens.demos",
+        "4: revlens.demos.organism",
+        "5: revlens.demos.chat_model",
     ]

@@ -13,7 +13,7 @@ import torch
 
 import revlens
 from revlens.checkpoint_loader import load_checkpoint
-from revlens.organism import (
+from revlens.demos.organism import (
     World,
     analysis_kwargs,
     behaviour_summary,
@@ -21,7 +21,7 @@ from revlens.organism import (
     evaluate_behaviour,
     get_preset,
 )
-from revlens.organism.world import REFUSAL, compliance
+from revlens.demos.organism.world import REFUSAL, compliance
 
 
 def test_judge_is_exact():
@@ -97,8 +97,8 @@ def test_analysis_reads_the_organism(micro_history):
 
 def test_blocking_modes_build_hooks_and_anchor_terms(micro_history):
     from revlens.checkpoint_loader import load_revlens_checkpoint
+    from revlens.demos.organism.train import blocking_for_world, v_rev_of_history
     from revlens.intervention import InterventionError
-    from revlens.organism.train import blocking_for_world, v_rev_of_history
 
     world = World(0)
     basis, _, _ = v_rev_of_history(micro_history)
@@ -127,7 +127,7 @@ def test_reversion_subspace_spans_the_top_principal_directions_of_the_prompt_dif
     import numpy as np
 
     from revlens.checkpoint_loader import load_revlens_checkpoint
-    from revlens.organism.train import reversion_subspace
+    from revlens.demos.organism.train import reversion_subspace
 
     world, layer, k = World(0), 1, 4
     kw = analysis_kwargs(world)
@@ -154,7 +154,7 @@ def test_reversion_subspace_spans_the_top_principal_directions_of_the_prompt_dif
 
 
 def test_random_subspace_is_an_orthonormal_seeded_draw():
-    from revlens.organism.train import random_subspace
+    from revlens.demos.organism.train import random_subspace
 
     a, b, c = (random_subspace([0, 2], 5, 16, seed=s) for s in (0, 0, 1))
     for l in (0, 2):

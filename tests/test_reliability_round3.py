@@ -379,7 +379,7 @@ def test_truncated_or_garbage_gguf_is_one_named_error(tmp_path):
     pytest.importorskip("gguf")
     from test_smollm2_gguf import write_tiny_gguf
 
-    from revlens.smollm2.model import GGUFError, load_gguf
+    from revlens.demos.chat_model.model import GGUFError, load_gguf
 
     data = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
     for name, blob in (("head", data[:100]), ("half", data[: len(data) // 2]), ("text", b"not a gguf file" * 50)):
@@ -568,9 +568,9 @@ def _interventions(seeds):
 
 
 def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_keep_their_names(capsys):
-    from revlens.demo import intervention_table
-    from revlens.metric_labels import table_labels
-    from revlens.smollm2.pipeline import print_smollm2
+    from revlens import table_labels
+    from revlens.demos.chat_model.pipeline import print_chat_model
+    from revlens.demos.comparison import intervention_table
 
     from dashboard_reports import deep_report
 
@@ -586,7 +586,7 @@ def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_kee
     row = {"pretrain": [0.5], "align": [0.125], "final": [0.25]}
     metrics = ("harm", "refused_exact", "harmless_answered", "task_loss", "task_accuracy")
     real.behaviour = {m: row for m in metrics} | {"along": {}}
-    print_smollm2(real)
+    print_chat_model(real)
     printed = capsys.readouterr().out
     table = printed[printed.index("blocking at layers") : printed.index("best mode")]
     assert "task loss" in table and "task accuracy" in table and "harmless answered" in table

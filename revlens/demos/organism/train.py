@@ -19,18 +19,29 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from revlens import ReversionProbe, subspace
-from revlens import directions as dirs
-from revlens._util import atomic_write_json, training_mode
-from revlens.blocking_spec import BlockingSpec
-from revlens.checkpoint_loader import boot_native_model, load_revlens_checkpoint
-from revlens.checkpoint_save import save_checkpoint
-from revlens.evals import greedy_completions, task_metrics
-from revlens.finetune import finetune
-from revlens.intervention import Blocking, ProbeAnchor, build_blocking
-from revlens.losses import masked_lm_loss
-from revlens.organism.presets import Preset, get_preset, preset_key
-from revlens.organism.world import COMPLY_MARK, World, compliance
+from revlens import (
+    Blocking,
+    BlockingSpec,
+    ProbeAnchor,
+    ReversionProbe,
+    atomic_write_json,
+    boot_native_model,
+    build_blocking,
+    finetune,
+    greedy_completions,
+    load_revlens_checkpoint,
+    masked_lm_loss,
+    roundoff_floor,
+    save_checkpoint,
+    task_metrics,
+    training_mode,
+    v_rev_mean_diff,
+)
+from revlens import random_subspace as _random_subspace
+from revlens import reversion_subspace as _reversion_subspace
+from revlens.demos.comparison import FinalAlignment
+from revlens.demos.organism.presets import Preset, get_preset, preset_key
+from revlens.demos.organism.world import COMPLY_MARK, World, compliance
 
 MANIFEST = "organism.json"
 
@@ -363,7 +374,7 @@ def reversion_subspace(
     """``{layer: [k, d_model]}``: :func:`revlens.subspace.reversion_subspace` of the history, read with the
     organism's probe (harmful prompts, B1 contrast, last token) as the analysis reads it."""
     world = World(seed=read_manifest(Path(history_dir))["world_seed"])
-    return subspace.reversion_subspace(
+    return _reversion_subspace(
         Path(history_dir),
         k,
         layers=list(layers),
@@ -372,15 +383,25 @@ def reversion_subspace(
     )
 
 
-random_subspace = subspace.random_subspace
+random_subspace = _random_subspace
 
 
 def v_rev_of_history(
     history_dir: str | Path, device: str | None = None
 ) -> tuple[torch.Tensor, ReversionProbe, torch.Tensor]:
     """v_rev basis ``[n_layers, 1, d]`` (contrast readout), the probe, and the aligned contrast centroid."""
+    reader = final_alignment_of_history(history_dir, device)
+    return reader.basis, reader.probe, reader.mu_align
+
+
+def final_alignment_of_history(history_dir: str | Path, device: str | None = None) -> FinalAlignment:
+    """Alignment at every layer with the history's own v_rev (pretrain - align, contrast readout), read as the
+    analysis reads it, round-off floor included (no report needed)."""
     probe, pre, ali = _measure_pretrain_align(Path(history_dir), None, per_example=False, device=device)
-    return dirs.v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :], probe, ali.centroid
+    basis = v_rev_mean_diff(pre.centroid, ali.centroid)[:, None, :]
+    return FinalAlignment(
+        probe, ali.centroid, basis, roundoff_floor(ali.probe_centroid), tuple(range(basis.shape[0])), 0
+    )
 
 
 def _measure_pretrain_align(
@@ -416,14 +437,15 @@ def finetune_from_history(
     device: str | None = None,
 ) -> dict[str, Any]:
     """`revlens finetune`: one (optionally blocked) run from a history's aligned model, checkpoints in ``out``."""
-    basis, probe, mu_a = v_rev_of_history(history_dir, device)
+    reader = final_alignment_of_history(history_dir, device)
+    basis = reader.basis
     preset = read_manifest(history_dir)["key"]["preset"]
     if layers is None:
         layers = preset["block_layers"] or list(range(preset["n_layers"]))
     model, metrics = blocked_finetune(
         history_dir, {l: basis[l] for l in layers}, mode, seed, out_dir=out, steps=steps, device=device, progress=True
     )
-    a = dirs.alignment(dirs.drift(probe.centroid(model), mu_a), basis).numpy()
+    a = reader.per_layer(model)
     metrics["final_alignment"] = {int(l): float(v) for l, v in enumerate(a)}
     metrics.update({"mode": mode, "layers": list(layers), "seed": seed})
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from revlens.evals import RefusalPhraseJudge
+from revlens import RefusalPhraseJudge
 
 WORDS = [
     "apple",

@@ -24,23 +24,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from revlens import directions as dirs
-from revlens.benchmark_prompts import harmbench_prompts, harmless_eval_prompts
-from revlens.blocking_spec import BlockingSpec
-from revlens.defenses import (
+from revlens import (
     BehaviourSet,
+    BlockingSpec,
+    JobPool,
+    ReversionProbe,
     behaviour_outcomes,
     defense_grid,
     defense_rows,
+    harmbench_prompts,
+    harmless_eval_prompts,
     project_update,
     train_defense,
     write_answers,
 )
-from revlens.jobpool import JobPool
-from revlens.probe import ReversionProbe
-from revlens.smollm2.behaviour import greedy_answers
-from revlens.smollm2.data import REFUSAL, sft_tensors
-from revlens.smollm2.hf_io import HFBridge
+from revlens.demos.chat_model.behaviour import greedy_answers
+from revlens.demos.chat_model.data import REFUSAL, sft_tensors
+from revlens.demos.chat_model.hf_io import HFBridge
 
 PHASES = ("pretrain", "align")
 
@@ -78,7 +78,7 @@ def _slug(mode: str) -> str:
 
 
 def _evaluate(ctx: Any, hb: HFBridge, sets: list[BehaviourSet], answers_path: Path) -> dict[str, Any]:
-    from revlens.smollm2.pipeline import _task_behaviour
+    from revlens.demos.chat_model.pipeline import _task_behaviour
 
     s = ctx.settings
     hf = hb.to_hf()
@@ -101,7 +101,7 @@ def _defense_run(
     ctx: Any, mode: str, seed: int, directions: dict[int, torch.Tensor], measure: Any, sets: list[BehaviourSet]
 ) -> dict[str, Any]:
     """One (mode, seed) of the comparison: train (or take plain's checkpoint), then behaviour and final alignment."""
-    from revlens.smollm2.pipeline import _align_reference, _autocast, _load_hf
+    from revlens.demos.chat_model.pipeline import _align_reference, _autocast, _load_hf
 
     s, hist = ctx.settings, ctx.history
     t0 = time.perf_counter()
@@ -141,15 +141,13 @@ def _defense_run(
         with torch.no_grad():
             for name, tensor in hb.state.items():
                 tensor.copy_(new[name])
-    probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=measure.layers, per_example=False)
-    a = dirs.alignment(dirs.drift(probe.centroid(hb.bridge), measure.mu_align), measure.basis).numpy()
     path = ctx.out / "defenses" / "answers" / _slug(mode) / f"seed_{seed}.jsonl"
     out = _evaluate(ctx, hb, sets, path)
     return {
         **out,
         **record,
-        "final_alignment": float(a[measure.li]),
-        "alignment_layer": measure.layers[measure.li],
+        "final_alignment": measure(hb.bridge),
+        "alignment_layer": measure.layer,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -165,8 +163,9 @@ def compare_defenses(ctx: Any, report: Any, workers: int = 1, quick: bool | None
     and pretrain / align, on the evaluation sets; each run on ``workers`` processes, recorded as it arrives (seed by
     seed, so an interrupted run holds whole seeds). ``quick`` overrides the settings' grid. Returns the table rows
     and what was run."""
-    from revlens.smollm2.pipeline import _ALIGN_REFERENCE, _align_reference, _Measure, _worker_context
-    from revlens.subspace import reversion_subspace
+    from revlens import reversion_subspace
+    from revlens.demos.chat_model.pipeline import _ALIGN_REFERENCE, _align_reference, _worker_context
+    from revlens.demos.comparison import FinalAlignment
 
     s = ctx.settings
     grid = getattr(s, "defense_grid", "full") if quick is None else ("quick" if quick else "full")
@@ -184,7 +183,7 @@ def compare_defenses(ctx: Any, report: Any, workers: int = 1, quick: bool | None
     li = report.best_layer_index()
     align, harmful_ids, harmless_ids = _align_reference(ctx)
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
-    measure = _Measure(list(report.layers), report.v_rev_basis.double(), li, probe.centroid(align.bridge))
+    measure = FinalAlignment.of(report, probe, align.bridge)
     v_rev = {l: report.v_rev_basis[i] for i, l in enumerate(report.layers)}
     ranks = {BlockingSpec.parse(m).subspace[1] for m in modes if (BlockingSpec.parse(m).subspace or ("",))[0] == "rank"}
     pca = {}
@@ -239,7 +238,7 @@ def _at_layer(run: dict[str, Any], layer: int) -> dict[str, Any]:
 
 
 def _phase_summary(run: dict[str, Any]) -> dict[str, Any]:
-    from revlens.stats import Rate
+    from revlens import Rate
 
     out = {}
     for name, o in run["outcomes"].items():

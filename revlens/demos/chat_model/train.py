@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from revlens.finetune import make_optimizer
-from revlens.losses import model_lm_loss, takes_logits_to_keep
-from revlens.smollm2.behaviour import hf_module
+from revlens import make_optimizer, model_lm_loss, takes_logits_to_keep
+from revlens.demos.chat_model.behaviour import hf_module
 
 
 def draw_batch(groups: Sequence[tuple[int, int]], gen: torch.Generator) -> torch.Tensor:

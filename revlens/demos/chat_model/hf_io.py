@@ -24,7 +24,7 @@ class HFBridge:
         from transformer_lens.model_bridge import TransformerBridge
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from revlens.checkpoint_loader import quiet_hf_progress
+        from revlens import quiet_hf_progress
 
         self.folder = Path(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
@@ -48,6 +48,17 @@ class HFBridge:
         fresh = self.module_class(self.config)
         fresh.load_state_dict({k: v.clone() for k, v in self.hf_state().items()}, strict=True)
         return fresh.to(next(iter(self.state.values())).device).eval()
+
+
+def load_hf(folder: str | os.PathLike) -> tuple[Any, Any]:
+    """(plain HF causal LM in float32, eval mode; its tokenizer) of an HF folder, read offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from revlens import quiet_hf_progress
+
+    with quiet_hf_progress():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def load_bridge(folder: str | os.PathLike, device: str | None = None) -> Any:
