@@ -40,6 +40,7 @@ from revlens.prompts import default_control, default_prompts, load_prompt_file
 from revlens.readout import ProbeError
 from revlens.replay import ReplayMix
 from revlens.report import ReversionReport
+from revlens.reversion_directions import ReversionDirections
 from revlens.selection import selection_test
 from revlens.stats import Rate, mcnemar_exact, wilson_interval
 from revlens.subspace import random_subspace, readout_pca, refusal_direction, reversion_subspace
@@ -56,6 +57,7 @@ __all__ = [
     "ReversionProbe",
     "ProbeResult",
     "ReversionReport",
+    "ReversionDirections",
     "selection_test",
     "default_prompts",
     "default_control",

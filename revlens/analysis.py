@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from revlens import directions as dirs
 from revlens import distributed as dist_
 from revlens import nulls, selection
-from revlens._util import atomic_save_tensors
+from revlens._util import atomic_save_tensors, weights_fingerprint
 from revlens.checkpoints import CheckpointError, CheckpointLoader, CheckpointRef, History, check_same_architecture
 from revlens.devices import check_device
 from revlens.probe import ProbeResult, ReversionProbe
@@ -30,6 +30,7 @@ from revlens.prompts import (  # noqa: F401  (re-exported: the prompt-file API l
     load_prompt_file,
 )
 from revlens.report import ReversionReport
+from revlens.reversion_directions import models_fingerprint, rendering_of
 from revlens.threads import ThreadPolicy
 
 CACHE_FORMAT = 2
@@ -66,6 +67,17 @@ def cache_key(settings: Mapping[str, Any]) -> str:
 
 def _source_label(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else "<in-memory>"
+
+
+def _fingerprint(ref: CheckpointRef) -> str | None:
+    """What identifies a checkpoint's version: the digest of its folder's :func:`checkpoint_stamp`, or of an
+    in-memory model's weights (None when neither can be read)."""
+    source = ref.source
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).exists():
+            return None
+        return hashlib.sha256(json.dumps(checkpoint_stamp(source)).encode()).hexdigest()[:16]
+    return weights_fingerprint(source) if hasattr(source, "named_parameters") else None
 
 
 def checkpoint_stamp(source: str | os.PathLike) -> list[Any]:
@@ -616,11 +628,13 @@ def analyze(
         "seed": seed,
         "non_finite": non_finite,
         "chat_template": probe.chat_template_used,
+        "template_digest": rendering_of(probe),
         "system": system,
         "checkpoints": {
             "pretrain": _source_label(history.pretrain.source),
             "align": _source_label(history.align.source),
         },
+        "models_fingerprint": models_fingerprint(_fingerprint(history.pretrain), _fingerprint(history.align)),
     }
     return ReversionReport(
         layers=list(reference.get("layers", probe.layers or list(range(n_layers)))),

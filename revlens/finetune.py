@@ -24,7 +24,6 @@ one with :class:`RunLockedError`; a lock left by a killed process is replaced wi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens import distributed as dist_
-from revlens._util import atomic_write_json, temp_sibling, tensor_digest
+from revlens._util import atomic_write_json, temp_sibling, tensor_digest, weights_fingerprint
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import move_quietly, save_checkpoint
 from revlens.intervention import Blocking, ProbeAnchor
@@ -54,6 +53,7 @@ from revlens.nulls import isotropic_p99
 from revlens.penalties import describe_penalty
 from revlens.probe import ReversionProbe
 from revlens.replay import ReplayMix
+from revlens.reversion_directions import ReversionDirections
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -67,8 +67,9 @@ _SEED_LIMIT = 2**63
 class ReversionMonitor:
     """Tracks alignment cos(mu_t - mu_A, v_rev) per layer during fine-tuning; warns on crossing the null.
 
-    Build it with :meth:`from_models` (pretrain and aligned models) or directly from a probe, the
-    aligned centroid and v_rev. Call :meth:`update` from any loop.
+    Build it with :meth:`from_directions` (``report.directions()`` and the aligned model), :meth:`from_models`
+    (pretrain and aligned models) or directly from a probe, the aligned centroid and v_rev. Call :meth:`update`
+    from any loop.
     """
 
     def __init__(
@@ -110,6 +111,41 @@ class ReversionMonitor:
         ali = probe.measure(align)
         mu_p, mu_a = probe.centroid(pretrain), ali.centroid
         return cls(probe, mu_a, dirs.v_rev_mean_diff(mu_p, mu_a), floor=dirs.roundoff_floor(ali.probe_centroid))
+
+    @classmethod
+    def from_directions(
+        cls,
+        directions: ReversionDirections,
+        align: Any,
+        prompts: Any,
+        *,
+        control: Any = None,
+        chat_template: Any = "auto",
+        system: str | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+    ) -> ReversionMonitor:
+        """A monitor along ``directions`` (``report.directions()``: its layers, hook, readout and basis), with the
+        aligned centroid measured here on ``prompts`` (and ``control`` when the directions were read on the
+        contrast), read as the directions were: a different chat template or control set is refused."""
+        directions.check_contrast(control, "the monitor")
+        probe = ReversionProbe(
+            prompts,
+            control=control,
+            layers=directions.layers,
+            hook=directions.hook,
+            readout=directions.readout,
+            per_example=False,
+            chat_template=chat_template,
+            system=system,
+            batch_size=batch_size,
+            device=device,
+        )
+        probe.use_template_of(align)
+        ali = probe.measure(align)
+        if isinstance(probe.prompts[0], str):
+            directions.check_template(probe.rendered_template, "the monitor")
+        return cls(probe, ali.centroid, directions.stacked(), floor=dirs.roundoff_floor(ali.probe_centroid))
 
     def update(self, model: Any, step: int) -> np.ndarray:
         """Measure alignment at ``step``; warn once per layer when it first exceeds the null's p99.
@@ -186,17 +222,6 @@ def check_run_name(run_name: str) -> str:
 def data_fingerprint(tokens: torch.Tensor, loss_mask: torch.Tensor) -> str:
     """sha256 of the token ids (int64) and the loss mask (float32)."""
     return tensor_digest(tokens.long(), loss_mask.float())
-
-
-def weights_fingerprint(model: Any) -> str:
-    """A fingerprint of the starting weights: each parameter's name, shape, dtype, float64 sum and first values."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}{float(flat.double().sum()):.8e}".encode())
-            h.update(flat[:64].to("cpu").float().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _blocking_description(blocking: Blocking | None, coords: Mapping[int, torch.Tensor] | None) -> dict | None:

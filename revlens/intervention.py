@@ -31,6 +31,7 @@ from revlens.blocking_spec import HOOK_MODES, BlockingSpec, InterventionError
 from revlens.integrations import hf_hooks
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.readout import StopForward, TokenizedSet, hook_name, reduce_positions_unchecked, run_stopping
+from revlens.reversion_directions import ReversionDirections
 from revlens.shapes import shape_checked
 
 MODES = HOOK_MODES
@@ -172,9 +173,10 @@ class Blocking:
     """Blocks motion along v_rev at chosen layers while active (a context manager around a model).
 
     Args:
-        directions: ``{layer: Tensor[d] or Tensor[k, d]}``.
+        directions: a :class:`~revlens.reversion_directions.ReversionDirections` (``report.directions(...)``:
+            blocked at its layers and hook point), or ``{layer: Tensor[d] or Tensor[k, d]}``.
         mode: ``project``, ``clamp``, ``grad`` or a ``+`` combination.
-        hook: hook point alias or template (default ``resid_post``).
+        hook: hook point alias or template for a ``{layer: tensor}`` mapping (default ``resid_post``).
         reference: the frozen model whose coordinates ``clamp`` holds (default for clamp).
         constant: ``{layer: Tensor[k]}`` coordinates for ``clamp`` instead of a reference model.
     Per batch, ``clamp`` takes coordinates from :meth:`set_batch` (computed from the reference
@@ -205,21 +207,20 @@ class Blocking:
 
     def __init__(
         self,
-        directions: Mapping[int, torch.Tensor],
+        directions: ReversionDirections | Mapping[int, torch.Tensor],
         mode: str = "clamp",
         *,
-        hook: str = "resid_post",
+        hook: str | None = None,
         reference: Any = None,
         constant: Mapping[int, torch.Tensor] | None = None,
     ):
-        if not directions:
-            raise InterventionError("no blocking directions given; pass {layer: v_rev[layer]}.")
+        directions = ReversionDirections.of(directions, hook)
         self.modes = parse_mode(mode)
         self.mode = mode
-        self.hook = hook
-        self.layers = sorted(int(l) for l in directions)
-        d_model = int(next(iter(directions.values())).shape[-1])
-        self.bases = {int(l): orthonormal_basis(v, d_model) for l, v in directions.items()}
+        self.hook = directions.hook
+        self.layers = directions.layers
+        d_model = directions.d_model
+        self.bases = {l: orthonormal_basis(v, d_model) for l, v in directions.bases.items()}
         self.d_model = d_model
         self.reference = reference
         self.constant = (
@@ -657,12 +658,14 @@ class ProbeAnchor:
     cost per step no longer grows with the probe set.
 
     Args:
-        directions: ``{layer: Tensor[d] or Tensor[k, d]}`` (v_rev or a rank-k basis per layer).
+        directions: a :class:`~revlens.reversion_directions.ReversionDirections` read at the last token, or
+            ``{layer: Tensor[d] or Tensor[k, d]}`` (v_rev or a rank-k basis per layer).
         prompts: the probe prompts as 1-D token tensors (:func:`encode_prompts` tokenises strings).
         reference: the frozen aligned model (a TransformerBridge or a Hugging Face module); its
             coordinates on the prompts are computed once, here.
         weight: weight of the per-prompt term.
-        hook: hook point alias or template (default ``resid_post``; Hugging Face modules: only that).
+        hook: hook point for a ``{layer: tensor}`` mapping (default ``resid_post``; Hugging Face modules: only
+            that); directions carry their own.
         control: control prompts (1-D token tensors), needed when ``contrast_weight > 0``.
         contrast_weight: weight of the contrast-centroid term.
         sample: prompts of each set per step (None: all).
@@ -682,12 +685,12 @@ class ProbeAnchor:
 
     def __init__(
         self,
-        directions: Mapping[int, torch.Tensor],
+        directions: ReversionDirections | Mapping[int, torch.Tensor],
         prompts: Sequence[torch.Tensor],
         reference: Any,
         weight: float = 0.1,
         *,
-        hook: str = "resid_post",
+        hook: str | None = None,
         control: Sequence[torch.Tensor] | None = None,
         contrast_weight: float = 0.0,
         sample: int | None = None,
@@ -702,11 +705,16 @@ class ProbeAnchor:
         if sample is not None and sample < 1:
             raise InterventionError(f"sample must be a positive number of prompts per step, got {sample}.")
         self.sample, self.seed, self._calls = sample, int(seed), 0
-        d_model = int(next(iter(directions.values())).shape[-1])
-        self.bases = {int(l): orthonormal_basis(v, d_model) for l, v in directions.items()}
-        self.layers = sorted(self.bases)
+        directions = ReversionDirections.of(directions, hook)
+        if directions.readout != "last":
+            raise InterventionError(
+                f"the probe anchor holds last-token readouts, but the directions were read with "
+                f"readout={directions.readout!r}; analyze with readout='last' to anchor what it measures."
+            )
+        self.bases = {l: orthonormal_basis(v, directions.d_model) for l, v in directions.bases.items()}
+        self.layers = directions.layers
         self.weight, self.contrast_weight = float(weight), float(contrast_weight)
-        self.hook = hook
+        self.hook = directions.hook
         # pad id 0 is safe: right padding under causal attention, and only each prompt's last real token is read
         self.sets = {"probe": TokenizedSet(list(prompts)).padded(pad_id=0)}
         if control:

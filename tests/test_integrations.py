@@ -117,6 +117,13 @@ def test_callback_logs_what_analyze_measures_on_the_saved_checkpoints(tok, token
     )
     # v_rev agrees with analyze's, so the callback reads the same quantity.
     assert float((callback.basis[:, 0].double() * report.v_rev.double()).sum(-1).min()) > 1 - 1e-5
+    # the report's directions, watched from the aligned model: the trained model's alignment is analyze's at step 3
+    watch = ReversionCallback.from_directions(report.directions(), probe, align, control=control)
+    torch.testing.assert_close(
+        torch.tensor(watch.alignment(trainer.model)), torch.tensor(expected[2]), atol=2e-5, rtol=0, check_dtype=False
+    )
+    with pytest.raises(InterventionError, match="control set"):
+        ReversionCallback.from_directions(report.directions(), probe, align)
 
 
 def capture_trainer_step(tok, blocking, tmp_path, model=None):

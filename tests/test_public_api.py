@@ -10,7 +10,15 @@ import pytest
 
 import revlens
 
-DOCUMENTED = ("analyze", "ReversionProbe", "Blocking", "ProbeAnchor", "finetune", "ReversionReport")
+DOCUMENTED = (
+    "analyze",
+    "ReversionProbe",
+    "Blocking",
+    "ProbeAnchor",
+    "finetune",
+    "ReversionReport",
+    "ReversionDirections",
+)
 
 
 def test_every_exported_name_resolves():
