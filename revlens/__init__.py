@@ -2,8 +2,9 @@
 
 Measure: :func:`analyze` a :class:`History` of checkpoints into a :class:`ReversionReport` (read with a
 :class:`ReversionProbe`). Control: fine-tune with :func:`finetune` under :class:`Blocking` hooks and a
-:class:`ProbeAnchor` built from a report (:func:`blocking_from_spec`, :func:`anchor_from_report`), watched by a
-:class:`ReversionMonitor`. Behaviour: :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
+:class:`ProbeAnchor`, built by :func:`build_defense` from a :class:`BlockingSpec` and the report's
+:class:`ReversionDirections` (``report.directions()``), watched by a :class:`ReversionMonitor`.
+Behaviour: :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
 
 The examples in these docstrings run as doctests (``tests/test_doctests.py``) on a tiny random model: ``ckpts``
 is a history folder (``pretrain/ align/ finetune/<run>/step_<N>/``) whose fine-tuning checkpoints moved by planted
@@ -33,7 +34,7 @@ from revlens.checkpoints import (
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_defense
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
 from revlens.finetune import FinetuneResult, ReversionMonitor, finetune
-from revlens.intervention import Blocking, ProbeAnchor, anchor_from_report, blocking_from_report, blocking_from_spec
+from revlens.intervention import Blocking, Defense, ProbeAnchor, build_defense
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import default_control, default_prompts, load_prompt_file
@@ -70,9 +71,8 @@ __all__ = [
     "Blocking",
     "ProbeAnchor",
     "BlockingSpec",
-    "blocking_from_report",
-    "blocking_from_spec",
-    "anchor_from_report",
+    "build_defense",
+    "Defense",
     "reversion_subspace",
     "random_subspace",
     # defenses: the field's baselines beside v_rev blocking

@@ -14,14 +14,14 @@ Hooks and the probe anchor work on a TransformerBridge (TransformerLens hook poi
 Hugging Face causal LM, peft-wrapped or not (forward hooks on its decoder layers' outputs, which are
 ``resid_post``), so the same objects serve :func:`revlens.finetune` and a ``transformers.Trainer``
 (:mod:`revlens.integrations.transformers`). A whole setup is one compact string
-(:class:`~revlens.blocking_spec.BlockingSpec`), built by :func:`blocking_from_spec`.
+(:class:`~revlens.blocking_spec.BlockingSpec`), built by :func:`build_defense`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -40,10 +40,9 @@ __all__ = [
     "BlockingSpec",
     "InterventionError",
     "ProbeAnchor",
-    "anchor_from_report",
-    "blocking_from_report",
-    "blocking_from_spec",
-    "build_blocking",
+    "Defense",
+    "build_defense",
+    "encode_prompts",
     "clamp_to",
     "orthonormal_basis",
     "parse_mode",
@@ -54,7 +53,7 @@ __all__ = [
 def parse_mode(mode: str) -> frozenset[str]:
     """The hook modes of a :class:`Blocking`: ``"clamp+grad"`` -> {"clamp", "grad"} (read by :class:`BlockingSpec`).
 
-    Anchor, subspace, sampling and layer parts belong to a whole setup: build it with :func:`blocking_from_spec`.
+    Anchor, subspace, sampling and layer parts belong to a whole setup: build it with :func:`build_defense`.
     """
     try:
         spec = BlockingSpec.parse(mode)
@@ -65,7 +64,7 @@ def parse_mode(mode: str) -> frozenset[str]:
     if not spec.hooks or spec != BlockingSpec(hooks=spec.hooks):
         raise InterventionError(
             f"unknown blocking mode {mode!r} for hooks: Blocking takes {HOOK_MODES} joined by "
-            "'+', e.g. 'clamp+grad'; build anchors and subspaces with blocking_from_spec()."
+            "'+', e.g. 'clamp+grad'; build anchors and subspaces with build_defense()."
         )
     return frozenset(spec.hooks)
 
@@ -186,7 +185,7 @@ class Blocking:
     Returns:
         :meth:`applied` is the context manager that puts the hooks on a model (a TransformerBridge or a
         Hugging Face causal LM) and takes them off on exit; :meth:`reference_coords` gives the reference
-        model's coordinates ``{layer: [n, seq, k]}``. Build one from a report with :func:`blocking_from_report`.
+        model's coordinates ``{layer: [n, seq, k]}``. Build it from a spec with :func:`build_defense`.
 
     Example:
         >>> v = report.v_rev[report.layers.index(0)]
@@ -340,35 +339,6 @@ class Blocking:
             yield self
 
 
-def blocking_from_report(report: Any, mode: str, layers: Sequence[int] | None = None, **kwargs: Any) -> Blocking:
-    """A :class:`Blocking` along a report's v_rev (or its rank-k basis) at ``layers`` (default: the best layer).
-
-    Args:
-        report: a :class:`~revlens.report.ReversionReport`.
-        mode: hook modes, ``project``, ``clamp``, ``grad`` or a ``+`` combination.
-        layers: layers to block at (default: the report's most aligned layer).
-        **kwargs: passed to :class:`Blocking` (``reference=`` for clamp, ``constant=``).
-
-    Returns:
-        The :class:`Blocking`, hooked at the report's hook point.
-
-    Example:
-        >>> blocking = blocking_from_report(report, "clamp+grad", reference=aligned)
-        >>> blocking.layers, blocking.hook, sorted(blocking.modes)  # the best layer, the report's hook point
-        ([0], 'resid_post', ['clamp', 'grad'])
-    """
-    directions = _report_directions(report, layers)
-    return Blocking(directions, mode, hook=report.config.get("hook", "resid_post"), **kwargs)
-
-
-def _report_directions(report: Any, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
-    layers = [report.best_layer] if layers is None else [int(l) for l in layers]
-    missing = [l for l in layers if l not in report.layers]
-    if missing:
-        raise InterventionError(f"layers {missing} were not analysed; the report has layers {report.layers}.")
-    return {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-
-
 def encode_prompts(
     model: Any, prompts: Any, *, tokenizer: Any = None, chat_template: Any = "auto", system: str | None = None
 ) -> list[torch.Tensor]:
@@ -395,253 +365,160 @@ def encode_prompts(
     return [t.long().cpu() for t in encode_requests(tokenizer, prompts, chat_template=chat_template, system=system)]
 
 
-def build_blocking(
+class Defense(NamedTuple):
+    """What :func:`build_defense` builds: the hooks and the loss penalty (either None when the spec has none)."""
+
+    blocking: Blocking | None
+    penalty: Any  # ProbeAnchor, KLAnchor, their PenaltySum, or None
+
+
+def build_defense(
     spec: str | BlockingSpec,
-    directions: Mapping[int, torch.Tensor],
-    *,
-    reference: Any = None,
-    prompts: Sequence[torch.Tensor] | None = None,
-    control: Sequence[torch.Tensor] | None = None,
-    hook: str = "resid_post",
-    report: Any = None,
-    history: Any = None,
-    probe: Any = None,
-    device: str | None = None,
-    seed: int = 0,
-) -> tuple[Blocking | None, ProbeAnchor | None]:
-    """The hooks and the anchor a :class:`BlockingSpec` asks for, along ``directions`` (``{layer: v or [k, d]}``).
-
-    ``spec.layers`` (when set) picks among ``directions``' layers; ``rank@k`` / ``random@k`` / ``refusal`` /
-    ``harmpca@k`` / ``full`` replace the directions at those layers (:func:`revlens.subspace.subspace_directions`,
-    from ``report``, ``history`` measured with ``probe``, or the ``reference`` model read on ``prompts`` and
-    ``control``). ``prompts`` / ``control`` are token tensors (the harmful probe and the harmless control) for
-    the anchor, the KL penalty and the measured subspaces. ``replay@R`` and ``safelora@F`` are not hooks or
-    penalties: :func:`revlens.finetune` (``replay=``) and :func:`revlens.weight_projection.safe_lora_project`
-    apply them.
-
-    Returns:
-        ``(Blocking or None, penalty or None)``: the penalty is a :class:`ProbeAnchor`, a
-        :class:`~revlens.penalties.KLAnchor`, or their :class:`~revlens.penalties.PenaltySum`;
-        ``(None, None)`` when the spec has neither hooks nor a penalty.
-    """
-    from revlens.subspace import subspace_directions
-
-    spec = BlockingSpec.parse(spec)
-    kl = None
-    if spec.kl > 0:
-        if prompts is None:
-            raise InterventionError(f"{spec}: the KL penalty needs the probe prompts (prompts=...).")
-        kl = KLAnchor(prompts, reference, spec.kl, sample=spec.sample, seed=seed)
-    if not spec.needs_directions:
-        return None, kl
-    directions = {int(l): v for l, v in directions.items()}
-    if spec.layers is not None:
-        missing = [l for l in spec.layers if l not in directions]
-        if missing:
-            raise InterventionError(f"{spec}: layers {missing} have no direction; available: {sorted(directions)}.")
-        directions = {l: directions[l] for l in spec.layers}
-    directions = subspace_directions(
-        spec.subspace,
-        directions,
-        report=report,
-        history=history,
-        probe=probe,
-        device=device,
-        reference=reference,
-        prompts=prompts,
-        control=control,
-        hook=hook,
-    )
-    anchor = None
-    if spec.has_anchor:
-        if prompts is None:
-            raise InterventionError(f"{spec}: an anchor needs the probe prompts (prompts=...).")
-        if spec.contrast and control is None:
-            raise InterventionError(f"{spec}: contrast@w needs the control prompts (control=...).")
-        anchor = ProbeAnchor(
-            directions,
-            prompts,
-            reference,
-            spec.anchor,
-            hook=hook,
-            control=control if spec.contrast else None,
-            contrast_weight=spec.contrast,
-            sample=spec.sample,
-            seed=seed,
-        )
-    blocking = Blocking(directions, spec.hook_mode, hook=hook, reference=reference) if spec.hooks else None
-    penalty = PenaltySum([anchor, kl]) if anchor is not None and kl is not None else anchor or kl
-    return blocking, penalty
-
-
-def blocking_from_spec(
-    spec: str | BlockingSpec,
-    report: Any,
+    directions: ReversionDirections | Mapping[int, torch.Tensor] | None = None,
     *,
     reference: Any = None,
     prompts: Any = None,
     control: Any = None,
-    layers: Sequence[int] | None = None,
-    history: Any = None,
     tokenizer: Any = None,
     chat_template: Any = "auto",
     system: str | None = None,
+    history: Any = None,
+    probe: Any = None,
     device: str | None = None,
     seed: int = 0,
-) -> tuple[Blocking | None, ProbeAnchor | None]:
-    """Everything a compact blocking string asks for, along a report's directions.
+) -> Defense:
+    """The hooks and the penalty a :class:`BlockingSpec` asks for, along ``directions``: the one builder.
+
+    ``spec.layers`` (``layers@``) picks among the directions' layers (default: all of them). ``rank@k`` /
+    ``random@k`` / ``refusal`` / ``harmpca@k`` / ``full`` replace the directions at those layers
+    (:func:`revlens.subspace.subspace_directions`). ``replay@R`` and ``safelora@F`` are neither hooks nor
+    penalties: :func:`revlens.finetune` (``replay=``) and :func:`revlens.weight_projection.safe_lora_project`
+    apply them.
 
     Args:
         spec: a :class:`BlockingSpec` or its string (``"clamp+grad"``, ``"anchor@0.003+contrast@0.1+rank@64"``).
-        report: the :class:`~revlens.report.ReversionReport` whose v_rev (or basis) is blocked.
-        reference: the frozen aligned model (clamp coordinates; the anchor's reference readouts).
-        prompts, control: probe and control prompts (strings or token tensors) for the anchor terms, and
-            for measuring ``rank@k`` on ``history`` when the report has no PCA basis of that rank.
-        layers: where to block when the spec has no ``layers@`` part (default: the report's best layer).
-        history: the training history, needed for ``rank@k`` beyond the report's PCA rank.
-        tokenizer, chat_template, system: how string prompts are tokenised (see :func:`encode_prompts`).
+        directions: :class:`~revlens.reversion_directions.ReversionDirections` (``report.directions()``,
+            ``ReversionDirections.from_models(...)`` or ``.load(folder)``: blocked at their hook point), or
+            ``{layer: Tensor[d] or Tensor[k, d]}`` at ``resid_post``; not needed by ``kl@W`` alone.
+        reference: the frozen aligned model: clamp's coordinates, the anchor's and KL's reference, and the model
+            the ``refusal`` / ``harmpca@k`` subspaces are read on.
+        prompts, control: the harmful probe and the harmless control prompts (strings, or 1-D token tensors) for
+            the anchor, ``contrast@w``, ``kl@w``, ``refusal``, ``harmpca@k`` and for measuring ``rank@k`` on
+            ``history``.
+        tokenizer, chat_template, system: how string prompts are tokenised (:func:`encode_prompts`; tokenizer
+            default: ``reference.tokenizer``); a chat template other than the directions' is refused.
+        history, probe: ``rank@k`` beyond the directions' own PCA rank is measured on ``history`` with ``probe``
+            (default: one reading ``prompts`` / ``control`` at the directions' hook and readout).
+        device: where ``history``'s checkpoints are measured.
+        seed: seeds the anchor's and KL's per-step prompt sample.
 
     Returns:
-        ``(Blocking or None, ProbeAnchor or None)``: use the first with ``blocking.applied(model)`` and add
-        ``anchor.penalty(model, step)`` to the loss (``revlens.finetune`` and ``BlockedTrainer`` do both).
+        :class:`Defense` ``(blocking, penalty)``: use ``blocking.applied(model)`` around the forward pass and add
+        ``penalty.penalty(model, step)`` to the loss (``revlens.finetune`` and ``BlockedTrainer`` take both);
+        the penalty is a :class:`ProbeAnchor`, a :class:`~revlens.penalties.KLAnchor` or their
+        :class:`~revlens.penalties.PenaltySum`.
 
     Example:
-        >>> blocking, anchor = blocking_from_spec("grad+anchor@0.003+contrast@0.1+rank@2", report,
-        ...     reference=aligned, prompts=prompts, control=control, layers=report.layers, history=ckpts)
+        >>> blocking, anchor = build_defense("grad+anchor@0.003+contrast@0.1+rank@2", report.directions(),
+        ...     reference=aligned, prompts=prompts, control=control, history=ckpts)
         >>> blocking.layers, sorted(blocking.modes), anchor.weight, anchor.contrast_weight
         ([0, 1], ['grad'], 0.003, 0.1)
         >>> anchor.bases[0].shape  # rank@2: the reversion subspace measured on the history
         torch.Size([2, 16])
+        >>> build_defense("plain")
+        Defense(blocking=None, penalty=None)
     """
+    from revlens.probe import ReversionProbe
+    from revlens.subspace import subspace_directions
+
     spec = BlockingSpec.parse(spec)
     if not spec.needs_directions and not spec.has_penalty:
-        return None, None
-    chosen = spec.layers if spec.layers is not None else layers
-    directions = _report_directions(report, chosen)
-    spec = spec.with_layers(None)
-    hook = report.config.get("hook", "resid_post")
-    probe = None
-    if spec.subspace is not None and spec.subspace[0] == "rank" and history is not None:
-        from revlens.probe import ReversionProbe
-
-        if prompts is None:
-            raise InterventionError(f"{spec}: measuring rank@{spec.subspace[1]} on the history needs prompts=...")
+        return Defense(None, None)
+    if spec.needs_directions and directions is None:
+        raise InterventionError(
+            f"{spec} blocks along directions: pass report.directions() (or ReversionDirections.from_models(...))."
+        )
+    directions = None if directions is None else ReversionDirections.of(directions)
+    if directions is not None and spec.layers is not None:
+        directions = directions.at(spec.layers)
+    tokens, control_tokens = _spec_prompts(
+        spec, directions, reference, prompts, control, tokenizer, chat_template, system
+    )
+    kl = None if spec.kl == 0 else KLAnchor(tokens, reference, spec.kl, sample=spec.sample, seed=seed)
+    if directions is None or not spec.needs_directions:
+        return Defense(None, kl)
+    if probe is None and history is not None and prompts is not None and (spec.subspace or ("",))[0] == "rank":
         probe = ReversionProbe(
             prompts,
             control=control,
-            layers=sorted(directions),
-            hook=hook,
-            readout=report.config.get("readout", "last"),
+            layers=directions.layers,
+            hook=directions.hook,
+            readout=directions.readout,
             per_example=True,
         )
-    tokens = control_tokens = None
-    measured = spec.subspace is not None and spec.subspace[0] in ("refusal", "harmpca")
-    if spec.has_penalty or measured:
-        if spec.has_anchor:
-            _check_last_token_readout(report)
-        if prompts is None:
-            raise InterventionError(
-                f"{spec}: the anchor, KL penalty or measured subspace needs the probe prompts (prompts=...)."
-            )
-        tokens = encode_prompts(reference, prompts, tokenizer=tokenizer, chat_template=chat_template, system=system)
-        if spec.contrast or spec.subspace == ("refusal",):
-            if control is None:
-                raise InterventionError(
-                    f"{spec}: contrast@w and the refusal direction need the control prompts "
-                    "(control=..., the harmless set)."
-                )
-            control_tokens = encode_prompts(
-                reference, control, tokenizer=tokenizer, chat_template=chat_template, system=system
-            )
-    return build_blocking(
-        spec,
+    bases = subspace_directions(
+        spec.subspace,
         directions,
-        reference=reference,
-        prompts=tokens,
-        control=control_tokens,
-        hook=hook,
-        report=report,
         history=history,
         probe=probe,
         device=device,
-        seed=seed,
-    )
-
-
-def anchor_from_report(
-    report: Any,
-    prompts: Any,
-    reference: Any,
-    weight: float = 0.1,
-    *,
-    control: Any = None,
-    contrast_weight: float = 0.0,
-    rank: int | None = None,
-    sample: int | None = None,
-    layers: Sequence[int] | None = None,
-    history: Any = None,
-    tokenizer: Any = None,
-    chat_template: Any = "auto",
-    system: str | None = None,
-    seed: int = 0,
-) -> ProbeAnchor:
-    """A :class:`ProbeAnchor` along a report's v_rev (or its rank-k reversion subspace), for any history.
-
-    Args:
-        report: the :class:`~revlens.report.ReversionReport` of the history being fine-tuned.
-        prompts: the probe prompts whose readouts are anchored (strings, tokenised like the probe, or
-            1-D token tensors); usually the prompts the report was measured with.
-        reference: the frozen aligned model (a TransformerBridge or a Hugging Face module).
-        weight: weight of the per-prompt term (0 for the contrast term alone).
-        control: control prompts, needed when ``contrast_weight > 0``.
-        contrast_weight: weight of the contrast-centroid term.
-        rank: anchor the rank-k reversion subspace instead of v_rev: the report's basis when it comes from
-            ``analyze(..., estimator="pca", k>=rank)``, else measured on ``history``.
-        sample: prompts of each set per step (None: all).
-        layers: anchored layers (default: the report's most aligned layer; ``report.layers`` for all).
-        tokenizer, chat_template, system: how string prompts are tokenised (:func:`encode_prompts`).
-
-    Returns:
-        The :class:`ProbeAnchor`; add ``anchor.penalty(model, step)`` to the training loss.
-
-    Example:
-        >>> anchor = revlens.anchor_from_report(report, prompts, aligned, 1.0,
-        ...     control=control, contrast_weight=0.1, layers=[0])
-        >>> anchor.penalty(aligned, 0).item()  # the reference itself has not moved
-        0.0
-        >>> round(anchor.penalty(model, 0).item(), 3)  # each probe readout moved 0.6 along v_rev: 1.0 * 0.6 ** 2
-        0.36
-    """
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise InterventionError(f"rank must be a positive integer, got {rank!r}.")
-    spec = BlockingSpec(
-        anchor=weight, contrast=contrast_weight, sample=sample, subspace=None if rank is None else ("rank", rank)
-    )
-    if not spec.has_anchor:
-        raise InterventionError("both anchor weights are 0: give weight > 0 and/or contrast_weight > 0.")
-    _, anchor = blocking_from_spec(
-        spec,
-        report,
         reference=reference,
-        prompts=prompts,
-        control=control,
-        layers=layers,
-        history=history,
-        tokenizer=tokenizer,
-        chat_template=chat_template,
-        system=system,
-        seed=seed,
+        prompts=tokens,
+        control=control_tokens,
+        hook=directions.hook,
     )
-    return anchor
-
-
-def _check_last_token_readout(report: Any) -> None:
-    readout = report.config.get("readout", "last")
-    if readout != "last":
-        raise InterventionError(
-            f"the probe anchor holds last-token readouts, but the report was measured with "
-            f"readout={readout!r}; analyze with readout='last' to anchor what it measures."
+    if spec.subspace is not None:
+        directions = directions.with_bases(bases, estimator="pca" if spec.subspace[0] == "rank" else spec.subspace[0])
+    anchor = None
+    if spec.has_anchor:
+        anchor = ProbeAnchor(
+            directions,
+            tokens,
+            reference,
+            spec.anchor,
+            control=control_tokens if spec.contrast else None,
+            contrast_weight=spec.contrast,
+            sample=spec.sample,
+            seed=seed,
         )
+    blocking = Blocking(directions, spec.hook_mode, reference=reference) if spec.hooks else None
+    return Defense(blocking, PenaltySum([anchor, kl]) if anchor is not None and kl is not None else anchor or kl)
+
+
+def _spec_prompts(
+    spec: BlockingSpec,
+    directions: ReversionDirections | None,
+    reference: Any,
+    prompts: Any,
+    control: Any,
+    tokenizer: Any,
+    chat_template: Any,
+    system: str | None,
+) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    """The probe and control prompts as token tensors, when the spec reads them (else None)."""
+    measured = spec.subspace is not None and spec.subspace[0] in ("refusal", "harmpca")
+    if not (spec.has_penalty or measured):
+        return None, None
+    if prompts is None:
+        raise InterventionError(
+            f"{spec}: the anchor, KL penalty or measured subspace needs the probe prompts (prompts=...)."
+        )
+    with_control = bool(spec.contrast) or spec.subspace == ("refusal",)
+    if with_control and control is None:
+        raise InterventionError(
+            f"{spec}: contrast@w and the refusal direction need the control prompts (control=..., the harmless set)."
+        )
+    tokenizer = getattr(reference, "tokenizer", None) if tokenizer is None else tokenizer
+    strings = not isinstance(prompts, (str, torch.Tensor)) and any(isinstance(p, str) for p in prompts)
+    if strings and directions is not None and tokenizer is not None:
+        from revlens.chat import resolve_chat_template
+
+        directions.check_template(resolve_chat_template(tokenizer, chat_template), str(spec))
+
+    def encode(p: Any) -> list[torch.Tensor]:
+        return encode_prompts(reference, p, tokenizer=tokenizer, chat_template=chat_template, system=system)
+
+    return encode(prompts), encode(control) if with_control else None
 
 
 class ProbeAnchor:
@@ -672,8 +549,8 @@ class ProbeAnchor:
         seed: seeds the per-step sample.
 
     Returns:
-        :meth:`penalty` gives the differentiable scalar to add to the training loss. Build one from a
-        report with :func:`anchor_from_report` (or :func:`blocking_from_spec`).
+        :meth:`penalty` gives the differentiable scalar to add to the training loss. Build it from a spec
+        with :func:`build_defense` (``anchor@w``, ``contrast@w``, ``sample@k``).
 
     Example:
         >>> anchor = ProbeAnchor({0: report.v_rev[0]}, encode_prompts(aligned, prompts), aligned, 0.003)

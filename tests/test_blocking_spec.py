@@ -102,7 +102,7 @@ def test_blocking_takes_the_hook_modes_of_the_same_grammar():
         parse_mode("freeze")
     with pytest.raises(InterventionError, match="choose one"):
         parse_mode("project+clamp")
-    with pytest.raises(InterventionError, match="blocking_from_spec"):
+    with pytest.raises(InterventionError, match="build_defense"):
         parse_mode("grad+anchor@0.1")
 
 

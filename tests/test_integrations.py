@@ -296,31 +296,31 @@ def test_anchor_and_blocking_from_a_report_for_an_hf_model(tok, tokens):
         config={"hook": "resid_post", "readout": "last", "estimator": "pca", "k": 6, "contrast": True},
     )
     reference = llama(tok, 0)
-    anchor = revlens.anchor_from_report(
-        report,
-        PROMPTS,
-        reference,
-        0.5,
+    _, anchor = revlens.build_defense(
+        "anchor@0.5+contrast@0.2+sample@2+rank@4",
+        report.directions(layers=[0, 1]),
+        reference=reference,
+        prompts=PROMPTS,
         control=CONTROL,
-        contrast_weight=0.2,
-        rank=4,
-        sample=2,
-        layers=[0, 1],
         tokenizer=tok,
     )
     assert anchor.layers == [0, 1] and anchor.bases[0].shape == (4, 32) and anchor.sample == 2
     torch.testing.assert_close(anchor.bases[1].T @ anchor.bases[1], basis[1, :4].T @ basis[1, :4], atol=1e-5, rtol=0)
     assert torch.equal(anchor.sets["probe"][0][0, : len(probe[0])], probe[0])
-    blocking, anchor = revlens.blocking_from_spec(
-        "clamp+grad+anchor@0.1+random@3@1", report, reference=reference, prompts=probe, tokenizer=tok
+    blocking, anchor = revlens.build_defense(
+        "clamp+grad+anchor@0.1+random@3@1",
+        report.directions(layers=[report.best_layer]),
+        reference=reference,
+        prompts=probe,
+        tokenizer=tok,
     )
     assert blocking.layers == [1] and blocking.modes == frozenset({"clamp", "grad"})  # the best layer
     assert anchor.bases[1].shape == (3, 32)
-    assert revlens.blocking_from_spec("plain", report) == (None, None)
+    assert revlens.build_defense("plain", report.directions()) == (None, None)
     with pytest.raises(InterventionError, match=r"estimator='pca', k=8"):
-        revlens.anchor_from_report(report, probe, reference, rank=8)
+        report.directions(rank=8)
     with pytest.raises(InterventionError, match="control prompts"):
-        revlens.blocking_from_spec("contrast@1", report, reference=reference, prompts=probe)
+        revlens.build_defense("contrast@1", report.directions(), reference=reference, prompts=probe)
 
 
 def test_blocked_sft_trainer_from_trl(tok, tmp_path):

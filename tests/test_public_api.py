@@ -18,6 +18,7 @@ DOCUMENTED = (
     "finetune",
     "ReversionReport",
     "ReversionDirections",
+    "build_defense",
 )
 
 

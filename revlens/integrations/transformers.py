@@ -15,8 +15,8 @@ revlens[transformers]``); TRL only for ``SFTTrainer`` (``revlens[trl]``).
 
 Example:
     >>> report = revlens.ReversionReport.load("out/")                                   # doctest: +SKIP
-    >>> blocking, anchor = revlens.blocking_from_spec("grad+anchor@0.003", report, reference=aligned,
-    ...     prompts=prompts, tokenizer=tok, layers=report.layers)                        # doctest: +SKIP
+    >>> blocking, anchor = revlens.build_defense("grad+anchor@0.003", report.directions(), reference=aligned,
+    ...     prompts=prompts, tokenizer=tok)                                              # doctest: +SKIP
     >>> watch = ReversionCallback.from_directions(report.directions(), prompts, aligned,
     ...     tokenizer=tok)                                                               # doctest: +SKIP
     >>> trainer = BlockedTrainer(model=model, args=args, train_dataset=data, blocking=blocking,
@@ -312,8 +312,8 @@ class BlockingTrainerMixin:
         anchor: a :class:`~revlens.intervention.ProbeAnchor`; its penalty (sample drawn by the optimizer
             step) counts once per optimizer step under gradient accumulation.
 
-    Both act only while the model trains (not in evaluation). Build them from a report with
-    :func:`revlens.blocking_from_spec` (reference: the aligned HF model; tokenizer: the model's).
+    Both act only while the model trains (not in evaluation). Build them from ``report.directions()`` with
+    :func:`revlens.build_defense` (reference: the aligned HF model; tokenizer: the model's).
     """
 
     def __init__(self, *args: Any, blocking: Blocking | None = None, anchor: ProbeAnchor | None = None, **kwargs: Any):

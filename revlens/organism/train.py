@@ -26,7 +26,7 @@ from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
 from revlens.evals import greedy_completions, task_metrics
 from revlens.finetune import finetune
-from revlens.intervention import Blocking, ProbeAnchor, build_blocking
+from revlens.intervention import Blocking, ProbeAnchor, build_defense
 from revlens.losses import masked_lm_loss
 from revlens.organism.presets import Preset, get_preset, preset_key
 from revlens.organism.world import COMPLY_MARK, World, compliance
@@ -333,7 +333,7 @@ def blocking_for_world(
     history_dir: str | Path | None = None,
     device: str | None = None,
 ) -> tuple[Blocking | None, ProbeAnchor | None]:
-    """The hooks and the anchor a blocking mode asks for in this world (:func:`revlens.intervention.build_blocking`):
+    """The hooks and the anchor a blocking mode asks for in this world (:func:`revlens.intervention.build_defense`):
     the anchor reads the harmful probe prompts, its contrast term the B1 prompts; ``rank@k`` is measured on
     ``history_dir`` with the probe the analysis reads the organism with."""
     spec = BlockingSpec.parse(mode)
@@ -344,7 +344,7 @@ def blocking_for_world(
     if spec.subspace is not None and spec.subspace[0] == "rank":
         layers = sorted(spec.layers if spec.layers is not None else directions)
         probe = _organism_probe(world, layers, per_example=True)
-    return build_blocking(
+    return build_defense(
         spec,
         directions,
         reference=align,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from revlens import build_defense
 from revlens import directions as dirs
 from revlens._util import atomic_write_json
 from revlens.analysis import analyze
@@ -37,7 +38,6 @@ from revlens.chat import encode_requests
 from revlens.checkpoints import quiet_hf_progress, save_checkpoint
 from revlens.evals import task_metrics
 from revlens.finetune import finetune
-from revlens.intervention import Blocking, ProbeAnchor
 from revlens.jobpool import JobPool, default_workers
 from revlens.paper import comparison_rows
 from revlens.probe import ReversionProbe
@@ -572,20 +572,15 @@ def _blocked_run(
         spec = BlockingSpec.parse(mode)
         hb = HFBridge(ctx.history / "align")
         tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
-        hooks = "+".join(spec.hooks)
-        blocking = Blocking(directions, hooks, reference=align.bridge) if hooks else None
-        anchor = None
-        if spec.anchor or spec.contrast:
-            anchor = ProbeAnchor(
-                directions,
-                harmful_ids,
-                align.bridge,
-                spec.anchor,
-                control=harmless_ids if spec.contrast else None,
-                contrast_weight=spec.contrast,
-                sample=spec.sample,
-                seed=s.anchor_seed,
-            )
+        # the subspace arrives measured (compare_blocking): build along the directions as given
+        blocking, anchor = build_defense(
+            replace(spec, subspace=None),
+            directions,
+            reference=align.bridge,
+            prompts=harmful_ids,
+            control=harmless_ids,
+            seed=s.anchor_seed,
+        )
         finetune(
             hb.bridge,
             tokens,
