@@ -20,7 +20,9 @@ Example:
 """
 
 from revlens.analysis import analyze
+from revlens.anchor import ProbeAnchor
 from revlens.benchmark_prompts import MissingDataPackage, PromptSource, harmbench_prompts, load_prompt_source
+from revlens.blocking import Blocking, Defense, build_defense
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.chat import encode_requests
 from revlens.checkpoints import (
@@ -34,7 +36,6 @@ from revlens.checkpoints import (
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_defense
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
 from revlens.finetune import FinetuneResult, ReversionMonitor, finetune
-from revlens.intervention import Blocking, Defense, ProbeAnchor, build_defense
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import default_control, default_prompts, load_prompt_file

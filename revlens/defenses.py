@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from revlens._util import atomic_write_text
+from revlens.blocking import build_defense
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.evals import RefusalPhraseJudge
 from revlens.finetune import finetune
-from revlens.intervention import build_defense
 from revlens.replay import ReplayMix
 from revlens.reversion_directions import ReversionDirections
 from revlens.stats import Rate, mcnemar_exact
@@ -252,7 +252,7 @@ def train_defense(
         reference: the frozen aligned model (anchor, KL, clamp, and the refusal / harmpca subspaces).
         prompts, control: harmful probe and harmless control prompts, 1-D token tensors.
         replay: ``(tokens, loss_mask)`` of the replay rows, needed by ``replay@R``.
-        history, probe: for ``rank@K`` beyond the directions given (see :func:`revlens.intervention.build_defense`).
+        history, probe: for ``rank@K`` beyond the directions given (see :func:`revlens.blocking.build_defense`).
         anchor_seed: seeds the anchor's and KL's per-step prompt sample.
         **finetune_kwargs: passed to :func:`revlens.finetune` (steps, lr, batch_size, seed, autocast_dtype, ...).
 

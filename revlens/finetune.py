@@ -44,9 +44,10 @@ from tqdm.auto import tqdm
 from revlens import directions as dirs
 from revlens import distributed as dist_
 from revlens._util import atomic_write_json, temp_sibling, tensor_digest, weights_fingerprint
+from revlens.anchor import ProbeAnchor
+from revlens.blocking import Blocking
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import move_quietly, save_checkpoint
-from revlens.intervention import Blocking, ProbeAnchor
 from revlens.lora import apply_lora, is_peft_wrapped, lora_config_of, lora_description
 from revlens.losses import model_lm_loss, takes_logits_to_keep
 from revlens.nulls import isotropic_p99
@@ -129,12 +130,9 @@ class ReversionMonitor:
         aligned centroid measured here on ``prompts`` (and ``control`` when the directions were read on the
         contrast), read as the directions were: a different chat template or control set is refused."""
         directions.check_contrast(control, "the monitor")
-        probe = ReversionProbe(
+        probe = directions.probe(
             prompts,
-            control=control,
-            layers=directions.layers,
-            hook=directions.hook,
-            readout=directions.readout,
+            control,
             per_example=False,
             chat_template=chat_template,
             system=system,
@@ -766,7 +764,7 @@ def finetune(
         model: a TransformerBridge (TL-native or a Hugging Face architecture).
         steps, lr, optimizer, batch_size, grad_accum, weight_decay, seed: the optimisation.
         blocking, anchor: v_rev blocking hooks and a penalty on the probe prompts (a
-            :class:`~revlens.intervention.ProbeAnchor`, :class:`~revlens.penalties.KLAnchor` or their
+            :class:`~revlens.anchor.ProbeAnchor`, :class:`~revlens.penalties.KLAnchor` or their
             :class:`~revlens.penalties.PenaltySum`; both act on the adapted model when ``lora`` is set).
         replay: a :class:`~revlens.replay.ReplayMix`: ``replay.rows`` rows of every micro-batch come from its
             data (safety-data replay); ``losses`` then record the mixed batches' loss.

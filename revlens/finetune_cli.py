@@ -299,9 +299,9 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
     import torch
 
     from revlens.analysis import default_prompts, load_prompt_file
+    from revlens.blocking import build_defense
     from revlens.checkpoints import load_checkpoint
     from revlens.finetune import finetune
-    from revlens.intervention import build_defense
     from revlens.reversion_directions import ReversionDirections
     from revlens.sft_data import load_sft_jsonl
 

@@ -151,6 +151,13 @@ class ReversionDirections:
         self.rank  # noqa: B018 - refuses mixed ranks
         return torch.stack([self.bases[l] for l in self.layers])
 
+    def probe(self, prompts: Any, control: Any = None, **kwargs: Any) -> ReversionProbe:
+        """A :class:`~revlens.ReversionProbe` of ``prompts`` (and ``control``) that reads these directions' layers at
+        their hook and readout; ``kwargs`` go to the probe (``per_example``, ``chat_template``, ...)."""
+        return ReversionProbe(
+            prompts, control=control, layers=self.layers, hook=self.hook, readout=self.readout, **kwargs
+        )
+
     def digest(self) -> str:
         """A digest of the bases and the metadata (what a consumer's settings record)."""
         meta = json.dumps(self._meta(), sort_keys=True, default=str)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from revlens.blocking import parse_mode
 from revlens.blocking_spec import BlockingSpec, InterventionError
-from revlens.intervention import parse_mode
 from revlens.subspace import random_subspace, reversion_subspace, subspace_directions
 
 CANONICAL = [

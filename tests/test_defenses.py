@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 
+from revlens.blocking import build_defense
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.defense_table import defense_table, pareto_front
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, judge_answers, method_of, train_defense
 from revlens.finetune import finetune
-from revlens.intervention import build_defense
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.replay import ReplayMix
 from revlens.stats import mcnemar_exact

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from revlens.blocking import Blocking
 from revlens.checkpoints import History, load_checkpoint
 from revlens.finetune import ReversionMonitor, finetune
-from revlens.intervention import Blocking
 from revlens.losses import masked_lm_loss
 
 from conftest import PROMPTS, shifted

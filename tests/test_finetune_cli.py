@@ -248,8 +248,8 @@ def test_bad_modes_exit_2_naming_the_part(history, data, prompts, tmp_path, caps
 
 
 def test_rank_mode_blocks_the_rank_k_reversion_subspace(history, data, prompts, tmp_path):
+    from revlens.blocking import Blocking
     from revlens.finetune import _blocking_description
-    from revlens.intervention import Blocking
     from revlens.subspace import reversion_subspace
 
     out = tmp_path / "ft"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from revlens.blocking import Blocking
 from revlens.checkpoints import load_checkpoint, save_checkpoint
 from revlens.finetune import finetune
-from revlens.intervention import Blocking
 from revlens.sft_data import encode_sft
 
 pytest.importorskip("peft")

@@ -10,8 +10,10 @@ import warnings
 import pytest
 import torch
 
+from revlens.anchor import ProbeAnchor, encode_prompts
+from revlens.blocking import Blocking
+from revlens.blocking_spec import InterventionError
 from revlens.integrations import hf_hooks
-from revlens.intervention import Blocking, InterventionError, ProbeAnchor, encode_prompts
 
 from hf_models import chat_tokenizer, save_tiny_llama, tiny_llama
 

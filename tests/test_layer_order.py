@@ -29,9 +29,10 @@ ROWS = [
     },
     {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer", "jobpool", "replay"},
     {"probe", "checkpoints", "selection", "integrations.hf_hooks", "penalties", "weight_projection"},
-    {"subspace", "reversion_directions"},
-    {"report", "intervention"},
-    {"analysis", "paper", "finetune", "integrations.transformers"},
+    {"subspace", "reversion_directions", "hooks"},
+    {"report", "anchor"},
+    {"analysis", "paper", "blocking"},
+    {"finetune", "integrations.transformers"},
     {"finetune_cli", "defenses"},
     {""},
 ]

@@ -96,8 +96,8 @@ def test_analysis_reads_the_organism(micro_history):
 
 
 def test_blocking_modes_build_hooks_and_anchor_terms(micro_history):
+    from revlens.blocking_spec import InterventionError
     from revlens.checkpoints import load_revlens_checkpoint
-    from revlens.intervention import InterventionError
     from revlens.organism.train import blocking_for_world, v_rev_of_history
 
     world = World(0)

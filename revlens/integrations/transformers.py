@@ -7,8 +7,8 @@
   ``revlens/alignment_L{l}`` through the Trainer's own ``log`` (so TensorBoard, W&B and ``log_history``
   get it); it warns once when a layer crosses the null's p99.
 - :class:`BlockedTrainer` (and :func:`blocked_trainer_class` for any Trainer subclass, e.g. TRL's
-  ``SFTTrainer``): ``compute_loss`` runs under :class:`~revlens.intervention.Blocking` hooks (forward
-  project / clamp, backward grad) and adds the :class:`~revlens.intervention.ProbeAnchor` penalty.
+  ``SFTTrainer``): ``compute_loss`` runs under :class:`~revlens.blocking.Blocking` hooks (forward
+  project / clamp, backward grad) and adds the :class:`~revlens.anchor.ProbeAnchor` penalty.
 
 Both work on peft-wrapped models (the adapters are what moves). Needs ``transformers`` (``pip install
 revlens[transformers]``); TRL only for ``SFTTrainer`` (``revlens[trl]``).
@@ -41,9 +41,11 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from revlens import directions as dirs
 from revlens._util import training_mode
+from revlens.anchor import ProbeAnchor, encode_prompts
+from revlens.blocking import Blocking
+from revlens.blocking_spec import InterventionError
 from revlens.chat import resolve_chat_template
 from revlens.integrations import hf_hooks
-from revlens.intervention import Blocking, InterventionError, ProbeAnchor, encode_prompts
 from revlens.nulls import isotropic_p99
 from revlens.readout import TokenizedSet, hook_template, reduce_positions_unchecked, run_stopping
 from revlens.reversion_directions import ReversionDirections
@@ -58,7 +60,7 @@ class HFReadouts:
     last prompt token, float64 centroids; with ``control`` the contrast: probe minus control centroid).
 
     Args:
-        prompts: 1-D token tensors (see :func:`revlens.intervention.encode_prompts` for strings).
+        prompts: 1-D token tensors (see :func:`revlens.anchor.encode_prompts` for strings).
         layers: decoder-layer indices.
         control: optional control prompts (token tensors).
         batch_size: prompts per forward pass.
@@ -307,9 +309,9 @@ class BlockingTrainerMixin:
     """Put before a ``Trainer`` class: ``compute_loss`` runs under ``blocking`` hooks and adds ``anchor``'s penalty.
 
     Args (keywords, besides the Trainer's own):
-        blocking: a :class:`~revlens.intervention.Blocking` (hooks on the decoder layers' outputs; clamp
+        blocking: a :class:`~revlens.blocking.Blocking` (hooks on the decoder layers' outputs; clamp
             takes its reference model's coordinates for each batch, one extra no-grad forward per step).
-        anchor: a :class:`~revlens.intervention.ProbeAnchor`; its penalty (sample drawn by the optimizer
+        anchor: a :class:`~revlens.anchor.ProbeAnchor`; its penalty (sample drawn by the optimizer
             step) counts once per optimizer step under gradient accumulation.
 
     Both act only while the model trains (not in evaluation). Build them from ``report.directions()`` with

@@ -19,14 +19,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from revlens import ReversionProbe, subspace
+from revlens import Blocking, ProbeAnchor, ReversionProbe, build_defense, subspace
 from revlens import directions as dirs
 from revlens._util import atomic_write_json, training_mode
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoints import boot_native_model, load_revlens_checkpoint, save_checkpoint
 from revlens.evals import greedy_completions, task_metrics
 from revlens.finetune import finetune
-from revlens.intervention import Blocking, ProbeAnchor, build_defense
 from revlens.losses import masked_lm_loss
 from revlens.organism.presets import Preset, get_preset, preset_key
 from revlens.organism.world import COMPLY_MARK, World, compliance
@@ -333,7 +332,7 @@ def blocking_for_world(
     history_dir: str | Path | None = None,
     device: str | None = None,
 ) -> tuple[Blocking | None, ProbeAnchor | None]:
-    """The hooks and the anchor a blocking mode asks for in this world (:func:`revlens.intervention.build_defense`):
+    """The hooks and the anchor a blocking mode asks for in this world (:func:`revlens.build_defense`):
     the anchor reads the harmful probe prompts, its contrast term the B1 prompts; ``rank@k`` is measured on
     ``history_dir`` with the probe the analysis reads the organism with."""
     spec = BlockingSpec.parse(mode)
