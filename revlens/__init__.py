@@ -33,6 +33,7 @@ from revlens.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from revlens.config import AnalyzeConfig
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_defense
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
 from revlens.finetune import FinetuneResult, ReversionMonitor, finetune
@@ -51,6 +52,7 @@ from revlens.weight_projection import safe_lora_project
 __all__ = [
     # measure
     "analyze",
+    "AnalyzeConfig",
     "History",
     "CheckpointRef",
     "CheckpointLoader",

@@ -27,6 +27,7 @@ from typing import Any
 
 from revlens._util import atomic_write_json, temp_sibling
 from revlens.blocking_spec import BlockingSpec
+from revlens.config import parse_layers
 
 # Options that only the --data path uses (default None so that their use is detectable).
 DATA_OPTIONS = (
@@ -47,20 +48,6 @@ DATA_OPTIONS = (
     "run_name",
     "replay",
 )
-
-
-def parse_layers(text: str) -> list[int]:
-    """``"3,5"`` -> [3, 5]; repeated or non-integer layers are errors."""
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}") from None
-    if not layers:
-        raise argparse.ArgumentTypeError("--layers is empty; give comma-separated integers like 0,3,5.")
-    repeated = sorted({l for l in layers if layers.count(l) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"--layers {text}: layer(s) {repeated} given more than once; list each once.")
-    return layers
 
 
 def parse_steps(text: str) -> list[int]:

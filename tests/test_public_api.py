@@ -12,6 +12,7 @@ import revlens
 
 DOCUMENTED = (
     "analyze",
+    "AnalyzeConfig",
     "ReversionProbe",
     "Blocking",
     "ProbeAnchor",
