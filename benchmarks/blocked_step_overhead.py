@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from revlens.intervention import Blocking, ProbeAnchor
+from revlens import Blocking, ProbeAnchor
 
 from _results import environment, write_result
 

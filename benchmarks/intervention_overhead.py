@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from revlens import Blocking, ProbeAnchor
 from revlens.checkpoint_loader import boot_native_model
-from revlens.intervention import Blocking, ProbeAnchor
 from revlens.losses import masked_lm_loss
 
 from _results import environment, write_result

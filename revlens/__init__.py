@@ -2,8 +2,9 @@
 
 Measure: :func:`analyze` a :class:`History` of checkpoints into a :class:`ReversionReport` (read with a
 :class:`ReversionProbe`). Control: fine-tune with :func:`finetune` under :class:`Blocking` hooks and a
-:class:`ProbeAnchor` built from a report (:func:`blocking_from_spec`, :func:`anchor_from_report`), watched by a
-:class:`ReversionMonitor`. Behaviour: :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
+:class:`ProbeAnchor`, built by :func:`build_defense` from a :class:`BlockingSpec` and the report's
+:class:`ReversionDirections` (``report.directions()``), watched by a :class:`ReversionMonitor`.
+Behaviour: :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
 
 The examples in these docstrings run as doctests (``tests/test_doctests.py``) on a tiny random model: ``ckpts``
 is a history folder (``pretrain/ align/ finetune/<run>/step_<N>/``) whose fine-tuning checkpoints moved by planted
@@ -20,6 +21,7 @@ Example:
 
 from revlens._util import DiskFullError, atomic_write_json, replace_dir, temp_sibling, training_mode
 from revlens.analysis import analyze
+from revlens.anchor import ProbeAnchor
 from revlens.benchmark_prompts import (
     MissingDataPackage,
     PromptSource,
@@ -27,6 +29,7 @@ from revlens.benchmark_prompts import (
     harmless_eval_prompts,
     load_prompt_source,
 )
+from revlens.blocking import Blocking, Defense, build_defense
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.chat import encode_requests
 from revlens.checkpoint_format import CheckpointError, WeightValueError
@@ -39,6 +42,7 @@ from revlens.checkpoint_loader import (
     quiet_hf_progress,
 )
 from revlens.checkpoint_save import save_checkpoint
+from revlens.config import AnalyzeConfig
 from revlens.defense_table import defense_table
 from revlens.defenses import (
     BehaviourSet,
@@ -64,14 +68,6 @@ from revlens.finetune import (
 from revlens.finetune_cli import parse_layers
 from revlens.history import History
 from revlens.integrations.hf_hooks import HookError
-from revlens.intervention import (
-    Blocking,
-    ProbeAnchor,
-    anchor_from_report,
-    blocking_from_report,
-    blocking_from_spec,
-    build_blocking,
-)
 from revlens.jobpool import JobFailed, JobPool, default_workers
 from revlens.losses import masked_lm_loss, model_lm_loss, takes_logits_to_keep
 from revlens.metric_labels import metric_labels, table_labels
@@ -83,6 +79,7 @@ from revlens.prompts import default_control, default_prompts, load_prompt_file
 from revlens.readout import ProbeError
 from revlens.replay import ReplayMix
 from revlens.report import ReversionReport, fmt_pm
+from revlens.reversion_directions import ReversionDirections
 from revlens.selection import selection_test
 from revlens.stats import Rate, mcnemar_exact, wilson_interval
 from revlens.subspace import random_subspace, readout_pca, refusal_direction, reversion_subspace
@@ -92,6 +89,7 @@ from revlens.wordtok import word_tokenizer
 __all__ = [
     # measure
     "analyze",
+    "AnalyzeConfig",
     "History",
     "CheckpointRef",
     "CheckpointLoader",
@@ -100,6 +98,7 @@ __all__ = [
     "ReversionProbe",
     "ProbeResult",
     "ReversionReport",
+    "ReversionDirections",
     "selection_test",
     "default_prompts",
     "default_control",
@@ -112,9 +111,8 @@ __all__ = [
     "Blocking",
     "ProbeAnchor",
     "BlockingSpec",
-    "blocking_from_report",
-    "blocking_from_spec",
-    "anchor_from_report",
+    "build_defense",
+    "Defense",
     "reversion_subspace",
     "random_subspace",
     # defenses: the field's baselines beside v_rev blocking
@@ -163,7 +161,6 @@ __all__ = [
     "alignment",
     "roundoff_floor",
     "v_rev_mean_diff",
-    "build_blocking",
     "make_optimizer",
     "masked_lm_loss",
     "model_lm_loss",

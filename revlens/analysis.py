@@ -7,6 +7,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,9 +19,10 @@ from tqdm.auto import tqdm
 from revlens import directions as dirs
 from revlens import distributed as dist_
 from revlens import nulls, selection
-from revlens._util import atomic_save_tensors
+from revlens._util import atomic_save_tensors, weights_fingerprint
 from revlens.checkpoint_format import CheckpointError
 from revlens.checkpoint_loader import CheckpointLoader, CheckpointRef
+from revlens.config import AnalyzeConfig
 from revlens.devices import check_device
 from revlens.history import History, check_same_architecture
 from revlens.probe import ProbeResult, ReversionProbe
@@ -32,6 +34,7 @@ from revlens.prompts import (  # noqa: F401  (re-exported: the prompt-file API l
     load_prompt_file,
 )
 from revlens.report import ReversionReport
+from revlens.reversion_directions import models_fingerprint, rendering_of
 from revlens.threads import ThreadPolicy
 
 CACHE_FORMAT = 2
@@ -68,6 +71,17 @@ def cache_key(settings: Mapping[str, Any]) -> str:
 
 def _source_label(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else "<in-memory>"
+
+
+def _fingerprint(ref: CheckpointRef) -> str | None:
+    """What identifies a checkpoint's version: the digest of its folder's :func:`checkpoint_stamp`, or of an
+    in-memory model's weights (None when neither can be read)."""
+    source = ref.source
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).exists():
+            return None
+        return hashlib.sha256(json.dumps(checkpoint_stamp(source)).encode()).hexdigest()[:16]
+    return weights_fingerprint(source) if hasattr(source, "named_parameters") else None
 
 
 def checkpoint_stamp(source: str | os.PathLike) -> list[Any]:
@@ -384,25 +398,8 @@ def analyze(
     prompts: Any = None,
     *,
     control: Any = None,
-    layers: Sequence[int] | None = None,
-    hook: str = "resid_post",
-    readout: str = "last",
-    estimator: str = "mean_diff",
-    k: int = 1,
-    batch_size: int = 32,
-    device: str | None = None,
-    null_samples: int = 20_000,
-    seed: int = 0,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-    dtype: str | torch.dtype = "auto",
-    device_map: Any = None,
-    base: str | Path | None = None,
-    threads: int | None = None,
-    chat_template: Any = "auto",
-    system: str | None = None,
-    distributed: bool = False,
-    workers: int = 1,
+    config: AnalyzeConfig | None = None,
+    **settings: Any,
 ) -> ReversionReport:
     """Measure v_rev and the alignment of fine-tuning drift with it, layer by layer.
 
@@ -411,30 +408,18 @@ def analyze(
             or ``{"pretrain": src, "align": src, "finetune": {run: {step: src}}}``.
         prompts: the probe set (default: the packaged ``harmful_requests.txt``).
         control: an optional control set; alignment is then measured on the contrast readout.
-        layers, hook, readout, batch_size, device: see :class:`ReversionProbe`.
-        estimator: ``mean_diff`` (default), ``per_example`` or ``pca`` (rank ``k`` subspace).
-        null_samples, seed: Monte Carlo draws and seed of the activation-space null.
-        cache_dir: where per-checkpoint measurements are kept, so a rerun after an interruption
-            only measures what is missing. An entry is keyed on every setting that changes the numbers
-            and on the checkpoint's files (see README, "Reliability").
-        dtype: ``"auto"`` (default) keeps each checkpoint's own dtype; ``"float32"``, ``"bfloat16"``,
-            ``"float16"`` cast.
-        device_map: ``"auto"`` spreads a Hugging Face model over all visible GPUs (exclusive with ``device``).
-        base: base model folder for LoRA adapter checkpoints whose ``base_model_name_or_path`` is not local.
-        threads: torch CPU threads while measuring (default: :func:`revlens.threads.choose_num_threads`,
-            one thread for models under 20M parameters; ``$REVLENS_NUM_THREADS`` also sets it); with
-            ``workers``, each worker's threads (default: the cores shared out).
-        chat_template, system: how string prompts are read (see :class:`ReversionProbe`): ``"auto"``
-            reads each request inside the aligned checkpoint's chat template when its tokenizer has one,
-            for every checkpoint alike; ``report.config`` records whether a template was used.
-        distributed: inside a ``torchrun`` job, split the checkpoints across ranks (see
-            :func:`_measure_shard`); needs ``cache_dir`` on a filesystem every rank sees. Every rank returns
-            the same report; write it from rank 0 only. Each rank uses ``cuda:<LOCAL_RANK>`` (or the CPU)
-            unless ``device``/``device_map`` say otherwise; with ``device_map="auto"`` run one rank per node.
-        workers: processes that measure the checkpoints side by side on the CPU, each with its share of
-            the cores as torch threads (:class:`revlens.jobpool.JobPool`); needs ``cache_dir`` (they hand
-            their measurements over through it) and checkpoints on disk. For many small checkpoints on a
-            multi-core CPU; the numbers are the same up to float rounding.
+        config: an :class:`~revlens.config.AnalyzeConfig` (default: its defaults).
+        **settings: fields of :class:`~revlens.config.AnalyzeConfig` that replace the config's: ``layers``,
+            ``hook``, ``readout``, ``estimator``, ``k``, ``batch_size``, ``device``, ``null_samples``, ``seed``,
+            ``cache_dir``, ``progress``, ``dtype``, ``device_map``, ``base``, ``threads``, ``chat_template``,
+            ``system``, ``distributed``, ``workers`` (each documented there).
+
+    With ``cache_dir``, a rerun after an interruption measures only what is missing: an entry is keyed on every
+    setting that changes the numbers and on the checkpoint's files (docs, "Reliability"). String prompts are read
+    inside the aligned checkpoint's chat template when its tokenizer has one (``chat_template="auto"``), for every
+    checkpoint alike. ``distributed=True`` inside a ``torchrun`` job splits the checkpoints across ranks (see
+    :func:`_measure_shard`; every rank returns the same report: write it from rank 0); ``workers=N`` measures
+    them in N CPU processes; both need ``cache_dir``, and the numbers are the same up to float rounding.
 
     Readouts that are NaN/inf raise a :class:`CheckpointError` for pretrain or align; for a fine-tuning
     checkpoint they warn, leave its numbers NaN and list it in ``report.config["non_finite"]``.
@@ -444,7 +429,8 @@ def analyze(
 
     Returns:
         A :class:`ReversionReport`: v_rev per layer, alignment / drift / p-values per run x step x layer,
-        the nulls' p99, and the settings in ``report.config``.
+        the nulls' p99; ``report.config`` holds the recorded settings (:meth:`AnalyzeConfig.recorded`) and what
+        was measured (prompt counts, contrast, chat template, non-finite checkpoints, model fingerprint).
 
     Example:
         >>> report = revlens.analyze(ckpts, prompts, layers=[0, 1], cache_dir=tmp / "analyze" / "cache",
@@ -456,190 +442,264 @@ def analyze(
         >>> report.save(tmp / "analyze" / "report").name
         'report.json'
     """
-    check_device(device)
-    if isinstance(null_samples, bool) or not isinstance(null_samples, int) or null_samples < 1:
-        raise ValueError(
-            f"null_samples={null_samples!r}: the activation-space null needs at least one Monte Carlo "
-            "draw; give a positive integer (default 20000)."
-        )
+    cfg = AnalyzeConfig.of(config, settings)
+    run = _validate(ckpts, prompts, control, cfg)
+    readouts = _measure(run)
+    return _assemble(run, readouts, _nulls(readouts, cfg))
+
+
+@dataclass
+class _Run:
+    """What :func:`analyze` measures with: the settings, the history, the probe, the cache, where models load."""
+
+    cfg: AnalyzeConfig
+    history: History
+    ctx: dist_.DistContext
+    probe: ReversionProbe
+    cache: _MeasurementCache
+    cache_args: tuple[Any, Any]
+    cache_kwargs: dict[str, Any]
+    loader_args: tuple[Any, ...]
+    policy: ThreadPolicy
+    progress: bool
+
+
+@dataclass
+class _Readouts:
+    """What the measuring pass of :func:`analyze` found: v_rev and the per run x step x layer arrays."""
+
+    pre: ProbeResult
+    ali: ProbeResult
+    basis: torch.Tensor
+    layers: list[int]
+    v_rev_norm: np.ndarray
+    alignment: np.ndarray
+    alignment_per_example: np.ndarray
+    drift_norm: np.ndarray
+    per_example_cos: np.ndarray
+    non_finite: list[str]
+
+
+def _validate(ckpts: Any, prompts: Any, control: Any, cfg: AnalyzeConfig) -> _Run:
+    """Check the settings against the history and the job, and set up the probe, the cache and the loader."""
+    check_device(cfg.device)
+    cache_dir = cfg.cache_dir
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise ValueError(f"cache_dir {cache_dir} is a file; give a folder (it is created if missing).")
-    policy = ThreadPolicy(threads)
-    history = History.coerce(ckpts, base)
-    ctx = _distributed_context(distributed, history, cache_dir, device_map)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r}: give a whole number of processes >= 1 (1: measure in this process).")
-    if workers > 1:
+    policy = ThreadPolicy(cfg.threads)
+    history = History.coerce(ckpts, cfg.base)
+    ctx = _distributed_context(cfg.distributed, history, cache_dir, cfg.device_map)
+    if cfg.workers > 1:
         in_memory = [ref.label for ref in history if not isinstance(ref.source, (str, os.PathLike))]
         if cache_dir is None or in_memory or ctx.active:
             raise ValueError(
-                f"workers={workers} needs cache_dir (the workers hand their measurements over through it), "
+                f"workers={cfg.workers} needs cache_dir (the workers hand their measurements over through it), "
                 "checkpoints on disk"
                 + (f" ({in_memory[:3]} are in-memory models)" if in_memory else "")
                 + " and no distributed job (under torchrun the ranks are the workers); or use workers=1."
             )
-    if ctx.active and device is None and device_map is None:
+    device = cfg.device
+    if ctx.active and device is None and cfg.device_map is None:
         device = ctx.device
-    progress = progress and ctx.is_main
-    if estimator != "pca" and k != 1:
-        raise ValueError(f"k={k} needs estimator='pca'; mean_diff and per_example give one direction.")
-    prompts = default_prompts() if prompts is None else prompts
     probe = ReversionProbe(
-        prompts,
-        layers=layers,
-        hook=hook,
-        readout=readout,
+        default_prompts() if prompts is None else prompts,
+        layers=cfg.layers,
+        hook=cfg.hook,
+        readout=cfg.readout,
         control=control,
-        batch_size=batch_size,
+        batch_size=cfg.batch_size,
         device=device,
         per_example=True,
-        chat_template=chat_template,
-        system=system,
+        chat_template=cfg.chat_template,
+        system=cfg.system,
     )
     probe.use_template_of(history.align.source)
     cache_settings = {
         "prompts": probe.prompts,
         "control": probe.control,
         "layers": probe.layers,
-        "hook": hook,
-        "readout": readout,
-        "dtype": str(dtype),
-        "base": None if base is None else str(base),
+        "hook": cfg.hook,
+        "readout": cfg.readout,
+        "dtype": str(cfg.dtype),
+        "base": None if cfg.base is None else str(cfg.base),
         "chat_template": probe.chat_template,
-        "system": system,
+        "system": cfg.system,
     }
     cache_kwargs = {
         "n_prompts": probe.n_prompts,
         "n_layers": None if probe.layers is None else len(probe.layers),
         "control": probe.control is not None,
     }
-    cache = _MeasurementCache(cache_dir, cache_settings, **cache_kwargs)
-    non_finite: list[str] = []
-    bar = tqdm(total=len(history), desc="revlens analyze", disable=not progress, unit="ckpt")
+    return _Run(
+        cfg=cfg,
+        history=history,
+        ctx=ctx,
+        probe=probe,
+        cache=_MeasurementCache(cache_dir, cache_settings, **cache_kwargs),
+        cache_args=(cache_dir, cache_settings),
+        cache_kwargs=cache_kwargs,
+        loader_args=(device, cfg.dtype, cfg.device_map, cfg.base if cfg.base is not None else history.base),
+        policy=policy,
+        progress=cfg.progress and ctx.is_main,
+    )
 
-    reference: dict[str, Any] = {}
-    loader_args = (device, dtype, device_map, base if base is not None else history.base)
-    loader = CheckpointLoader(*loader_args)
 
-    def measure(ref: CheckpointRef, covariance: bool = False) -> ProbeResult:
-        cached = cache.get(ref)
+class _Measurer:
+    """``measure(ref)``: one checkpoint's probe result, from the cache or loaded and measured (then cached), with
+    the progress bar; it notes the first model's layers and refuses a later one of another architecture."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.bar = tqdm(total=len(run.history), desc="revlens analyze", disable=not run.progress, unit="ckpt")
+        self.loader = CheckpointLoader(*run.loader_args)
+        self.reference: dict[str, Any] = {}
+
+    def __call__(self, ref: CheckpointRef, covariance: bool = False) -> ProbeResult:
+        cached = self.run.cache.get(ref)
         if cached is not None and (cached.covariance is not None or not covariance):
-            bar.update(1)
+            self.bar.update(1)
             return cached
-        model = loader.load(ref)
-        policy.fit(model)
-        if "model_cfg" not in reference:
-            reference["model_cfg"] = SimpleNamespace(
+        model = self.loader.load(ref)
+        self.run.policy.fit(model)
+        if "model_cfg" not in self.reference:
+            self.reference["model_cfg"] = SimpleNamespace(
                 cfg=SimpleNamespace(d_model=model.cfg.d_model, n_layers=model.cfg.n_layers)
             )
-            reference["layers"] = probe.resolve_layers(model)
+            self.reference["layers"] = self.run.probe.resolve_layers(model)
         else:
-            check_same_architecture(reference["model_cfg"], model, ref.label, "the first checkpoint")
-        result = probe.measure(model, covariance=covariance)
+            check_same_architecture(self.reference["model_cfg"], model, ref.label, "the first checkpoint")
+        result = self.run.probe.measure(model, covariance=covariance)
         del model
-        cache.put(ref, result)
-        bar.update(1)
+        self.run.cache.put(ref, result)
+        self.bar.update(1)
         return result
 
-    policy.start()
-    try:
-        if ctx.active:
-            _measure_shard(history, ctx, cache, measure, bar)
-        elif workers > 1:
-            _measure_in_workers(
-                history, cache, workers, threads, bar, probe, (cache_dir, cache_settings), cache_kwargs, loader_args
-            )
-        pre = measure(history.pretrain)
-        layer_ids = reference.get("layers") or probe.layers or list(range(pre.centroid.shape[0]))
-        _check_readouts(history.pretrain, pre, layer_ids, fatal=True)
-        ali = measure(history.align)
-        _check_readouts(history.align, ali, layer_ids, fatal=True)
-        basis = dirs.estimate_v_rev(estimator, pre.centroid, ali.centroid, pre.per_example, ali.per_example, k)
-        v_rev_norm = (pre.centroid - ali.centroid).norm(dim=-1).numpy()
-        if np.any(v_rev_norm == 0):
-            warnings.warn(
-                "pretrain and align centroids coincide at some layer: v_rev is undefined (NaN) there.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        n_layers, d_model = pre.centroid.shape
-        noise = dirs.roundoff_floor(ali.probe_centroid)
-        undefined = torch.isnan(basis).flatten(1).any(dim=1)  # layers without v_rev: NaN is not zero drift
-        runs, steps = history.runs, history.steps
-        shape = (len(runs), len(steps), n_layers)
-        align_arr = np.full(shape, np.nan)
-        align_ex = np.full(shape, np.nan)
-        drift_norm = np.full(shape, np.nan)
-        per_example_cos = np.full(shape + (probe.n_prompts,), np.nan)
-        for ri, run in enumerate(runs):
-            for step, ref in sorted(history.finetune[run].items()):
-                si = steps.index(step)
-                res = measure(ref)
-                bad = _check_readouts(ref, res, layer_ids, fatal=False)
-                if bad.any():
-                    non_finite.append(ref.label)
-                delta = dirs.drift(res.centroid, ali.centroid)
-                a = dirs.alignment(delta, basis, noise).masked_fill(bad, float("nan"))
-                dirs.warn_if_zero_drift(a[~bad & ~undefined], ref.label)
-                align_arr[ri, si] = a.numpy()
-                drift_norm[ri, si] = delta.norm(dim=-1).masked_fill(bad, float("nan")).numpy()
-                ex = dirs.alignment(res.per_example.double() - ali.per_example.double(), basis, noise)
-                ex = ex.masked_fill(bad[None, :], float("nan"))
-                per_example_cos[ri, si] = ex.T.numpy()
-                with np.errstate(all="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    align_ex[ri, si] = np.nanmean(ex.numpy(), axis=0)
-    finally:
-        bar.close()
-        policy.restore()
 
-    null_iso = np.full(n_layers, nulls.isotropic_p99(d_model, k))
-    # Activation-space null from the aligned model's per-example readouts: no d x d covariance.
-    null_draws = np.full((n_layers, null_samples), np.nan, dtype=np.float32)
+def _measure(run: _Run) -> _Readouts:
+    """Every checkpoint's readouts: first the missing ones by the torchrun ranks or the worker processes (into the
+    cache), then in this process (from the cache, or measured here) v_rev and the drift of every checkpoint."""
+    measure = _Measurer(run)
+    run.policy.start()
+    try:
+        if run.ctx.active:
+            _measure_shard(run.history, run.ctx, run.cache, measure, measure.bar)
+        elif run.cfg.workers > 1:
+            init = (run.probe, run.cache_args, run.cache_kwargs, run.loader_args)
+            _measure_in_workers(run.history, run.cache, run.cfg.workers, run.cfg.threads, measure.bar, *init)
+        return _drift(run, measure)
+    finally:
+        measure.bar.close()
+        run.policy.restore()
+
+
+def _drift(run: _Run, measure: _Measurer) -> _Readouts:
+    """v_rev from pretrain and align, then each fine-tuning checkpoint's drift from align and its alignment."""
+    history, probe, cfg = run.history, run.probe, run.cfg
+    pre = measure(history.pretrain)
+    layer_ids = measure.reference.get("layers") or probe.layers or list(range(pre.centroid.shape[0]))
+    _check_readouts(history.pretrain, pre, layer_ids, fatal=True)
+    ali = measure(history.align)
+    _check_readouts(history.align, ali, layer_ids, fatal=True)
+    basis = dirs.estimate_v_rev(cfg.estimator, pre.centroid, ali.centroid, pre.per_example, ali.per_example, cfg.k)
+    v_rev_norm = (pre.centroid - ali.centroid).norm(dim=-1).numpy()
+    if np.any(v_rev_norm == 0):
+        warnings.warn(
+            "pretrain and align centroids coincide at some layer: v_rev is undefined (NaN) there.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    n_layers = pre.centroid.shape[0]
+    noise = dirs.roundoff_floor(ali.probe_centroid)
+    undefined = torch.isnan(basis).flatten(1).any(dim=1)  # layers without v_rev: NaN is not zero drift
+    runs, steps = history.runs, history.steps
+    shape = (len(runs), len(steps), n_layers)
+    out = _Readouts(
+        pre=pre,
+        ali=ali,
+        basis=basis,
+        layers=[],
+        v_rev_norm=v_rev_norm,
+        alignment=np.full(shape, np.nan),
+        alignment_per_example=np.full(shape, np.nan),
+        drift_norm=np.full(shape, np.nan),
+        per_example_cos=np.full(shape + (probe.n_prompts,), np.nan),
+        non_finite=[],
+    )
+    for ri, run_name in enumerate(runs):
+        for step, ref in sorted(history.finetune[run_name].items()):
+            si = steps.index(step)
+            res = measure(ref)
+            bad = _check_readouts(ref, res, layer_ids, fatal=False)
+            if bad.any():
+                out.non_finite.append(ref.label)
+            delta = dirs.drift(res.centroid, ali.centroid)
+            a = dirs.alignment(delta, basis, noise).masked_fill(bad, float("nan"))
+            dirs.warn_if_zero_drift(a[~bad & ~undefined], ref.label)
+            out.alignment[ri, si] = a.numpy()
+            out.drift_norm[ri, si] = delta.norm(dim=-1).masked_fill(bad, float("nan")).numpy()
+            ex = dirs.alignment(res.per_example.double() - ali.per_example.double(), basis, noise)
+            ex = ex.masked_fill(bad[None, :], float("nan"))
+            out.per_example_cos[ri, si] = ex.T.numpy()
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out.alignment_per_example[ri, si] = np.nanmean(ex.numpy(), axis=0)
+    out.layers = list(measure.reference.get("layers", probe.layers or list(range(n_layers))))
+    return out
+
+
+def _nulls(readouts: _Readouts, cfg: AnalyzeConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The isotropic null's p99 per layer, and the activation-space null's Monte Carlo draws and p99, drawn from
+    the aligned model's per-example readouts (no d x d covariance)."""
+    basis, ali = readouts.basis, readouts.ali
+    n_layers, d_model = ali.centroid.shape
+    null_iso = np.full(n_layers, nulls.isotropic_p99(d_model, cfg.k))
+    null_draws = np.full((n_layers, cfg.null_samples), np.nan, dtype=np.float32)
     null_act = np.full(n_layers, np.nan)
     for l in range(n_layers):
         if not torch.isnan(basis[l]).any():
             draws = nulls.activation_null_draws_from_readouts(
-                ali.per_example[:, l], basis[l].double(), null_samples, seed + l
+                ali.per_example[:, l], basis[l].double(), cfg.null_samples, cfg.seed + l
             ).numpy()
             null_draws[l] = draws
             null_act[l] = np.quantile(draws, 0.99) if np.isfinite(draws).all() else np.nan
-    v_rev_snr = selection.v_rev_snr(pre.per_example, ali.per_example)
+    return null_iso, null_draws, null_act
+
+
+def _assemble(run: _Run, r: _Readouts, null: tuple[np.ndarray, np.ndarray, np.ndarray]) -> ReversionReport:
+    """The report: the arrays, the nulls, and ``config`` = the recorded settings and what was measured."""
+    cfg, probe, history = run.cfg, run.probe, run.history
+    null_iso, null_draws, null_act = null
+    d_model = r.ali.centroid.shape[1]
     config = {
-        "hook": hook,
-        "readout": readout,
-        "estimator": estimator,
-        "k": k,
-        "contrast": control is not None,
+        **cfg.recorded(),
+        "contrast": probe.control is not None,
         "n_prompts": probe.n_prompts,
         "n_control": 0 if probe.control is None else len(probe.control),
-        "batch_size": batch_size,
-        "null_samples": null_samples,
-        "seed": seed,
-        "non_finite": non_finite,
+        "non_finite": r.non_finite,
         "chat_template": probe.chat_template_used,
-        "system": system,
+        "template_digest": rendering_of(probe),
         "checkpoints": {
             "pretrain": _source_label(history.pretrain.source),
             "align": _source_label(history.align.source),
         },
+        "models_fingerprint": models_fingerprint(_fingerprint(history.pretrain), _fingerprint(history.align)),
     }
     return ReversionReport(
-        layers=list(reference.get("layers", probe.layers or list(range(n_layers)))),
-        runs=runs,
-        steps=steps,
+        layers=r.layers,
+        runs=history.runs,
+        steps=history.steps,
         d_model=int(d_model),
-        v_rev=basis[:, 0, :].float(),
-        v_rev_basis=basis.float(),
-        alignment=align_arr,
-        alignment_per_example=align_ex,
-        per_example_cos=per_example_cos,
-        drift_norm=drift_norm,
-        p_value=nulls.isotropic_p_value(align_arr, d_model, k),
+        v_rev=r.basis[:, 0, :].float(),
+        v_rev_basis=r.basis.float(),
+        alignment=r.alignment,
+        alignment_per_example=r.alignment_per_example,
+        per_example_cos=r.per_example_cos,
+        drift_norm=r.drift_norm,
+        p_value=nulls.isotropic_p_value(r.alignment, d_model, cfg.k),
         null_p99=null_iso,
         null_p99_activation=null_act,
-        v_rev_norm=v_rev_norm,
+        v_rev_norm=r.v_rev_norm,
         config=config,
-        v_rev_snr=v_rev_snr,
+        v_rev_snr=selection.v_rev_snr(r.pre.per_example, r.ali.per_example),
         null_draws_activation=null_draws,
     )

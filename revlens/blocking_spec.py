@@ -177,7 +177,7 @@ class BlockingSpec:
 
     @property
     def hook_mode(self) -> str | None:
-        """The hook modes as :class:`revlens.intervention.Blocking` takes them (``"clamp+grad"``), or None."""
+        """The hook modes as :class:`revlens.blocking.Blocking` takes them (``"clamp+grad"``), or None."""
         return "+".join(self.hooks) or None
 
     @classmethod

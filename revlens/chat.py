@@ -10,6 +10,7 @@ tokens: templates that begin with the BOS token (ChatML's ``<|im_start|>``, Llam
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,11 @@ def resolve_chat_template(tokenizer: Any, chat_template: Any = AUTO) -> str | No
             )
         return own
     return chat_template
+
+
+def template_digest(template: str | None) -> str | None:
+    """sha256 of a chat template's text (None for raw prompts): what a report records of its rendering."""
+    return None if template is None else hashlib.sha256(template.encode()).hexdigest()
 
 
 def uses_chat_template(tokenizer: Any, chat_template: Any = AUTO) -> bool:

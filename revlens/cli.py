@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from revlens import finetune_cli
+from revlens.config import AnalyzeConfig, add_config_arguments, config_from_args
 from revlens.demos import cli as demo_cli
-from revlens.finetune_cli import parse_layers
 
 # Demo histories (by marker file) that `revlens finetune` fine-tunes on the demo's own task when no --data is
 # given; named here, at the composition root, and imported only for such a history.
@@ -27,51 +27,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for report.json (and dashboard.html with --html)")
     p.add_argument("--prompts", help="probe prompt file, one per line (default: the packaged harmful_requests.txt)")
     p.add_argument("--control", help="control prompt file; enables the contrast readout")
-    p.add_argument("--layers", type=parse_layers, help="comma-separated layer indices (default: all)")
-    p.add_argument("--hook", default="resid_post")
-    p.add_argument("--readout", default="last", choices=["last", "mean"])
-    p.add_argument("--estimator", default="mean_diff", choices=["mean_diff", "per_example", "pca"])
-    p.add_argument("--k", type=int, default=1, help="subspace rank for --estimator pca")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument(
-        "--device", default=None, help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads)"
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype; auto (default) keeps each checkpoint's own",
-    )
-    p.add_argument(
-        "--device-map",
-        default=None,
-        help="'auto' spreads a Hugging Face model over all visible GPUs (instead of --device)",
-    )
-    p.add_argument(
-        "--base", default=None, help="base model folder for LoRA adapter checkpoints whose base is not a local folder"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: 1 for models under 20M parameters, more for larger ones; "
-        "or set REVLENS_NUM_THREADS)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes measuring checkpoints side by side on the CPU (the cores shared out as threads; "
-        "default 1); under torchrun the ranks share them instead",
-    )
-    p.add_argument(
-        "--chat-template",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read each prompt as a user turn in the aligned model's chat template (default: when its "
-        "tokenizer has one)",
-    )
-    p.add_argument("--system", default=None, help="system message for the chat template")
+    add_config_arguments(p, AnalyzeConfig)
     p.add_argument("--html", action="store_true", help="also write the interactive dashboard.html")
     p.set_defaults(func=_run_analyze)
 
@@ -84,26 +40,12 @@ def _run_analyze(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (it will hold report.json and cache/).")
     in_job = distributed.launched_by_torchrun()  # under torchrun with N > 1: ranks share the checkpoints
+    config = config_from_args(AnalyzeConfig, args, cache_dir=out / "cache", distributed=in_job)
     report = analyze(
         args.ckpt_dir,
         load_prompt_file(args.prompts) if args.prompts else None,
         control=load_prompt_file(args.control) if args.control else None,
-        layers=args.layers,
-        hook=args.hook,
-        readout=args.readout,
-        estimator=args.estimator,
-        k=args.k,
-        batch_size=args.batch_size,
-        device=args.device,
-        cache_dir=out / "cache",
-        threads=args.threads,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        base=args.base,
-        distributed=in_job,
-        workers=args.workers,
-        chat_template="auto" if args.chat_template is None else args.chat_template,
-        system=args.system,
+        config=config,
     )
     if in_job and not distributed.current().is_main:
         return 0

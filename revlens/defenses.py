@@ -34,11 +34,12 @@ from typing import Any
 import torch
 
 from revlens._util import atomic_write_text
+from revlens.blocking import build_defense
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.evals import RefusalPhraseJudge
 from revlens.finetune import finetune
-from revlens.intervention import build_blocking
 from revlens.replay import ReplayMix
+from revlens.reversion_directions import ReversionDirections
 from revlens.stats import Rate, mcnemar_exact
 from revlens.weight_projection import safe_lora_state
 
@@ -229,12 +230,11 @@ def train_defense(
     tokens: torch.Tensor,
     loss_mask: torch.Tensor,
     *,
-    directions: Mapping[int, torch.Tensor],
+    directions: ReversionDirections | Mapping[int, torch.Tensor],
     reference: Any,
     prompts: Sequence[torch.Tensor],
     control: Sequence[torch.Tensor] | None,
     replay: tuple[torch.Tensor, torch.Tensor] | None = None,
-    hook: str = "resid_post",
     history: Any = None,
     probe: Any = None,
     anchor_seed: int = 0,
@@ -247,11 +247,12 @@ def train_defense(
         spec: the defense (:class:`~revlens.blocking_spec.BlockingSpec` or its string); ``safelora@F`` is a
             post-hoc step: apply :func:`project_update` to the trained weights.
         tokens, loss_mask: the fine-tuning data.
-        directions: ``{layer: v_rev}`` at the layers to block (the subspace parts replace them).
+        directions: :class:`~revlens.reversion_directions.ReversionDirections` (or ``{layer: v_rev}`` at
+            ``resid_post``) at the layers to block (the subspace parts replace them).
         reference: the frozen aligned model (anchor, KL, clamp, and the refusal / harmpca subspaces).
         prompts, control: harmful probe and harmless control prompts, 1-D token tensors.
         replay: ``(tokens, loss_mask)`` of the replay rows, needed by ``replay@R``.
-        history, probe: for ``rank@K`` beyond the directions given (see :func:`revlens.intervention.build_blocking`).
+        history, probe: for ``rank@K`` beyond the directions given (see :func:`revlens.blocking.build_defense`).
         anchor_seed: seeds the anchor's and KL's per-step prompt sample.
         **finetune_kwargs: passed to :func:`revlens.finetune` (steps, lr, batch_size, seed, autocast_dtype, ...).
 
@@ -264,7 +265,7 @@ def train_defense(
         if replay is None:
             raise InterventionError(f"{spec}: replay@R needs the replay rows (replay=(tokens, loss_mask)).")
         mix = ReplayMix(replay[0], replay[1], spec.replay)
-    blocking, penalty = build_blocking(
+    blocking, penalty = build_defense(
         BlockingSpec(
             hooks=spec.hooks,
             anchor=spec.anchor,
@@ -278,7 +279,6 @@ def train_defense(
         reference=reference,
         prompts=prompts,
         control=control,
-        hook=hook,
         history=history,
         probe=probe,
         seed=anchor_seed,

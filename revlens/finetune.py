@@ -24,7 +24,6 @@ one with :class:`RunLockedError`; a lock left by a killed process is replaced wi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -44,17 +43,26 @@ from tqdm.auto import tqdm
 
 from revlens import directions as dirs
 from revlens import distributed as dist_
-from revlens._util import DiskFullError, atomic_write_json, naming_disk_full, temp_sibling, tensor_digest
+from revlens._util import (
+    DiskFullError,
+    atomic_write_json,
+    naming_disk_full,
+    temp_sibling,
+    tensor_digest,
+    weights_fingerprint,
+)
+from revlens.anchor import ProbeAnchor
+from revlens.blocking import Blocking
 from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoint_loader import move_quietly
 from revlens.checkpoint_save import save_checkpoint
-from revlens.intervention import Blocking, ProbeAnchor
 from revlens.lora import apply_lora, is_peft_wrapped, lora_config_of, lora_description
 from revlens.losses import model_lm_loss, takes_logits_to_keep
 from revlens.nulls import isotropic_p99
 from revlens.penalties import describe_penalty
 from revlens.probe import ReversionProbe
 from revlens.replay import ReplayMix
+from revlens.reversion_directions import ReversionDirections
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -68,8 +76,9 @@ _SEED_LIMIT = 2**63
 class ReversionMonitor:
     """Tracks alignment cos(mu_t - mu_A, v_rev) per layer during fine-tuning; warns on crossing the null.
 
-    Build it with :meth:`from_models` (pretrain and aligned models) or directly from a probe, the
-    aligned centroid and v_rev. Call :meth:`update` from any loop.
+    Build it with :meth:`from_directions` (``report.directions()`` and the aligned model), :meth:`from_models`
+    (pretrain and aligned models) or directly from a probe, the aligned centroid and v_rev. Call :meth:`update`
+    from any loop.
     """
 
     def __init__(
@@ -111,6 +120,38 @@ class ReversionMonitor:
         ali = probe.measure(align)
         mu_p, mu_a = probe.centroid(pretrain), ali.centroid
         return cls(probe, mu_a, dirs.v_rev_mean_diff(mu_p, mu_a), floor=dirs.roundoff_floor(ali.probe_centroid))
+
+    @classmethod
+    def from_directions(
+        cls,
+        directions: ReversionDirections,
+        align: Any,
+        prompts: Any,
+        *,
+        control: Any = None,
+        chat_template: Any = "auto",
+        system: str | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+    ) -> ReversionMonitor:
+        """A monitor along ``directions`` (``report.directions()``: its layers, hook, readout and basis), with the
+        aligned centroid measured here on ``prompts`` (and ``control`` when the directions were read on the
+        contrast), read as the directions were: a different chat template or control set is refused."""
+        directions.check_contrast(control, "the monitor")
+        probe = directions.probe(
+            prompts,
+            control,
+            per_example=False,
+            chat_template=chat_template,
+            system=system,
+            batch_size=batch_size,
+            device=device,
+        )
+        probe.use_template_of(align)
+        ali = probe.measure(align)
+        if isinstance(probe.prompts[0], str):
+            directions.check_template(probe.rendered_template, "the monitor")
+        return cls(probe, ali.centroid, directions.stacked(), floor=dirs.roundoff_floor(ali.probe_centroid))
 
     def update(self, model: Any, step: int) -> np.ndarray:
         """Measure alignment at ``step``; warn once per layer when it first exceeds the null's p99.
@@ -187,17 +228,6 @@ def check_run_name(run_name: str) -> str:
 def data_fingerprint(tokens: torch.Tensor, loss_mask: torch.Tensor) -> str:
     """sha256 of the token ids (int64) and the loss mask (float32)."""
     return tensor_digest(tokens.long(), loss_mask.float())
-
-
-def weights_fingerprint(model: Any) -> str:
-    """A fingerprint of the starting weights: each parameter's name, shape, dtype, float64 sum and first values."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}{float(flat.double().sum()):.8e}".encode())
-            h.update(flat[:64].to("cpu").float().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _blocking_description(blocking: Blocking | None, coords: Mapping[int, torch.Tensor] | None) -> dict | None:
@@ -753,7 +783,7 @@ def finetune(
         model: a TransformerBridge (TL-native or a Hugging Face architecture).
         steps, lr, optimizer, batch_size, grad_accum, weight_decay, seed: the optimisation.
         blocking, anchor: v_rev blocking hooks and a penalty on the probe prompts (a
-            :class:`~revlens.intervention.ProbeAnchor`, :class:`~revlens.penalties.KLAnchor` or their
+            :class:`~revlens.anchor.ProbeAnchor`, :class:`~revlens.penalties.KLAnchor` or their
             :class:`~revlens.penalties.PenaltySum`; both act on the adapted model when ``lora`` is set).
         replay: a :class:`~revlens.replay.ReplayMix`: ``replay.rows`` rows of every micro-batch come from its
             data (safety-data replay); ``losses`` then record the mixed batches' loss.

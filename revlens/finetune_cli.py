@@ -23,13 +23,11 @@ import json
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from revlens._util import atomic_write_json, temp_sibling
 from revlens.blocking_spec import BlockingSpec
-
-if TYPE_CHECKING:
-    from revlens.report import ReversionReport
+from revlens.config import parse_layers
 
 # Options that only the --data path uses (default None so that their use is detectable).
 DATA_OPTIONS = (
@@ -50,20 +48,6 @@ DATA_OPTIONS = (
     "run_name",
     "replay",
 )
-
-
-def parse_layers(text: str) -> list[int]:
-    """``"3,5"`` -> [3, 5]; repeated or non-integer layers are errors."""
-    try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,3,5; got {text!r}") from None
-    if not layers:
-        raise argparse.ArgumentTypeError("--layers is empty; give comma-separated integers like 0,3,5.")
-    repeated = sorted({l for l in layers if layers.count(l) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"--layers {text}: layer(s) {repeated} given more than once; list each once.")
-    return layers
 
 
 def parse_steps(text: str) -> list[int]:
@@ -297,55 +281,15 @@ def blocking_setup(mode: str, layers: list[int] | None, n_layers: int | None) ->
     return spec.with_layers(layers), sorted(layers)
 
 
-def _directions_report(pre: Any, ali: Any, layers: list[int], rank: int | None, n_prompts: int) -> ReversionReport:
-    """A :class:`~revlens.report.ReversionReport` of pretrain -> align alone (no fine-tuning runs yet): v_rev
-    (the mean difference) per layer, and with ``rank`` the rank-k reversion subspace (PCA basis) as its basis."""
-    import numpy as np
-
-    from revlens import directions as dirs
-    from revlens.report import ReversionReport
-
-    diff = pre.centroid.double() - ali.centroid.double()
-    v_rev = dirs.v_rev_mean_diff(pre.centroid, ali.centroid).float()
-    if rank is None:
-        basis = v_rev[:, None, :]
-    else:
-        basis = dirs.v_rev_pca(pre.per_example, ali.per_example, rank).float()
-    n, empty = len(layers), np.empty((0, 0, len(layers)))
-    return ReversionReport(
-        layers=list(layers),
-        runs=[],
-        steps=[],
-        d_model=int(v_rev.shape[-1]),
-        v_rev=basis[:, 0].clone(),
-        v_rev_basis=basis,
-        alignment=empty,
-        alignment_per_example=empty.copy(),
-        per_example_cos=np.empty((0, 0, n, n_prompts)),
-        drift_norm=empty.copy(),
-        p_value=empty.copy(),
-        null_p99=np.full(n, np.nan),
-        null_p99_activation=np.full(n, np.nan),
-        v_rev_norm=diff.norm(dim=-1).numpy(),
-        config={
-            "hook": "resid_post",
-            "readout": "last",
-            "estimator": "mean_diff" if rank is None else "pca",
-            "k": 1 if rank is None else rank,
-            "n_prompts": n_prompts,
-        },
-    )
-
-
 def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The --data path: measure v_rev, fine-tune align/ on the data with blocking, return the run's summary."""
     import torch
 
     from revlens.analysis import default_prompts, load_prompt_file
+    from revlens.blocking import build_defense
     from revlens.checkpoint_loader import load_checkpoint
     from revlens.finetune import finetune
-    from revlens.intervention import blocking_from_spec
-    from revlens.probe import ReversionProbe
+    from revlens.reversion_directions import ReversionDirections
     from revlens.sft_data import load_sft_jsonl
 
     spec, layers = blocking_setup(args.mode, args.layers, _n_layers(history / "align"))
@@ -395,14 +339,16 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         )
         mix = ReplayMix(rows.tokens, rows.loss_mask, spec.replay)
     if spec.needs_directions or spec.has_penalty:
-        probe = ReversionProbe(prompts, control=control, layers=layers, per_example=rank is not None)
-        pre, ali = probe.measure(load("pretrain")), probe.measure(model)
-        report = _directions_report(pre, ali, layers, rank, probe.n_prompts)
+        directions = None
+        if spec.needs_directions:  # v_rev, or with rank@k the rank-k reversion subspace, of pretrain -> align
+            directions = ReversionDirections.from_models(
+                load("pretrain"), model, prompts, control=control, layers=layers, rank=rank
+            )
         # a fresh load: deepcopy of HF bridges leaks
         measured = spec.subspace is not None and spec.subspace[0] in ("refusal", "harmpca")
         reference = load("align") if "clamp" in spec.hooks or spec.has_penalty or measured else None
-        blocking, anchor = blocking_from_spec(
-            spec, report, reference=reference, prompts=prompts, control=control, seed=args.seed
+        blocking, anchor = build_defense(
+            spec, directions, reference=reference, prompts=prompts, control=control, seed=args.seed
         )
     run = args.run_name or f"seed_{args.seed}"
     save_steps = [s for s in (args.save_steps or default_save_steps(steps)) if s <= steps]

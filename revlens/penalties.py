@@ -132,7 +132,7 @@ class KLAnchor:
 
 
 class PenaltySum:
-    """Several penalties (a :class:`~revlens.intervention.ProbeAnchor`, a :class:`KLAnchor`) added as one.
+    """Several penalties (a :class:`~revlens.anchor.ProbeAnchor`, a :class:`KLAnchor`) added as one.
 
     Example:
         >>> import torch

@@ -188,6 +188,12 @@ class ReversionProbe:
             return False
         return None if self.chat_template is True or self.chat_template == AUTO else True
 
+    @property
+    def rendered_template(self) -> str | None:
+        """The chat template text string prompts were rendered with on the models measured so far (None: raw
+        prompts, token ids, or nothing measured yet)."""
+        return None if self._rendering is _UNSET else self._rendering
+
     def use_template_of(self, reference: Any) -> None:
         """Read every model's string prompts like ``reference`` (a model or checkpoint folder, usually the
         aligned one): ``"auto"``/``True`` become its tokenizer's template text, or False when it has none.

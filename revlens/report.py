@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import math
@@ -15,8 +14,11 @@ import numpy as np
 import torch
 
 from revlens import selection as sel
-from revlens._util import atomic_save_tensors, atomic_write_json
+from revlens._util import atomic_save_tensors, atomic_write_json, file_sha256
+from revlens.blocking_spec import InterventionError
 from revlens.nulls import exceedance_count
+from revlens.reversion_directions import ReversionDirections
+from revlens.subspace import reversion_subspace
 
 REPORT_JSON = "report.json"
 REPORT_TENSORS = "tensors.safetensors"
@@ -188,6 +190,50 @@ class ReversionReport:
     @property
     def best_layer(self) -> int:
         return self.layers[self.best_layer_index()]
+
+    def directions(self, layers: Sequence[int] | None = None, rank: int | None = None) -> ReversionDirections:
+        """The directions this report measured, with how they were read: what blocking, the anchor, the monitor and
+        the Trainer callback take.
+
+        Args:
+            layers: analysed layers to take (default: all; ``[report.best_layer]`` for the most aligned one).
+            rank: None for the report's own basis (v_rev, or the rank-K basis of ``estimator="pca"``); k for the
+                rank-k reversion subspace, the first k rows of a PCA basis of rank >= k
+                (:func:`revlens.subspace.reversion_subspace`; to measure a larger one, use
+                :meth:`ReversionDirections.from_models` with ``rank=k``).
+
+        Returns:
+            A :class:`~revlens.reversion_directions.ReversionDirections` with the report's hook, readout, contrast,
+            chat template digest and model fingerprint.
+
+        Example:
+            >>> directions = report.directions(layers=[report.best_layer])
+            >>> directions.layers, tuple(directions.bases[0].shape), directions.estimator
+            ([0], (1, 16), 'mean_diff')
+        """
+        layers = list(self.layers) if layers is None else [int(l) for l in layers]
+        missing = [l for l in layers if l not in self.layers]
+        if missing or not layers:
+            raise InterventionError(
+                f"layers {missing or layers} were not analysed; the report has layers {self.layers}."
+            )
+        cfg = self.config
+        if rank is None:
+            bases = {l: self.v_rev_basis[self.layers.index(l)] for l in layers}
+        else:
+            bases = reversion_subspace(self, rank, layers=layers)
+        contrast = cfg.get("contrast")
+        return ReversionDirections(
+            bases,
+            hook=cfg.get("hook", "resid_post"),
+            readout=cfg.get("readout", "last"),
+            estimator=cfg.get("estimator", "mean_diff") if rank is None else "pca",
+            contrast=None if contrast is None else bool(contrast),
+            chat_template=cfg.get("template_digest"),
+            models=cfg.get("models_fingerprint"),
+            checkpoints=cfg.get("checkpoints"),
+            n_prompts=cfg.get("n_prompts"),
+        )
 
     def selection(
         self,
@@ -465,7 +511,7 @@ class ReversionReport:
             "summary": self.summary(),
             "arrays": {name: list(t.shape) for name, t in tensors.items()},
             "array_dtypes": {name: _dtype_name(t.dtype) for name, t in tensors.items()},
-            "tensors_sha256": _file_sha256(directory / REPORT_TENSORS),
+            "tensors_sha256": file_sha256(directory / REPORT_TENSORS),
         }
         return atomic_write_json(directory / REPORT_JSON, header, indent=1)
 
@@ -543,7 +589,7 @@ class ReversionReport:
         )
         report._check_shapes(path, tpath, arrays_in_tensors=fmt >= 2)
         digest = d.get("tensors_sha256")  # last: the shape and dtype errors above say more when they apply
-        if digest is not None and digest != _file_sha256(tpath):
+        if digest is not None and digest != file_sha256(tpath):
             raise ValueError(
                 f"{tpath} is not the tensors file {path} was saved with (its sha256 differs from the "
                 f"tensors_sha256 recorded in {REPORT_JSON}): the two files come from different runs, or one was "
@@ -599,14 +645,6 @@ class ReversionReport:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_int(value: Any) -> bool:

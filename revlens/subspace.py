@@ -36,7 +36,8 @@ def reversion_subspace(
     Args:
         source: one of
             - a :class:`~revlens.report.ReversionReport` from ``analyze(..., estimator="pca", k=K)`` with
-              K >= k (PCA bases are nested: its first k rows are the rank-k subspace);
+              K >= k (PCA bases are nested: its first k rows are the rank-k subspace), or
+              :class:`~revlens.reversion_directions.ReversionDirections` with such a basis;
             - a pair ``(h_pretrain, h_align)`` of per-example readouts ``[n_prompts, n_layers, d_model]``
               (``layers`` names their layer axis; default 0..n_layers-1);
             - a history (a :class:`~revlens.history.History`, its folder or dict): its pretrain and
@@ -60,7 +61,7 @@ def reversion_subspace(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InterventionError(f"the subspace rank k must be a positive integer, got {k!r}.")
-    if _is_report(source):
+    if _is_report(source) or _is_directions(source):
         return _from_report(source, k, layers)
     if isinstance(source, (tuple, list)) and len(source) == 2 and all(isinstance(t, torch.Tensor) for t in source):
         h_pre, h_ali = source
@@ -111,17 +112,19 @@ def subspace_directions(
 ) -> dict[int, torch.Tensor]:
     """The directions a :class:`~revlens.blocking_spec.BlockingSpec` subspace asks for at ``directions``' layers.
 
+    ``directions`` is ``{layer: tensor}`` or a :class:`~revlens.reversion_directions.ReversionDirections`.
     ``None`` keeps ``directions``; ``("random", k, draw)`` draws :func:`random_subspace`; ``("rank", k)``
-    takes :func:`reversion_subspace` from ``report`` when it carries a PCA basis of rank >= k, else from
-    ``history`` measured with ``probe``; ``("full",)`` is every dimension (the identity);
+    takes :func:`reversion_subspace` from ``report`` (or the directions themselves) when it carries a PCA basis of
+    rank >= k, else from ``history`` measured with ``probe``; ``("full",)`` is every dimension (the identity);
     ``("refusal",)`` is :func:`refusal_direction` and ``("harmpca", k)`` :func:`readout_pca`, both measured
     on ``reference`` (the aligned model) with ``prompts`` (harmful) and ``control`` (harmless) token ids.
     """
+    bases = directions.bases if _is_directions(directions) else directions
     if subspace is None:
-        return {int(l): v for l, v in directions.items()}
-    layers = sorted(int(l) for l in directions)
+        return {int(l): v for l, v in bases.items()}
+    layers = sorted(int(l) for l in bases)
     kind = subspace[0]
-    d_model = int(next(iter(directions.values())).shape[-1])
+    d_model = int(next(iter(bases.values())).shape[-1])
     if kind == "full":
         return {l: torch.eye(d_model) for l in layers}
     if kind in ("refusal", "harmpca"):
@@ -137,19 +140,20 @@ def subspace_directions(
         return readout_pca(reference, prompts, int(subspace[1]), layers=layers, hook=hook, readout=readout)
     k = int(subspace[1])
     if kind == "random":
-        d_model = int(next(iter(directions.values())).shape[-1])
         return random_subspace(layers, k, d_model, seed=int(subspace[2]) if len(subspace) > 2 else 0)
     if kind != "rank":
         raise InterventionError(
             f"unknown subspace {subspace!r}; use ('rank', k), ('random', k, draw), ('refusal',), ('harmpca', k) "
             "or ('full',)."
         )
-    if report is not None and (history is None or _report_rank(report) >= k):
-        return reversion_subspace(report, k, layers=layers)
+    nested = _is_directions(directions) and _estimator(directions) == "pca"
+    source = report if report is not None else (directions if nested else None)
+    if source is not None and (history is None or _report_rank(source) >= k):
+        return reversion_subspace(source, k, layers=layers)
     if history is None:
         raise InterventionError(
-            f"rank@{k} needs the rank-{k} reversion subspace: give a report from "
-            f"analyze(..., estimator='pca', k={k}) or the history (history=...) to measure it."
+            f"rank@{k} needs the rank-{k} reversion subspace: give directions from a report of "
+            f"analyze(..., estimator='pca', k={k}) (report.directions()) or the history (history=...) to measure it."
         )
     return reversion_subspace(history, k, layers=layers, probe=probe, device=device)
 
@@ -248,29 +252,42 @@ def _is_report(obj: Any) -> bool:
     return hasattr(obj, "v_rev_basis") and hasattr(obj, "layers") and hasattr(obj, "config")
 
 
-def _report_rank(report: Any) -> int:
-    if report.config.get("estimator", "mean_diff") != "pca":
+def _is_directions(obj: Any) -> bool:
+    """A :class:`~revlens.reversion_directions.ReversionDirections` (read by duck typing: it sits above this row)."""
+    return hasattr(obj, "bases") and hasattr(obj, "estimator") and hasattr(obj, "layers")
+
+
+def _estimator(source: Any) -> str:
+    return source.estimator if _is_directions(source) else source.config.get("estimator", "mean_diff")
+
+
+def _report_rank(source: Any) -> int:
+    """The rank of a report's (or directions') PCA basis; 0 when it is not a principal subspace."""
+    if _estimator(source) != "pca":
         return 0
-    return int(report.v_rev_basis.shape[1])
+    return source.rank if _is_directions(source) else int(source.v_rev_basis.shape[1])
 
 
-def _from_report(report: Any, k: int, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
-    rank = _report_rank(report)
+def _from_report(source: Any, k: int, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
+    rank = _report_rank(source)
+    what = "directions have" if _is_directions(source) else "report has"
     if rank < k:
         have = (
             f"a rank-{rank} PCA basis"
             if rank
-            else f"estimator {report.config.get('estimator', 'mean_diff')!r} (one direction, not a principal subspace)"
+            else f"estimator {_estimator(source)!r} (one direction, not a principal subspace)"
         )
         raise InterventionError(
-            f"the report has {have}; the rank-{k} reversion subspace needs "
+            f"the {what} {have}; the rank-{k} reversion subspace needs "
             f"analyze(..., estimator='pca', k={k}) (or pass the history to measure it)."
         )
-    layers = list(report.layers) if layers is None else [int(l) for l in layers]
-    missing = [l for l in layers if l not in report.layers]
+    layers = list(source.layers) if layers is None else [int(l) for l in layers]
+    missing = [l for l in layers if l not in source.layers]
     if missing:
-        raise InterventionError(f"layers {missing} were not analysed; the report has layers {report.layers}.")
-    return {l: report.v_rev_basis[report.layers.index(l)][:k].float().clone() for l in layers}
+        raise InterventionError(f"layers {missing} were not analysed; the {what} layers {source.layers}.")
+    if _is_directions(source):
+        return {l: source.bases[l][:k].float().clone() for l in layers}
+    return {l: source.v_rev_basis[source.layers.index(l)][:k].float().clone() for l in layers}
 
 
 def _from_history(

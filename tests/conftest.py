@@ -96,7 +96,7 @@ def planted(tiny_model):
 
 
 def prompt_ids(model, prompts):
-    from revlens.intervention import encode_prompts
+    from revlens.anchor import encode_prompts
 
     return encode_prompts(model, prompts, chat_template=False)
 

@@ -68,8 +68,9 @@ def finetune_case(out_dir: str | Path, distributed: bool | None = None):
 
     import torch
 
+    from revlens.anchor import ProbeAnchor
+    from revlens.blocking import Blocking
     from revlens.finetune import finetune
-    from revlens.intervention import Blocking, ProbeAnchor
 
     model = case_model()
     vocab = model.cfg.d_vocab

@@ -60,3 +60,34 @@ def test_alignment_of_zero_drift_is_nan_with_warning(tiny_model):
     with pytest.warns(RuntimeWarning, match="drift is zero"):
         report = revlens.analyze(spec, PROMPTS, layers=[LAYER], progress=False)
     assert np.isnan(report.alignment).all()
+
+
+# ------------------------------------------------------------------------------------------------ AnalyzeConfig
+def test_analyze_config_is_the_one_list_of_settings(revlens_doctest_namespace, tmp_path):
+    """analyze(config=...) equals analyze(**settings); report.config records the config's recorded fields, and an
+    older report.config (without them) reads back with the defaults; the CLI has one option per CLI field."""
+    import argparse
+    import dataclasses
+
+    from revlens.cli import build_parser
+    from revlens.config import AnalyzeConfig
+
+    ns = revlens_doctest_namespace
+    cfg = AnalyzeConfig(layers=[0, 1], null_samples=500, seed=3, progress=False)
+    by_config = revlens.analyze(ns["ckpts"], ns["prompts"], config=cfg)
+    by_keywords = revlens.analyze(ns["ckpts"], ns["prompts"], layers=[0, 1], null_samples=500, seed=3, progress=False)
+    np.testing.assert_array_equal(by_config.alignment, by_keywords.alignment)
+    np.testing.assert_array_equal(by_config.null_p99_activation, by_keywords.null_p99_activation)
+    assert by_config.config == by_keywords.config
+    assert {k: by_config.config[k] for k in cfg.recorded()} == cfg.recorded()
+    assert AnalyzeConfig.from_report_config(by_config.config) == AnalyzeConfig(layers=[0, 1], null_samples=500, seed=3)
+    old = {"hook": "resid_post", "readout": "last", "estimator": "mean_diff", "k": 1, "contrast": False}
+    assert AnalyzeConfig.from_report_config(old) == AnalyzeConfig()
+    with pytest.raises(TypeError, match="unknown AnalyzeConfig setting"):
+        revlens.analyze(ns["ckpts"], ns["prompts"], layer=[0])
+    with pytest.raises(ValueError, match="k=2 needs estimator='pca'"):
+        AnalyzeConfig(k=2)
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = {a.dest for a in sub.choices["analyze"]._actions}
+    cli_fields = {f.name for f in dataclasses.fields(AnalyzeConfig) if f.metadata["cli"]}
+    assert cli_fields <= options and {"cache_dir", "progress", "distributed"}.isdisjoint(options)

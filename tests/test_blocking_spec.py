@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from revlens.blocking import parse_mode
 from revlens.blocking_spec import BlockingSpec, InterventionError
-from revlens.intervention import parse_mode
 from revlens.subspace import random_subspace, reversion_subspace, subspace_directions
 
 CANONICAL = [
@@ -102,7 +102,7 @@ def test_blocking_takes_the_hook_modes_of_the_same_grammar():
         parse_mode("freeze")
     with pytest.raises(InterventionError, match="choose one"):
         parse_mode("project+clamp")
-    with pytest.raises(InterventionError, match="blocking_from_spec"):
+    with pytest.raises(InterventionError, match="build_defense"):
         parse_mode("grad+anchor@0.1")
 
 

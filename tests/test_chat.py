@@ -151,8 +151,8 @@ def test_cli_chat_template_flags(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_analyze(ckpts, prompts=None, **kwargs):
-        seen.update(kwargs)
+    def fake_analyze(ckpts, prompts=None, *, config, **kwargs):
+        seen.update(vars(config))  # the CLI passes its options as an AnalyzeConfig
         raise ValueError("stop here")
 
     monkeypatch.setattr(analysis, "analyze", fake_analyze)

@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 
+from revlens.blocking import build_defense
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.defense_table import defense_table, pareto_front, trade_off_fronts
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, judge_answers, method_of, train_defense
 from revlens.finetune import finetune
-from revlens.intervention import build_blocking
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.replay import ReplayMix
 from revlens.stats import mcnemar_exact
@@ -117,7 +117,7 @@ def test_full_rank_anchor_is_the_squared_distance_of_whole_readouts(tiny_model):
     ids, layers = prompt_ids(tiny_model, PROMPTS), [1, 2]
     model = _moved(tiny_model)
     directions = {l: torch.randn(tiny_model.cfg.d_model) for l in layers}  # replaced by 'full'
-    _, anchor = build_blocking("anchor@0.5+full", directions, reference=tiny_model, prompts=ids)
+    _, anchor = build_defense("anchor@0.5+full", directions, reference=tiny_model, prompts=ids)
     expected = (
         0.5
         * sum(((last_resid(model, ids, l) - last_resid(tiny_model, ids, l)) ** 2).sum(-1).mean() for l in layers)
@@ -144,9 +144,9 @@ def test_spec_with_anchor_and_kl_is_their_sum(tiny_model):
     ids, ctrl = prompt_ids(tiny_model, PROMPTS), prompt_ids(tiny_model, CONTROL)
     model = _moved(tiny_model)
     v = {2: torch.randn(tiny_model.cfg.d_model)}
-    _, both = build_blocking("anchor@0.3+kl@0.7", v, reference=tiny_model, prompts=ids, control=ctrl)
-    _, anchor = build_blocking("anchor@0.3", v, reference=tiny_model, prompts=ids)
-    _, kl = build_blocking("kl@0.7", v, reference=tiny_model, prompts=ids)
+    _, both = build_defense("anchor@0.3+kl@0.7", v, reference=tiny_model, prompts=ids, control=ctrl)
+    _, anchor = build_defense("anchor@0.3", v, reference=tiny_model, prompts=ids)
+    _, kl = build_defense("kl@0.7", v, reference=tiny_model, prompts=ids)
     assert isinstance(both, PenaltySum)
     assert float(both.penalty(model)) == pytest.approx(float(anchor.penalty(model) + kl.penalty(model)), rel=1e-5)
 

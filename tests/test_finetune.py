@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from revlens.blocking import Blocking
 from revlens.checkpoint_loader import load_checkpoint
 from revlens.finetune import ReversionMonitor, finetune
 from revlens.history import History
-from revlens.intervention import Blocking
 from revlens.losses import masked_lm_loss
 
 from conftest import PROMPTS, shifted

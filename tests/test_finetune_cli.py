@@ -248,8 +248,8 @@ def test_bad_modes_exit_2_naming_the_part(history, data, prompts, tmp_path, caps
 
 
 def test_rank_mode_blocks_the_rank_k_reversion_subspace(history, data, prompts, tmp_path):
+    from revlens.blocking import Blocking
     from revlens.finetune import _blocking_description
-    from revlens.intervention import Blocking
     from revlens.subspace import reversion_subspace
 
     out = tmp_path / "ft"
@@ -341,7 +341,7 @@ def test_the_rerun_a_non_finite_loss_names_really_works(history, data, prompts, 
     """Reliability round 3: after a non-finite penalty at step 2 (step 1 saved), the message's fix is a command
     that runs. The same folder with other settings is refused (a saved run resumes only with its own); with
     --overwrite, or under another --run-name (keeping step 1), the rerun finishes."""
-    from revlens.intervention import ProbeAnchor
+    from revlens.anchor import ProbeAnchor
 
     real = ProbeAnchor.penalty
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from revlens.blocking import Blocking
 from revlens.checkpoint_loader import load_checkpoint
 from revlens.checkpoint_save import save_checkpoint
 from revlens.finetune import finetune
-from revlens.intervention import Blocking
 from revlens.sft_data import encode_sft
 
 pytest.importorskip("peft")

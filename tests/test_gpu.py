@@ -8,8 +8,10 @@ import pytest
 import torch
 from test_intervention import LAYER, next_resid
 
+from revlens.anchor import ProbeAnchor
+from revlens.blocking import Blocking
 from revlens.finetune import finetune
-from revlens.intervention import Blocking, ProbeAnchor, orthonormal_basis
+from revlens.hooks import orthonormal_basis
 from revlens.probe import ReversionProbe
 
 from conftest import CONTROL, PROMPTS

@@ -10,8 +10,10 @@ import warnings
 import pytest
 import torch
 
+from revlens.anchor import ProbeAnchor, encode_prompts
+from revlens.blocking import Blocking
+from revlens.blocking_spec import InterventionError
 from revlens.integrations import hf_hooks
-from revlens.intervention import Blocking, InterventionError, ProbeAnchor, encode_prompts
 
 from hf_models import chat_tokenizer, save_tiny_llama, tiny_llama
 
@@ -117,6 +119,13 @@ def test_callback_logs_what_analyze_measures_on_the_saved_checkpoints(tok, token
     )
     # v_rev agrees with analyze's, so the callback reads the same quantity.
     assert float((callback.basis[:, 0].double() * report.v_rev.double()).sum(-1).min()) > 1 - 1e-5
+    # the report's directions, watched from the aligned model: the trained model's alignment is analyze's at step 3
+    watch = ReversionCallback.from_directions(report.directions(), probe, align, control=control)
+    torch.testing.assert_close(
+        torch.tensor(watch.alignment(trainer.model)), torch.tensor(expected[2]), atol=2e-5, rtol=0, check_dtype=False
+    )
+    with pytest.raises(InterventionError, match="control set"):
+        ReversionCallback.from_directions(report.directions(), probe, align)
 
 
 def capture_trainer_step(tok, blocking, tmp_path, model=None):
@@ -289,31 +298,31 @@ def test_anchor_and_blocking_from_a_report_for_an_hf_model(tok, tokens):
         config={"hook": "resid_post", "readout": "last", "estimator": "pca", "k": 6, "contrast": True},
     )
     reference = llama(tok, 0)
-    anchor = revlens.anchor_from_report(
-        report,
-        PROMPTS,
-        reference,
-        0.5,
+    _, anchor = revlens.build_defense(
+        "anchor@0.5+contrast@0.2+sample@2+rank@4",
+        report.directions(layers=[0, 1]),
+        reference=reference,
+        prompts=PROMPTS,
         control=CONTROL,
-        contrast_weight=0.2,
-        rank=4,
-        sample=2,
-        layers=[0, 1],
         tokenizer=tok,
     )
     assert anchor.layers == [0, 1] and anchor.bases[0].shape == (4, 32) and anchor.sample == 2
     torch.testing.assert_close(anchor.bases[1].T @ anchor.bases[1], basis[1, :4].T @ basis[1, :4], atol=1e-5, rtol=0)
     assert torch.equal(anchor.sets["probe"][0][0, : len(probe[0])], probe[0])
-    blocking, anchor = revlens.blocking_from_spec(
-        "clamp+grad+anchor@0.1+random@3@1", report, reference=reference, prompts=probe, tokenizer=tok
+    blocking, anchor = revlens.build_defense(
+        "clamp+grad+anchor@0.1+random@3@1",
+        report.directions(layers=[report.best_layer]),
+        reference=reference,
+        prompts=probe,
+        tokenizer=tok,
     )
     assert blocking.layers == [1] and blocking.modes == frozenset({"clamp", "grad"})  # the best layer
     assert anchor.bases[1].shape == (3, 32)
-    assert revlens.blocking_from_spec("plain", report) == (None, None)
+    assert revlens.build_defense("plain", report.directions()) == (None, None)
     with pytest.raises(InterventionError, match=r"estimator='pca', k=8"):
-        revlens.anchor_from_report(report, probe, reference, rank=8)
+        report.directions(rank=8)
     with pytest.raises(InterventionError, match="control prompts"):
-        revlens.blocking_from_spec("contrast@1", report, reference=reference, prompts=probe)
+        revlens.build_defense("contrast@1", report.directions(), reference=reference, prompts=probe)
 
 
 def test_blocked_sft_trainer_from_trl(tok, tmp_path):

@@ -7,7 +7,9 @@ import copy
 import pytest
 import torch
 
-from revlens.intervention import Blocking, InterventionError, orthonormal_basis, parse_mode
+from revlens.blocking import Blocking, parse_mode
+from revlens.blocking_spec import InterventionError
+from revlens.hooks import orthonormal_basis
 
 from conftest import CONTROL, PROMPTS
 
@@ -194,8 +196,8 @@ def test_bad_specifications_are_clear_errors(tiny_model):
 
 
 def test_probe_anchor_penalty_matches_the_cache_and_pulls_back(tiny_model):
+    from revlens.anchor import ProbeAnchor
     from revlens.finetune import finetune
-    from revlens.intervention import ProbeAnchor
 
     d = tiny_model.cfg.d_model
     v = direction(d, seed=8)
@@ -221,7 +223,7 @@ def test_probe_anchor_penalty_matches_the_cache_and_pulls_back(tiny_model):
 
 def test_contrast_anchor_penalty_matches_the_cache(tiny_model):
     """The contrast term: motion of (probe centroid - control centroid) along v, from TL's own cache."""
-    from revlens.intervention import ProbeAnchor
+    from revlens.anchor import ProbeAnchor
 
     v = direction(tiny_model.cfg.d_model, seed=9)
     u = v / v.norm()
@@ -243,7 +245,7 @@ def test_contrast_anchor_penalty_matches_the_cache(tiny_model):
 
 def test_sampled_anchor_uses_the_drawn_prompts_of_each_step(tiny_model):
     """sample=k: the penalty equals the full formula on the k prompts drawn for that step, the same on every call."""
-    from revlens.intervention import ProbeAnchor
+    from revlens.anchor import ProbeAnchor
 
     v = direction(tiny_model.cfg.d_model, seed=10)
     u = v / v.norm()

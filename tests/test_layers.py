@@ -66,7 +66,7 @@ def test_core_is_not_empty_and_excludes_the_demos():
     names = [n for n, _ in CORE]
     assert {
         "revlens.analysis",
-        "revlens.intervention",
+        "revlens.blocking",
         "revlens.blocking_spec",
         "revlens.subspace",
         "revlens.integrations.transformers",

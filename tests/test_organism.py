@@ -96,9 +96,9 @@ def test_analysis_reads_the_organism(micro_history):
 
 
 def test_blocking_modes_build_hooks_and_anchor_terms(micro_history):
+    from revlens.blocking_spec import InterventionError
     from revlens.checkpoint_loader import load_revlens_checkpoint
     from revlens.demos.organism.train import blocking_for_world, v_rev_of_history
-    from revlens.intervention import InterventionError
 
     world = World(0)
     basis, _, _ = v_rev_of_history(micro_history)

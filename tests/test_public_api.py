@@ -10,7 +10,18 @@ import pytest
 
 import revlens
 
-DOCUMENTED = ("analyze", "ReversionProbe", "Blocking", "ProbeAnchor", "finetune", "ReversionReport", "ensure_model")
+DOCUMENTED = (
+    "analyze",
+    "AnalyzeConfig",
+    "ReversionProbe",
+    "Blocking",
+    "ProbeAnchor",
+    "finetune",
+    "ReversionReport",
+    "ReversionDirections",
+    "build_defense",
+    "ensure_model",
+)
 
 
 def test_every_exported_name_resolves():

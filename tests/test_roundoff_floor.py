@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from revlens import directions as dirs
+from revlens.anchor import encode_prompts
 from revlens.finetune import ReversionMonitor
-from revlens.intervention import encode_prompts
 
 from conftest import CONTROL, PROMPTS, shifted
 from hf_models import chat_tokenizer, tiny_llama

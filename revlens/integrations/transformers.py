@@ -7,17 +7,18 @@
   ``revlens/alignment_L{l}`` through the Trainer's own ``log`` (so TensorBoard, W&B and ``log_history``
   get it); it warns once when a layer crosses the null's p99.
 - :class:`BlockedTrainer` (and :func:`blocked_trainer_class` for any Trainer subclass, e.g. TRL's
-  ``SFTTrainer``): ``compute_loss`` runs under :class:`~revlens.intervention.Blocking` hooks (forward
-  project / clamp, backward grad) and adds the :class:`~revlens.intervention.ProbeAnchor` penalty.
+  ``SFTTrainer``): ``compute_loss`` runs under :class:`~revlens.blocking.Blocking` hooks (forward
+  project / clamp, backward grad) and adds the :class:`~revlens.anchor.ProbeAnchor` penalty.
 
 Both work on peft-wrapped models (the adapters are what moves). Needs ``transformers`` (``pip install
 revlens[transformers]``); TRL only for ``SFTTrainer`` (``revlens[trl]``).
 
 Example:
     >>> report = revlens.ReversionReport.load("out/")                                   # doctest: +SKIP
-    >>> blocking, anchor = revlens.blocking_from_spec("grad+anchor@0.003", report, reference=aligned,
-    ...     prompts=prompts, tokenizer=tok, layers=report.layers)                        # doctest: +SKIP
-    >>> watch = ReversionCallback.from_report(report, prompts, aligned, tokenizer=tok)  # doctest: +SKIP
+    >>> blocking, anchor = revlens.build_defense("grad+anchor@0.003", report.directions(), reference=aligned,
+    ...     prompts=prompts, tokenizer=tok)                                              # doctest: +SKIP
+    >>> watch = ReversionCallback.from_directions(report.directions(), prompts, aligned,
+    ...     tokenizer=tok)                                                               # doctest: +SKIP
     >>> trainer = BlockedTrainer(model=model, args=args, train_dataset=data, blocking=blocking,
     ...     anchor=anchor, callbacks=[watch])                                            # doctest: +SKIP
 """
@@ -40,10 +41,14 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from revlens import directions as dirs
 from revlens._util import training_mode
+from revlens.anchor import ProbeAnchor, encode_prompts
+from revlens.blocking import Blocking
+from revlens.blocking_spec import InterventionError
+from revlens.chat import resolve_chat_template
 from revlens.integrations import hf_hooks
-from revlens.intervention import Blocking, InterventionError, ProbeAnchor, encode_prompts
 from revlens.nulls import isotropic_p99
-from revlens.readout import TokenizedSet, reduce_positions_unchecked, run_stopping
+from revlens.readout import TokenizedSet, hook_template, reduce_positions_unchecked, run_stopping
+from revlens.reversion_directions import ReversionDirections
 
 METRIC = "revlens/alignment_L{layer}"
 
@@ -55,7 +60,7 @@ class HFReadouts:
     last prompt token, float64 centroids; with ``control`` the contrast: probe minus control centroid).
 
     Args:
-        prompts: 1-D token tensors (see :func:`revlens.intervention.encode_prompts` for strings).
+        prompts: 1-D token tensors (see :func:`revlens.anchor.encode_prompts` for strings).
         layers: decoder-layer indices.
         control: optional control prompts (token tensors).
         batch_size: prompts per forward pass.
@@ -119,7 +124,7 @@ class HFReadouts:
 class ReversionCallback(TrainerCallback):
     """Logs alignment with v_rev per layer at each evaluation and checkpoint save; warns once above the null.
 
-    Build it with :meth:`from_report` (a report's v_rev, the aligned model's centroid) or :meth:`from_models`
+    Build it with :meth:`from_directions` (``report.directions()``, the aligned model's centroid) or :meth:`from_models`
     (pretrain and aligned models). The Trainer must be known to log through it: :class:`BlockedTrainer` binds
     its callbacks itself; with another Trainer call :meth:`attach` (or pass ``trainer=``).
 
@@ -163,7 +168,7 @@ class ReversionCallback(TrainerCallback):
                 f"per layer of {self.layers} (d_model last)."
             )
         self.basis, self.mu_align = basis, mu_align.double()
-        # from_report/from_models replace it with the floor of the aligned model's raw probe centroid
+        # from_directions/from_models replace it with the floor of the aligned model's raw probe centroid
         self.floor = dirs.roundoff_floor(self.mu_align)
         self.readout = _readouts(prompts, control, self.layers, tokenizer, chat_template, system, batch_size)
         d, k = basis.shape[-1], basis.shape[1]
@@ -176,40 +181,39 @@ class ReversionCallback(TrainerCallback):
         self._unbound_warned = False
 
     @classmethod
-    def from_report(
+    def from_directions(
         cls,
-        report: Any,
+        directions: ReversionDirections,
         prompts: Any,
         align: Any,
         *,
         control: Any = None,
-        layers: Sequence[int] | None = None,
         tokenizer: Any = None,
+        chat_template: Any = "auto",
+        system: str | None = None,
         **kwargs: Any,
     ) -> ReversionCallback:
-        """v_rev (its basis) and the null p99 from ``report`` at ``layers`` (default: all the report's layers);
+        """Watch ``directions`` (``report.directions()``: its layers and basis; read at ``resid_post``, last token);
         ``align`` is the aligned model (its centroid is measured here, same readout) or its centroid
-        ``[n_layers, d]``. Give the prompts and control the report was measured with."""
-        layers = list(report.layers) if layers is None else [int(l) for l in layers]
-        missing = [l for l in layers if l not in report.layers]
-        if missing:
-            raise InterventionError(f"layers {missing} were not analysed; the report has layers {report.layers}.")
-        if report.config.get("readout", "last") != "last":
-            raise InterventionError("the callback reads the last prompt token; the report used readout='mean'.")
-        if bool(report.config.get("contrast", control is not None)) != (control is not None):
-            which = "with" if report.config.get("contrast") else "without"
+        ``[n_layers, d]``. Give the prompts and control the directions were measured with: another control set or
+        chat template is refused."""
+        if directions.readout != "last" or hook_template(directions.hook) != hook_template("resid_post"):
             raise InterventionError(
-                f"the report was measured {which} a control set; give the callback the same (control=...)."
+                f"the callback reads decoder-layer outputs (resid_post) at the last prompt token; the directions "
+                f"were read at {directions.hook!r} with readout={directions.readout!r}."
             )
-        idx = [report.layers.index(l) for l in layers]
+        directions.check_contrast(control, "the callback")
+        if _is_strings(prompts):
+            directions.check_template(resolve_chat_template(tokenizer, chat_template), "the callback")
         cb = cls(
-            report.v_rev_basis[idx],
-            torch.zeros(len(layers), report.d_model),
+            directions.stacked(),
+            torch.zeros(len(directions.layers), directions.d_model),
             prompts,
-            layers=layers,
+            layers=directions.layers,
             control=control,
             tokenizer=tokenizer,
-            null_p99=np.asarray(report.null_p99)[idx],
+            chat_template=chat_template,
+            system=system,
             **kwargs,
         )
         if isinstance(align, torch.Tensor):
@@ -305,13 +309,13 @@ class BlockingTrainerMixin:
     """Put before a ``Trainer`` class: ``compute_loss`` runs under ``blocking`` hooks and adds ``anchor``'s penalty.
 
     Args (keywords, besides the Trainer's own):
-        blocking: a :class:`~revlens.intervention.Blocking` (hooks on the decoder layers' outputs; clamp
+        blocking: a :class:`~revlens.blocking.Blocking` (hooks on the decoder layers' outputs; clamp
             takes its reference model's coordinates for each batch, one extra no-grad forward per step).
-        anchor: a :class:`~revlens.intervention.ProbeAnchor`; its penalty (sample drawn by the optimizer
+        anchor: a :class:`~revlens.anchor.ProbeAnchor`; its penalty (sample drawn by the optimizer
             step) counts once per optimizer step under gradient accumulation.
 
-    Both act only while the model trains (not in evaluation). Build them from a report with
-    :func:`revlens.blocking_from_spec` (reference: the aligned HF model; tokenizer: the model's).
+    Both act only while the model trains (not in evaluation). Build them from ``report.directions()`` with
+    :func:`revlens.build_defense` (reference: the aligned HF model; tokenizer: the model's).
     """
 
     def __init__(self, *args: Any, blocking: Blocking | None = None, anchor: ProbeAnchor | None = None, **kwargs: Any):
@@ -392,6 +396,10 @@ def __getattr__(name: str) -> Any:
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_strings(prompts: Any) -> bool:
+    return not isinstance(prompts, (str, torch.Tensor)) and all(isinstance(p, str) for p in prompts)
 
 
 def _readouts(

@@ -33,13 +33,12 @@ import torch
 from tqdm.auto import tqdm
 
 from revlens import (
-    Blocking,
     JobPool,
-    ProbeAnchor,
     ReversionProbe,
     ReversionReport,
     analyze,
     atomic_write_json,
+    build_defense,
     comparison_rows,
     default_workers,
     encode_requests,
@@ -627,20 +626,15 @@ def _blocked_run(
         spec = BlockingSpec.parse(mode)
         hb = HFBridge(ctx.history / "align")
         tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
-        hooks = "+".join(spec.hooks)
-        blocking = Blocking(directions, hooks, reference=align.bridge) if hooks else None
-        anchor = None
-        if spec.anchor or spec.contrast:
-            anchor = ProbeAnchor(
-                directions,
-                harmful_ids,
-                align.bridge,
-                spec.anchor,
-                control=harmless_ids if spec.contrast else None,
-                contrast_weight=spec.contrast,
-                sample=spec.sample,
-                seed=s.anchor_seed,
-            )
+        # the subspace arrives measured (compare_blocking): build along the directions as given
+        blocking, anchor = build_defense(
+            replace(spec, subspace=None),
+            directions,
+            reference=align.bridge,
+            prompts=harmful_ids,
+            control=harmless_ids,
+            seed=s.anchor_seed,
+        )
         finetune(
             hb.bridge,
             tokens,

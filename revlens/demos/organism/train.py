@@ -26,7 +26,7 @@ from revlens import (
     ReversionProbe,
     atomic_write_json,
     boot_native_model,
-    build_blocking,
+    build_defense,
     finetune,
     greedy_completions,
     load_revlens_checkpoint,
@@ -345,7 +345,7 @@ def blocking_for_world(
     history_dir: str | Path | None = None,
     device: str | None = None,
 ) -> tuple[Blocking | None, ProbeAnchor | None]:
-    """The hooks and the anchor a blocking mode asks for in this world (:func:`revlens.intervention.build_blocking`):
+    """The hooks and the anchor a blocking mode asks for in this world (:func:`revlens.build_defense`):
     the anchor reads the harmful probe prompts, its contrast term the B1 prompts; ``rank@k`` is measured on
     ``history_dir`` with the probe the analysis reads the organism with."""
     spec = BlockingSpec.parse(mode)
@@ -356,7 +356,7 @@ def blocking_for_world(
     if spec.subspace is not None and spec.subspace[0] == "rank":
         layers = sorted(spec.layers if spec.layers is not None else directions)
         probe = _organism_probe(world, layers, per_example=True)
-    return build_blocking(
+    return build_defense(
         spec,
         directions,
         reference=align,
