@@ -25,12 +25,18 @@ import torch
 
 from revlens.defense_table import defense_table
 from revlens.defenses import defense_rows
-from revlens.demos.chat_model.pipeline import MANIFEST, Settings, run_chat_model
+from revlens.demos.chat_model.pipeline import LEGACY_MANIFEST, MANIFEST, Settings, run_chat_model
 from revlens.report import ReversionReport
 
 
+def read_manifest(out: Path) -> dict:
+    """The run's manifest, under its name before the pipeline was generic (``smollm2.json``) too."""
+    path = out / MANIFEST if (out / MANIFEST).is_file() else out / LEGACY_MANIFEST
+    return json.loads(path.read_text())
+
+
 def collect(out: Path, quick: bool, wall: float | None) -> dict:
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = read_manifest(out)
     report = ReversionReport.load(out)
     defenses = report.config["defenses"]
     runs = manifest["defenses"]["runs"]
@@ -55,7 +61,7 @@ def collect(out: Path, quick: bool, wall: float | None) -> dict:
 def versus_table(out: Path, reference: str, harm_set: str = "harmbench") -> str:
     """Each mode against ``reference`` on the same (seed, prompt) pairs: rate differences and exact McNemar p."""
     runs: dict[str, dict[int, dict]] = {}
-    for key, run in json.loads((out / MANIFEST).read_text())["defenses"]["runs"].items():
+    for key, run in read_manifest(out)["defenses"]["runs"].items():
         mode, seed = key.rsplit("|", 1)
         runs.setdefault(mode, {})[int(seed)] = run
     if reference not in runs:
