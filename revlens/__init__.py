@@ -33,7 +33,7 @@ from revlens.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from revlens.config import AnalyzeConfig
+from revlens.config import AnalyzeConfig, FinetuneConfig
 from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_defense
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
 from revlens.finetune import FinetuneResult, ReversionMonitor, finetune
@@ -69,6 +69,7 @@ __all__ = [
     "encode_requests",
     # control
     "finetune",
+    "FinetuneConfig",
     "FinetuneResult",
     "ReversionMonitor",
     "Blocking",
