@@ -42,7 +42,7 @@ from revlens.checkpoint_loader import (
     quiet_hf_progress,
 )
 from revlens.checkpoint_save import save_checkpoint
-from revlens.config import AnalyzeConfig
+from revlens.config import AnalyzeConfig, FinetuneConfig
 from revlens.defense_table import defense_table
 from revlens.defenses import (
     BehaviourSet,
@@ -106,6 +106,7 @@ __all__ = [
     "encode_requests",
     # control
     "finetune",
+    "FinetuneConfig",
     "FinetuneResult",
     "ReversionMonitor",
     "Blocking",

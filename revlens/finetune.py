@@ -53,9 +53,9 @@ from revlens._util import (
 )
 from revlens.anchor import ProbeAnchor
 from revlens.blocking import Blocking
-from revlens.blocking_spec import BlockingSpec
 from revlens.checkpoint_loader import move_quietly
 from revlens.checkpoint_save import save_checkpoint
+from revlens.config import FinetuneConfig
 from revlens.lora import apply_lora, is_peft_wrapped, lora_config_of, lora_description
 from revlens.losses import model_lm_loss, takes_logits_to_keep
 from revlens.nulls import isotropic_p99
@@ -744,33 +744,13 @@ def finetune(
     tokens: torch.Tensor,
     loss_mask: torch.Tensor,
     *,
-    steps: int,
-    lr: float,
-    optimizer: str = "adamw",
-    batch_size: int = 32,
-    grad_accum: int = 1,
-    weight_decay: float = 0.0,
-    seed: int = 0,
+    config: FinetuneConfig | None = None,
     blocking: Blocking | None = None,
     anchor: ProbeAnchor | None = None,
     replay: ReplayMix | None = None,
-    save_steps: Sequence[int] = (),
-    out_dir: str | Path | None = None,
-    run_name: str = "seed_0",
-    device: str | None = None,
     monitor: ReversionMonitor | None = None,
-    monitor_steps: Sequence[int] | None = None,
-    resume: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
     on_step: Callable[[int, Any], None] | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    max_grad_norm: float | None = None,
-    warmup_steps: int = 0,
-    schedule: str = "constant",
-    lora: Any = None,
-    spec: Any = None,
-    distributed: bool | None = None,
+    **settings: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``tokens`` ``[n, seq]`` with ``loss_mask`` ``[n, seq]``.
 
@@ -781,34 +761,32 @@ def finetune(
 
     Args:
         model: a TransformerBridge (TL-native or a Hugging Face architecture).
-        steps, lr, optimizer, batch_size, grad_accum, weight_decay, seed: the optimisation.
+        tokens, loss_mask: the training rows ``[n, seq]`` and which tokens count in the loss.
+        config: a :class:`~revlens.config.FinetuneConfig`: the optimisation (steps, lr, optimizer, batch_size,
+            grad_accum, weight_decay, seed, warmup_steps, schedule, max_grad_norm, autocast_dtype), the
+            checkpoints (save_steps, out_dir, run_name, resume, overwrite), LoRA, the spec and ``distributed``.
         blocking, anchor: v_rev blocking hooks and a penalty on the probe prompts (a
             :class:`~revlens.anchor.ProbeAnchor`, :class:`~revlens.penalties.KLAnchor` or their
-            :class:`~revlens.penalties.PenaltySum`; both act on the adapted model when ``lora`` is set).
+            :class:`~revlens.penalties.PenaltySum`; both act on the adapted model when ``lora`` is set), as
+            :func:`revlens.build_defense` builds them.
         replay: a :class:`~revlens.replay.ReplayMix`: ``replay.rows`` rows of every micro-batch come from its
             data (safety-data replay); ``losses`` then record the mixed batches' loss.
-        save_steps: steps whose weights are written to ``out_dir/finetune/<run_name>/step_<N>/``; the
-            last step is always written too. The training state is saved at each of them.
-        resume: continue from the saved state when its settings match (else :class:`FinetuneStateError`);
-            ``False`` starts over (a saved state with other settings is still refused).
-        overwrite: delete ``out_dir/finetune/<run_name>/`` first and start over.
-        autocast_dtype: e.g. ``torch.bfloat16``: forward passes under ``torch.autocast`` on the model's device.
-        max_grad_norm: clip the gradient's global norm (``clip_grad_norm_``) before each optimizer step.
-        warmup_steps, schedule: linear warmup from 0 over ``warmup_steps``, then ``constant`` or ``cosine``
-            (to 0 at ``steps``), as transformers' ``get_*_schedule_with_warmup`` (a ``LambdaLR``).
-        lora: a ``peft.LoraConfig`` or a dict of its fields: train LoRA adapters on the bridge's HF module
-            (:func:`revlens.lora.apply_lora`, initialised with ``seed``) instead of every weight; checkpoints
-            are then adapter folders.
-        spec: the :class:`~revlens.blocking_spec.BlockingSpec` (or its string) that built ``blocking`` and
-            ``anchor``; its canonical string is recorded with the settings, so a resume refuses another mode.
-        distributed: data-parallel over the ranks of a ``torchrun`` job (default: when one is running;
-            ``False``: every rank trains alone). The ``batch_size * grad_accum`` rows of each step are the
-            same as in one process; their micro-batches are dealt across ranks
-            (:func:`revlens.distributed.step_micro_batches`) and the gradients summed, so the weights
-            equal a one-process run's up to float summation order (dropout aside: each rank's random
-            stream restarts at every step). Blocking hooks act per rank on its micro-batches; the anchor
-            penalty is computed on every rank and counted once (scaled by 1/world_size). Rank 0 alone
-            writes checkpoints and state (``out_dir`` must be shared by all nodes) and runs ``monitor``.
+        monitor: a :class:`ReversionMonitor` read at ``monitor_steps`` (default: ``save_steps``).
+        on_step: called as ``on_step(step, model)`` after each optimizer step.
+        **settings: fields of :class:`~revlens.config.FinetuneConfig` that replace the config's (each documented
+            there).
+
+    Checkpoints of ``save_steps`` (and the last step) go to ``out_dir/finetune/<run_name>/step_<N>/`` with the
+    training state; a run called again with the same settings resumes (``resume``; ``overwrite`` starts over).
+    With ``lora``, LoRA adapters (:func:`revlens.lora.apply_lora`, initialised with ``seed``) train instead of
+    every weight, and checkpoints are adapter folders. ``warmup_steps`` and ``schedule`` follow transformers'
+    ``get_*_schedule_with_warmup`` (a ``LambdaLR``). Under a ``torchrun`` job (``distributed``, default: when one
+    is running) the ``batch_size * grad_accum`` rows of each step are the same as in one process; their
+    micro-batches are dealt across ranks (:func:`revlens.distributed.step_micro_batches`) and the gradients
+    summed, so the weights equal a one-process run's up to float summation order (dropout aside: each rank's
+    random stream restarts at every step). Blocking hooks act per rank on its micro-batches; the anchor
+    penalty is computed on every rank and counted once (scaled by 1/world_size). Rank 0 alone writes
+    checkpoints and state (``out_dir`` must be shared by all nodes) and runs ``monitor``.
     Returns:
         :class:`FinetuneResult`: task loss and learning rate per step run, checkpoint folders, monitor
         readings, the step resumed from and the settings recorded with the state.
@@ -823,221 +801,140 @@ def finetune(
         >>> result = finetune(model, tokens, mask, steps=100, lr=1e-4, schedule="cosine", warmup_steps=10,
         ...                   max_grad_norm=1.0, save_steps=[10, 50], out_dir="ckpts")  # doctest: +SKIP
     """
-    if tokens.ndim != 2 or tokens.shape != loss_mask.shape:
-        raise ValueError(
-            f"tokens and loss_mask must both be [n, seq]; got {tuple(tokens.shape)} and {tuple(loss_mask.shape)}."
-        )
-    if steps < 1 or batch_size < 1 or grad_accum < 1:
-        raise ValueError("steps, batch_size and grad_accum must be >= 1.")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}.")
-    if not 0 <= warmup_steps <= steps:
-        raise ValueError(f"warmup_steps must be between 0 and steps={steps}, got {warmup_steps}.")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}.")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
-    check_run_name(run_name)
-    bad = [s for s in save_steps if not 1 <= s <= steps]
-    if bad:
-        raise ValueError(f"save_steps {bad} fall outside 1..{steps}.")
-    if save_steps and out_dir is None:
-        raise ValueError("save_steps needs an out_dir to write checkpoints to.")
-    _check_seed(seed, steps)
-    ctx = dist_.context(distributed)
-    out = None if out_dir is None else Path(out_dir)
-    run_dir = None if out is None else out / "finetune" / run_name
+    cfg = FinetuneConfig.of(config, settings)
+    _check_settings(tokens, loss_mask, cfg)
+    ctx = dist_.context(cfg.distributed)
+    out = None if cfg.out_dir is None else Path(cfg.out_dir)
+    run_dir = None if out is None else out / "finetune" / cfg.run_name
     lock = None
     if run_dir is not None:
         dist_.check_shared_folder(out, ctx, "out_dir")
         lock = dist_.on_main(lambda: acquire_run_lock(run_dir), ctx, "locking the run folder")
     try:
-        return _finetune_locked(
-            model,
-            tokens,
-            loss_mask,
-            ctx=ctx,
-            out=out,
-            run_dir=run_dir,
-            steps=steps,
-            lr=lr,
-            optimizer=optimizer,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            weight_decay=weight_decay,
-            seed=seed,
-            blocking=blocking,
-            anchor=anchor,
-            replay=replay,
-            save_steps=save_steps,
-            run_name=run_name,
-            device=device,
-            monitor=monitor,
-            monitor_steps=monitor_steps,
-            resume=resume,
-            overwrite=overwrite,
-            progress=progress,
-            on_step=on_step,
-            autocast_dtype=autocast_dtype,
-            max_grad_norm=max_grad_norm,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-            lora=lora,
-            spec=spec,
-        )
+        parts = _Parts(blocking, anchor, replay, monitor, on_step)
+        return _finetune_locked(model, tokens, loss_mask, cfg, parts, ctx=ctx, out=out, run_dir=run_dir)
     finally:
         if lock is not None and ctx.is_main:
             release_run_lock(run_dir, lock)
+
+
+@dataclass
+class _Parts:
+    """The objects :func:`finetune` trains with besides its settings."""
+
+    blocking: Blocking | None
+    anchor: Any
+    replay: ReplayMix | None
+    monitor: ReversionMonitor | None
+    on_step: Callable[[int, Any], None] | None
+
+
+def _check_settings(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: FinetuneConfig) -> None:
+    """Refuse data and settings :func:`finetune` cannot run, naming the fix."""
+    if tokens.ndim != 2 or tokens.shape != loss_mask.shape:
+        raise ValueError(
+            f"tokens and loss_mask must both be [n, seq]; got {tuple(tokens.shape)} and {tuple(loss_mask.shape)}."
+        )
+    steps = cfg.steps
+    if steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ValueError("steps, batch_size and grad_accum must be >= 1.")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {SCHEDULES}.")
+    if not 0 <= cfg.warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be between 0 and steps={steps}, got {cfg.warmup_steps}.")
+    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {cfg.max_grad_norm}.")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}.")
+    check_run_name(cfg.run_name)
+    bad = [s for s in cfg.save_steps if not 1 <= s <= steps]
+    if bad:
+        raise ValueError(f"save_steps {bad} fall outside 1..{steps}.")
+    if cfg.save_steps and cfg.out_dir is None:
+        raise ValueError("save_steps needs an out_dir to write checkpoints to.")
+    _check_seed(cfg.seed, steps)
 
 
 def _finetune_locked(
     model: Any,
     tokens: torch.Tensor,
     loss_mask: torch.Tensor,
+    cfg: FinetuneConfig,
+    parts: _Parts,
     *,
     ctx: Any,
     out: Path | None,
     run_dir: Path | None,
-    steps: int,
-    lr: float,
-    optimizer: str,
-    batch_size: int,
-    grad_accum: int,
-    weight_decay: float,
-    seed: int,
-    blocking: Blocking | None,
-    anchor: Any,
-    replay: ReplayMix | None,
-    save_steps: Sequence[int],
-    run_name: str,
-    device: str | None,
-    monitor: ReversionMonitor | None,
-    monitor_steps: Sequence[int] | None,
-    resume: bool,
-    overwrite: bool,
-    progress: bool,
-    on_step: Callable[[int, Any], None] | None,
-    autocast_dtype: torch.dtype | None,
-    max_grad_norm: float | None,
-    warmup_steps: int,
-    schedule: str,
-    lora: Any,
-    spec: Any,
 ) -> FinetuneResult:
     """:func:`finetune` once its arguments are checked and (with ``run_dir``) the run folder is locked."""
-    move_quietly(model, ctx.device if ctx.active and device is None else device)
+    steps, seed = cfg.steps, cfg.seed
+    move_quietly(model, ctx.device if ctx.active and cfg.device is None else cfg.device)
     dev = next(model.parameters()).device
     dist_.broadcast_parameters([t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()], ctx)
     start_weights = weights_fingerprint(model)
-    if lora is not None:
+    if cfg.lora is not None:
         with _seeded(seed, 0, dev):
-            apply_lora(model, lora)
+            apply_lora(model, cfg.lora)
         move_quietly(model, dev)
     n = tokens.shape[0]
-    if replay is not None:
-        replay.step_indices(n, batch_size, grad_accum, seed, 1)  # checks that task rows remain
-        tokens, loss_mask = replay.combined(tokens, loss_mask)
+    if parts.replay is not None:
+        parts.replay.step_indices(n, cfg.batch_size, cfg.grad_accum, seed, 1)  # checks that task rows remain
+        tokens, loss_mask = parts.replay.combined(tokens, loss_mask)
+    blocking = parts.blocking
     coords = blocking.reference_coords(tokens) if blocking is not None and blocking.needs_coords else None
-    settings = {
-        "optimizer": optimizer,
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "batch_size": batch_size,
-        "grad_accum": grad_accum,
-        "seed": int(seed),
-        "steps": int(steps),
-        "schedule": schedule,
-        "warmup_steps": int(warmup_steps),
-        "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
-        "autocast_dtype": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
-        "data": data_fingerprint(tokens, loss_mask),
-        "start_weights": start_weights,
-        "lora": lora_description(
-            lora if lora is not None else lora_config_of(model) if is_peft_wrapped(model) else None
-        ),
-        "blocking": _blocking_description(blocking, coords),
-        "anchor": _anchor_description(anchor),
-    }
-    if replay is not None:
-        settings["replay"] = replay.description()
-    if spec is not None:
-        settings["spec"] = str(BlockingSpec.parse(spec))
+    settings = _settings_record(model, tokens, loss_mask, cfg, parts, coords, start_weights)
     dist_.check_same(settings, ctx, "the fine-tuning settings")
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no trainable parameters (every requires_grad is False).")
-    opt = make_optimizer(trainable.values(), optimizer, lr, weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _cosine_factor(i, warmup_steps, steps, schedule))
+    opt = make_optimizer(trainable.values(), cfg.optimizer, cfg.learning_rate, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: _cosine_factor(i, cfg.warmup_steps, steps, cfg.schedule)
+    )
     result = FinetuneResult(settings=settings)
     start = 0
     if run_dir is not None:
         folder = dist_.on_main(
-            lambda: _resume_point(run_dir, settings, steps, overwrite), ctx, "checking the saved state"
+            lambda: _resume_point(run_dir, settings, steps, cfg.overwrite), ctx, "checking the saved state"
         )
-        if folder is not None and resume:
+        if folder is not None and cfg.resume:
             start, result.losses = _load_state(folder, trainable, opt, scheduler)
             result.resumed_from = start
     last_saved = start if start > 0 else None
-    save_set = set(save_steps) | ({steps} if out is not None else set())
-    watch = set(save_steps if monitor_steps is None else monitor_steps)
-    autocast = (
-        (lambda: torch.autocast(device_type=dev.type, dtype=autocast_dtype))
-        if autocast_dtype is not None
-        else contextlib.nullcontext
-    )
-    keep_logits = takes_logits_to_keep(model)
+    save_set = set(cfg.save_steps) | ({steps} if out is not None else set())
+    watch = set(cfg.save_steps if cfg.monitor_steps is None else cfg.monitor_steps)
+    batch = _Batches(tokens, loss_mask, n, cfg, parts, coords, ctx, dev, takes_logits_to_keep(model))
     model.train()
     bar = tqdm(
-        range(start + 1, steps + 1), desc=f"finetune {run_name}", disable=not (progress and ctx.is_main), leave=False
+        range(start + 1, steps + 1),
+        desc=f"finetune {cfg.run_name}",
+        disable=not (cfg.progress and ctx.is_main),
+        leave=False,
     )
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        idx = (
-            _batch_indices(n, batch_size * grad_accum, seed, step)
-            if replay is None
-            else replay.step_indices(n, batch_size, grad_accum, seed, step)
-        )
-        total = 0.0
-        with _seeded(seed, step, dev):
-            for micro in dist_.step_micro_batches(idx, batch_size, ctx):
-                x, m = tokens[micro].to(dev), loss_mask[micro].to(dev)
-                if blocking is None:
-                    with autocast():
-                        loss = model_lm_loss(model, x, m, keep_logits)
-                else:
-                    blocking.set_batch(coords=None if coords is None else {l: c[micro] for l, c in coords.items()})
-                    with blocking.applied(model), autocast():
-                        loss = model_lm_loss(model, x, m, keep_logits)
-                (loss / grad_accum).backward()
-                total += loss.item() / grad_accum
-            penalty_value = None
-            if anchor is not None:
-                with autocast():
-                    penalty = anchor.penalty(model, step)
-                penalty_value = float(penalty.detach() if torch.is_tensor(penalty) else penalty)
-                if math.isfinite(penalty_value):
-                    (penalty * dist_.replicated_loss_scale(ctx) if ctx.active else penalty).backward()
+        total, penalty_value = batch.backward(model, step)
         dist_.all_reduce_gradients(trainable.values(), ctx)
         total = dist_.all_reduce_sum(total, ctx)
         grad_norm = None
-        if max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm))
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm))
         # before the optimizer step: a non-finite loss or gradient stops the run with the weights untouched
-        _check_finite(step, total, penalty_value, grad_norm, settings, run_name, run_dir, last_saved, ctx)
+        _check_finite(step, total, penalty_value, grad_norm, settings, cfg.run_name, run_dir, last_saved, ctx)
         result.lrs[step] = float(opt.param_groups[0]["lr"])
         opt.step()
         scheduler.step()
         result.losses[step] = total
         bar.set_postfix(loss=f"{total:.4f}")
-        if on_step is not None:
-            on_step(step, model)
-        if monitor is not None and step in watch and ctx.is_main:
-            result.monitor[step] = monitor.update(model, step).tolist()
+        if parts.on_step is not None:
+            parts.on_step(step, model)
+        if parts.monitor is not None and step in watch and ctx.is_main:
+            result.monitor[step] = parts.monitor.update(model, step).tolist()
             model.train()
         if step in save_set and run_dir is not None:
 
             def save(step: int = step) -> Path:
-                _check_weights_finite(trainable, step, run_name)
+                _check_weights_finite(trainable, step, cfg.run_name)
                 path = save_checkpoint(model, run_dir / f"step_{step}")
                 try:
                     _save_state(run_dir, step, trainable, opt, scheduler, result.losses, settings)
@@ -1054,3 +951,98 @@ def _finetune_locked(
                 result.checkpoints.setdefault(step, run_dir / f"step_{step}")
     model.eval()
     return result
+
+
+def _settings_record(
+    model: Any,
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    cfg: FinetuneConfig,
+    parts: _Parts,
+    coords: Mapping[int, torch.Tensor] | None,
+    start_weights: str,
+) -> dict[str, Any]:
+    """Everything that changes the trajectory, recorded with the training state: a resume must match it."""
+    lora = cfg.lora
+    settings = {
+        "optimizer": cfg.optimizer,
+        "lr": cfg.learning_rate,
+        "weight_decay": float(cfg.weight_decay),
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "seed": int(cfg.seed),
+        "steps": int(cfg.steps),
+        "schedule": cfg.schedule,
+        "warmup_steps": int(cfg.warmup_steps),
+        "max_grad_norm": None if cfg.max_grad_norm is None else float(cfg.max_grad_norm),
+        "autocast_dtype": None if cfg.autocast_dtype is None else str(cfg.autocast_dtype).removeprefix("torch."),
+        "data": data_fingerprint(tokens, loss_mask),
+        "start_weights": start_weights,
+        "lora": lora_description(
+            lora if lora is not None else lora_config_of(model) if is_peft_wrapped(model) else None
+        ),
+        "blocking": _blocking_description(parts.blocking, coords),
+        "anchor": _anchor_description(parts.anchor),
+    }
+    if parts.replay is not None:
+        settings["replay"] = parts.replay.description()
+    if cfg.spec is not None:
+        settings["spec"] = str(cfg.spec)
+    return settings
+
+
+class _Batches:
+    """One optimizer step's forward and backward passes: the seeded rows of the step in micro-batches (dealt across
+    ranks), under the blocking hooks and autocast, then the penalty; gradients accumulate in the model."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        loss_mask: torch.Tensor,
+        n_task: int,
+        cfg: FinetuneConfig,
+        parts: _Parts,
+        coords: Mapping[int, torch.Tensor] | None,
+        ctx: Any,
+        dev: torch.device,
+        keep_logits: bool,
+    ):
+        self.tokens, self.loss_mask, self.cfg, self.parts, self.coords = tokens, loss_mask, cfg, parts, coords
+        self.n_task = n_task  # rows of the task data (replay rows follow them in tokens)
+        self.ctx, self.dev, self.keep_logits = ctx, dev, keep_logits
+
+    def autocast(self) -> Any:
+        dtype = self.cfg.autocast_dtype
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=self.dev.type, dtype=dtype)
+
+    def backward(self, model: Any, step: int) -> tuple[float, float | None]:
+        """The step's task loss (mean over its micro-batches) and penalty, their gradients accumulated."""
+        cfg, parts, ctx, dev = self.cfg, self.parts, self.ctx, self.dev
+        blocking, n = parts.blocking, self.n_task
+        idx = (
+            _batch_indices(n, cfg.batch_size * cfg.grad_accum, cfg.seed, step)
+            if parts.replay is None
+            else parts.replay.step_indices(n, cfg.batch_size, cfg.grad_accum, cfg.seed, step)
+        )
+        total = 0.0
+        with _seeded(cfg.seed, step, dev):
+            for micro in dist_.step_micro_batches(idx, cfg.batch_size, ctx):
+                x, m = self.tokens[micro].to(dev), self.loss_mask[micro].to(dev)
+                if blocking is None:
+                    with self.autocast():
+                        loss = model_lm_loss(model, x, m, self.keep_logits)
+                else:
+                    coords = self.coords
+                    blocking.set_batch(coords=None if coords is None else {l: c[micro] for l, c in coords.items()})
+                    with blocking.applied(model), self.autocast():
+                        loss = model_lm_loss(model, x, m, self.keep_logits)
+                (loss / cfg.grad_accum).backward()
+                total += loss.item() / cfg.grad_accum
+            penalty_value = None
+            if parts.anchor is not None:
+                with self.autocast():
+                    penalty = parts.anchor.penalty(model, step)
+                penalty_value = float(penalty.detach() if torch.is_tensor(penalty) else penalty)
+                if math.isfinite(penalty_value):
+                    (penalty * dist_.replicated_loss_scale(ctx) if ctx.active else penalty).backward()
+        return total, penalty_value

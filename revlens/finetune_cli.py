@@ -27,7 +27,7 @@ from typing import Any
 
 from revlens._util import atomic_write_json, temp_sibling
 from revlens.blocking_spec import BlockingSpec
-from revlens.config import parse_layers
+from revlens.config import FinetuneConfig, add_config_arguments, config_from_args, parse_layers
 
 # Options that only the --data path uses (default None so that their use is detectable).
 DATA_OPTIONS = (
@@ -48,19 +48,6 @@ DATA_OPTIONS = (
     "run_name",
     "replay",
 )
-
-
-def parse_steps(text: str) -> list[int]:
-    """``"1,2,5"`` -> [1, 2, 5] (positive, increasing)."""
-    try:
-        steps = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--save-steps takes comma-separated integers like 1,10,100; got {text!r}"
-        ) from None
-    if not steps or steps[0] < 1:
-        raise argparse.ArgumentTypeError(f"--save-steps {text}: steps must be >= 1.")
-    return steps
 
 
 def default_save_steps(steps: int) -> list[int]:
@@ -102,23 +89,7 @@ def add_cli(sub: Any, finetuners: Mapping[str, str | Callable[..., dict]] | None
         help="JSONL of examples to replay (as --data; e.g. align's refusal examples) for --mode replay@R",
     )
     p.add_argument("--layers", type=parse_layers, default=None, help="comma-separated layers to block (default: all)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100; demo: its preset)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, with LoRA 2e-4)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="rows per micro-batch (default 8); a step reads batch size x grad accum rows",
-    )
-    p.add_argument(
-        "--grad-accum",
-        type=int,
-        default=None,
-        help="micro-batches of --batch-size rows per optimizer step (default 1); under torchrun they are "
-        "dealt across the ranks, so give a multiple of the number of processes",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-name", default=None, help="run folder name (default seed_<seed>)")
+    add_config_arguments(p, FinetuneConfig, unset_default=True)
     p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (all linear layers)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument(
@@ -128,20 +99,9 @@ def add_cli(sub: Any, finetuners: Mapping[str, str | Callable[..., dict]] | None
         help="weights' dtype while training (default auto: as loaded)",
     )
     p.add_argument("--autocast", default=None, choices=["bf16", "fp16"], help="mixed precision forward passes")
-    p.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 0)")
-    p.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="after warmup (default constant)")
-    p.add_argument(
-        "--save-steps",
-        type=parse_steps,
-        default=None,
-        help="steps to write checkpoints at (default 1,2,5,10,...; the last step always)",
-    )
     p.add_argument("--max-length", type=int, default=None, help="longest conversation in tokens (default: n_ctx)")
     p.add_argument("--prompts", help="probe prompt file for v_rev (default: the shipped harmful requests)")
     p.add_argument("--control", help="control prompt file (contrast readout for v_rev)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--overwrite", action="store_true", help="delete OUT/finetune/<run>/ and start over")
     p.set_defaults(func=lambda args: run_cli(args, dict(finetuners or {})))
 
 
@@ -320,7 +280,6 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         if args.lora_r < 1:
             raise ValueError(f"--lora-r must be >= 1, got {args.lora_r}.")
         lora = {"r": args.lora_r, "lora_alpha": args.lora_alpha or 2 * args.lora_r}
-    lr = args.lr if args.lr is not None else (2e-4 if lora else 1e-5)
     dtype = None if args.dtype in (None, "auto") else getattr(torch, args.dtype)
     autocast = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
 
@@ -352,29 +311,19 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         )
     run = args.run_name or f"seed_{args.seed}"
     save_steps = [s for s in (args.save_steps or default_save_steps(steps)) if s <= steps]
-    result = finetune(
-        model,
-        data.tokens,
-        data.loss_mask,
+    config = config_from_args(
+        FinetuneConfig,
+        args,
         steps=steps,
-        lr=lr,
-        batch_size=args.batch_size or 8,
-        grad_accum=args.grad_accum or 1,
-        seed=args.seed,
-        blocking=blocking,
+        batch_size=8 if args.batch_size is None else args.batch_size,
         save_steps=save_steps,
         out_dir=out,
         run_name=run,
-        overwrite=args.overwrite,
         autocast_dtype=autocast,
-        max_grad_norm=args.max_grad_norm,
-        warmup_steps=args.warmup or 0,
-        schedule=args.schedule or "constant",
         lora=lora,
         spec=spec,
-        anchor=anchor,
-        replay=mix,
     )
+    result = finetune(model, data.tokens, data.loss_mask, config=config, blocking=blocking, anchor=anchor, replay=mix)
     projected = None
     if spec.safelora is not None:
         projected = _safe_lora_checkpoint(model, history, out, run, steps, spec, load)
@@ -384,7 +333,7 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         "seed": args.seed,
         "run": run,
         "steps": steps,
-        "lr": lr,
+        "lr": config.learning_rate,
         "lora": lora,
         "examples": int(data.tokens.shape[0]),
         "chat_template": data.chat_template,

@@ -36,7 +36,7 @@ RAW = "raw"  # ``chat_template`` of string prompts read without a template
 _META = ("hook", "readout", "estimator", "contrast", "chat_template", "models", "checkpoints", "n_prompts")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ReversionDirections:
     """Per-layer direction bases (rows spanning v_rev or the rank-k reversion subspace) and how they were read.
 
@@ -97,6 +97,14 @@ class ReversionDirections:
         hook_template(self.hook)
         if self.readout not in READOUTS:
             raise InterventionError(f"unknown readout {self.readout!r}; choose one of {READOUTS}.")
+
+    def __repr__(self) -> str:
+        ranks = sorted({int(b.shape[0]) for b in self.bases.values()})
+        rank = ranks[0] if len(ranks) == 1 else ranks
+        return (
+            f"ReversionDirections(layers={self.layers}, rank={rank}, d_model={self.d_model}, hook={self.hook!r}, "
+            f"readout={self.readout!r}, estimator={self.estimator!r}, contrast={self.contrast})"
+        )
 
     @classmethod
     def of(cls, directions: ReversionDirections | Mapping[int, torch.Tensor], hook: str | None = None):

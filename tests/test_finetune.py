@@ -100,3 +100,28 @@ def test_monitor_tracks_alignment_and_warns_on_crossing(tiny_model):
     b = monitor.update(shifted(tiny_model, 1, -0.5 * u), step=2)
     assert b[0] == pytest.approx(-1.0, abs=1e-5)
     assert list(monitor.trajectory()) == [1, 2]
+
+
+def test_finetune_config_is_the_one_list_of_settings(tiny_model):
+    """finetune(config=...) runs what finetune(**settings) runs; lr=None is 1e-5 (2e-4 with LoRA); the
+    `revlens finetune` options of the config's CLI fields come from it."""
+    import argparse
+    import dataclasses
+
+    from revlens.cli import build_parser
+    from revlens.config import FinetuneConfig
+
+    tokens, mask = toy_data(tiny_model)
+    a, b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    cfg = FinetuneConfig(steps=2, batch_size=4, seed=1, spec="plain", progress=False)
+    ra = finetune(a, tokens, mask, config=cfg)
+    rb = finetune(b, tokens, mask, steps=2, batch_size=4, seed=1, spec="plain", progress=False)
+    assert ra.settings == rb.settings and ra.settings["lr"] == 1e-5 and ra.settings["spec"] == "plain"
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert cfg.replace(lora={"r": 2}).learning_rate == 2e-4 and cfg.replace(lr=0.1).learning_rate == 0.1
+    with pytest.raises(TypeError, match="unknown FinetuneConfig setting"):
+        finetune(a, tokens, mask, step=2)
+    sub = next(x for x in build_parser()._actions if isinstance(x, argparse._SubParsersAction))
+    options = {x.dest for x in sub.choices["finetune"]._actions}
+    wanted = {f.metadata["cli_name"] or f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata["cli"]}
+    assert wanted <= options and "warmup" in wanted

@@ -17,6 +17,7 @@ DOCUMENTED = (
     "Blocking",
     "ProbeAnchor",
     "finetune",
+    "FinetuneConfig",
     "ReversionReport",
     "ReversionDirections",
     "build_defense",
