@@ -3,7 +3,8 @@
 Measure: :func:`analyze` a :class:`History` of checkpoints into a :class:`ReversionReport` (read with a
 :class:`ReversionProbe`). Control: fine-tune with :func:`finetune` under :class:`Blocking` hooks and a
 :class:`ProbeAnchor` built from a report (:func:`blocking_from_spec`, :func:`anchor_from_report`), watched by a
-:class:`ReversionMonitor`. Behaviour: :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
+:class:`ReversionMonitor`. Behaviour: a :class:`Behaviour` (prompts, greedy answers, a judge) measured into a
+:class:`BehaviourResult` (harm, fact recall, ...), :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
 
 The examples in these docstrings run as doctests (``tests/test_doctests.py``) on a tiny random model: ``ckpts``
 is a history folder (``pretrain/ align/ finetune/<run>/step_<N>/``) whose fine-tuning checkpoints moved by planted
@@ -19,6 +20,7 @@ Example:
 """
 
 from revlens.analysis import analyze
+from revlens.behaviour import Behaviour, BehaviourResult, ExactMatchJudge, measure_behaviours
 from revlens.benchmark_prompts import MissingDataPackage, PromptSource, harmbench_prompts, load_prompt_source
 from revlens.blocking_spec import BlockingSpec, InterventionError
 from revlens.chat import encode_requests
@@ -84,6 +86,10 @@ __all__ = [
     "readout_pca",
     "safe_lora_project",
     # behaviour
+    "Behaviour",
+    "BehaviourResult",
+    "ExactMatchJudge",
+    "measure_behaviours",
     "harmfulness",
     "generate_greedy",
     "RefusalPhraseJudge",

@@ -28,7 +28,7 @@ ROWS = [
         "defense_table",
     },
     {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer", "jobpool", "replay"},
-    {"probe", "checkpoints", "selection", "integrations.hf_hooks", "penalties", "weight_projection"},
+    {"probe", "checkpoints", "selection", "integrations.hf_hooks", "penalties", "weight_projection", "behaviour"},
     {"subspace", "report"},
     {"intervention", "analysis", "paper"},
     {"finetune", "integrations.transformers"},

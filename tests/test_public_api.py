@@ -10,7 +10,16 @@ import pytest
 
 import revlens
 
-DOCUMENTED = ("analyze", "ReversionProbe", "Blocking", "ProbeAnchor", "finetune", "ReversionReport")
+DOCUMENTED = (
+    "analyze",
+    "ReversionProbe",
+    "Blocking",
+    "ProbeAnchor",
+    "finetune",
+    "ReversionReport",
+    "Behaviour",
+    "measure_behaviours",
+)
 
 
 def test_every_exported_name_resolves():
