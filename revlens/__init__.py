@@ -36,6 +36,7 @@ from revlens.defenses import BehaviourSet, defense_grid, defense_rows, train_def
 from revlens.evals import RefusalPhraseJudge, generate_greedy, harmfulness, task_metrics
 from revlens.finetune import FinetuneResult, ReversionMonitor, finetune
 from revlens.intervention import Blocking, ProbeAnchor, anchor_from_report, blocking_from_report, blocking_from_spec
+from revlens.knowledge import KnowledgeItem, KnowledgeSplit, knowledge_candidates
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
 from revlens.prompts import default_control, default_prompts, load_prompt_file
@@ -90,6 +91,9 @@ __all__ = [
     "BehaviourResult",
     "ExactMatchJudge",
     "measure_behaviours",
+    "KnowledgeItem",
+    "KnowledgeSplit",
+    "knowledge_candidates",
     "harmfulness",
     "generate_greedy",
     "RefusalPhraseJudge",
