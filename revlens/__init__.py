@@ -46,6 +46,7 @@ from revlens.report import ReversionReport
 from revlens.selection import selection_test
 from revlens.stats import Rate, mcnemar_exact, wilson_interval
 from revlens.subspace import random_subspace, readout_pca, refusal_direction, reversion_subspace
+from revlens.unlearning import UnlearnResult, gradient_difference_loss, npo_loss, unlearn
 from revlens.weight_projection import safe_lora_project
 
 __all__ = [
@@ -94,6 +95,11 @@ __all__ = [
     "KnowledgeItem",
     "KnowledgeSplit",
     "knowledge_candidates",
+    # unlearning: the shallow phase of the second setting
+    "unlearn",
+    "UnlearnResult",
+    "npo_loss",
+    "gradient_difference_loss",
     "harmfulness",
     "generate_greedy",
     "RefusalPhraseJudge",

@@ -29,7 +29,7 @@ ROWS = [
     },
     {"readout", "directions", "nulls", "evals", "sft_data", "dashboard", "hf_writer", "jobpool", "replay"},
     {"probe", "checkpoints", "selection", "integrations.hf_hooks", "penalties", "weight_projection", "behaviour"},
-    {"subspace", "report", "knowledge"},
+    {"subspace", "report", "knowledge", "unlearning"},
     {"intervention", "analysis", "paper"},
     {"finetune", "integrations.transformers"},
     {"finetune_cli", "defenses"},

@@ -19,6 +19,9 @@ DOCUMENTED = (
     "ReversionReport",
     "Behaviour",
     "measure_behaviours",
+    "unlearn",
+    "npo_loss",
+    "gradient_difference_loss",
 )
 
 
