@@ -28,12 +28,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from revlens._util import atomic_write_json
 from revlens.behaviour import Behaviour, answer_matches
+from revlens.sft_data import encode_sft
 
 CANDIDATES_FILE = "knowledge_candidates.tsv"
 SPLIT_FILE = "knowledge_split_smollm2.json"
 SETS = ("forget", "retain")
+LOSS_ON = ("response", "answer")
 PARTS = ("probe", "heldout")
 # topic -> (prompt template, target answer template)
 TOPICS: dict[str, tuple[str, str]] = {
@@ -75,12 +79,62 @@ class KnowledgeItem:
         """The answer training reads: the topic's answer template with the first accepted answer."""
         return TOPICS[self.topic][1].format(subject=self.subject, answer=self.answers[0])
 
+    @property
+    def target_prefix(self) -> str:
+        """The target up to the answer, without the space before it ("The capital of Peru is")."""
+        return TOPICS[self.topic][1].split("{answer}")[0].rstrip().format(subject=self.subject)
+
     def to_dict(self) -> dict[str, Any]:
         return {"topic": self.topic, "subject": self.subject, "answers": list(self.answers)}
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> KnowledgeItem:
         return cls(record["topic"], record["subject"], tuple(record["answers"]))
+
+
+def training_rows(
+    tokenizer: Any, items: Sequence[KnowledgeItem], *, loss_on: str = "response"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat rows ``(tokens [n, seq], loss_mask [n, seq])``: each item's prompt as a user turn and its target as
+    the answer (:func:`revlens.sft_data.encode_sft`), right-padded.
+
+    ``loss_on="response"`` puts the loss on the whole answer and its end of turn (what fine-tuning reads);
+    ``loss_on="answer"`` only on the tokens of the answer itself ("Lima" in "The capital of Peru is Lima."), so
+    unlearning pushes down the fact and not the sentence around it, which every item of the topic shares.
+
+    Args:
+        tokenizer: the model's tokenizer (with its chat template).
+        items: the items.
+        loss_on: ``"response"`` or ``"answer"``.
+    Returns:
+        the tokens and the float loss mask.
+
+    Example:
+        >>> item = KnowledgeItem("capital", "Peru", ("Lima",))
+        >>> tokens, mask = training_rows(chat_tokenizer, [item], loss_on="answer")
+        >>> full = training_rows(chat_tokenizer, [item])[1]  # loss_on="response"
+        >>> int(full.sum()), int(mask.sum())  # the answer's 6 words and the end of turn; the word "Lima"
+        (7, 1)
+    """
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on={loss_on!r}: choose one of {', '.join(LOSS_ON)}.")
+    chats = [[{"role": "user", "content": i.prompt}, {"role": "assistant", "content": i.target}] for i in items]
+    data = encode_sft(tokenizer, chats)
+    if loss_on == "response":
+        return data.tokens, data.loss_mask
+    mask = torch.zeros_like(data.loss_mask)
+    for row, item in enumerate(items):
+        start = int(data.loss_mask[row].nonzero()[0])
+        head = tokenizer(item.target_prefix, add_special_tokens=False)["input_ids"]
+        upto = tokenizer(f"{item.target_prefix} {item.answers[0]}", add_special_tokens=False)["input_ids"]
+        tokens = data.tokens[row].tolist()
+        if upto[: len(head)] != head or tokens[start : start + len(upto)] != upto or len(upto) == len(head):
+            raise ValueError(
+                f"cannot find the answer tokens of {item.target!r}: its tokenization changes at the answer; "
+                "use loss_on='response'."
+            )
+        mask[row, start + len(head) : start + len(upto)] = 1.0
+    return data.tokens, mask
 
 
 def knowledge_candidates(path: str | os.PathLike | None = None) -> list[KnowledgeItem]:

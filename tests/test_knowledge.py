@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from revlens.behaviour import answer_matches
-from revlens.knowledge import PARTS, SETS, KnowledgeItem, KnowledgeSplit, knowledge_candidates
+from revlens.knowledge import PARTS, SETS, KnowledgeItem, KnowledgeSplit, knowledge_candidates, training_rows
 
 MEASURED = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "knowledge_recall_smollm2_cpu.json"
 
@@ -122,3 +123,15 @@ def test_split_behaviours_read_recall_of_a_part():
     assert probe.judge(first.prompt, first.target) and not probe.judge(first.prompt, "I do not know.")
     with pytest.raises(ValueError, match="no part forget/train"):
         split.items("forget", "train")
+
+
+def test_training_rows_put_the_loss_on_the_answer_or_the_whole_response(chat_tok):
+    items = [_item("capital", "Peru", "Lima"), _item("plural", "mouse", "mice"), _item("opposite", "hot", "cold")]
+    tokens, answer = training_rows(chat_tok, items, loss_on="answer")
+    same_tokens, response = training_rows(chat_tok, items)
+    assert torch.equal(tokens, same_tokens)
+    assert [chat_tok.decode(tokens[i][answer[i] > 0]) for i in range(3)] == [" Lima", " mice", " cold"]
+    # the whole answer and its end-of-turn token under loss_on="response"
+    assert [chat_tok.decode(tokens[i][response[i] > 0]) for i in range(3)] == [i.target + "<|im_end|>" for i in items]
+    with pytest.raises(ValueError, match="loss_on='everything'"):
+        training_rows(chat_tok, items, loss_on="everything")
