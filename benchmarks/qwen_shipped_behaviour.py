@@ -199,7 +199,7 @@ def align_steps(model, tokens, mask, lr: float, steps: int) -> dict:
 def load(folder: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from revlens.checkpoints import quiet_hf_progress
+    from revlens.checkpoint_loader import quiet_hf_progress
 
     with quiet_hf_progress():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()

@@ -4,7 +4,8 @@ Measure: :func:`analyze` a :class:`History` of checkpoints into a :class:`Revers
 :class:`ReversionProbe`). Control: fine-tune with :func:`finetune` under :class:`Blocking` hooks and a
 :class:`ProbeAnchor`, built by :func:`build_defense` from a :class:`BlockingSpec` and the report's
 :class:`ReversionDirections` (``report.directions()``), watched by a :class:`ReversionMonitor`.
-Behaviour: :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
+Behaviour: a :class:`Behaviour` (prompts, greedy answers, a judge) measured into a :class:`BehaviourResult`
+(harm, fact recall, ...), :func:`harmfulness`, :func:`generate_greedy`, :func:`task_metrics`.
 
 The examples in these docstrings run as doctests (``tests/test_doctests.py``) on a tiny random model: ``ckpts``
 is a history folder (``pretrain/ align/ finetune/<run>/step_<N>/``) whose fine-tuning checkpoints moved by planted
@@ -22,6 +23,7 @@ Example:
 from revlens._util import DiskFullError, atomic_write_json, replace_dir, temp_sibling, training_mode
 from revlens.analysis import analyze
 from revlens.anchor import ProbeAnchor
+from revlens.behaviour import Behaviour, BehaviourResult, ExactMatchJudge, measure_behaviours
 from revlens.benchmark_prompts import (
     MissingDataPackage,
     PromptSource,
@@ -69,6 +71,7 @@ from revlens.finetune_cli import parse_layers
 from revlens.history import History
 from revlens.integrations.hf_hooks import HookError
 from revlens.jobpool import JobFailed, JobPool, default_workers
+from revlens.knowledge import KnowledgeItem, KnowledgeSplit, knowledge_candidates
 from revlens.losses import masked_lm_loss, model_lm_loss, takes_logits_to_keep
 from revlens.metric_labels import metric_labels, table_labels
 from revlens.model_sources import MODEL_SOURCES, GGUFError, ModelNotFoundError, ModelSource, ensure_model
@@ -83,6 +86,7 @@ from revlens.reversion_directions import ReversionDirections
 from revlens.selection import selection_test
 from revlens.stats import Rate, mcnemar_exact, wilson_interval
 from revlens.subspace import random_subspace, readout_pca, refusal_direction, reversion_subspace
+from revlens.unlearning import UnlearnResult, gradient_difference_loss, npo_loss, unlearn
 from revlens.weight_projection import safe_lora_project
 from revlens.wordtok import word_tokenizer
 
@@ -127,6 +131,18 @@ __all__ = [
     "readout_pca",
     "safe_lora_project",
     # behaviour
+    "Behaviour",
+    "BehaviourResult",
+    "ExactMatchJudge",
+    "measure_behaviours",
+    "KnowledgeItem",
+    "KnowledgeSplit",
+    "knowledge_candidates",
+    # unlearning: the shallow phase of the second setting
+    "unlearn",
+    "UnlearnResult",
+    "npo_loss",
+    "gradient_difference_loss",
     "harmfulness",
     "generate_greedy",
     "RefusalPhraseJudge",

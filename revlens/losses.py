@@ -53,10 +53,47 @@ def model_lm_loss(
         >>> torch.allclose(loss, masked_lm_loss(model(tokens), tokens, loss_mask))
         True
     """
+    logits, targets, mask = _scored_logits(model, tokens, loss_mask, keep_logits)
+    return _masked_cross_entropy(logits, targets, mask)
+
+
+def sequence_logprobs(
+    model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor, keep_logits: bool | None = None
+) -> torch.Tensor:
+    """Per row, the summed log-probability ``log p(y | x)`` of the tokens whose ``loss_mask`` is set (the
+    response of a chat row), under ``model``; differentiable. Logits are computed only where a target is
+    scored, as in :func:`model_lm_loss`.
+
+    Args:
+        model: a Hugging Face causal LM or a TransformerBridge/HookedTransformer (``model(tokens)`` gives logits).
+        tokens: ``[batch, seq]`` token ids; ``loss_mask``: ``[batch, seq]``, nonzero on the scored targets.
+        keep_logits: compute logits at scored positions only (default: :func:`takes_logits_to_keep`).
+    Returns:
+        ``[batch]`` float32 log-probabilities (0 for a row with no scored token).
+
+    Example:
+        >>> tokens = model.to_tokens(prompts)
+        >>> mask = torch.zeros(tokens.shape)
+        >>> mask[:, -1] = 1.0  # score the last token of each row
+        >>> logp = sequence_logprobs(model, tokens, mask)
+        >>> expected = model(tokens)[:, -2].log_softmax(-1).gather(-1, tokens[:, -1:]).squeeze(-1)
+        >>> logp.shape, torch.allclose(logp, expected, atol=1e-5)
+        (torch.Size([5]), True)
+    """
+    logits, targets, mask = _scored_logits(model, tokens, loss_mask, keep_logits)
+    logp = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask.to(logp.dtype)).sum(-1)
+
+
+def _scored_logits(
+    model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor, keep_logits: bool | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, targets and mask at the positions whose next token is scored (all positions but the last, or
+    only the scored columns when the model takes ``logits_to_keep``)."""
     if keep_logits is None:
         keep_logits = takes_logits_to_keep(model)
     if not keep_logits:
-        return masked_lm_loss(_logits_of(model(tokens)), tokens, loss_mask)
+        return _logits_of(model(tokens))[:, :-1], tokens[:, 1:], loss_mask[:, 1:]
     columns = loss_mask[:, 1:].any(0).nonzero().squeeze(1)  # logits at column c predict token c + 1
     logits = _logits_of(model(tokens, logits_to_keep=columns))
     if logits.shape[1] != len(columns):
@@ -64,4 +101,4 @@ def model_lm_loss(
             f"{type(model).__name__} returned logits at {logits.shape[1]} positions for {len(columns)} requested: "
             "it ignores logits_to_keep; call with keep_logits=False."
         )
-    return _masked_cross_entropy(logits, tokens[:, columns + 1], loss_mask[:, columns + 1])
+    return logits, tokens[:, columns + 1], loss_mask[:, columns + 1]

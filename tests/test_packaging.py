@@ -45,6 +45,7 @@ def test_wheel_contains_the_prompt_files_and_resources_find_them(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert {f"revlens/data/{name}" for name in shipped} <= names
+        assert {"revlens/data/knowledge_candidates.tsv", "revlens/data/knowledge_split_smollm2.json"} <= names
         zf.extractall(tmp_path / "site")
     out = subprocess.run(
         [sys.executable, "-c", LOAD_FROM_WHEEL, str(tmp_path / "site")],

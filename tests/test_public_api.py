@@ -22,6 +22,11 @@ DOCUMENTED = (
     "ReversionDirections",
     "build_defense",
     "ensure_model",
+    "Behaviour",
+    "measure_behaviours",
+    "unlearn",
+    "npo_loss",
+    "gradient_difference_loss",
 )
 
 
