@@ -87,11 +87,13 @@ class ChatPreset:
 
 PRESETS: dict[str, ChatPreset] = {
     "smollm2": ChatPreset("smollm2", Recipe(), "SmolLM2-135M-Instruct", "smollm2"),
-    # 3.6x SmolLM2's parameters: the same learning rates (both ship instruct-tuned at similar scales), checks from
-    # step 20 (a model that already refuses may calibrate early), smaller generation batches (4x the activations).
+    # 630M parameters (its own output matrix). Learning rates 2e-5: at SmolLM2's 5e-5 the loss of one repeated
+    # align batch rose after the first step, at 1e-5 and 2e-5 it fell (benchmarks/results/qwen_align_step_cpu.json).
+    # The shipped model already refuses 2/3 of the held-out harmful requests, so align is a reinforcement: checks
+    # from step 20, at most 60 steps (a step costs ~20 CPU s and ~14 GiB). Smaller generation batches.
     "qwen2.5-coder-0.5b": ChatPreset(
         "qwen2.5-coder-0.5b",
-        Recipe(align_check_from=20, generate_batch=24),
+        Recipe(lr=2e-5, align_lr=2e-5, align_check_from=20, align_max_steps=60, generate_batch=24),
         "Qwen2.5-Coder-0.5B-Instruct",
         "qwen2.5-coder-0.5b",
     ),
