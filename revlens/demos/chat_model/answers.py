@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from revlens import JobPool, encode_requests
 from revlens.demos.chat_model.behaviour import greedy_answers
 from revlens.demos.chat_model.hf_io import load_hf
@@ -40,8 +42,9 @@ def generation_batches(tokenizer: Any, requests: Sequence[str], batch_size: int)
 
 class AnswerJobs:
     """Named request lists answered by saved models on a :class:`revlens.JobPool`, a job per generation batch
-    (one job per list when the pool runs in this process: the same call, no split). :meth:`submit` queues a list,
-    :meth:`gather` waits for every queued list and returns ``{name: answers in the requests' order}``.
+    (in this process too: the batches :func:`revlens.generate_greedy` would form, so the same answers, with a
+    progress bar that moves per batch). :meth:`submit` queues a list, :meth:`gather` waits for every queued list
+    and returns ``{name: answers in the requests' order}``.
     """
 
     def __init__(self, pool: JobPool, max_new_tokens: int, batch_size: int):
@@ -50,10 +53,7 @@ class AnswerJobs:
 
     def submit(self, name: str, folder: str | os.PathLike, tokenizer: Any, requests: Sequence[str]) -> None:
         requests = list(requests)
-        if self.pool.workers == 1:
-            batches = [list(range(len(requests)))]
-        else:
-            batches = generation_batches(tokenizer, requests, self.batch_size)
+        batches = generation_batches(tokenizer, requests, self.batch_size)
         self._batches[name] = (len(requests), batches)
         for b, rows in enumerate(batches):
             self.pool.submit(
@@ -68,7 +68,9 @@ class AnswerJobs:
     def gather(self) -> dict[str, list[str]]:
         """Every submitted list's answers, in its requests' order, once all its jobs have ended."""
         out = {name: [""] * n for name, (n, _) in self._batches.items()}
-        for (name, b), answers in self.pool.results():
+        total = sum(len(batches) for _, batches in self._batches.values())
+        bar = tqdm(self.pool.results(), total=total, desc=f"answers ({', '.join(out)})", unit="batch", leave=False)
+        for (name, b), answers in bar:
             for i, answer in zip(self._batches[name][1][b], answers):
                 out[name][i] = answer
         self._batches.clear()
