@@ -49,6 +49,8 @@ PROMPTS = [
 def write_history(root: Path, args: argparse.Namespace, dtype: torch.dtype) -> tuple[list[Path], int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from revlens import quiet_hf_progress
+
     from hf_models import chat_tokenizer
 
     tok = chat_tokenizer()
@@ -66,7 +68,8 @@ def write_history(root: Path, args: argparse.Namespace, dtype: torch.dtype) -> t
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    with torch.device(args.device):  # built where it is measured: a 1B model's random init is slow on a CPU
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
     steps = [root / "finetune" / "run" / f"step_{s}" for s in range(1, args.steps + 1)]
     folders = [root / "pretrain", root / "align"] + steps
@@ -74,7 +77,8 @@ def write_history(root: Path, args: argparse.Namespace, dtype: torch.dtype) -> t
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        model.save_pretrained(folder)
+        with quiet_hf_progress():
+            model.save_pretrained(folder)
         tok.save_pretrained(folder)
     return folders, n_params
 
@@ -105,7 +109,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """This benchmark's options (``benchmarks/gpu_real_model.py`` reads its defaults)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
@@ -120,8 +125,11 @@ def main() -> None:
         default=None,
         help="where to write the history and keep it (reused when it holds one; default: a temporary folder)",
     )
-    args = parser.parse_args()
+    return parser
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """Write (or reuse) the history and time reading, analysing, swapping, booting and probing it."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -233,11 +241,15 @@ def main() -> None:
         }
         if args.device.startswith("cuda"):
             result["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        name = "analyze_history" + (f"_{args.tag}" if args.tag else "")
-        write_result(name, args.device, result)
+        return result
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    args = arguments().parse_args()
+    write_result("analyze_history" + (f"_{args.tag}" if args.tag else ""), args.device, measure(args))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,42 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from revlens import ReversionReport
 from revlens.demos.chat_model.pipeline import MANIFEST, run_chat_model
+
+
+def run_summary(report: ReversionReport, out: Path, wall: float) -> dict[str, Any]:
+    """A finished run's timings (per phase, per history step, per job), align's steps and calibration, and the
+    machine (``benchmarks/gpu_real_model.py`` records the same)."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    history = manifest["timings_s"]
+    align_trained = not report.config["demo"]["align"].get("reused", False)
+    return {
+        "quick": report.config["demo"]["quick"],
+        "wall_s": wall,
+        "phases_s": report.config["demo"]["timings_s"],
+        "history_s": {
+            "pretrain_eval": history.get("pretrain_eval"),
+            "align": history.get("align"),
+            "finetune_runs": history.get("finetune_runs"),
+        },
+        "job_s": {run: r["seconds"] for run, r in manifest["finetune"].items()},
+        "align_trained": align_trained,
+        "wall_without_align_training_s": wall - (history.get("align", 0.0) if align_trained else 0.0),
+        "align_steps": manifest["align"]["trained_steps"],
+        "calibration": manifest["align"].get("calibration", {"method": "generate"}),
+        "model": report.config["demo"]["model"],
+        "threads": torch.get_num_threads(),
+        "workers": report.config["demo"]["workers"],
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_after": os.getloadavg(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def main() -> None:
@@ -52,31 +84,7 @@ def main() -> None:
         out, model=args.model, preset=args.preset, quick=args.quick, progress=True, workers=args.workers
     )
     wall = time.perf_counter() - t0
-    manifest = json.loads((out / MANIFEST).read_text())
-    history = manifest["timings_s"]
-    align_trained = not report.config["demo"]["align"].get("reused", False)
-    result = {
-        "quick": args.quick,
-        "wall_s": wall,
-        "phases_s": report.config["demo"]["timings_s"],
-        "history_s": {
-            "pretrain_eval": history.get("pretrain_eval"),
-            "align": history.get("align"),
-            "finetune_runs": history.get("finetune_runs"),
-        },
-        "job_s": {run: r["seconds"] for run, r in manifest["finetune"].items()},
-        "align_trained": align_trained,
-        "wall_without_align_training_s": wall - (history.get("align", 0.0) if align_trained else 0.0),
-        "align_steps": manifest["align"]["trained_steps"],
-        "calibration": manifest["align"].get("calibration", {"method": "generate"}),
-        "model": report.config["demo"]["model"],
-        "threads": torch.get_num_threads(),
-        "workers": report.config["demo"]["workers"],
-        "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average_after": os.getloadavg(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    result = run_summary(report, out, wall)
     stem = "smollm2_demo" if name == "smollm2" else f"chat_model_demo_{name}"
     path = Path("benchmarks/results") / f"{stem}{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

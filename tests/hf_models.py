@@ -108,6 +108,27 @@ def gemma_chat_tokenizer(vocab_size: int = 400):
     return out
 
 
+# The chat-model pipeline's run at test size (a few steps, prompts and tokens): fields of
+# revlens.demos.chat_model.pipeline.Settings, read by tests and by benchmarks/gpu_real_model.py --tiny.
+TINY_RUN = dict(
+    align_max_steps=2,
+    align_check_every=1,
+    align_check_from=1,
+    align_lr=1e-3,
+    check_prompts=2,
+    check_tokens=2,
+    finetune_steps=2,
+    save_steps=(1, 2),
+    behaviour_steps=(2,),
+    blocking_steps=2,
+    task_examples=8,
+    task_eval=2,
+    max_new_tokens=3,
+    generate_batch=4,
+    prompt_subset=3,
+    lr=1e-3,
+)
+
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 

@@ -19,28 +19,9 @@ from revlens.demos.chat_model.data import REFUSAL, PromptSets, end_of_turn_id, s
 from revlens.demos.chat_model.pipeline import Settings, run_chat_model
 from revlens.demos.chat_model.recipe import PRESETS, Recipe
 
-from hf_models import ARCHITECTURES, save_tiny_chat_model
+from hf_models import ARCHITECTURES, TINY_RUN, save_tiny_chat_model
 
-SETTINGS = Settings(
-    seeds=1,
-    align_max_steps=2,
-    align_check_every=1,
-    align_check_from=1,
-    align_lr=1e-3,
-    check_prompts=2,
-    check_tokens=2,
-    finetune_steps=2,
-    save_steps=(1, 2),
-    behaviour_steps=(2,),
-    blocking_steps=2,
-    task_examples=8,
-    task_eval=2,
-    max_new_tokens=3,
-    generate_batch=4,
-    prompt_subset=3,
-    modes=("plain", "grad@best"),
-    lr=1e-3,
-)
+SETTINGS = Settings(seeds=1, modes=("plain", "grad@best"), **TINY_RUN)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

@@ -17,7 +17,7 @@ from revlens.demos.chat_model.pipeline import Settings, run_chat_model
 from revlens.demos.chat_model.tasks import TASKS, benign_pairs
 from revlens.evals import RefusalPhraseJudge
 
-from hf_models import chat_tokenizer, save_tiny_chat_model
+from hf_models import TINY_RUN, chat_tokenizer, save_tiny_chat_model
 
 MODES = (
     "plain",
@@ -27,25 +27,10 @@ MODES = (
     "anchor@0.1+contrast@0.1+random@2+sample@2",
 )
 SETTINGS = Settings(
+    **(TINY_RUN | dict(task_examples=16, task_eval=4, generate_batch=3, prompt_subset=4)),
     calibration="generate",
     seeds=2,
-    align_max_steps=2,
-    align_check_every=1,
-    align_check_from=1,
-    align_lr=1e-3,
-    check_prompts=2,
-    check_tokens=2,
-    finetune_steps=2,
-    save_steps=(1, 2),
-    behaviour_steps=(2,),
-    blocking_steps=2,
-    task_examples=16,
-    task_eval=4,
-    max_new_tokens=3,
-    generate_batch=3,
-    prompt_subset=4,
     modes=MODES,
-    lr=1e-3,
     defense_rank=2,  # the defenses comparison's subspaces (4 probe prompts)
 )
 

@@ -332,7 +332,9 @@ def worker_memory_bytes(model_dir: Path) -> int:
     """About what one job process holds: the weights 7 times over (the trained copy, its gradients, two
     AdamW moments, the align reference, the evaluation copy, activations) plus 1 GiB of libraries; for
     SmolLM2-135M (540 MB of float32 weights) 4.8 GB; its workers were seen at 3.0-3.2 GB resident while
-    fine-tuning and 4.4-4.6 GB in blocked runs."""
+    fine-tuning and 4.4-4.6 GB in blocked runs. For Qwen2.5-Coder-0.5B (2.5 GB) 18.7 GB, against 13.8 GiB
+    (14.8 GB) measured in one align-like step (``benchmarks/results/qwen_align_step_cpu.json``): a 24 GiB
+    machine runs one worker."""
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) or 2**30
     return 7 * weights + 2**30
 
