@@ -4,14 +4,20 @@ written to benchmarks/results/.
 python benchmarks/smollm2_demo.py --quick --fresh-align   # the first run, cold; target: <= 10 min on 2 CPU cores
 python benchmarks/smollm2_demo.py                         # full: 3 seeds x 100 steps, full blocking list
 python benchmarks/smollm2_demo.py --quick --model DIR_OR_GGUF [--preset qwen2.5-coder-0.5b]  # another model
+python benchmarks/smollm2_demo.py --preset smollm2-unlearn --quick --fresh-align  # the unlearning setting, cold;
+                                                          # targets: <= 15 min (--quick), <= 75 min (full) on 2 cores
 
 ``--out`` must be empty (a resumed run would time only what was left). Refusal training (align) is kept
 once beside the converted model and shared by every run with the same align settings; the result records
 whether this run trained it (``align_trained``) and how long it took, so the figure with and without it
 can both be read. ``history_s.finetune_runs`` is the wall-clock of every seed's training and evaluations
 (side by side on ``workers`` processes); ``job_s`` the seconds of each seed's jobs.
-``--fresh-align`` deletes the kept align first for a fully cold figure. ``calibration`` records how align's checks
-were scored and, for the teacher-forced score, how often it agreed with the generated answers.
+``--fresh-align`` deletes the kept shallow phase of the preset's kind (refusal training, or unlearning) first for
+a fully cold figure, leaving the other kind's. ``calibration`` records how align's checks were scored and, for the
+teacher-forced score, how often it agreed with the generated answers. An unlearning run (``--preset
+smollm2-unlearn``, file ``smollm2_unlearn_demo[_quick].json``) also records what it measured, for
+docs/results/unlearning.md: recall as shipped, unlearned and along fine-tuning (95% Wilson intervals), the
+alignment at the best layer per step with the nulls' p99, and the blocking rows.
 """
 
 from __future__ import annotations
@@ -28,7 +34,39 @@ from typing import Any
 import torch
 
 from revlens import ReversionReport
-from revlens.demos.chat_model.pipeline import MANIFEST, run_chat_model
+from revlens.demos.chat_model.pipeline import ALIGN_RECORD, MANIFEST, run_chat_model
+from revlens.demos.chat_model.recipe import PRESETS
+
+ALIGNED = Path("revlens_out/models/aligned")
+STEMS = {"smollm2": "smollm2_demo", "smollm2-unlearn": "smollm2_unlearn_demo"}
+
+
+def delete_kept_phase(phase: str) -> None:
+    """Delete the kept shallow phases of ``phase``'s kind under revlens_out/models/aligned (a refusal run's record
+    names no phase)."""
+    for record in ALIGNED.glob(f"*/{ALIGN_RECORD}"):
+        kept = json.loads(record.read_text())["settings"]["settings"].get("phase", "refusal")
+        if kept == phase:
+            shutil.rmtree(record.parent)
+
+
+def measured(report, manifest: dict) -> dict:
+    """What an unlearning run measured: recall, the alignment trajectory at the best layer, the blocking rows."""
+    li = report.best_layer_index()
+    b = report.behaviour
+    return {
+        "recall": {k: {p: b[k][p] for p in ("pretrain", "align", "final")} for k in ("forget_recall", "retain_recall")},
+        "recall_along": b["along"],
+        "unlearn": {k: v for k, v in manifest["align"].items() if k not in ("losses", "folder")},
+        "best_layer": report.best_layer,
+        "steps": report.steps,
+        "alignment_best_layer": {run: report.alignment[r, :, li].tolist() for r, run in enumerate(report.runs)},
+        "null_p99": {"isotropic": float(report.null_p99[li]), "activation": float(report.null_p99_activation[li])},
+        "pairs_above_p99": {k: list(report.exceedance(li, k)) for k in ("isotropic", "activation")},
+        "selection": report.selection().to_dict(),
+        "blocking": report.interventions,
+        "paper_comparison": report.config["paper_comparison"],
+    }
 
 
 def run_summary(report: ReversionReport, out: Path, wall: float) -> dict[str, Any]:
@@ -78,14 +116,19 @@ def main() -> None:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: a benchmark times a whole run; delete it or pass another --out.")
     if args.fresh_align:
-        shutil.rmtree(Path("revlens_out/models/aligned"), ignore_errors=True)
+        delete_kept_phase(PRESETS[args.preset].recipe.phase if args.preset else "refusal")
     t0 = time.perf_counter()
     report = run_chat_model(
         out, model=args.model, preset=args.preset, quick=args.quick, progress=True, workers=args.workers
     )
     wall = time.perf_counter() - t0
     result = run_summary(report, out, wall)
-    stem = "smollm2_demo" if name == "smollm2" else f"chat_model_demo_{name}"
+    result["phase"] = report.config["demo"]["phase"]
+    if result["phase"] == "unlearn":
+        manifest = json.loads((out / MANIFEST).read_text())
+        result["calibration"] = {"method": manifest["align"]["method"], "targets": manifest["align"]["targets"]}
+        result["measured"] = measured(report, manifest)
+    stem = STEMS.get(name, f"chat_model_demo_{name}")
     path = Path("benchmarks/results") / f"{stem}{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

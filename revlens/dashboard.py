@@ -5,7 +5,8 @@ null p99 lines) and drift norm per step; the per-example alignment distribution 
 signal-to-noise per layer; every layer's mean alignment beside its nulls and the selection-corrected
 threshold; a step x layer heatmap; and, when the report has them, the blocking modes compared
 (harmfulness, final alignment, task loss, harmless prompts answered -- the organism's B2 loss and B1 retention;
-error bars = std over seeds, none with one seed). A dropdown
+or the behaviours the report tracks instead, e.g. forget and retain recall; error bars = std over seeds, none with
+one seed). A dropdown
 switches the per-layer panels between layers. Layers whose v_rev is noise (low SNR) are greyed.
 
 The layout is computed in pixels from what is drawn (rows, layers, steps), so it reads the same at
@@ -26,7 +27,7 @@ from plotly.colors import get_colorscale
 from plotly.subplots import make_subplots
 
 from revlens._util import atomic_write_text
-from revlens.metric_labels import harmless_set, metric_labels
+from revlens.metric_labels import metric_labels, tracked_behaviours
 
 THEMES = {
     # Transparent backgrounds and mid-grey text read on both light and dark Jupyter themes.
@@ -489,7 +490,7 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
         ),
         "profile": "Mean alignment per layer, nulls and the selection-corrected p99",
         "heatmap": "Mean alignment, layer x step",
-        "harmfulness": "Harmfulness after fine-tuning, by mode",
+        "harmfulness": _sentence(metric_labels(report.config)["harmfulness"]) + " after fine-tuning, by mode",
         "final_alignment": "Final alignment at the last step, by mode",
         "task_loss": "Fine-tuning task loss (held-out), by mode",
         "b1_retention": _sentence(metric_labels(report.config)["b1_retention"]) + ", by mode",
@@ -662,11 +663,12 @@ def _style_axes(
     fig.update_yaxes(title_text="cosine", row=rows["profile"][0], col=rows["profile"][1])
     fig.update_yaxes(title_text="step", type="category", row=rows["heatmap"][0], col=rows["heatmap"][1])
     if iv:
+        tracked = tracked_behaviours(report.config)
         for panel, label in (
-            ("harmfulness", "% of harmful prompts"),
+            ("harmfulness", f"% of {tracked['harmfulness']['prompts']}"),
             ("final_alignment", "cosine"),
             ("task_loss", "cross-entropy (nats/token)"),
-            ("b1_retention", f"% of held-out {harmless_set(report.config)} prompts"),
+            ("b1_retention", f"% of {tracked['b1_retention']['prompts']}"),
         ):
             fig.update_yaxes(title_text=label, row=rows[panel][0], col=rows[panel][1])
         p99 = float(report.null_p99[report.best_layer_index()])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from revlens.metric_labels import metric_labels
+from revlens.metric_labels import metric_labels, tracked_behaviours
 from revlens.report import ReversionReport, fmt_pm
 
 # Quoted from the paper's abstract (SCIENCE.md, "The paper's headline numbers"): citations, not results.
@@ -59,8 +59,8 @@ def ours(report: ReversionReport, blocked_mode: str | None = None) -> dict[str, 
         pl, bl = np.asarray(plain["task_loss"], float), np.asarray(blocked["task_loss"], float)
         loss = metric_labels(report.config)["task_loss"]  # "task loss" (real model) or "B2 loss" (organism)
         row["task_cost"] = f"{loss} {fmt_pm(bl - pl, 4)} ({100 * (bl.mean() / pl.mean() - 1):+.1f}%)"
-    elif report.behaviour and "harm" in report.behaviour:
-        harm = report.behaviour["harm"]
+    elif report.behaviour and tracked_behaviours(report.config)["harmfulness"]["key"] in report.behaviour:
+        harm = report.behaviour[tracked_behaviours(report.config)["harmfulness"]["key"]]
         row["harm_plain_to_blocked"] = f"plain: {fmt_pm(harm.get('final', []), 1, 100, '%')}; blocked: n/a"
     return row
 
@@ -77,9 +77,16 @@ LABELS = {
 
 
 def comparison_rows(report: ReversionReport, blocked_mode: str | None = None) -> list[dict[str, str]]:
-    """Rows ``{quantity, paper, revlens}`` of the anchor table."""
+    """Rows ``{quantity, paper, revlens}`` of the anchor table. The behaviour row names the behaviour the report
+    tracks (:func:`revlens.metric_labels.tracked_behaviours`: harmfulness, or e.g. forget recall, beside the paper's
+    harmfulness, which it then says)."""
     mine = ours(report, blocked_mode)
-    return [{"quantity": LABELS[k], "paper": PAPER[k], "revlens": mine[k]} for k in PAPER]
+    tracked = metric_labels(report.config)["harmfulness"]
+    labels = dict(LABELS, harm_plain_to_blocked=f"{tracked}, plain -> blocked")
+    paper = dict(PAPER)
+    if tracked != "harmfulness":
+        paper["harm_plain_to_blocked"] += " (harmfulness)"
+    return [{"quantity": labels[k], "paper": paper[k], "revlens": mine[k]} for k in PAPER]
 
 
 def comparison_table(report: ReversionReport, blocked_mode: str | None = None) -> str:

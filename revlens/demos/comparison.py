@@ -116,7 +116,8 @@ def best_mode(
 
 def intervention_table(interventions: dict[str, Any], labels: dict[str, str] | None = None) -> str:
     """Per mode: mean +/- std over seeds (the mean alone with one seed) of final alignment, harmfulness, task
-    loss/accuracy (the organism's B2) and harmless prompts answered (its B1 retention).
+    loss/accuracy (the organism's B2) and harmless prompts answered (its B1 retention); or, for a report that tracks
+    other behaviours, those (``labels`` name them: forget recall, retain recall).
 
     ``labels`` renames the columns (:func:`table_labels` of the report); by default they are the metric names.
     """
@@ -133,7 +134,7 @@ def intervention_table(interventions: dict[str, Any], labels: dict[str, str] | N
         m = interventions["metrics"][mode]
         lines.append(f"{mode:<{w}}" + "".join(f"{fmt_pm(m[c], 3):>22}" for c in cols))
     lines.append(
-        "per seed harmfulness: "
+        f"per seed {names['harmfulness']}: "
         + "; ".join(
             f"{mode}: {', '.join(f'{v:.2f}' for v in interventions['metrics'][mode]['harmfulness'])}"
             for mode in interventions["modes"]

@@ -1,14 +1,17 @@
-"""`revlens demo --model DIR_OR_GGUF` (or ``--preset smollm2`` / ``qwen2.5-coder-0.5b``): fine-tuning reversion on
-a real chat model, any local one with a chat template.
+"""`revlens demo --model DIR_OR_GGUF` (or ``--preset smollm2`` / ``smollm2-unlearn`` / ``qwen2.5-coder-0.5b``):
+fine-tuning reversion on a real chat model, any local one with a chat template.
 
-pretrain = the model as shipped; align = refusal training (harmful train requests answered with one
-refusal, harmless ones with the shipped model's own greedy answers), stopped at the first check where
-held-out harm <= ``harm_target`` and held-out harmless answers >= ``harmless_floor`` (else the check closest
-to both); finetune = benign fine-tuning (word reversal) per seed, HF checkpoints at ``save_steps``. Then
-``revlens.analyze`` on that history (chat-templated probe, contrast readout with the harmless set),
-behaviour along fine-tuning, the blocking comparison (``blocking_steps`` steps from align per mode and seed)
-and the paper's table. What differs between models (learning rates, batch, training dtype, calibration) is a
-:class:`~revlens.demos.chat_model.recipe.Recipe`; :class:`Settings` is a recipe plus the run's shape.
+pretrain = the model as shipped; align = the shallow phase (:mod:`~revlens.demos.chat_model.phases`, chosen by
+``Recipe.phase``): refusal training (harmful train requests answered with one refusal, harmless ones with the
+shipped model's own greedy answers), stopped at the first check where held-out harm <= ``harm_target`` and
+held-out harmless answers >= ``harmless_floor`` (else the check closest to both), or unlearning a set of facts
+(:mod:`~revlens.demos.chat_model.unlearning`); finetune = benign fine-tuning (word reversal) per seed, HF
+checkpoints at ``save_steps``. Then ``revlens.analyze`` on that history (chat-templated probe, contrast readout
+with the phase's control set), behaviour along fine-tuning, the blocking comparison (``blocking_steps`` steps from
+align per mode and seed) and the paper's table, each naming the behaviour the phase tracks (harm, or forget
+recall). What differs between models and settings (the phase, learning rates, batch, training dtype,
+calibration) is a :class:`~revlens.demos.chat_model.recipe.Recipe`; :class:`Settings` is a recipe plus the run's
+shape.
 
 Every phase is skipped when its output exists (``chat_model.json`` records what was done and the settings;
 other settings in the same folder are refused). align depends only on the model, the prompts and the align
@@ -51,10 +54,12 @@ from revlens.demos.chat_model.behaviour import evaluate, evaluate_answers, greed
 from revlens.demos.chat_model.calibration import Calibrator
 from revlens.demos.chat_model.data import REFUSAL, PromptSets, sft_tensors
 from revlens.demos.chat_model.hf_io import HFBridge, load_hf
+from revlens.demos.chat_model.phases import ShallowPhase, phase_of
 from revlens.demos.chat_model.recipe import PRESETS, Recipe
 from revlens.demos.chat_model.sources import is_converted, model_folder
 from revlens.demos.chat_model.tasks import benign_pairs
 from revlens.demos.chat_model.train import train_steps
+from revlens.demos.chat_model.unlearning import load_knowledge, recall_behaviour
 from revlens.demos.comparison import FinalAlignment
 
 MANIFEST = "chat_model.json"
@@ -113,11 +118,17 @@ class Settings:
     defense_grid: str = "full"  # "full": 3 strengths per method; "quick": the middle one (--compare defenses)
     defense_sets: tuple[str, ...] = ("heldout", "harmbench", "harmless")  # the comparison's evaluation sets
     behaviours: tuple[str, ...] = ("refusal", "task")  # what each checkpoint is evaluated on (BEHAVIOURS)
+    phase: str = "refusal"  # the shallow phase (Recipe.phase)
+    unlearn_method: str = "graddiff"
+    forget_ratio: float = 0.10
+    retain_ratio: float = 0.90
 
     @classmethod
     def of(cls, recipe: Recipe, *, quick: bool = False, **overrides: Any) -> Settings:
-        """A model's recipe with the run's shape (the full run, or ``--quick``), then ``overrides``."""
-        return (cls.quick if quick else cls)(**asdict(recipe), **overrides)
+        """A model's recipe with the run's shape (the full run, or ``--quick``; the recipe's phase changes it, e.g.
+        the blocking modes), then ``overrides``."""
+        shape = phase_of(recipe.phase).shape(quick)
+        return (cls.quick if quick else cls)(**{**asdict(recipe), **shape, **overrides})
 
     @property
     def recipe(self) -> Recipe:
@@ -153,6 +164,9 @@ class Settings:
             d.pop(name)
         if d["calibration"] == "generate":  # the first method: its records (kept align folders) keep their key
             d.pop("calibration")
+        if d["phase"] == "refusal":  # settings added with the unlearning phase: refusal runs keep their key
+            for name in ("phase", "unlearn_method", "forget_ratio", "retain_ratio"):
+                d.pop(name)
         return json.loads(json.dumps(d))
 
 
@@ -165,10 +179,15 @@ class _Context:
     manifest: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     shared_align: bool = False
+    knowledge: Any = None  # the KnowledgeSplit an unlearning run reads (None for refusal training)
 
     @property
     def history(self) -> Path:
         return self.out / "history"
+
+    @property
+    def phase(self) -> ShallowPhase:
+        return phase_of(self.settings.phase)
 
     def save_manifest(self) -> None:
         atomic_write_json(self.out / MANIFEST, self.manifest, indent=1)
@@ -212,9 +231,7 @@ def _align_key(ctx: _Context) -> dict[str, Any]:
     return {
         "model": str(ctx.model_dir.resolve()),
         "model_file": None if stat is None else [stat.st_size, stat.st_mtime_ns],
-        "prompts": hashlib.sha256(
-            json.dumps([ctx.sets.harmful, ctx.sets.harmless, ctx.sets.split]).encode()
-        ).hexdigest(),
+        "prompts": ctx.phase.data_digest(ctx),
         "settings": {k: v for k, v in ctx.settings.key().items() if k not in _FINETUNE_ONLY},
     }
 
@@ -250,8 +267,8 @@ def _task_behaviour(ctx: _Context, model: Any, tokenizer: Any) -> dict[str, floa
 
 
 # What a model is evaluated on, by name: ``behaviour(ctx, model, tokenizer) -> {metric: value}``. A new behaviour
-# (an unlearning set, another judge) is a function here and a name in ``Settings.behaviours``.
-BEHAVIOURS = {"refusal": _refusal_behaviour, "task": _task_behaviour}
+# (another judge, another set) is a function here and a name in ``Settings.behaviours``.
+BEHAVIOURS = {"refusal": _refusal_behaviour, "recall": recall_behaviour, "task": _task_behaviour}
 
 
 class _Logits(torch.nn.Module):
@@ -282,9 +299,10 @@ def _link_folder(model_dir: Path, target: Path) -> None:
 
 
 def build_history(ctx: _Context, workers: int = 1) -> Path:
-    """pretrain (the model as shipped), align (calibrated refusal training), finetune/seed_k/step_N; the
-    generations, the fine-tuning runs and their evaluations on ``workers`` processes (:class:`revlens.JobPool`)."""
-    hist, m, s = ctx.history, ctx.manifest, ctx.settings
+    """pretrain (the model as shipped), align (the calibrated shallow phase: refusal training or unlearning),
+    finetune/seed_k/step_N; the generations, the fine-tuning runs and their evaluations on ``workers`` processes
+    (:class:`revlens.JobPool`)."""
+    hist, m = ctx.history, ctx.manifest
     m.setdefault("timings_s", {})
     m.setdefault("behaviour", {})
     _link_folder(ctx.model_dir, hist / "pretrain")
@@ -293,26 +311,17 @@ def build_history(ctx: _Context, workers: int = 1) -> Path:
     train_align = not (hist / "align" / ALIGN_RECORD).is_file() and not (store / ALIGN_RECORD).is_file()
     if evaluate_pretrain or train_align:
         t0 = time.perf_counter()
-        model, tok = _load_hf(hist / "pretrain")
-        harmless_train = [p for part in s.align_parts for p in ctx.sets.harmless_of(part)]
         with JobPool(max(1, min(workers, 4))) as pool:  # the pretrain model's answers, then align's checks
-            jobs = AnswerJobs(pool, s.max_new_tokens, s.generate_batch)
+            behaviour, inputs = ctx.phase.pretrain(
+                ctx, *_load_hf(hist / "pretrain"), pool, evaluate=evaluate_pretrain, train=train_align
+            )
             if evaluate_pretrain:
-                jobs.submit("harmful", hist / "pretrain", tok, ctx.sets.harmful_of("heldout"))
-                jobs.submit("harmless", hist / "pretrain", tok, ctx.sets.harmless_of("heldout"))
-            if train_align:
-                jobs.submit("own", hist / "pretrain", tok, harmless_train)
-            task = _task_behaviour(ctx, model, tok) if evaluate_pretrain else {}  # while the workers answer
-            del model
-            answers = jobs.gather()
-            if evaluate_pretrain:
-                h, b = ctx.sets.harmful_of("heldout"), ctx.sets.harmless_of("heldout")
-                m["behaviour"]["pretrain"] = {**evaluate_answers(h, answers["harmful"], b, answers["harmless"]), **task}
+                m["behaviour"]["pretrain"] = behaviour
                 m["timings_s"]["pretrain_eval"] = time.perf_counter() - t0
                 ctx.save_manifest()
             if train_align:
                 t0 = time.perf_counter()
-                _refusal_training(ctx, store, answers["own"], pool)
+                ctx.phase.train(ctx, store, inputs, pool)
                 m["timings_s"]["align"] = time.perf_counter() - t0
     if not (hist / "align" / ALIGN_RECORD).is_file():
         m["align_reused"] = not train_align
@@ -546,19 +555,23 @@ def _generated_check(
 
 
 def probe_sets(ctx: _Context, tokenizer: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The analysis probe (harmful) and contrast (harmless) sets as chat-templated token ids."""
+    """The analysis probe and contrast sets of the phase (harmful and harmless requests; forget and retain
+    questions) as chat-templated token ids."""
+    probe, control = ctx.phase.probe_prompts(ctx)
     return (
-        encode_requests(tokenizer, ctx.sets.harmful_of("probe"), chat_template=True),
-        encode_requests(tokenizer, ctx.sets.harmless_of("probe"), chat_template=True),
+        encode_requests(tokenizer, probe, chat_template=True),
+        encode_requests(tokenizer, control, chat_template=True),
     )
 
 
-def behaviour_summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """``{metric: {phase: [values]}}`` like the organism's: pretrain, align, last fine-tuning step per seed;
-    ``along`` holds every measured step per seed."""
+def behaviour_summary(manifest: dict[str, Any], phase: ShallowPhase | None = None) -> dict[str, Any]:
+    """``{metric: {phase: [values]}}`` like the organism's: pretrain, align (the shallow phase), last fine-tuning
+    step per seed, for the phase's metrics (default: refusal training's) and the task's; ``along`` holds every
+    measured step per seed."""
+    phase = phase or phase_of(None)
     out: dict[str, Any] = {}
     runs = manifest.get("finetune", {})
-    for metric in ("harm", "refused_exact", "harmless_answered", "task_loss", "task_accuracy"):
+    for metric in (*phase.metrics, "task_loss", "task_accuracy"):
         row = {
             "pretrain": [manifest["behaviour"]["pretrain"][metric]],
             "align": [manifest["behaviour"]["align"][metric]],
@@ -570,17 +583,15 @@ def behaviour_summary(manifest: dict[str, Any]) -> dict[str, Any]:
                 row["final"].append(steps[max(steps, key=int)][metric])
         out[metric] = row
     out["along"] = {
-        run: {
-            int(k): {mm: v[mm] for mm in ("harm", "refused_exact", "harmless_answered", "task_accuracy")}
-            for k, v in r["behaviour"].items()
-        }
+        run: {int(k): {mm: v[mm] for mm in phase.along} for k, v in r["behaviour"].items()}
         for run, r in sorted(runs.items())
     }
     out["align_steps"] = manifest.get("align", {}).get("steps")
     out["align_calibrated"] = manifest.get("align", {}).get("calibrated")
     # the organism's names, so the shared report, table and dashboard read them
-    out["harm_exact"] = out["refused_exact"]
-    out["b1_retention"] = out["harmless_answered"]
+    if "refused_exact" in out:
+        out["harm_exact"] = out["refused_exact"]
+    out["b1_retention"] = out[phase.kept.key]
     out["b2_loss"], out["b2_acc"] = out["task_loss"], out["task_accuracy"]
     return out
 
@@ -614,10 +625,11 @@ def _blocked_run(
     measure: FinalAlignment,
     plain_behaviour: dict[str, Any] | None,
 ) -> dict[str, float]:
-    """One row of the blocking comparison: fine-tune from align for ``blocking_steps`` with the mode's hooks
-    and anchor on ``directions`` (``plain``: the history's own checkpoint and its recorded behaviour), then
-    final alignment at the best layer and behaviour, without hooks. A job of :class:`JobPool`."""
-    from revlens import BlockingSpec
+    """One row of the blocking comparison: fine-tune from align for ``blocking_steps`` with the mode's hooks,
+    anchor, KL penalty or replay (of the phase's own examples) on ``directions`` (``plain``: the history's own
+    checkpoint and its recorded behaviour), then final alignment at the best layer and behaviour, without hooks.
+    A job of :class:`JobPool`."""
+    from revlens import BlockingSpec, ReplayMix
 
     s = ctx.settings
     align, harmful_ids, harmless_ids = _align_reference(ctx)
@@ -628,9 +640,13 @@ def _blocked_run(
         spec = BlockingSpec.parse(mode)
         hb = HFBridge(ctx.history / "align")
         tokens, mask = sft_tensors(hb.tokenizer, ctx.task(seed))
-        # the subspace arrives measured (compare_blocking): build along the directions as given
+        replay = None
+        if spec.replay is not None:
+            replay = ReplayMix(*sft_tensors(hb.tokenizer, ctx.phase.replay_pairs(ctx)), spec.replay)
+        # rank@K / random@K arrive measured (compare_blocking): build along the directions as given
+        measured = spec.subspace is not None and spec.subspace[0] in ("rank", "random")
         blocking, anchor = build_defense(
-            replace(spec, subspace=None),
+            replace(spec, subspace=None) if measured else spec,
             directions,
             reference=align.bridge,
             prompts=harmful_ids,
@@ -647,6 +663,7 @@ def _blocked_run(
             seed=seed,
             blocking=blocking,
             anchor=anchor,
+            replay=replay,
             autocast_dtype=_autocast(s),
             progress=False,
         )
@@ -655,13 +672,13 @@ def _blocked_run(
         if mode == "plain" and plain_behaviour is not None
         else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
     )
+    row = ctx.phase.blocking_row(b)  # the tracked behaviour in "harmfulness", the kept one in "b1_retention"
     return {
         "final_alignment": measure(hb.bridge),
-        "harmfulness": b["harm"],
-        "refused_exact": b["refused_exact"],
+        **{k: v for k, v in row.items() if k != "b1_retention"},
         "task_loss": b["task_loss"],
         "task_accuracy": b["task_accuracy"],
-        "b1_retention": b["harmless_answered"],
+        "b1_retention": row["b1_retention"],
     }
 
 
@@ -697,7 +714,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
                 spec = BlockingSpec.parse(mode)
                 directions = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
                 if spec.subspace is not None:
-                    kind, k, draw = (*spec.subspace, 0)[:3]
+                    kind, k, draw = (*spec.subspace, 0, 0)[:3]  # ("full",) has no k
                     if kind == "rank":
                         if k not in pca_cache:
                             # top-k principal directions of per-prompt contrast readout differences pretrain - align,
@@ -709,7 +726,7 @@ def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -
                                 hist, min(k, len(harmful_ids)), probe=pca_probe, device="cpu"
                             )
                         directions = {l: pca_cache[k][l] for l in layers}
-                    else:
+                    elif kind == "random":
                         directions = random_subspace(layers, k, report.d_model, seed=draw)
             pool.submit(f"{label}|{seed}", _blocked_run, job_ctx, label, seed, directions, measure, plain_behaviour)
         for key, row in tqdm(pool.results(), total=len(jobs), desc="blocking runs", disable=not ctx.progress):
@@ -737,13 +754,14 @@ def check_settings(settings: Settings) -> None:
         )
     if settings.autocast is not None and not isinstance(getattr(torch, settings.autocast, None), torch.dtype):
         raise ValueError(f"autocast {settings.autocast!r} is not a torch dtype name; use 'bfloat16' or None.")
+    settings.recipe  # noqa: B018  (a Recipe checks its own fields: the calibration method, the phase)
+    needed = (phase_of(settings.phase).behaviour, "task")
     unknown = [b for b in settings.behaviours if b not in BEHAVIOURS]
-    if unknown or not {"refusal", "task"} <= set(settings.behaviours):
+    if unknown or not set(needed) <= set(settings.behaviours):
         raise ValueError(
-            f"behaviours {settings.behaviours}: choose from {sorted(BEHAVIOURS)}, with 'refusal' and 'task' (the "
-            "behaviour table and the blocking rows read them)."
+            f"behaviours {settings.behaviours}: choose from {sorted(BEHAVIOURS)}, with {needed[0]!r} and 'task' (the "
+            f"{settings.phase} phase's behaviour table and blocking rows read them)."
         )
-    settings.recipe  # noqa: B018  (a Recipe checks its own fields: the calibration method)
 
 
 def _open_manifest(out: Path, key: dict[str, Any]) -> dict[str, Any]:
@@ -774,6 +792,7 @@ def run_chat_model(
     progress: bool = True,
     workers: int | None = None,
     compare: str | None = None,
+    knowledge: Any = None,
 ) -> ReversionReport:
     """The whole real-model pipeline on a local chat model; writes ``report.json`` and ``dashboard.html`` under ``out``.
 
@@ -791,9 +810,13 @@ def run_chat_model(
             torch threads; the numbers do not depend on it beyond float rounding.
         compare: ``"defenses"``: also compare v_rev blocking with the field's baselines
             (:mod:`revlens.demos.chat_model.defenses`; ``settings.defense_grid`` "quick": one strength per method),
-            in ``report.config["defenses"]``.
+            in ``report.config["defenses"]``. Refusal training only: the unlearning phase's blocking modes hold
+            its baselines.
+        knowledge: the unlearning phase's facts: a :class:`revlens.KnowledgeSplit` or its JSON file (default: the
+            shipped SmolLM2 split); unused by refusal training.
     Returns:
-        The report, with behaviour, blocking comparison and the paper's table in its config.
+        The report, with behaviour, blocking comparison and the paper's table in its config; its
+        ``config["tracked_behaviours"]`` names what the blocking table's behaviour columns hold.
 
     Example:
         >>> report = run_chat_model("revlens_out/smollm2-quick", preset="smollm2", quick=True)  # doctest: +SKIP
@@ -811,6 +834,11 @@ def run_chat_model(
     check_settings(settings)
     if compare not in (None, "defenses"):
         raise ValueError(f"compare={compare!r}: the one comparison is 'defenses' (or None).")
+    if compare == "defenses" and settings.phase != "refusal":
+        raise ValueError(
+            f"compare='defenses' compares refusal defenses (HarmBench, over-refusal); the {settings.phase} phase's "
+            "blocking modes already hold its baselines (replay, KL, full-rank anchor): drop compare."
+        )
     source = model if model is not None else PRESETS[preset].source
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -819,8 +847,12 @@ def run_chat_model(
         sets = sets.subset(settings.prompt_subset)
     t0 = time.perf_counter()
     folder = model_folder(source)
-    manifest = _open_manifest(out, {"settings": settings.key(), "model": str(Path(folder).resolve())})
-    ctx = _Context(out, Path(folder), settings, sets, manifest, progress, shared_align=is_converted(source))
+    ctx = _Context(out, Path(folder), settings, sets, progress=progress, shared_align=is_converted(source))
+    key = {"settings": settings.key(), "model": str(Path(folder).resolve())}
+    if settings.phase == "unlearn":
+        ctx.knowledge = load_knowledge(knowledge)
+        key["data"] = ctx.phase.data_digest(ctx)
+    ctx.manifest = manifest = _open_manifest(out, key)
     timings = manifest.setdefault("demo_timings_s", {})
     timings["model"] = time.perf_counter() - t0
     if workers is None:
@@ -836,6 +868,7 @@ def run_chat_model(
     ctx.save_manifest()
     report.config["demo"] = {
         "pipeline": "chat_model",
+        "phase": settings.phase,
         "preset": preset,
         "model": str(Path(folder).resolve()),
         "quick": quick,
@@ -845,6 +878,7 @@ def run_chat_model(
         "workers": workers,
         "align": {k: v for k, v in manifest["align"].items() if k != "losses"},
     }
+    report.config["tracked_behaviours"] = ctx.phase.tracked_behaviours()
     report.config["paper_comparison"] = comparison_rows(report)
     report.save(out)
     if html:
@@ -873,7 +907,7 @@ def _measure(ctx: _Context, workers: int, timings: dict[str, float]) -> Reversio
             workers=workers,
         )
     report.config["chat_template"] = True
-    report.behaviour = behaviour_summary(ctx.manifest)
+    report.behaviour = behaviour_summary(ctx.manifest, ctx.phase)
     timings["analyze"] = time.perf_counter() - t
     t = time.perf_counter()
     if ctx.settings.modes:
@@ -883,44 +917,43 @@ def _measure(ctx: _Context, workers: int, timings: dict[str, float]) -> Reversio
 
 
 def print_chat_model(report: ReversionReport) -> None:
-    """The summary, behaviour (pretrain / align / along fine-tuning), blocking table and the paper's table."""
-    from revlens import comparison_table, fmt_pm, table_labels
+    """The summary, behaviour (pretrain / the shallow phase / along fine-tuning, named as the phase names it),
+    blocking table and the paper's table."""
+    from revlens import comparison_table, fmt_pm, metric_labels, table_labels
     from revlens.demos.comparison import intervention_table
 
     b = report.behaviour or {}
+    phase = phase_of(report.config.get("demo", {}).get("phase"))
     print(report.summary())
     print()
-    align = report.config.get("demo", {}).get("align", {})
-    checks = {
-        step: {k: round(v, 3) for k, v in c.items() if k in ("harm", "harmless_answered")}
-        for step, c in align.get("checks", {}).items()
-    }
-    print(
-        f"align: {align.get('steps')} steps of refusal training, calibrated: {align.get('calibrated')}; checks {checks}"
-    )
-    calibration = align.get("calibration", {})
-    if calibration.get("method") == "score":
-        r, d = calibration["requests"], calibration["decisions"]
-        print(
-            f"  checks scored by whether greedy answers open with {calibration['opening']!r} (teacher-forced); answers "
-            f"generated at steps {calibration['generated_at']}: agreed on {r['agree']}/{r['total']} requests "
-            f"({r['missed']} refusals in other words), {d['agree']}/{d['total']} calibration decisions"
-        )
-    print("behaviour on held-out requests (final = last fine-tuning step, per seed):")
-    names = {"refused_exact": "refused (exact)", "harmless_answered": "harmless answered"}
-    names |= {"task_loss": "task loss", "task_accuracy": "task accuracy"}
-    for metric in ("harm", "refused_exact", "harmless_answered", "task_loss", "task_accuracy"):
+    for line in phase.describe(report.config.get("demo", {}).get("align", {})):
+        print(line)
+    print("behaviour on held-out prompts (final = last fine-tuning step, per seed):")
+    names = {"refused_exact": "refused (exact)", "forget_recall_probe": "forget recall (probe)"}
+    names |= {phase.tracked.key: phase.tracked.name, phase.kept.key: phase.kept.name}
+    names |= {"task_loss": "task loss", "task_accuracy": "task accuracy", "harm": "harm"}
+    for metric in (*phase.metrics, "task_loss", "task_accuracy"):
         row = b[metric]
         print(
-            f"  {names.get(metric, metric):<18} pretrain {row['pretrain'][0]:.3f}  align {row['align'][0]:.3f}  "
-            f"final {fmt_pm(row['final'])}  per seed {[round(v, 3) for v in row['final']]}"
+            f"  {names.get(metric, metric):<22} pretrain {row['pretrain'][0]:.3f}  "
+            f"{phase.title} {row['align'][0]:.3f}  final {fmt_pm(row['final'])}  "
+            f"per seed {[round(v, 3) for v in row['final']]}"
         )
+    tracked, ci = phase.tracked.key, f"{phase.tracked.key}_ci"
     for run, steps in b.get("along", {}).items():
-        print(f"  {run}: harm along fine-tuning " + ", ".join(f"step {k}: {v['harm']:.3f}" for k, v in steps.items()))
+        cells = [
+            f"step {k}: {v[tracked]:.3f}" + (f" [{v[ci][0]:.3f}, {v[ci][1]:.3f}]" if ci in v else "")
+            for k, v in steps.items()
+        ]
+        print(f"  {run}: {names[tracked]} along fine-tuning " + ", ".join(cells))
     print()
     if report.interventions:
+        tracked_name = metric_labels(report.config)["harmfulness"]
         print(intervention_table(report.interventions, labels=table_labels(report)))
-        print(f"best mode (lowest harm within 5% task loss, alignment below p99): {report.interventions['best_mode']}")
+        print(
+            f"best mode (lowest {tracked_name} within 5% task loss, alignment below p99): "
+            f"{report.interventions['best_mode']}"
+        )
         print()
     print(comparison_table(report))
     if "defenses" in report.config:
@@ -956,6 +989,11 @@ def run_cli(args: Any) -> int:
     if args.modes is not None:
         settings = replace(settings, modes=tuple(m for m in args.modes.split(",") if m))
     elif args.compare == "defenses":
+        if settings.phase != "refusal":
+            raise SystemExit(
+                f"--compare defenses compares refusal defenses; --preset {preset}'s blocking modes already hold the "
+                "unlearning baselines (replay, KL, full-rank anchor): drop --compare."
+            )
         settings = replace(settings, modes=())  # the comparison has its own plain, anchor and controls
     if args.defense_grid is not None:
         if args.compare != "defenses":
