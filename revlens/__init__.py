@@ -85,7 +85,13 @@ from revlens.report import ReversionReport, fmt_pm
 from revlens.reversion_directions import ReversionDirections
 from revlens.selection import selection_test
 from revlens.stats import Rate, mcnemar_exact, wilson_interval
-from revlens.subspace import random_subspace, readout_pca, refusal_direction, reversion_subspace
+from revlens.subspace import (
+    random_subspace,
+    readout_pca,
+    refusal_direction,
+    reversion_subspace,
+    subspace_directions,
+)
 from revlens.unlearning import UnlearnResult, gradient_difference_loss, npo_loss, unlearn
 from revlens.weight_projection import safe_lora_project
 from revlens.wordtok import word_tokenizer
@@ -120,6 +126,7 @@ __all__ = [
     "Defense",
     "reversion_subspace",
     "random_subspace",
+    "subspace_directions",
     # defenses: the field's baselines beside v_rev blocking
     "train_defense",
     "defense_grid",

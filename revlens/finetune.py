@@ -195,6 +195,11 @@ class NonFiniteLossError(ValueError):
 
 @dataclass
 class FinetuneResult:
+    """What :func:`finetune` did: per step run, the task loss (``losses``) and learning rate (``lrs``); the
+    checkpoint folders written (``checkpoints``, step -> folder); the monitor's per-layer alignment at the steps
+    it read (``monitor``); the step a resumed run started from (``resumed_from``, 0 when fresh); and the
+    settings recorded beside the run (``settings``, what a resume is checked against)."""
+
     losses: dict[int, float] = field(default_factory=dict)
     checkpoints: dict[int, Path] = field(default_factory=dict)
     monitor: dict[int, list[float]] = field(default_factory=dict)

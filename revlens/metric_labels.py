@@ -1,7 +1,7 @@
 """What tables and figures call each fine-tuning metric: a real model's plain words, or the organism's own names.
 
 The model organism measures its fine-tuning task as "B2" and the harmless requests it should keep answering as
-"B1"; a real model (the SmolLM2 demo) has a task loss and harmless prompts answered. Reports say which they hold
+"B1"; a real model (the chat-model pipeline) has a task loss and harmless prompts answered. Reports say which they hold
 in ``config["demo"]["preset"]``.
 
 The blocking table's two behaviour columns keep the organism's keys (``harmfulness``: what fine-tuning brings

@@ -156,6 +156,7 @@ MODEL_SOURCES: dict[str, ModelSource] = {
         folder=str(MODELS_DIR / "qwen2.5-coder-0.5b-instruct"),
     ),
 }
+"""The offline sources by name: what :func:`ensure_model` (and ``revlens demo --preset NAME``) accept as a name."""
 
 
 def find_parts(source: ModelSource) -> list[Path]:

@@ -118,6 +118,17 @@ def subspace_directions(
     rank >= k, else from ``history`` measured with ``probe``; ``("full",)`` is every dimension (the identity);
     ``("refusal",)`` is :func:`refusal_direction` and ``("harmpca", k)`` :func:`readout_pca`, both measured
     on ``reference`` (the aligned model) with ``prompts`` (harmful) and ``control`` (harmless) token ids.
+    :func:`revlens.build_defense` calls it; a pipeline that measures a subspace once for many runs calls it too.
+
+    Example:
+        >>> v_rev = report.directions()
+        >>> subspace_directions(None, v_rev)[0].shape  # no subspace: the directions themselves
+        torch.Size([1, 16])
+        >>> subspace_directions(("random", 3, 1), v_rev)[1].shape  # random@3@1 at the directions' layers
+        torch.Size([3, 16])
+        >>> basis = subspace_directions(("rank", 2), v_rev, history=ckpts, probe=v_rev.probe(prompts, per_example=True))
+        >>> basis[0].shape, round(float(basis[0][0] @ v_rev.bases[0][0]), 3)  # rank@2, measured on the history
+        (torch.Size([2, 16]), 1.0)
     """
     bases = directions.bases if _is_directions(directions) else directions
     if subspace is None:

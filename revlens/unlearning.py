@@ -12,7 +12,7 @@ Two standard methods, each a forget term plus a retain term (the mean next-token
 :func:`unlearn` runs either from a model, reads the recall of a forget and a retain
 :class:`revlens.behaviour.Behaviour` at regular checks, and stops at the first check where forget recall is at
 most ``forget_ratio`` of its value before unlearning and retain recall at least ``retain_ratio`` of its own (the
-calibration the SmolLM2 demo uses for alignment); when no check meets both it keeps the closest one.
+calibration the chat-model pipeline uses for alignment); when no check meets both it keeps the closest one.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ def history(tiny_model, tmp_path):
     )
 
 
+@pytest.mark.slow  # 7 s; JobPool's workers against one process: tests/test_jobpool.py
 def test_workers_measure_into_the_cache_and_give_the_one_process_report(history, tmp_path, monkeypatch):
     monkeypatch.setattr(revlens.jobpool, "threads_per_worker", lambda workers, cores=None: 1)
     one, _ = quiet_analyze(str(history), PROMPTS, cache_dir=tmp_path / "c1")

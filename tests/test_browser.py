@@ -125,7 +125,7 @@ def _ink(pixels, box, background) -> float:
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("blocking", [True, False])
+@pytest.mark.parametrize("blocking", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_deep_dashboard_screenshot_has_every_panel_drawn_and_no_blank_space(tmp_path, blocking):
     np = pytest.importorskip("numpy")
     image = pytest.importorskip("PIL.Image")

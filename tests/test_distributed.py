@@ -40,6 +40,7 @@ def torchrun(nproc: int, *args: str, timeout: float = 300, check: bool = True) -
     return proc
 
 
+@pytest.mark.slow  # 10 s; torchrun itself is exercised in make test by the blocked fine-tuning below
 def test_two_rank_analyze_matches_one_process_and_measures_each_checkpoint_once(tiny_model, tmp_path):
     d = tiny_model.cfg.d_model
     hist = tmp_path / "hist"

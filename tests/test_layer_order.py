@@ -4,6 +4,7 @@ only modules of lower rows. The demos (revlens.demos) and the command line sit a
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,50 @@ def test_core_module_imports_only_lower_rows(name):
     )
     upward = sorted(m for m in _imported(MODULES[name], set(MODULES)) - {name} if ROW.get(m, len(ROWS)) >= ROW[name])
     assert upward == [], f"revlens.{name or '__init__'} (row {ROW[name]}) imports {upward}, which are not below it"
+
+
+CONTRIBUTING = (PACKAGE.parent / "CONTRIBUTING.md").read_text()
+
+
+def _diagram_rows() -> list[set[str]]:
+    """CONTRIBUTING.md's layer diagram, row 0 first: each ``row N`` line and its continuation lines, without the
+    parenthesised notes; ``__init__`` is the package's own (``""`` here)."""
+    block = CONTRIBUTING.split("## Layers: what may import what", 1)[1].split("```", 2)[1]
+    rows: dict[int, set[str]] = {}
+    current = None
+    for line in block.splitlines():
+        head = re.match(r"\s*row (\d+)\s", line)
+        if head:
+            current = int(head.group(1))
+            line = line[head.end() :]
+        elif current is None or not line.startswith(" " * 8):
+            continue
+        names = re.sub(r"\([^)]*\)", " ", line).split()
+        rows.setdefault(current, set()).update("" if n == "__init__" else n for n in names)
+    return [rows[i] for i in sorted(rows)]
+
+
+def test_the_diagram_in_contributing_is_rows():
+    assert _diagram_rows() == ROWS
+
+
+def _layout_paths() -> set[str]:
+    """The files and folders CONTRIBUTING.md's layout tree names, relative to revlens/."""
+    block = CONTRIBUTING.split("## Layout: one line per module", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    stack: list[str] = []
+    paths = set()
+    for line in block.splitlines()[2:]:  # after "revlens/"
+        entry = re.match(r"((?:[│ ] {3})*)[├└]── (\S+)", line)
+        assert entry, f"not a tree line: {line!r}"
+        depth = len(entry.group(1)) // 4
+        stack[depth:] = [entry.group(2).rstrip("/")]
+        paths.add("/".join(stack))
+    return paths
+
+
+def test_the_layout_in_contributing_names_every_module():
+    modules = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")}
+    folders = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    paths = _layout_paths()
+    assert sorted(modules - paths) == [], "modules missing from CONTRIBUTING.md's layout: add a line with its role"
+    assert sorted(paths - modules - folders) == [], "CONTRIBUTING.md's layout names files that do not exist"

@@ -37,7 +37,13 @@ def test_notebooks_are_stored_without_outputs():
         assert all(not c.get("outputs") and not c.get("execution_count") for c in code), path
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# The quick start runs in `make test`; the two longer notebooks (25 s together) in `make test-all`.
+MICRO_RUNS = [
+    pytest.param(p, id=p.stem, marks=() if p.stem == "01_quickstart" else pytest.mark.slow) for p in NOTEBOOKS
+]
+
+
+@pytest.mark.parametrize("path", MICRO_RUNS)
 def test_notebook_executes_on_the_micro_history(path, micro_history, tmp_path, monkeypatch):
     monkeypatch.setenv("REVLENS_NOTEBOOK_HISTORY", str(micro_history))
     monkeypatch.setenv("REVLENS_CACHE", str(tmp_path / "cache"))

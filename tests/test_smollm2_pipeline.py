@@ -231,6 +231,7 @@ def test_cli_refuses_flags_the_smollm2_preset_does_not_use(capsys):
         main(["demo", "--preset", "smollm2", "--device", "cuda", "--block-layers", "1", "--workers", "2"])
 
 
+@pytest.mark.slow  # 30 s: the workers' arithmetic is tests/test_jobpool.py's; this is the pipeline through them
 def test_worker_processes_give_the_one_process_numbers(demo, tiny_chat_dir, tmp_path, monkeypatch):
     """The pretrain model's answers, align's generated checks (one job per generation batch), the fine-tuning
     runs, their evaluations and the blocked runs on 2 worker processes (one thread each, like this suite's

@@ -4,7 +4,8 @@
   chat world) and its demo, ``revlens demo --preset tiny``;
 - :mod:`revlens.demos.chat_model`: the real-model pipeline on any local chat model,
   ``revlens demo --model DIR_OR_GGUF`` or ``--preset smollm2`` / ``qwen2.5-coder-0.5b``;
-- :mod:`revlens.demos.comparison`: what both demos' blocking comparisons share (the best mode, the table);
+- :mod:`revlens.demos.comparison`: the one blocking comparison both demos run (the order of the runs, the best
+  mode, the table);
 - :mod:`revlens.demos.cli`: the ``revlens demo`` subcommand.
 
 They import ``revlens`` only through ``from revlens import NAME`` (names of ``revlens.__all__``) and each other

@@ -1,17 +1,28 @@
-"""What the demos' blocking comparisons share: how a blocked run's final alignment is read
-(:class:`FinalAlignment`), the mode that blocks v_rev at little cost, the relative cost of a blocked step, and the
-table of modes (the organism's metric names, or plain words for a real chat model)."""
+"""The demos' one blocking comparison (:func:`compare_blocking`) and what it is made of: how a blocked run's final
+alignment is read (:class:`FinalAlignment`), the order the runs go in, the mode that blocks v_rev at little cost,
+the relative cost of a blocked step, and the table of modes (the organism's metric names, or plain words for a real
+chat model). Each demo passes in what is its own: how a blocked run trains and what it measures."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from revlens import BlockingSpec, ReversionProbe, ReversionReport, alignment, drift, fmt_pm, roundoff_floor
+from revlens import (
+    BlockingSpec,
+    JobPool,
+    ReversionProbe,
+    ReversionReport,
+    alignment,
+    drift,
+    fmt_pm,
+    roundoff_floor,
+)
 
 TASK_LOSS_TOLERANCE = 0.05  # a blocking mode "costs little" if its task loss is within 5% of plain's
 
@@ -59,6 +70,69 @@ class FinalAlignment:
 
     def __call__(self, model: Any) -> float:
         return float(self.per_layer(model)[self.layer_index])
+
+
+Row = Mapping[str, float]
+# ``run(measure, mode, seed) -> row``: one blocked fine-tuning run of a demo and its row of the table.
+BlockedRun = Callable[[FinalAlignment, str, int], Row]
+
+
+def compare_blocking(
+    report: ReversionReport,
+    modes: Sequence[str],
+    seeds: Sequence[int],
+    measure: FinalAlignment,
+    run: BlockedRun,
+    *,
+    done: Mapping[tuple[str, int], Row] | None = None,
+    record: Callable[[tuple[str, int], Row], None] | None = None,
+    mode_of: Callable[[str], str] = lambda label: label,
+    workers: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune once per mode and seed with that mode's blocking, and tabulate the rows: the demos' one blocking
+    comparison.
+
+    The demo passes in what is its own. ``run(measure, mode, seed)`` trains one blocked run from the aligned model
+    and returns its row: ``final_alignment`` (``measure(model)``, evaluated without hooks), ``harmfulness``,
+    ``task_loss`` and the demo's other metrics. ``done`` holds rows that are not run again (the organism's plain
+    rows from its history, a resumed run's finished rows); ``record`` sees each new row as it arrives (a resumable
+    manifest). The runs go dearest first (:func:`costliest_first`, a label's mode being ``mode_of(label)``) on
+    ``workers`` processes with ``threads`` torch threads each (default: the cores shared out); ``run`` and
+    ``measure`` travel to each worker once, so both must pickle. The rows do not depend on ``workers``.
+
+    Returns:
+        :func:`blocking_summary` of the rows: ``{"modes", "seeds", "metrics", "best_mode"}``.
+    """
+    from tqdm.auto import tqdm
+
+    rows = dict(done or {})
+    jobs = costliest_first([(m, s) for m in modes for s in seeds if (m, s) not in rows], mode_of)
+    if workers > 1 and len(jobs) > 1:
+        pool = JobPool(min(workers, len(jobs)), threads=threads, initializer=_worker_init, initargs=(run, measure))
+        job: Callable[[str, int], Row] = _worker_run
+    else:
+        pool, job = JobPool(1), functools.partial(run, measure)
+    with pool:
+        for mode, seed in jobs:
+            pool.submit((mode, seed), job, mode, seed)
+        for key, row in tqdm(pool.results(), total=len(jobs), desc="blocking", unit="run", disable=not progress):
+            rows[key] = row
+            if record is not None:
+                record(key, row)
+    return blocking_summary(rows, modes, seeds, report)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(run: BlockedRun, measure: FinalAlignment) -> None:
+    _WORKER.update(run=run, measure=measure)
+
+
+def _worker_run(mode: str, seed: int) -> Row:
+    return _WORKER["run"](_WORKER["measure"], mode, seed)
 
 
 def costliest_first(jobs: Sequence[tuple[str, int]], mode_of: Any = lambda label: label) -> list[tuple[str, int]]:

@@ -1,4 +1,5 @@
-"""The real-model demo: reversion on SmolLM2-135M-Instruct (`revlens demo --preset smollm2`).
+"""The real-model pipeline: reversion on any local chat model (`revlens demo --model DIR_OR_GGUF`, or a preset:
+``--preset smollm2`` / ``qwen2.5-coder-0.5b``).
 
 A client of the public revlens API; core modules never import it.
 """

@@ -1,4 +1,4 @@
-"""The SmolLM2 demo's prompt sets, their fixed split, and chat-templated fine-tuning tensors.
+"""The chat-model pipeline's prompt sets, their fixed split, and chat-templated fine-tuning tensors.
 
 Requests become chat-templated tokens through core :func:`revlens.chat.encode_requests`.
 """

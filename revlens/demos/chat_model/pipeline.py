@@ -22,6 +22,7 @@ links ``history/align`` to it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -619,16 +620,16 @@ def _align_reference(ctx: _Context) -> tuple[HFBridge, list[torch.Tensor], list[
 
 def _blocked_run(
     ctx: _Context,
+    directions: dict[str, dict[int, torch.Tensor]],
+    plain_behaviour: dict[int, dict[str, Any] | None],
+    measure: FinalAlignment,
     label: str,
     seed: int,
-    directions: dict[int, torch.Tensor] | None,
-    measure: FinalAlignment,
-    plain_behaviour: dict[str, Any] | None,
 ) -> dict[str, float]:
     """One row of the blocking comparison: fine-tune from align for ``blocking_steps`` with the mode's hooks,
-    anchor, KL penalty or replay (of the phase's own examples) on ``directions`` (``plain``: the history's own
-    checkpoint and its recorded behaviour), then final alignment at the best layer and behaviour, without hooks.
-    A job of :class:`JobPool`."""
+    anchor, KL penalty or replay (of the phase's own examples) on ``directions[label]`` (``plain``: the history's
+    own checkpoint and its recorded behaviour), then final alignment at the best layer and behaviour, without
+    hooks. A :data:`~revlens.demos.comparison.BlockedRun` (``functools.partial`` over the first three arguments)."""
     from revlens import BlockingSpec, ReplayMix
 
     s = ctx.settings
@@ -643,11 +644,10 @@ def _blocked_run(
         replay = None
         if spec.replay is not None:
             replay = ReplayMix(*sft_tensors(hb.tokenizer, ctx.phase.replay_pairs(ctx)), spec.replay)
-        # rank@K / random@K arrive measured (compare_blocking): build along the directions as given
-        measured = spec.subspace is not None and spec.subspace[0] in ("rank", "random")
+        # the subspace arrives measured (blocking_directions): build along the directions as given
         blocking, anchor = build_defense(
-            replace(spec, subspace=None) if measured else spec,
-            directions,
+            replace(spec, subspace=None),
+            directions[label],
             reference=align.bridge,
             prompts=harmful_ids,
             control=harmless_ids,
@@ -668,8 +668,8 @@ def _blocked_run(
             progress=False,
         )
     b = (
-        plain_behaviour
-        if mode == "plain" and plain_behaviour is not None
+        plain_behaviour[seed]
+        if mode == "plain" and plain_behaviour.get(seed) is not None
         else _behaviour(ctx, hb.to_hf(), hb.tokenizer)
     )
     row = ctx.phase.blocking_row(b)  # the tracked behaviour in "harmfulness", the kept one in "b1_retention"
@@ -682,60 +682,79 @@ def _blocked_run(
     }
 
 
-def compare_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -> dict[str, Any]:
-    """Fine-tune from align once per mode and seed (plain: the history's own runs, reused), behaviour and
-    final alignment at the report's best layer, evaluated without hooks; the runs on ``workers`` processes
-    (:class:`revlens.jobpool.JobPool`), each row recorded as it arrives."""
-    from revlens import BlockingSpec, random_subspace, reversion_subspace
-    from revlens.demos.comparison import blocking_summary, costliest_first
+def blocking_directions(ctx: _Context, report: ReversionReport, labels: Any) -> dict[str, dict[int, torch.Tensor]]:
+    """``{label: {layer: basis}}`` for each blocked label: v_rev at its layers (``@best``: the report's most aligned
+    one; else every analysed layer), or the subspace its mode names (:func:`revlens.subspace_directions`), measured
+    here once per subspace so the runs receive it ready: ``rank@k`` on the CPU like the demo's other bridges, with
+    ``k`` at most the number of probe prompts; ``refusal`` and ``harmpca@k`` on align."""
+    from revlens import BlockingSpec, subspace_directions
 
-    s, hist = ctx.settings, ctx.history
+    align, harmful_ids, harmless_ids = _align_reference(ctx)
+    v_rev = {l: report.v_rev_basis[i] for i, l in enumerate(report.layers)}
+    measured: dict[Any, dict[int, torch.Tensor]] = {}
+    out = {}
+    for label in labels:
+        mode, where = _split_label(label)
+        if mode == "plain":
+            continue
+        subspace = BlockingSpec.parse(mode).subspace
+        if subspace is not None and subspace[0] == "rank":
+            subspace = ("rank", min(int(subspace[1]), len(harmful_ids)))
+        if subspace not in measured:
+            measured[subspace] = subspace_directions(
+                subspace,
+                v_rev,
+                history=ctx.history,
+                probe=ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=True),
+                device="cpu",
+                reference=align.bridge,
+                prompts=harmful_ids,
+                control=harmless_ids,
+            )
+        layers = [report.best_layer] if where == "best" else list(report.layers)
+        out[label] = {l: measured[subspace][l] for l in layers}
+    return out
+
+
+def chat_model_blocking(ctx: _Context, report: ReversionReport, workers: int = 1) -> dict[str, Any]:
+    """The chat model's blocking comparison (:func:`revlens.demos.comparison.compare_blocking`): fine-tune from
+    align once per mode and seed (plain: the history's own runs, reused), behaviour and final alignment at the
+    report's best layer, evaluated without hooks; the runs on ``workers`` processes, each row recorded in the
+    manifest as it arrives (a rerun resumes with the missing ones)."""
+    from revlens.demos.comparison import compare_blocking
+
+    s = ctx.settings
     done = ctx.manifest.setdefault("blocking", {})
-    best = report.best_layer
     align, harmful_ids, harmless_ids = _align_reference(ctx)
     probe = ReversionProbe(harmful_ids, control=harmless_ids, layers=report.layers, per_example=False)
     measure = FinalAlignment.of(report, probe, align.bridge)
-    pca_cache: dict[int, dict[int, torch.Tensor]] = {}
-    # the longest runs first, so the workers finish together; plain rows train nothing
-    jobs = costliest_first(
-        [(label, seed) for label in s.modes for seed in range(s.seeds) if f"{label}|{seed}" not in done],
-        lambda label: _split_label(label)[0],
+    seeds = range(s.seeds)
+    rows = {(label, seed): done[f"{label}|{seed}"] for label in s.modes for seed in seeds if f"{label}|{seed}" in done}
+    pending = [label for label in s.modes if any((label, seed) not in rows for seed in seeds)]
+    plain = {}  # the plain rows' behaviour, as the history's runs recorded it
+    for seed in (seed for seed in seeds if "plain" in s.modes and ("plain", seed) not in rows):
+        measured = ctx.manifest["finetune"][f"seed_{seed}"]["behaviour"]
+        plain[seed] = measured.get(s.blocking_steps, measured.get(str(s.blocking_steps)))
+
+    def record(key: tuple[str, int], row: Any) -> None:
+        done[f"{key[0]}|{key[1]}"] = row
+        ctx.save_manifest()
+
+    run = functools.partial(_blocked_run, _worker_context(ctx), blocking_directions(ctx, report, pending), plain)
+    summary = compare_blocking(
+        report,
+        s.modes,
+        seeds,
+        measure,
+        run,
+        done=rows,
+        record=record,
+        mode_of=lambda label: _split_label(label)[0],
+        workers=workers,
+        progress=ctx.progress,
     )
-    job_ctx = _worker_context(ctx)
-    with JobPool(min(workers, max(1, len(jobs)))) as pool:
-        for label, seed in jobs:
-            mode, where = _split_label(label)
-            layers = [best] if where == "best" else list(report.layers)
-            directions, plain_behaviour = None, None
-            if mode == "plain":
-                measured = ctx.manifest["finetune"][f"seed_{seed}"]["behaviour"]
-                plain_behaviour = measured.get(s.blocking_steps, measured.get(str(s.blocking_steps)))
-            else:
-                spec = BlockingSpec.parse(mode)
-                directions = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-                if spec.subspace is not None:
-                    kind, k, draw = (*spec.subspace, 0, 0)[:3]  # ("full",) has no k
-                    if kind == "rank":
-                        if k not in pca_cache:
-                            # top-k principal directions of per-prompt contrast readout differences pretrain - align,
-                            # measured on the CPU like the demo's other bridges
-                            pca_probe = ReversionProbe(
-                                harmful_ids, control=harmless_ids, layers=report.layers, per_example=True
-                            )
-                            pca_cache[k] = reversion_subspace(
-                                hist, min(k, len(harmful_ids)), probe=pca_probe, device="cpu"
-                            )
-                        directions = {l: pca_cache[k][l] for l in layers}
-                    elif kind == "random":
-                        directions = random_subspace(layers, k, report.d_model, seed=draw)
-            pool.submit(f"{label}|{seed}", _blocked_run, job_ctx, label, seed, directions, measure, plain_behaviour)
-        for key, row in tqdm(pool.results(), total=len(jobs), desc="blocking runs", disable=not ctx.progress):
-            done[key] = row
-            ctx.save_manifest()
     _ALIGN_REFERENCE.clear()
-    rows = {(label, seed): done[f"{label}|{seed}"] for label in s.modes for seed in range(s.seeds)}
-    summary = blocking_summary(rows, s.modes, range(s.seeds), report)
-    return {**summary, "layers": list(report.layers), "best_layer": best, "steps": s.blocking_steps}
+    return {**summary, "layers": list(report.layers), "best_layer": report.best_layer, "steps": s.blocking_steps}
 
 
 def check_settings(settings: Settings) -> None:
@@ -911,7 +930,7 @@ def _measure(ctx: _Context, workers: int, timings: dict[str, float]) -> Reversio
     timings["analyze"] = time.perf_counter() - t
     t = time.perf_counter()
     if ctx.settings.modes:
-        report.interventions = compare_blocking(ctx, report, workers)
+        report.interventions = chat_model_blocking(ctx, report, workers)
     timings["blocking"] = time.perf_counter() - t
     return report
 
@@ -1024,7 +1043,7 @@ __all__ = [
     "Settings",
     "behaviour_summary",
     "build_history",
-    "compare_blocking",
+    "chat_model_blocking",
     "print_chat_model",
     "run_chat_model",
     "run_cli",

@@ -1,4 +1,4 @@
-"""Benign fine-tuning tasks for the SmolLM2 demo, generated deterministically, with no refusal in them.
+"""Benign fine-tuning tasks for the chat-model pipeline, generated deterministically, with no refusal in them.
 
 Each task yields chat pairs ``(request, answer)`` from a seeded generator: the same seed gives the same
 pairs on every machine. ``reverse`` (reverse the order of the words) is the task the demo fine-tunes on;

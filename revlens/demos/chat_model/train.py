@@ -1,4 +1,4 @@
-"""Training loop of the SmolLM2 demo on the Hugging Face module: refusal training (the align phase)."""
+"""Training loop of the chat-model pipeline on the Hugging Face module: refusal training (the align phase)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from revlens import (
     BlockingSpec,
-    JobPool,
     ReversionProbe,
     ReversionReport,
     analyze,
@@ -27,13 +26,7 @@ from revlens import (
     fmt_pm,
     load_revlens_checkpoint,
 )
-from revlens.demos.comparison import (
-    FinalAlignment,
-    blocking_summary,
-    costliest_first,
-    intervention_table,
-    mode_cost,
-)
+from revlens.demos.comparison import FinalAlignment, compare_blocking, intervention_table, mode_cost
 from revlens.demos.organism import World, analysis_kwargs, behaviour_summary, build_history
 from revlens.demos.organism.presets import Preset, get_preset
 from revlens.demos.organism.train import blocked_finetune, preset_of, read_manifest
@@ -74,23 +67,13 @@ def _row(alignment: float, behaviour: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _run(measurer: FinalAlignment, history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
+def _run(history_dir: Path, block: dict[int, Any], measure: FinalAlignment, mode: str, seed: int) -> dict[str, float]:
+    """One blocked run of the organism and its row (a :data:`~revlens.demos.comparison.BlockedRun`)."""
     model, behaviour = blocked_finetune(history_dir, block, mode, seed)
-    return _row(measurer(model), behaviour)
+    return _row(measure(model), behaviour)
 
 
-_WORKER: dict[str, FinalAlignment] = {}
-
-
-def _worker_init(measurer: FinalAlignment) -> None:
-    _WORKER["measurer"] = measurer
-
-
-def _worker_run(history_dir: Path, block: dict[int, Any], mode: str, seed: int) -> dict[str, float]:
-    return _run(_WORKER["measurer"], history_dir, block, mode, seed)
-
-
-def _history_plain_row(history_dir: Path, seed: int, measurer: FinalAlignment) -> dict[str, float] | None:
+def _history_plain_row(history_dir: Path, seed: int, measure: FinalAlignment) -> dict[str, float] | None:
     """The plain row of a seed from the history itself: its last fine-tuning checkpoint is the model a plain
     re-run produces (same data, seed and steps; tests/test_demo.py checks it), and its behaviour is recorded."""
     manifest = read_manifest(history_dir)
@@ -100,10 +83,10 @@ def _history_plain_row(history_dir: Path, seed: int, measurer: FinalAlignment) -
     behaviour = run.get("behaviour", {}).get(str(steps))
     if not run.get("complete") or behaviour is None or not (ckpt / "config.json").is_file():
         return None
-    return _row(measurer(load_revlens_checkpoint(ckpt)), behaviour)
+    return _row(measure(load_revlens_checkpoint(ckpt)), behaviour)
 
 
-def compare_blocking(
+def organism_blocking(
     history_dir: Path,
     report: ReversionReport,
     modes: Sequence[str],
@@ -114,7 +97,8 @@ def compare_blocking(
     workers: int = 1,
     reuse_plain: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune from the aligned model once per mode and seed; behaviour and final alignment, no hooks at eval.
+    """The organism's blocking comparison (:func:`revlens.demos.comparison.compare_blocking`): fine-tune from the
+    aligned model once per mode and seed; behaviour and final alignment, no hooks at eval.
 
     Final alignment is measured exactly as the report measures it (same probe, control and v_rev),
     at the report's most aligned layer.
@@ -131,39 +115,23 @@ def compare_blocking(
     Returns:
         ``{"modes", "seeds", "layers", "metrics": {mode: {metric: [per seed]}}, "best_mode"}``.
     """
-    from tqdm.auto import tqdm
-
     history_dir = Path(history_dir)
     layers = [report.best_layer] if layers is None else list(layers)
     block = {l: report.v_rev_basis[report.layers.index(l)] for l in layers}
-    measurer = final_alignment_reader(history_dir, report)
-    rows: dict[tuple[str, int], dict[str, float]] = {}
-    if reuse_plain and "plain" in modes:
-        for seed in seeds:
-            row = _history_plain_row(history_dir, seed, measurer)
-            if row is not None:
-                rows[("plain", seed)] = row
-    jobs = costliest_first([(m, s) for m in modes for s in seeds if (m, s) not in rows])
-    bar = tqdm(total=len(jobs), desc="blocking", unit="run", disable=not progress)
-    if workers > 1 and len(jobs) > 1:
-        # one thread per worker: the organism's operations are too small to split
-        pool = JobPool(
-            min(workers, len(jobs)),
-            threads=1,
-            initializer=_worker_init,
-            initargs=(measurer,),
-        )
-        run = _worker_run
-    else:
-        pool, run = JobPool(1), functools.partial(_run, measurer)
-    with pool:
-        for mode, seed in jobs:
-            pool.submit((mode, seed), run, history_dir, block, mode, seed)
-        for key, row in pool.results():
-            rows[key] = row
-            bar.update()
-    bar.close()
-    return {**blocking_summary(rows, modes, seeds, report), "layers": layers}
+    measure = final_alignment_reader(history_dir, report)
+    plain = {s: _history_plain_row(history_dir, s, measure) for s in seeds} if reuse_plain and "plain" in modes else {}
+    summary = compare_blocking(
+        report,
+        modes,
+        seeds,
+        measure,
+        functools.partial(_run, history_dir, block),
+        done={("plain", s): row for s, row in plain.items() if row is not None},
+        workers=workers,
+        threads=1,  # the organism's operations are too small to split
+        progress=progress,
+    )
+    return {**summary, "layers": layers}
 
 
 def parse_modes(text: str) -> list[str]:
@@ -327,7 +295,7 @@ def run_demo(
             speed * est["blocking"],
             progress,
         )
-        report.interventions = compare_blocking(
+        report.interventions = organism_blocking(
             history, report, modes, list(range(seeds)), layers, progress, workers=workers
         )
     report.config["demo"] = {
