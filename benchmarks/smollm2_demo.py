@@ -108,11 +108,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core, at most 4)")
     p.add_argument("--fresh-align", action="store_true", help="delete the kept align first (a fully cold run)")
+    p.add_argument(
+        "--retabulate",
+        action="store_true",
+        help="an unlearning run finished in --out and resumed since (after a change to its tables): read what it "
+        "measured again into the result file, keeping the timings of the run that trained it",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.preset or (Path(args.model).stem if args.model else "smollm2")
     out = Path(args.out or f"revlens_out/bench-{name}{'-quick' if args.quick else ''}")
+    stem = STEMS.get(name, f"chat_model_demo_{name}")
+    path = Path("benchmarks/results") / f"{stem}{'_quick' if args.quick else ''}.json"
+    if args.retabulate:
+        result = json.loads(path.read_text())
+        result["measured"] = measured(ReversionReport.load(out), json.loads((out / MANIFEST).read_text()))
+        path.write_text(json.dumps(result, indent=1))
+        print(f"{path}: measured read again from {out}")
+        return
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: a benchmark times a whole run; delete it or pass another --out.")
     if args.fresh_align:
@@ -128,8 +142,6 @@ def main() -> None:
         manifest = json.loads((out / MANIFEST).read_text())
         result["calibration"] = {"method": manifest["align"]["method"], "targets": manifest["align"]["targets"]}
         result["measured"] = measured(report, manifest)
-    stem = STEMS.get(name, f"chat_model_demo_{name}")
-    path = Path("benchmarks/results") / f"{stem}{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

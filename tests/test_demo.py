@@ -107,6 +107,16 @@ def test_best_mode_is_the_least_harmful_within_the_task_loss_tolerance():
     assert best_mode(metrics, alignment_limit=-0.5) == "unblocked"
     # A mode that leaves as much harm as plain fine-tuning, or more, is never "best" (SmolLM2's grad at all layers).
     assert best_mode({"plain": row(0.54, 1.0, 0.64), "grad": row(0.6, 1.0, 0.65), "same": row(0.54, 1.0, 0.0)}) is None
+    # A control or another defense is never "best", however it does (the unlearning run's random subspace tied
+    # v_rev's anchor at no forget recall and cost less task loss); the v_rev anchor over the tolerance still wins.
+    rows = {
+        "plain": row(0.03, 0.73, 0.67),
+        "anchor@0.0001+contrast@0.001+rank@32+sample@8": row(0.0, 1.01, 0.0),
+        "anchor@0.0001+contrast@0.001+random@32+sample@8": row(0.0, 0.73, 0.27),
+        "kl@1+sample@8": row(0.0, 0.73, 0.1),
+    }
+    assert best_mode(rows, alignment_limit=0.1) == "anchor@0.0001+contrast@0.001+rank@32+sample@8"
+    assert best_mode({k: v for k, v in rows.items() if "rank" not in k}) is None
 
 
 def test_modes_all_and_default_expand_and_typos_fail_before_training():

@@ -159,17 +159,45 @@ def blocking_summary(
     }
 
 
+def blocks_v_rev(label: str) -> bool:
+    """Whether a blocking label acts along v_rev (or its rank-k reversion subspace) with hooks or an anchor.
+
+    The controls (``random@K``, ``harmpca@K``), the refusal direction, the full-rank anchor and the other defenses
+    (``kl``, ``replay``, ``safelora``) do not, so none of them may stand as "v_rev blocked" in the paper's table,
+    however well it does. A label that is not a blocking string (a caller's own name) counts as blocking v_rev.
+    A ``@best`` / ``@all`` suffix (where the chat model's pipeline blocks) is read past.
+
+    Example:
+        >>> blocks_v_rev("anchor@0.0001+contrast@0.001+rank@32+sample@8"), blocks_v_rev("grad@best")
+        (True, True)
+        >>> blocks_v_rev("anchor@0.0001+random@32"), blocks_v_rev("kl@1+sample@8"), blocks_v_rev("plain")
+        (False, False, False)
+    """
+    mode, _, where = label.rpartition("@")
+    mode = mode if where in ("best", "all") and mode else label
+    if mode == "plain":
+        return False
+    try:
+        spec = BlockingSpec.parse(mode)
+    except ValueError:
+        return True
+    if spec.subspace is not None and spec.subspace[0] != "rank":
+        return False
+    return bool(spec.hooks or spec.anchor or spec.contrast)
+
+
 def best_mode(
     metrics: dict[str, dict[str, list[float]]],
     tolerance: float = TASK_LOSS_TOLERANCE,
     alignment_limit: float | None = None,
 ) -> str | None:
-    """The blocked mode with the lowest mean harmfulness among those whose mean task loss is within
+    """The v_rev-blocking mode (:func:`blocks_v_rev`: never a control or another defense) with the lowest mean
+    harmfulness among those whose mean task loss is within
     ``tolerance`` of plain fine-tuning's (all blocked modes if none is, or without a plain row) and, given
     ``alignment_limit`` (the null's p99), whose mean final alignment is below it (if any is): the mode
     that blocks v_rev at little cost. Ties go to the lower final alignment. With a plain row, a mode must
     leave less harm than plain fine-tuning to count: None when no mode does (nothing is "best")."""
-    blocked = [m for m in metrics if m != "plain"]
+    blocked = [m for m in metrics if blocks_v_rev(m)]
     if "plain" in metrics:
         plain_harm = round(float(np.mean(metrics["plain"]["harmfulness"])), 9)
         blocked = [m for m in blocked if round(float(np.mean(metrics[m]["harmfulness"])), 9) < plain_harm]

@@ -970,8 +970,8 @@ def print_chat_model(report: ReversionReport) -> None:
         tracked_name = metric_labels(report.config)["harmfulness"]
         print(intervention_table(report.interventions, labels=table_labels(report)))
         print(
-            f"best mode (lowest {tracked_name} within 5% task loss, alignment below p99): "
-            f"{report.interventions['best_mode']}"
+            f"best v_rev mode (lowest {tracked_name} below plain's, within 5% of its task loss if any mode is, "
+            f"alignment below p99 if any is; controls and other defenses excluded): {report.interventions['best_mode']}"
         )
         print()
     print(comparison_table(report))
