@@ -803,8 +803,16 @@ def finetune(
         FinetuneStateError: the saved state was written with other settings (see ``resume``, ``overwrite``).
 
     Example:
-        >>> result = finetune(model, tokens, mask, steps=100, lr=1e-4, schedule="cosine", warmup_steps=10,
-        ...                   max_grad_norm=1.0, save_steps=[10, 50], out_dir="ckpts")  # doctest: +SKIP
+        >>> student = revlens.load_checkpoint(f"{ckpts}/align")  # a fresh copy: finetune trains it in place
+        >>> tokens = torch.randint(0, 20, (8, 6), generator=torch.Generator().manual_seed(0))
+        >>> result = finetune(student, tokens, torch.ones_like(tokens), steps=4, lr=1e-3, batch_size=4,
+        ...                   schedule="cosine", warmup_steps=1, max_grad_norm=1.0, save_steps=[2],
+        ...                   out_dir=f"{tmp}/finetune_example", progress=False)
+        >>> sorted(result.checkpoints), len(result.losses), result.lrs[1] < result.lrs[2]  # warm-up, then cosine
+        ([2, 4], 4, True)
+        >>> saved = revlens.load_checkpoint(result.checkpoints[4])  # the last step, as analyze reads it
+        >>> all(torch.equal(a, b) for a, b in zip(saved.parameters(), student.parameters()))
+        True
     """
     cfg = FinetuneConfig.of(config, settings)
     _check_settings(tokens, loss_mask, cfg)

@@ -24,9 +24,7 @@ EXCLUDED = (
     "revlens.integrations.transformers",
 )
 # Public names whose examples may still skip, with the reason.
-SKIP_ALLOWED = {
-    "finetune": "its example trains 100 steps and writes checkpoints (not converted yet)",
-}
+SKIP_ALLOWED: dict[str, str] = {}
 
 
 # Examples that read a data package revlens does not depend on: (module found without importing, pip command).
