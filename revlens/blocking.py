@@ -274,8 +274,6 @@ def build_defense(
         >>> build_defense("plain")
         Defense(blocking=None, penalty=None)
     """
-    from revlens.subspace import subspace_directions
-
     spec = BlockingSpec.parse(spec)
     if not spec.needs_directions and not spec.has_penalty:
         return Defense(None, None)
@@ -292,6 +290,34 @@ def build_defense(
     kl = None if spec.kl == 0 else KLAnchor(tokens, reference, spec.kl, sample=spec.sample, seed=seed)
     if directions is None or not spec.needs_directions:
         return Defense(None, kl)
+    directions = _spec_subspace(
+        spec, directions, prompts, control, tokens, control_tokens, reference, history, probe, device
+    )
+    anchor = _spec_anchor(spec, directions, tokens, control_tokens, reference, seed)
+    blocking = Blocking(directions, spec.hook_mode, reference=reference) if spec.hooks else None
+    return Defense(blocking, PenaltySum([anchor, kl]) if anchor is not None and kl is not None else anchor or kl)
+
+
+def _spec_subspace(
+    spec: BlockingSpec,
+    directions: ReversionDirections,
+    prompts: Any,
+    control: Any,
+    tokens: list[torch.Tensor] | None,
+    control_tokens: list[torch.Tensor] | None,
+    reference: Any,
+    history: Any,
+    probe: Any,
+    device: str | None,
+) -> ReversionDirections:
+    """``directions`` with the bases of the spec's subspace (``rank@k``, ``random@k``, ...; unchanged without one).
+
+    ``rank@k`` is measured on ``history`` with ``probe`` (default: one reading ``prompts`` / ``control`` at the
+    directions' hook and readout); the others are read on ``reference`` with the encoded ``tokens`` /
+    ``control_tokens``.
+    """
+    from revlens.subspace import subspace_directions
+
     if probe is None and history is not None and prompts is not None and (spec.subspace or ("",))[0] == "rank":
         probe = directions.probe(prompts, control, per_example=True)
     bases = subspace_directions(
@@ -307,20 +333,30 @@ def build_defense(
     )
     if spec.subspace is not None:
         directions = directions.with_bases(bases, estimator="pca" if spec.subspace[0] == "rank" else spec.subspace[0])
-    anchor = None
-    if spec.has_anchor:
-        anchor = ProbeAnchor(
-            directions,
-            tokens,
-            reference,
-            spec.anchor,
-            control=control_tokens if spec.contrast else None,
-            contrast_weight=spec.contrast,
-            sample=spec.sample,
-            seed=seed,
-        )
-    blocking = Blocking(directions, spec.hook_mode, reference=reference) if spec.hooks else None
-    return Defense(blocking, PenaltySum([anchor, kl]) if anchor is not None and kl is not None else anchor or kl)
+    return directions
+
+
+def _spec_anchor(
+    spec: BlockingSpec,
+    directions: ReversionDirections,
+    tokens: list[torch.Tensor] | None,
+    control_tokens: list[torch.Tensor] | None,
+    reference: Any,
+    seed: int,
+) -> ProbeAnchor | None:
+    """The spec's probe anchor (``anchor@w``, with ``contrast@w`` on the control prompts), or None without one."""
+    if not spec.has_anchor:
+        return None
+    return ProbeAnchor(
+        directions,
+        tokens,
+        reference,
+        spec.anchor,
+        control=control_tokens if spec.contrast else None,
+        contrast_weight=spec.contrast,
+        sample=spec.sample,
+        seed=seed,
+    )
 
 
 def _spec_prompts(

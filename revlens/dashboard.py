@@ -168,192 +168,190 @@ def _per_example_box(report: Any, li: int, visible: bool) -> dict[str, Any]:
 
 def _layer_traces(report: Any, li: int, visible: bool, rows: dict[str, tuple[int, int]]) -> list[tuple[dict, int, int]]:
     """Traces of one layer for the trajectory, drift and per-example panels."""
+    traj = rows["trajectory"]
+    out = [(trace, *traj) for trace in _trajectory_traces(report, li, visible)]
+    out += [(trace, *traj) for trace in _null_lines(report, li, visible)]
+    out.append((_drift_trace(report, li, visible), *rows["drift"]))
+    out.append((_per_example_box(report, li, visible), *rows["per_example"]))
+    return out
+
+
+def _trajectory_traces(report: Any, li: int, visible: bool) -> list[dict[str, Any]]:
+    """One layer's alignment per step: every run (one trace, runs separated by gaps), mean +/- std band, mean."""
     steps = report.steps
     layer = report.layers[li]
-    out: list[tuple[dict, int, int]] = []
     a = report.alignment[:, :, li]
     mean, std = _mean_std(a)
-    traj = rows["trajectory"]
     run_x, run_y, run_name = [], [], []
     for ri, run in enumerate(report.runs):
         run_x += list(steps) + [None]
         run_y += list(a[ri]) + [None]
         run_name += [run] * len(steps) + [""]
-    out.append(
-        (
-            _tr(
-                "scatter",
-                x=run_x,
-                y=run_y,
-                mode="lines",
-                line={"color": RUN_COLOR, "width": 1},
-                name="runs (one line each)",
-                legendgroup="runs",
-                showlegend=visible,
-                visible=visible,
-                customdata=run_name,
-                connectgaps=False,
-                hovertemplate=f"run %{{customdata}}, L{layer}<br>step %{{x}}<br>cos %{{y:.4f}}<extra></extra>",
-            ),
-            *traj,
-        )
+    runs = _tr(
+        "scatter",
+        x=run_x,
+        y=run_y,
+        mode="lines",
+        line={"color": RUN_COLOR, "width": 1},
+        name="runs (one line each)",
+        legendgroup="runs",
+        showlegend=visible,
+        visible=visible,
+        customdata=run_name,
+        connectgaps=False,
+        hovertemplate=f"run %{{customdata}}, L{layer}<br>step %{{x}}<br>cos %{{y:.4f}}<extra></extra>",
     )
-    out.append(
-        (
-            _tr(
-                "scatter",
-                x=steps + steps[::-1],
-                y=list(mean + std) + list((mean - std)[::-1]),
-                fill="toself",
-                mode="lines",
-                fillcolor=BAND_COLOR,
-                line={"width": 0},
-                hoverinfo="skip",
-                name="mean +/- std",
-                legendgroup="band",
-                showlegend=visible,
-                visible=visible,
-            ),
-            *traj,
-        )
+    band = _tr(
+        "scatter",
+        x=steps + steps[::-1],
+        y=list(mean + std) + list((mean - std)[::-1]),
+        fill="toself",
+        mode="lines",
+        fillcolor=BAND_COLOR,
+        line={"width": 0},
+        hoverinfo="skip",
+        name="mean +/- std",
+        legendgroup="band",
+        showlegend=visible,
+        visible=visible,
     )
-    out.append(
-        (
-            _tr(
-                "scatter",
-                x=steps,
-                y=mean,
-                mode="lines+markers",
-                line={"color": MEAN_COLOR, "width": 3},
-                name=f"mean over {len(report.runs)} runs",
-                legendgroup="mean",
-                showlegend=visible,
-                visible=visible,
-                customdata=std,
-                hovertemplate=_hover_per_point(
-                    f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}<extra></extra>",
-                    f"L{layer} step %{{x}}<br>mean %{{y:.4f}}<extra></extra>",
-                    np.sum(~np.isnan(a), axis=0),
-                ),
-            ),
-            *traj,
-        )
+    mean_line = _tr(
+        "scatter",
+        x=steps,
+        y=mean,
+        mode="lines+markers",
+        line={"color": MEAN_COLOR, "width": 3},
+        name=f"mean over {len(report.runs)} runs",
+        legendgroup="mean",
+        showlegend=visible,
+        visible=visible,
+        customdata=std,
+        hovertemplate=_hover_per_point(
+            f"L{layer} step %{{x}}<br>mean %{{y:.4f}} +/- %{{customdata:.4f}}<extra></extra>",
+            f"L{layer} step %{{x}}<br>mean %{{y:.4f}}<extra></extra>",
+            np.sum(~np.isnan(a), axis=0),
+        ),
     )
+    return [runs, band, mean_line]
+
+
+def _null_lines(report: Any, li: int, visible: bool) -> list[dict[str, Any]]:
+    """One layer's isotropic and activation-space null p99 across the steps (each left out when NaN)."""
+    steps = report.steps
+    out = []
     for value, color, label in (
         (report.null_p99[li], ISO_COLOR, "isotropic null p99"),
         (report.null_p99_activation[li], ACT_COLOR, "activation-space null p99"),
     ):
         if not math.isnan(float(value)):
             out.append(
-                (
-                    _tr(
-                        "scatter",
-                        x=[steps[0], steps[-1]],
-                        y=[value, value],
-                        mode="lines",
-                        line={"color": color, "dash": "dash"},
-                        name=label,
-                        legendgroup=label,
-                        showlegend=visible,
-                        visible=visible,
-                        hovertemplate=f"{label}: {float(value):.4f}<extra></extra>",
-                    ),
-                    *traj,
+                _tr(
+                    "scatter",
+                    x=[steps[0], steps[-1]],
+                    y=[value, value],
+                    mode="lines",
+                    line={"color": color, "dash": "dash"},
+                    name=label,
+                    legendgroup=label,
+                    showlegend=visible,
+                    visible=visible,
+                    hovertemplate=f"{label}: {float(value):.4f}<extra></extra>",
                 )
             )
-    dmean, dstd = _mean_std(report.drift_norm[:, :, li])
-    out.append(
-        (
-            _tr(
-                "scatter",
-                x=steps,
-                y=dmean,
-                mode="lines+markers",
-                line={"color": MEAN_COLOR},
-                error_y={"type": "data", "array": dstd, "visible": True},
-                name="drift norm",
-                showlegend=False,
-                visible=visible,
-                hovertemplate=f"L{layer} step %{{x}}<br>||drift|| %{{y:.4g}}<extra></extra>",
-            ),
-            *rows["drift"],
-        )
-    )
-    out.append((_per_example_box(report, li, visible), *rows["per_example"]))
     return out
+
+
+def _drift_trace(report: Any, li: int, visible: bool) -> dict[str, Any]:
+    """One layer's drift norm per step (mean over runs, error bars the std)."""
+    dmean, dstd = _mean_std(report.drift_norm[:, :, li])
+    return _tr(
+        "scatter",
+        x=report.steps,
+        y=dmean,
+        mode="lines+markers",
+        line={"color": MEAN_COLOR},
+        error_y={"type": "data", "array": dstd, "visible": True},
+        name="drift norm",
+        showlegend=False,
+        visible=visible,
+        hovertemplate=f"L{report.layers[li]} step %{{x}}<br>||drift|| %{{y:.4g}}<extra></extra>",
+    )
 
 
 def _overview_traces(report: Any, rows: dict[str, tuple[int, int]], selection: Any) -> list[tuple[dict, int, int]]:
     """Every-layer panels: v_rev SNR, mean alignment per layer with nulls, the step x layer heatmap."""
-    n = report.n_layers
-    x = list(range(n))
     labels = [f"L{l}" for l in report.layers]
-    flags = report.flagged
-    out: list[tuple[dict, int, int]] = []
+    out = [(trace, *rows["snr"]) for trace in _snr_traces(report, labels)]
+    out += [(trace, *rows["profile"]) for trace in _profile_traces(report, labels)]
+    out += [(trace, *rows["profile"]) for trace in _selection_traces(report, selection)]
+    out.append((_heatmap_trace(report, labels), *rows["heatmap"]))
+    return out
+
+
+def _snr_traces(report: Any, labels: list[str]) -> list[dict[str, Any]]:
+    """v_rev's signal-to-noise per layer (its norm when SNR was not measured), and the flagging threshold."""
+    n = report.n_layers
     snr = np.asarray(report.v_rev_snr, dtype=np.float64)
     have_snr = bool(np.isfinite(snr).any())
     values = snr if have_snr else np.asarray(report.v_rev_norm, dtype=np.float64)
     shown = np.where(np.isfinite(values), values, np.nan)
-    out.append(
-        (
-            _tr(
-                "scatter",
-                x=x,
-                y=shown,
-                mode="lines+markers",
-                marker={"color": [FLAG_COLOR if f else MEAN_COLOR for f in flags], "size": 7},
-                line={"color": "rgba(31,119,180,0.35)"},
-                customdata=np.stack([labels, np.asarray(report.v_rev_norm, float)], axis=1),
-                name="v_rev SNR" if have_snr else "||mu_P - mu_A||",
-                showlegend=False,
-                hovertemplate=(
-                    "%{customdata[0]}<br>"
-                    + ("SNR %{y:.3g}" if have_snr else "norm %{y:.4g}")
-                    + "<br>||mu_P - mu_A|| %{customdata[1]:.4g}<extra></extra>"
-                ),
+    out = [
+        _tr(
+            "scatter",
+            x=list(range(n)),
+            y=shown,
+            mode="lines+markers",
+            marker={"color": [FLAG_COLOR if f else MEAN_COLOR for f in report.flagged], "size": 7},
+            line={"color": "rgba(31,119,180,0.35)"},
+            customdata=np.stack([labels, np.asarray(report.v_rev_norm, float)], axis=1),
+            name="v_rev SNR" if have_snr else "||mu_P - mu_A||",
+            showlegend=False,
+            hovertemplate=(
+                "%{customdata[0]}<br>"
+                + ("SNR %{y:.3g}" if have_snr else "norm %{y:.4g}")
+                + "<br>||mu_P - mu_A|| %{customdata[1]:.4g}<extra></extra>"
             ),
-            *rows["snr"],
         )
-    )
+    ]
     if have_snr:
         out.append(
-            (
-                _tr(
-                    "scatter",
-                    x=[-0.5, n - 0.5],
-                    y=[report.snr_threshold] * 2,
-                    mode="lines",
-                    line={"color": FLAG_COLOR, "dash": "dot"},
-                    name=f"SNR threshold {report.snr_threshold:g}",
-                    showlegend=False,
-                    hovertemplate="flag below SNR %{y:.3g}<extra></extra>",
-                ),
-                *rows["snr"],
+            _tr(
+                "scatter",
+                x=[-0.5, n - 0.5],
+                y=[report.snr_threshold] * 2,
+                mode="lines",
+                line={"color": FLAG_COLOR, "dash": "dot"},
+                name=f"SNR threshold {report.snr_threshold:g}",
+                showlegend=False,
+                hovertemplate="flag below SNR %{y:.3g}<extra></extra>",
             )
         )
+    return out
+
+
+def _profile_traces(report: Any, labels: list[str]) -> list[dict[str, Any]]:
+    """Mean alignment per layer over every run-step pair (low-SNR layers grey), and each layer's null p99s."""
+    x = list(range(report.n_layers))
+    flags = report.flagged
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         per_layer = np.nanmean(report.alignment, axis=(0, 1))
         spread = np.nanstd(report.alignment, axis=(0, 1))
-    colors = [FLAG_COLOR if f else MEAN_COLOR for f in flags]
-    out.append(
-        (
-            _tr(
-                "scatter",
-                x=x,
-                y=per_layer,
-                mode="lines+markers",
-                marker={"color": colors, "size": 7},
-                line={"color": "rgba(31,119,180,0.5)"},
-                error_y={"type": "data", "array": spread},
-                name="mean alignment per layer (all run-step pairs)",
-                legendgroup="profile",
-                customdata=np.stack([labels, ["low SNR" if f else "" for f in flags]], axis=1),
-                hovertemplate="%{customdata[0]} %{customdata[1]}<br>mean cos %{y:.4f}<extra></extra>",
-            ),
-            *rows["profile"],
+    out = [
+        _tr(
+            "scatter",
+            x=x,
+            y=per_layer,
+            mode="lines+markers",
+            marker={"color": [FLAG_COLOR if f else MEAN_COLOR for f in flags], "size": 7},
+            line={"color": "rgba(31,119,180,0.5)"},
+            error_y={"type": "data", "array": spread},
+            name="mean alignment per layer (all run-step pairs)",
+            legendgroup="profile",
+            customdata=np.stack([labels, ["low SNR" if f else "" for f in flags]], axis=1),
+            hovertemplate="%{customdata[0]} %{customdata[1]}<br>mean cos %{y:.4f}<extra></extra>",
         )
-    )
+    ]
     for values, color, label in (
         (report.null_p99, ISO_COLOR, "isotropic null p99"),
         (report.null_p99_activation, ACT_COLOR, "activation-space null p99"),
@@ -361,76 +359,72 @@ def _overview_traces(report: Any, rows: dict[str, tuple[int, int]], selection: A
         seg_x = [v for i in x for v in (i - 0.45, i + 0.45, None)]  # one threshold segment per layer
         seg_y = [v for y in np.asarray(values, float) for v in (y, y, None)]
         out.append(
-            (
-                _tr(
-                    "scatter",
-                    x=seg_x,
-                    y=seg_y,
-                    mode="lines",
-                    line={"color": color, "dash": "dash"},
-                    name=f"per layer: {label}",
-                    legendgroup=label,
-                    showlegend=False,
-                    hovertemplate=f"{label}: %{{y:.4f}}<extra></extra>",
-                ),
-                *rows["profile"],
+            _tr(
+                "scatter",
+                x=seg_x,
+                y=seg_y,
+                mode="lines",
+                line={"color": color, "dash": "dash"},
+                name=f"per layer: {label}",
+                legendgroup=label,
+                showlegend=False,
+                hovertemplate=f"{label}: %{{y:.4f}}<extra></extra>",
             )
         )
+    return out
+
+
+def _selection_traces(report: Any, selection: Any) -> list[dict[str, Any]]:
+    """The selection-corrected p99 across the profile panel, and a legend entry for greyed layers (if any)."""
+    n = report.n_layers
     thr = selection.thresholds
     corrected = thr.get("activation_max", thr.get("sidak"))
     which = "activation-space max" if "activation_max" in thr else "isotropic, Sidak"
-    out.append(
-        (
+    out = [
+        _tr(
+            "scatter",
+            x=[-0.5, n - 0.5],
+            y=[corrected] * 2,
+            mode="lines",
+            line={"color": SELECT_COLOR, "dash": "dashdot"},
+            name=f"p99 of the best of {selection.m} layers ({which})",
+            legendgroup="selection",
+            hovertemplate="selection-corrected p99 %{y:.4f}<extra></extra>",
+        )
+    ]
+    if np.any(report.flagged):
+        out.append(
             _tr(
                 "scatter",
-                x=[-0.5, n - 0.5],
-                y=[corrected] * 2,
-                mode="lines",
-                line={"color": SELECT_COLOR, "dash": "dashdot"},
-                name=f"p99 of the best of {selection.m} layers ({which})",
-                legendgroup="selection",
-                hovertemplate="selection-corrected p99 %{y:.4f}<extra></extra>",
-            ),
-            *rows["profile"],
-        )
-    )
-    if np.any(flags):
-        out.append(
-            (
-                _tr(
-                    "scatter",
-                    x=[None],
-                    y=[None],
-                    mode="markers",
-                    marker={"color": FLAG_COLOR, "symbol": "square", "size": 12},
-                    name=f"low-SNR layer (v_rev SNR < {report.snr_threshold:g}): greyed",
-                ),
-                *rows["profile"],
+                x=[None],
+                y=[None],
+                mode="markers",
+                marker={"color": FLAG_COLOR, "symbol": "square", "size": 12},
+                name=f"low-SNR layer (v_rev SNR < {report.snr_threshold:g}): greyed",
             )
         )
+    return out
+
+
+def _heatmap_trace(report: Any, labels: list[str]) -> dict[str, Any]:
+    """Mean alignment over runs, step x layer."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         heat = np.nanmean(report.alignment, axis=0)
-    out.append(
-        (
-            _tr(
-                "heatmap",
-                z=heat,
-                x=x,
-                y=[str(s) for s in report.steps],
-                colorscale=get_colorscale("RdBu"),
-                zmid=0,
-                zmin=-1,
-                zmax=1,
-                customdata=np.broadcast_to(np.asarray(labels, dtype=object), heat.shape),
-                colorbar={"title": {"text": "cos"}},
-                name="mean alignment",
-                hovertemplate="%{customdata} step %{y}<br>mean cos %{z:.4f}<extra></extra>",
-            ),
-            *rows["heatmap"],
-        )
+    return _tr(
+        "heatmap",
+        z=heat,
+        x=list(range(report.n_layers)),
+        y=[str(s) for s in report.steps],
+        colorscale=get_colorscale("RdBu"),
+        zmid=0,
+        zmin=-1,
+        zmax=1,
+        customdata=np.broadcast_to(np.asarray(labels, dtype=object), heat.shape),
+        colorbar={"title": {"text": "cos"}},
+        name="mean alignment",
+        hovertemplate="%{customdata} step %{y}<br>mean cos %{z:.4f}<extra></extra>",
     )
-    return out
 
 
 def _plan(report: Any, iv: dict[str, Any] | None) -> tuple[list[tuple[str, str | None, int]], int]:
@@ -479,33 +473,8 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
     selection = report.selection()
     iv = report.interventions
     plan, gap = _plan(report, iv)
-    names = {
-        "trajectory": "Alignment cos(drift, v_rev) per step, layer {layer}",
-        "drift": "Drift norm ||mu_t - mu_A|| per step, layer {layer}",
-        "per_example": "Per-example alignment per step, layer {layer} (box 25-75%, whiskers 5-95%)",
-        "snr": (
-            "v_rev signal-to-noise per layer: ||mu_P - mu_A|| / standard error"
-            if np.isfinite(np.asarray(report.v_rev_snr, float)).any()
-            else "||mu_P - mu_A|| per layer (signal-to-noise not measured)"
-        ),
-        "profile": "Mean alignment per layer, nulls and the selection-corrected p99",
-        "heatmap": "Mean alignment, layer x step",
-        "harmfulness": _sentence(metric_labels(report.config)["harmfulness"]) + " after fine-tuning, by mode",
-        "final_alignment": "Final alignment at the last step, by mode",
-        "task_loss": "Fine-tuning task loss (held-out), by mode",
-        "b1_retention": _sentence(metric_labels(report.config)["b1_retention"]) + ", by mode",
-    }
-    rows: dict[str, tuple[int, int]] = {}
-    titles, specs = [], []
-    for r, (left, right, _) in enumerate(plan, start=1):
-        rows[left] = (r, 1)
-        titles.append(names[left].format(layer=layer))
-        if right is None:
-            specs.append([{"colspan": 2}, None])
-        else:
-            rows[right] = (r, 2)
-            titles.append(names[right].format(layer=layer))
-            specs.append([{}, {}])
+    names = _panel_names(report)
+    rows, titles, specs = _grid_cells(plan, names, layer)
     row_px = [h for *_, h in plan]
     plot_px = sum(row_px) + gap * (len(plan) - 1)
     top = LEGEND_TOP_PX + LEGEND_PX + SUBTITLE_PX
@@ -519,69 +488,17 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
         "vertical_spacing": gap / plot_px,
         "row_heights": row_px,
     }
-    grid = make_subplots(**grid_kw)
-    refs = {}
-    for r, c in rows.values():
-        sub = grid.get_subplot(r, c)
-        refs[(r, c)] = (sub.xaxis.plotly_name.replace("axis", ""), sub.yaxis.plotly_name.replace("axis", ""))
-    per_layer_counts, batch = [], []
-    for li, l in enumerate(report.layers):
-        traces = _layer_traces(report, li, visible=(l == layer), rows=rows)
-        per_layer_counts.append(len(traces))
-        batch += traces
-    fixed = _overview_traces(report, rows, selection) + (_intervention_traces(iv, rows) if iv else [])
-    n_fixed = len(fixed)
-    batch += fixed
-    data = [{**trace, "xaxis": refs[(r, c)][0], "yaxis": refs[(r, c)][1]} for trace, r, c in batch]
+    refs = _axis_refs(make_subplots(**grid_kw), rows)
+    data, per_layer_counts, n_fixed = _placed_traces(report, layer, rows, refs, selection, iv)
     fig = go.Figure(data=data, _validate=False)
     make_subplots(figure=fig, **grid_kw)
     _style_axes(fig, report, rows, iv, style, refs)
     _grey_flagged(fig, report, rows, refs)
-    per_layer_titles = [i for i, t in enumerate(titles) if "layer {layer}" in names[_panel_of(i, plan)]]
-    buttons = []
-    flags = report.flagged
-    for li, l in enumerate(report.layers):
-        visible = []
-        for lj, count in enumerate(per_layer_counts):
-            visible += [lj == li] * count
-        visible += [True] * n_fixed
-        relabel = {f"annotations[{i}].text": names[_panel_of(i, plan)].format(layer=l) for i in per_layer_titles}
-        tag = " (best)" if li == report.best_layer_index() else (" (low SNR)" if flags[li] else "")
-        buttons.append({"label": f"layer {l}{tag}", "method": "update", "args": [{"visible": visible}, relabel]})
-    n = report.n_layers
-    best = report.best_layer
-    pv = selection.p_value.get("activation_max")
-    if pv is None or not np.isfinite(pv):
-        pv = selection.p_value.get("sidak")
-    subtitle = (
-        f"{len(report.runs)} run(s) x {len(report.steps)} step(s), {n} layer(s) "
-        f"(L{report.layers[0]}-L{report.layers[-1]}), best L{best} "
-        f"(p = {pv:.2g} for the best of {selection.m}); readout {report.config.get('readout', '?')}, "
-        f"contrast {report.config.get('contrast', '?')}"
-        + (f"; {len(report.flagged_layers)} low-SNR layer(s) greyed" if report.flagged_layers else "")
-    )
+    buttons = _layer_buttons(report, titles, names, plan, per_layer_counts, n_fixed)
     plot_top_frac = lambda px: 1 + (top - px) / plot_px  # noqa: E731  (pixels from the top -> paper y)
     fig.update_layout(
-        updatemenus=[
-            {
-                "buttons": buttons,
-                "active": report.layers.index(layer),
-                "x": 1.0,
-                "xanchor": "right",
-                "y": plot_top_frac(TITLE_TOP_PX),
-                "yanchor": "top",
-                "direction": "down",
-                "showactive": True,
-            }
-        ],
-        title={
-            "text": f"revlens: fine-tuning drift along v_rev<br><span style='font-size:12px'>{subtitle}</span>",
-            "x": 0.0,
-            "xref": "paper",
-            "xanchor": "left",
-            "y": 1 - TITLE_TOP_PX / height,
-            "yanchor": "top",
-        },
+        updatemenus=[_layer_menu(buttons, report.layers.index(layer), plot_top_frac(TITLE_TOP_PX))],
+        title=_title(report, selection, height),
         template=pio.templates[style["template"]],
         paper_bgcolor=style["paper"],
         plot_bgcolor=style["plot"],
@@ -597,13 +514,147 @@ def build_dashboard(report: Any, layer: int | None = None, theme: str = "auto") 
             "bgcolor": "rgba(0,0,0,0)",
         },
     )
+    _fit_colorbar(fig, rows)
+    return fig
+
+
+def _panel_names(report: Any) -> dict[str, str]:
+    """Each panel's subplot title (``{layer}`` filled with the layer shown)."""
+    return {
+        "trajectory": "Alignment cos(drift, v_rev) per step, layer {layer}",
+        "drift": "Drift norm ||mu_t - mu_A|| per step, layer {layer}",
+        "per_example": "Per-example alignment per step, layer {layer} (box 25-75%, whiskers 5-95%)",
+        "snr": (
+            "v_rev signal-to-noise per layer: ||mu_P - mu_A|| / standard error"
+            if np.isfinite(np.asarray(report.v_rev_snr, float)).any()
+            else "||mu_P - mu_A|| per layer (signal-to-noise not measured)"
+        ),
+        "profile": "Mean alignment per layer, nulls and the selection-corrected p99",
+        "heatmap": "Mean alignment, layer x step",
+        "harmfulness": _sentence(metric_labels(report.config)["harmfulness"]) + " after fine-tuning, by mode",
+        "final_alignment": "Final alignment at the last step, by mode",
+        "task_loss": "Fine-tuning task loss (held-out), by mode",
+        "b1_retention": _sentence(metric_labels(report.config)["b1_retention"]) + ", by mode",
+    }
+
+
+def _grid_cells(
+    plan: list[tuple[str, str | None, int]], names: dict[str, str], layer: int
+) -> tuple[dict[str, tuple[int, int]], list[str], list[list[dict | None]]]:
+    """Each panel's (row, col), the subplot titles in grid order, and the grid's specs (full-width or halves)."""
+    rows: dict[str, tuple[int, int]] = {}
+    titles, specs = [], []
+    for r, (left, right, _) in enumerate(plan, start=1):
+        rows[left] = (r, 1)
+        titles.append(names[left].format(layer=layer))
+        if right is None:
+            specs.append([{"colspan": 2}, None])
+        else:
+            rows[right] = (r, 2)
+            titles.append(names[right].format(layer=layer))
+            specs.append([{}, {}])
+    return rows, titles, specs
+
+
+def _axis_refs(grid: go.Figure, rows: dict[str, tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str]]:
+    """The (x, y) axis names (``x3``, ``y3``) of each panel's cell."""
+    refs = {}
+    for r, c in rows.values():
+        sub = grid.get_subplot(r, c)
+        refs[(r, c)] = (sub.xaxis.plotly_name.replace("axis", ""), sub.yaxis.plotly_name.replace("axis", ""))
+    return refs
+
+
+def _placed_traces(
+    report: Any,
+    layer: int,
+    rows: dict[str, tuple[int, int]],
+    refs: dict[tuple[int, int], tuple[str, str]],
+    selection: Any,
+    iv: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], list[int], int]:
+    """Every trace on its panel's axes (each layer's in turn, then the fixed ones), the number of traces of each
+    layer, and the number of fixed traces."""
+    per_layer_counts, batch = [], []
+    for li, l in enumerate(report.layers):
+        traces = _layer_traces(report, li, visible=(l == layer), rows=rows)
+        per_layer_counts.append(len(traces))
+        batch += traces
+    fixed = _overview_traces(report, rows, selection) + (_intervention_traces(iv, rows) if iv else [])
+    batch += fixed
+    data = [{**trace, "xaxis": refs[(r, c)][0], "yaxis": refs[(r, c)][1]} for trace, r, c in batch]
+    return data, per_layer_counts, len(fixed)
+
+
+def _layer_buttons(
+    report: Any,
+    titles: list[str],
+    names: dict[str, str],
+    plan: list[tuple[str, str | None, int]],
+    per_layer_counts: list[int],
+    n_fixed: int,
+) -> list[dict[str, Any]]:
+    """One dropdown entry per layer: show its traces (and the fixed ones), rename the per-layer panels' titles."""
+    per_layer_titles = [i for i, t in enumerate(titles) if "layer {layer}" in names[_panel_of(i, plan)]]
+    buttons = []
+    flags = report.flagged
+    for li, l in enumerate(report.layers):
+        visible = []
+        for lj, count in enumerate(per_layer_counts):
+            visible += [lj == li] * count
+        visible += [True] * n_fixed
+        relabel = {f"annotations[{i}].text": names[_panel_of(i, plan)].format(layer=l) for i in per_layer_titles}
+        tag = " (best)" if li == report.best_layer_index() else (" (low SNR)" if flags[li] else "")
+        buttons.append({"label": f"layer {l}{tag}", "method": "update", "args": [{"visible": visible}, relabel]})
+    return buttons
+
+
+def _layer_menu(buttons: list[dict[str, Any]], active: int, y: float) -> dict[str, Any]:
+    """The layer dropdown, top right at paper height ``y``."""
+    return {
+        "buttons": buttons,
+        "active": active,
+        "x": 1.0,
+        "xanchor": "right",
+        "y": y,
+        "yanchor": "top",
+        "direction": "down",
+        "showactive": True,
+    }
+
+
+def _title(report: Any, selection: Any, height: int) -> dict[str, Any]:
+    """The figure's title, with a subtitle of what was measured and the best layer's corrected p-value."""
+    n = report.n_layers
+    best = report.best_layer
+    pv = selection.p_value.get("activation_max")
+    if pv is None or not np.isfinite(pv):
+        pv = selection.p_value.get("sidak")
+    subtitle = (
+        f"{len(report.runs)} run(s) x {len(report.steps)} step(s), {n} layer(s) "
+        f"(L{report.layers[0]}-L{report.layers[-1]}), best L{best} "
+        f"(p = {pv:.2g} for the best of {selection.m}); readout {report.config.get('readout', '?')}, "
+        f"contrast {report.config.get('contrast', '?')}"
+        + (f"; {len(report.flagged_layers)} low-SNR layer(s) greyed" if report.flagged_layers else "")
+    )
+    return {
+        "text": f"revlens: fine-tuning drift along v_rev<br><span style='font-size:12px'>{subtitle}</span>",
+        "x": 0.0,
+        "xref": "paper",
+        "xanchor": "left",
+        "y": 1 - TITLE_TOP_PX / height,
+        "yanchor": "top",
+    }
+
+
+def _fit_colorbar(fig: go.Figure, rows: dict[str, tuple[int, int]]) -> None:
+    """Set the heatmap's colour bar beside the heatmap, as tall as it."""
     heat_axis = fig.get_subplot(*rows["heatmap"]).yaxis
     dom = heat_axis.domain
     fig.update_traces(
         selector={"type": "heatmap"},
         colorbar={"len": dom[1] - dom[0], "y": (dom[0] + dom[1]) / 2, "yanchor": "middle", "x": 1.01, "thickness": 14},
     )
-    return fig
 
 
 def _panel_of(title_index: int, plan: list[tuple[str, str | None, int]]) -> str:

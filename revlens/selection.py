@@ -231,64 +231,26 @@ def selection_test(
     n_runs, _, n_layers = a.shape
     if len(layers) != n_layers or len(runs) != n_runs:
         raise ValueError(f"alignment has shape {a.shape} but {len(runs)} runs and {len(layers)} layers were given.")
-    eligible = np.ones(n_layers, bool) if eligible is None else np.asarray(eligible, bool)
-    measured = np.isfinite(layer_means(a))
-    if not measured.any():
-        raise ValueError(
-            f"every alignment is NaN ({a.size} run-step-layer values): no layer can be chosen or tested. Either the "
-            "fine-tuning checkpoints diverged (NaN/inf weights; see report.config['non_finite']), or v_rev is "
-            "undefined because pretrain and align give the same readouts (report.v_rev_norm is 0): check that the "
-            "history's pretrain and align are different models and replace the diverged checkpoints."
-        )
-    eligible = eligible & measured
-    if not eligible.any():
-        eligible = measured
+    eligible = _measured_eligible(a, eligible)
     runs = list(runs)
-    if select_on is None:
-        chosen_runs, test_runs = runs, runs
-    else:
-        chosen_runs = [select_on] if isinstance(select_on, str) else list(select_on)
-        unknown = [r for r in chosen_runs if r not in runs]
-        if unknown:
-            raise ValueError(f"select_on names runs {unknown} that the report does not have; its runs are {runs}.")
-        test_runs = [r for r in runs if r not in chosen_runs]
-        if not test_runs:
-            raise ValueError(
-                f"select_on={chosen_runs} leaves no run to test; keep at least one run out of the {len(runs)} ({runs})."
-            )
-    pick = [runs.index(r) for r in chosen_runs]
-    li = choose_layer(a[pick], eligible)
+    chosen_runs, test_runs = _split_runs(runs, select_on)
+    li = choose_layer(a[[runs.index(r) for r in chosen_runs]], eligible)
     competing = np.flatnonzero(eligible) if select_on is None else np.array([li])
     m = len(competing)
     tested = a[[runs.index(r) for r in test_runs], :, li]
-    p = nulls.isotropic_p_value(tested, d_model, k)
-    p_bonf, p_sidak = bonferroni(p, m), sidak(p, m)
-    p_bonf[np.isnan(p)] = np.nan
-    p_sidak[np.isnan(p)] = np.nan
-    thresholds = {
-        "isotropic_p99": nulls.isotropic_quantile(1 - alpha, d_model, k),
-        "bonferroni": nulls.isotropic_quantile(1 - alpha / m, d_model, k),
-        "sidak": nulls.isotropic_quantile((1 - alpha) ** (1 / m), d_model, k),
-    }
+    p, p_bonf, p_sidak = _pair_p_values(tested, d_model, k, m)
+    thresholds = _isotropic_thresholds(alpha, m, d_model, k)
     above: dict[str, int | None] = {name: nulls.exceedance_count(tested, thr)[0] for name, thr in thresholds.items()}
     pairs = int(np.isfinite(tested).sum())
-    p_act_max = np.full(tested.shape, np.nan)
     p_value = {
         "isotropic": merge_p_values(p),
         "bonferroni": float(bonferroni(merge_p_values(p), m)),
         "sidak": float(sidak(merge_p_values(p), m)),
-        "activation_max": float("nan"),
     }
-    draws = None if null_draws_activation is None else np.asarray(null_draws_activation, dtype=np.float64)
-    if draws is not None and draws.ndim == 2 and draws.shape[0] == n_layers and np.isfinite(draws[competing]).any():
-        layer_max = np.nanmax(np.where(np.isfinite(draws[competing]), draws[competing], -np.inf), axis=0)
-        p_act_max = monte_carlo_p_value(tested, layer_max)
-        thresholds["activation_max"] = float(np.quantile(layer_max, 1 - alpha))
-        thresholds["activation_p99"] = float(np.nanquantile(draws[li], 1 - alpha))
-        above["activation_max"] = nulls.exceedance_count(tested, thresholds["activation_max"])[0]
-        p_value["activation_max"] = merge_p_values(p_act_max)
-    else:
-        above["activation_max"] = None
+    p_act_max, act_thresholds, above["activation_max"], p_value["activation_max"] = _activation_max_test(
+        tested, null_draws_activation, n_layers, li, competing, alpha
+    )
+    thresholds.update(act_thresholds)
     with np.errstate(all="ignore"):
         mean = float(np.nanmean(tested)) if pairs else float("nan")
     return SelectionTest(
@@ -308,3 +270,79 @@ def selection_test(
         above=above,
         p_value=p_value,
     )
+
+
+def _measured_eligible(a: np.ndarray, eligible: np.ndarray | None) -> np.ndarray:
+    """The eligible layers with a measured alignment (every measured layer when none of them is eligible)."""
+    n_layers = a.shape[2]
+    eligible = np.ones(n_layers, bool) if eligible is None else np.asarray(eligible, bool)
+    measured = np.isfinite(layer_means(a))
+    if not measured.any():
+        raise ValueError(
+            f"every alignment is NaN ({a.size} run-step-layer values): no layer can be chosen or tested. Either the "
+            "fine-tuning checkpoints diverged (NaN/inf weights; see report.config['non_finite']), or v_rev is "
+            "undefined because pretrain and align give the same readouts (report.v_rev_norm is 0): check that the "
+            "history's pretrain and align are different models and replace the diverged checkpoints."
+        )
+    eligible = eligible & measured
+    if not eligible.any():
+        eligible = measured
+    return eligible
+
+
+def _split_runs(runs: list[str], select_on: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(the runs the layer is chosen on, the runs tested): every run for both without ``select_on``."""
+    if select_on is None:
+        return runs, runs
+    chosen_runs = [select_on] if isinstance(select_on, str) else list(select_on)
+    unknown = [r for r in chosen_runs if r not in runs]
+    if unknown:
+        raise ValueError(f"select_on names runs {unknown} that the report does not have; its runs are {runs}.")
+    test_runs = [r for r in runs if r not in chosen_runs]
+    if not test_runs:
+        raise ValueError(
+            f"select_on={chosen_runs} leaves no run to test; keep at least one run out of the {len(runs)} ({runs})."
+        )
+    return chosen_runs, test_runs
+
+
+def _pair_p_values(tested: np.ndarray, d_model: int, k: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each tested pair's isotropic p-value, and its Bonferroni and Sidak corrections for m layers (NaN stays NaN)."""
+    p = nulls.isotropic_p_value(tested, d_model, k)
+    p_bonf, p_sidak = bonferroni(p, m), sidak(p, m)
+    p_bonf[np.isnan(p)] = np.nan
+    p_sidak[np.isnan(p)] = np.nan
+    return p, p_bonf, p_sidak
+
+
+def _isotropic_thresholds(alpha: float, m: int, d_model: int, k: int) -> dict[str, float]:
+    """The isotropic null's 1 - alpha quantile, alone and corrected for the best of m layers (Bonferroni, Sidak)."""
+    return {
+        "isotropic_p99": nulls.isotropic_quantile(1 - alpha, d_model, k),
+        "bonferroni": nulls.isotropic_quantile(1 - alpha / m, d_model, k),
+        "sidak": nulls.isotropic_quantile((1 - alpha) ** (1 / m), d_model, k),
+    }
+
+
+def _activation_max_test(
+    tested: np.ndarray,
+    null_draws_activation: np.ndarray | None,
+    n_layers: int,
+    li: int,
+    competing: np.ndarray,
+    alpha: float,
+) -> tuple[np.ndarray, dict[str, float], int | None, float]:
+    """The tested pairs against the maximum over the competing layers of their activation-space null alignments:
+    per-pair p-values, thresholds (``activation_max``; ``activation_p99``, the chosen layer's own), the count of
+    pairs above the corrected one and the merged p-value. NaN, no thresholds and None without usable draws."""
+    draws = None if null_draws_activation is None else np.asarray(null_draws_activation, dtype=np.float64)
+    if draws is not None and draws.ndim == 2 and draws.shape[0] == n_layers and np.isfinite(draws[competing]).any():
+        layer_max = np.nanmax(np.where(np.isfinite(draws[competing]), draws[competing], -np.inf), axis=0)
+        p_act_max = monte_carlo_p_value(tested, layer_max)
+        thresholds = {
+            "activation_max": float(np.quantile(layer_max, 1 - alpha)),
+            "activation_p99": float(np.nanquantile(draws[li], 1 - alpha)),
+        }
+        above = nulls.exceedance_count(tested, thresholds["activation_max"])[0]
+        return p_act_max, thresholds, above, merge_p_values(p_act_max)
+    return np.full(tested.shape, np.nan), {}, None, float("nan")

@@ -289,13 +289,61 @@ def unlearn(
         >>> result.checks[0]["forget"].n, result.trained_steps, result.settings["method"]  # 0: before unlearning
         (2, 2, 'graddiff')
     """
+    _check_unlearn_settings(method, steps, batch_size, check_every, forget_ratio, retain_ratio)
+    checks: dict[int, dict[str, BehaviourResult]] = {}
+    check = _recall_check(model, forget_check, retain_check, checks, tokenizer, generate_batch, on_check, progress)
+    before = dict(shipped) if shipped is not None else check(0)
+    checks[0] = {"forget": before["forget"], "retain": before["retain"]}
+    targets = {
+        "forget": forget_ratio * before["forget"].rate.rate,
+        "retain": retain_ratio * before["retain"].rate.rate,
+    }
+    take_step = _unlearning_stepper(
+        model, forget, retain, method, lr, batch_size, beta, retain_weight, seed, autocast_dtype
+    )
+    kept, done, met, losses, spent = _calibrate(
+        model, take_step, check, checks, targets, method, steps, check_every, check_from, progress
+    )
+    settings = {
+        "method": method,
+        "lr": lr,
+        "batch_size": batch_size,
+        "beta": beta if method == "npo" else None,
+        "retain_weight": retain_weight,
+        "forget_ratio": forget_ratio,
+        "retain_ratio": retain_ratio,
+        "check_every": check_every,
+        "check_from": check_from,
+        "max_steps": steps,
+        "seed": seed,
+        "autocast": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
+    }
+    return UnlearnResult(kept, done, met, targets, checks, losses, spent, settings)
+
+
+def _check_unlearn_settings(
+    method: str, steps: int, batch_size: int, check_every: int, forget_ratio: float, retain_ratio: float
+) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not an unlearning method; choose one of {', '.join(METHODS)}.")
     if steps < 1 or batch_size < 1 or check_every < 1:
         raise ValueError(f"steps, batch_size and check_every must be >= 1, got {steps}, {batch_size}, {check_every}.")
     if not 0.0 <= forget_ratio <= 1.0 or not 0.0 <= retain_ratio <= 1.0:
         raise ValueError(f"forget_ratio and retain_ratio are fractions in [0, 1], got {forget_ratio}, {retain_ratio}.")
-    checks: dict[int, dict[str, BehaviourResult]] = {}
+
+
+def _recall_check(
+    model: Any,
+    forget_check: Behaviour,
+    retain_check: Behaviour,
+    checks: dict[int, dict[str, BehaviourResult]],
+    tokenizer: Any,
+    generate_batch: int,
+    on_check: Callable[[int, dict[str, BehaviourResult]], None] | None,
+    progress: bool,
+) -> Callable[[int], dict[str, BehaviourResult]]:
+    """``check(step)``: measure forget and retain recall, keep them in ``checks[step]``, pass them to ``on_check``,
+    print them when ``progress``, and return them."""
 
     def check(step: int) -> dict[str, BehaviourResult]:
         got = measure_behaviours(model, [forget_check, retain_check], tokenizer=tokenizer, batch_size=generate_batch)
@@ -308,20 +356,29 @@ def unlearn(
             )
         return checks[step]
 
-    before = dict(shipped) if shipped is not None else check(0)
-    checks[0] = {"forget": before["forget"], "retain": before["retain"]}
-    targets = {
-        "forget": forget_ratio * before["forget"].rate.rate,
-        "retain": retain_ratio * before["retain"].rate.rate,
-    }
+    return check
+
+
+def _unlearning_stepper(
+    model: Any,
+    forget: Batch,
+    retain: Batch | None,
+    method: str,
+    lr: float,
+    batch_size: int,
+    beta: float,
+    retain_weight: float,
+    seed: int,
+    autocast_dtype: torch.dtype | None,
+) -> Callable[[int], float]:
+    """``take_step(step)``: draw the step's forget and retain rows, take one AdamW step (no weight decay) on the
+    method's loss and return the loss. Reads NPO's reference log-probabilities (before any step) and makes the
+    optimizer first."""
     device = _device(model)
     reference = reference_logprobs(model, *forget) if method == "npo" else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    losses: dict[int, float] = {}
-    best: dict[str, Any] = {}
-    spent, done, met = 0.0, 0, False
-    for step in tqdm(range(1, steps + 1), desc=f"unlearn ({method})", disable=not progress, leave=False):
-        t0 = time.perf_counter()
+
+    def take_step(step: int) -> float:
         idx = _draw(forget[0].shape[0], batch_size, seed, step, 0)
         f_batch = tuple(t.to(device) for t in _trimmed(forget[0][idx], forget[1][idx]))
         r_batch = None
@@ -335,7 +392,33 @@ def unlearn(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses[step] = float(loss.detach())
+        return float(loss.detach())
+
+    return take_step
+
+
+def _calibrate(
+    model: Any,
+    take_step: Callable[[int], float],
+    check: Callable[[int], dict[str, BehaviourResult]],
+    checks: dict[int, dict[str, BehaviourResult]],
+    targets: dict[str, float],
+    method: str,
+    steps: int,
+    check_every: int,
+    check_from: int,
+    progress: bool,
+) -> tuple[int, int, bool, dict[int, float], float]:
+    """Take up to ``steps`` steps, checking every ``check_every`` from ``check_from`` on (and after the last), and
+    stop at the first check meeting both targets; when none does, set the model back to the closest check (the
+    later one on ties) and warn. Returns (the kept step, the steps taken, whether a check met both targets, the
+    loss of each step, the seconds spent training)."""
+    losses: dict[int, float] = {}
+    best: dict[str, Any] = {}
+    spent, done, met = 0.0, 0, False
+    for step in tqdm(range(1, steps + 1), desc=f"unlearn ({method})", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        losses[step] = take_step(step)
         spent += time.perf_counter() - t0
         done = step
         if step == steps or (step >= check_from and step % check_every == 0):
@@ -354,20 +437,6 @@ def unlearn(
             f"(forget {checks[kept]['forget'].rate.rate:.3f}, retain {checks[kept]['retain'].rate.rate:.3f}). "
             "Raise steps or lr, or change retain_weight.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    settings = {
-        "method": method,
-        "lr": lr,
-        "batch_size": batch_size,
-        "beta": beta if method == "npo" else None,
-        "retain_weight": retain_weight,
-        "forget_ratio": forget_ratio,
-        "retain_ratio": retain_ratio,
-        "check_every": check_every,
-        "check_from": check_from,
-        "max_steps": steps,
-        "seed": seed,
-        "autocast": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
-    }
-    return UnlearnResult(kept, done, met, targets, checks, losses, spent, settings)
+    return kept, done, met, losses, spent
