@@ -74,7 +74,14 @@ from revlens.jobpool import JobFailed, JobPool, default_workers
 from revlens.knowledge import KnowledgeItem, KnowledgeSplit, knowledge_candidates
 from revlens.losses import masked_lm_loss, model_lm_loss, takes_logits_to_keep
 from revlens.metric_labels import metric_labels, table_labels
-from revlens.model_sources import MODEL_SOURCES, GGUFError, ModelNotFoundError, ModelSource, ensure_model
+from revlens.model_sources import (
+    MODEL_SOURCES,
+    GGUFError,
+    ModelNotFoundError,
+    ModelSource,
+    ensure_model,
+    save_hf_model,
+)
 from revlens.paper import comparison_rows, comparison_table
 from revlens.penalties import KLAnchor, PenaltySum
 from revlens.probe import ProbeResult, ReversionProbe
@@ -160,6 +167,7 @@ __all__ = [
     "PromptSource",
     # real models from offline sources
     "ensure_model",
+    "save_hf_model",
     "ModelSource",
     "MODEL_SOURCES",
     "Rate",

@@ -282,6 +282,17 @@ def save_hf_model(
     Builds a fresh model of the same class from the config and loads the state dict into it, which
     ``save_pretrained`` accepts also for GGUF-loaded and TransformerBridge-wrapped modules; written to a
     temporary sibling folder and renamed into place.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+        ...                                      num_hidden_layers=1, num_attention_heads=2))
+        >>> folder = save_hf_model(model, chat_tokenizer, Path(tmp) / "saved_llama")
+        >>> (folder / "config.json").is_file(), (folder / "model.safetensors").is_file()
+        (True, True)
+        >>> again = AutoModelForCausalLM.from_pretrained(folder)
+        >>> all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
+        True
     """
     folder = Path(folder)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}

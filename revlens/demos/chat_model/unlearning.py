@@ -111,7 +111,7 @@ class Unlearning(ShallowPhase):
     def train(self, ctx: Any, store: Path, inputs: Any, pool: Any) -> None:
         """:func:`revlens.unlearn` from pretrain on the forget and retain probe items (16-token greedy checks of
         the held-out parts), then the kept step's recall; written to ``store`` with its record."""
-        from revlens.demos.chat_model.model import save_hf_model
+        from revlens import save_hf_model
         from revlens.demos.chat_model.pipeline import ALIGN_RECORD, _align_key, _autocast
 
         s, split = ctx.settings, ctx.knowledge
