@@ -51,13 +51,18 @@ def delete_kept_phase(phase: str) -> None:
 
 
 def measured(report, manifest: dict) -> dict:
-    """What an unlearning run measured: recall, the alignment trajectory at the best layer, the blocking rows."""
+    """What a run measured: the tracked behaviour (an unlearning run's recall, a refusal run's harm and harmless
+    answers) as shipped, after the shallow phase and at the end, along fine-tuning; the shallow phase's record; the
+    alignment trajectory at the best layer with the nulls; the selection test; the blocking rows; the paper table."""
     li = report.best_layer_index()
     b = report.behaviour
+    unlearning = "forget_recall" in b
+    kind, phase = ("recall", "unlearn") if unlearning else ("behaviour", "align")
+    tracked = ("forget_recall", "retain_recall") if unlearning else ("harm", "refused_exact", "harmless_answered")
     return {
-        "recall": {k: {p: b[k][p] for p in ("pretrain", "align", "final")} for k in ("forget_recall", "retain_recall")},
-        "recall_along": b["along"],
-        "unlearn": {k: v for k, v in manifest["align"].items() if k not in ("losses", "folder")},
+        kind: {k: {p: b[k][p] for p in ("pretrain", "align", "final")} for k in tracked},
+        f"{kind}_along": b["along"],
+        phase: {k: v for k, v in manifest["align"].items() if k not in ("losses", "folder")},
         "best_layer": report.best_layer,
         "steps": report.steps,
         "alignment_best_layer": {run: report.alignment[r, :, li].tolist() for r, run in enumerate(report.runs)},
@@ -111,8 +116,8 @@ def main() -> None:
     p.add_argument(
         "--retabulate",
         action="store_true",
-        help="an unlearning run finished in --out and resumed since (after a change to its tables): read what it "
-        "measured again into the result file, keeping the timings of the run that trained it",
+        help="a run finished in --out (resumed since after a change to its tables, or made with `revlens demo`): "
+        "read what it measured into the result file, keeping the timings already there",
     )
     args = p.parse_args()
     if args.threads:
@@ -122,8 +127,16 @@ def main() -> None:
     stem = STEMS.get(name, f"chat_model_demo_{name}")
     path = Path("benchmarks/results") / f"{stem}{'_quick' if args.quick else ''}.json"
     if args.retabulate:
-        result = json.loads(path.read_text())
-        result["measured"] = measured(ReversionReport.load(out), json.loads((out / MANIFEST).read_text()))
+        report = ReversionReport.load(out)
+        if path.is_file():
+            result = json.loads(path.read_text())
+        else:  # a run made with `revlens demo` (e.g. with its own --modes): its own phase timings, not this script's
+            result = run_summary(report, out, report.config["demo"]["timings_s"]["total"])
+            result["wall_from"] = "the run's own timings_s (a `revlens demo` run, not timed by this script)"
+            for unknown in ("threads", "load_average_after"):  # this process's, not the run's
+                result[unknown] = None
+            result["phase"] = report.config["demo"]["phase"]
+        result["measured"] = measured(report, json.loads((out / MANIFEST).read_text()))
         path.write_text(json.dumps(result, indent=1))
         print(f"{path}: measured read again from {out}")
         return
@@ -138,10 +151,10 @@ def main() -> None:
     wall = time.perf_counter() - t0
     result = run_summary(report, out, wall)
     result["phase"] = report.config["demo"]["phase"]
+    manifest = json.loads((out / MANIFEST).read_text())
     if result["phase"] == "unlearn":
-        manifest = json.loads((out / MANIFEST).read_text())
         result["calibration"] = {"method": manifest["align"]["method"], "targets": manifest["align"]["targets"]}
-        result["measured"] = measured(report, manifest)
+    result["measured"] = measured(report, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
