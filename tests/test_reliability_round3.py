@@ -588,7 +588,7 @@ def test_real_model_tables_say_task_loss_and_harmless_answered_the_organisms_kee
     real.behaviour = {m: row for m in metrics} | {"along": {}}
     print_chat_model(real)
     printed = capsys.readouterr().out
-    table = printed[printed.index("blocking at layers") : printed.index("best mode")]
+    table = printed[printed.index("blocking at layers") : printed.index("best v_rev mode")]
     assert "task loss" in table and "task accuracy" in table and "harmless answered" in table
     assert "b1_retention" not in table and "task_loss" not in table and "+/-" not in table  # one seed: no spread
     assert "0.875" in table and "1.500" in table
