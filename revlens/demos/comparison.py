@@ -159,6 +159,15 @@ def blocking_summary(
     }
 
 
+def split_label(label: str) -> tuple[str, str]:
+    """``"grad@best"`` -> ("grad", "best"); a label without an ``@best`` / ``@all`` suffix acts at every analysed
+    layer: (label, "all")."""
+    mode, _, where = label.rpartition("@")
+    if where in ("best", "all") and mode:
+        return mode, where
+    return label, "all"
+
+
 def blocks_v_rev(label: str) -> bool:
     """Whether a blocking label acts along v_rev (or its rank-k reversion subspace) with hooks or an anchor.
 
@@ -173,8 +182,7 @@ def blocks_v_rev(label: str) -> bool:
         >>> blocks_v_rev("anchor@0.0001+random@32"), blocks_v_rev("kl@1+sample@8"), blocks_v_rev("plain")
         (False, False, False)
     """
-    mode, _, where = label.rpartition("@")
-    mode = mode if where in ("best", "all") and mode else label
+    mode = split_label(label)[0]
     if mode == "plain":
         return False
     try:

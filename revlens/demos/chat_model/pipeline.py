@@ -61,7 +61,7 @@ from revlens.demos.chat_model.sources import is_converted, model_folder
 from revlens.demos.chat_model.tasks import benign_pairs
 from revlens.demos.chat_model.train import train_steps
 from revlens.demos.chat_model.unlearning import load_knowledge, recall_behaviour
-from revlens.demos.comparison import FinalAlignment
+from revlens.demos.comparison import FinalAlignment, split_label
 
 MANIFEST = "chat_model.json"
 LEGACY_MANIFEST = "smollm2.json"  # the name before the pipeline was generic: renamed on resume
@@ -597,14 +597,6 @@ def behaviour_summary(manifest: dict[str, Any], phase: ShallowPhase | None = Non
     return out
 
 
-def _split_label(label: str) -> tuple[str, str]:
-    """``"grad@best"`` -> ("grad", "best"); anchor modes and ``plain`` act at every analysed layer."""
-    mode, _, where = label.rpartition("@")
-    if where in ("best", "all") and mode:
-        return mode, where
-    return label, "all"
-
-
 _ALIGN_REFERENCE: dict[str, tuple[HFBridge, list[torch.Tensor], list[torch.Tensor]]] = {}
 
 
@@ -634,7 +626,7 @@ def _blocked_run(
 
     s = ctx.settings
     align, harmful_ids, harmless_ids = _align_reference(ctx)
-    mode, _ = _split_label(label)
+    mode, _ = split_label(label)
     if mode == "plain":
         hb = HFBridge(ctx.history / "finetune" / f"seed_{seed}" / f"step_{s.blocking_steps}")
     else:
@@ -694,7 +686,7 @@ def blocking_directions(ctx: _Context, report: ReversionReport, labels: Any) -> 
     measured: dict[Any, dict[int, torch.Tensor]] = {}
     out = {}
     for label in labels:
-        mode, where = _split_label(label)
+        mode, where = split_label(label)
         if mode == "plain":
             continue
         subspace = BlockingSpec.parse(mode).subspace
@@ -749,7 +741,7 @@ def chat_model_blocking(ctx: _Context, report: ReversionReport, workers: int = 1
         run,
         done=rows,
         record=record,
-        mode_of=lambda label: _split_label(label)[0],
+        mode_of=lambda label: split_label(label)[0],
         workers=workers,
         progress=ctx.progress,
     )
