@@ -1,7 +1,8 @@
 """Runtime of the chat-model pipeline (`revlens demo --preset smollm2`, or any `--preset` / `--model`): per phase,
 written to benchmarks/results/.
 
-python benchmarks/smollm2_demo.py --quick --fresh-align   # the first run, cold; target: <= 10 min on 2 CPU cores
+python benchmarks/smollm2_demo.py --quick --cold          # the first run, nothing kept; target: <= 10 min on 2 cores
+python benchmarks/smollm2_demo.py --quick --fresh-align   # the model's conversion kept, align trained in the run
 python benchmarks/smollm2_demo.py                         # full: 3 seeds x 100 steps, full blocking list
 python benchmarks/smollm2_demo.py --quick --model DIR_OR_GGUF [--preset qwen2.5-coder-0.5b]  # another model
 python benchmarks/smollm2_demo.py --preset smollm2-unlearn --quick --fresh-align  # the unlearning setting, cold;
@@ -12,8 +13,10 @@ once beside the converted model and shared by every run with the same align sett
 whether this run trained it (``align_trained``) and how long it took, so the figure with and without it
 can both be read. ``history_s.finetune_runs`` is the wall-clock of every seed's training and evaluations
 (side by side on ``workers`` processes); ``job_s`` the seconds of each seed's jobs.
-``--fresh-align`` deletes the kept shallow phase of the preset's kind (refusal training, or unlearning) first for
-a fully cold figure, leaving the other kind's. ``calibration`` records how align's checks were scored and, for the
+``--fresh-align`` deletes the kept shallow phase of the preset's kind (refusal training, or unlearning) first,
+leaving the other kind's; ``--cold`` also deletes the model's conversion from its offline source (GGUF), so nothing
+is kept, as on a fresh checkout, and writes ``<stem>_cold.json`` (``smollm2_demo_quick_cold.json``) beside the
+other result files. ``calibration`` records how align's checks were scored and, for the
 teacher-forced score, how often it agreed with the generated answers. An unlearning run (``--preset
 smollm2-unlearn``, file ``smollm2_unlearn_demo[_quick].json``) also records what it measured, for
 docs/results/unlearning.md: recall as shipped, unlearned and along fine-tuning (95% Wilson intervals), the
@@ -33,7 +36,7 @@ from typing import Any
 
 import torch
 
-from revlens import ReversionReport
+from revlens import MODEL_SOURCES, ReversionReport
 from revlens.demos.chat_model.pipeline import ALIGN_RECORD, MANIFEST, run_chat_model
 from revlens.demos.chat_model.recipe import PRESETS
 
@@ -48,6 +51,15 @@ def delete_kept_phase(phase: str) -> None:
         kept = json.loads(record.read_text())["settings"]["settings"].get("phase", "refusal")
         if kept == phase:
             shutil.rmtree(record.parent)
+
+
+def delete_conversion(source: str) -> None:
+    """Delete the converted HF folder of an offline source name or a ``.gguf`` file (a user's HF folder is never
+    touched: it is not a conversion)."""
+    if source in MODEL_SOURCES:
+        shutil.rmtree(MODEL_SOURCES[source].folder, ignore_errors=True)
+    elif Path(source).suffix == ".gguf":  # converted into revlens_out/models/<file stem> (revlens.ensure_model)
+        shutil.rmtree(Path("revlens_out/models") / Path(source).stem.lower(), ignore_errors=True)
 
 
 def measured(report, manifest: dict) -> dict:
@@ -112,7 +124,10 @@ def main() -> None:
     p.add_argument("--model", default=None, help="an HF chat-model folder or a .gguf file")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core, at most 4)")
-    p.add_argument("--fresh-align", action="store_true", help="delete the kept align first (a fully cold run)")
+    p.add_argument("--fresh-align", action="store_true", help="delete the kept align first")
+    p.add_argument(
+        "--cold", action="store_true", help="delete the kept align and the model's conversion first (nothing kept)"
+    )
     p.add_argument(
         "--retabulate",
         action="store_true",
@@ -125,7 +140,7 @@ def main() -> None:
     name = args.preset or (Path(args.model).stem if args.model else "smollm2")
     out = Path(args.out or f"revlens_out/bench-{name}{'-quick' if args.quick else ''}")
     stem = STEMS.get(name, f"chat_model_demo_{name}")
-    path = Path("benchmarks/results") / f"{stem}{'_quick' if args.quick else ''}.json"
+    path = Path("benchmarks/results") / f"{stem}{'_quick' if args.quick else ''}{'_cold' if args.cold else ''}.json"
     if args.retabulate:
         report = ReversionReport.load(out)
         if path.is_file():
@@ -142,8 +157,10 @@ def main() -> None:
         return
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: a benchmark times a whole run; delete it or pass another --out.")
-    if args.fresh_align:
+    if args.fresh_align or args.cold:
         delete_kept_phase(PRESETS[args.preset].recipe.phase if args.preset else "refusal")
+    if args.cold:
+        delete_conversion(args.model or PRESETS[args.preset or "smollm2"].source)
     t0 = time.perf_counter()
     report = run_chat_model(
         out, model=args.model, preset=args.preset, quick=args.quick, progress=True, workers=args.workers
@@ -151,6 +168,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     result = run_summary(report, out, wall)
     result["phase"] = report.config["demo"]["phase"]
+    result["cold"] = args.cold  # nothing kept: the conversion and the shallow phase ran in this run
     manifest = json.loads((out / MANIFEST).read_text())
     if result["phase"] == "unlearn":
         result["calibration"] = {"method": manifest["align"]["method"], "targets": manifest["align"]["targets"]}
