@@ -128,14 +128,91 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
+def read_times(folders: list[Path], device: str) -> list[float]:
+    """Seconds to read each checkpoint's safetensors onto ``device`` once."""
+    from safetensors.torch import load_file
+
+    read = []
+    for folder in folders:
+        t = time.perf_counter()
+        for path in sorted(folder.glob("*.safetensors")):
+            if device == "cpu":
+                path.read_bytes()  # load_file on CPU maps the file lazily: copy the bytes to count them
+            else:
+                load_file(str(path), device=device)
+        sync(device)
+        read.append(time.perf_counter() - t)
+    return read
+
+
+def swap_and_probe_times(folders: list[Path], device: str, dtype: torch.dtype) -> tuple[list[float], list[float]]:
+    """Seconds to swap each checkpoint after the first into one booted model, and of three probe passes."""
+    from revlens.checkpoint_loader import CheckpointLoader
+    from revlens.probe import ReversionProbe
+
+    loader = CheckpointLoader(device=device)
+    swap = []
+    for i, folder in enumerate(folders):
+        t = time.perf_counter()
+        model = loader.load(folder)
+        sync(device)
+        if i:
+            swap.append(time.perf_counter() - t)
+    assert loader.boots == 1 and {p.dtype for p in model.parameters()} == {dtype}
+    probe = ReversionProbe(PROMPTS, batch_size=len(PROMPTS), device=device, per_example=True)
+    probe.measure(model)
+    probe_s = []
+    for _ in range(3):
+        t = time.perf_counter()
+        probe.measure(model)
+        sync(device)
+        probe_s.append(time.perf_counter() - t)
+    return swap, probe_s
+
+
+def boot_times(folder: Path, device: str) -> tuple[float, float]:
+    """Seconds to boot a fresh bridge for ``folder`` in its dtype, and in float32 (what every checkpoint cost
+    before)."""
+    from revlens.checkpoint_loader import load_checkpoint
+
+    t = time.perf_counter()
+    load_checkpoint(folder, device=device)
+    sync(device)
+    boot_s = time.perf_counter() - t
+    t = time.perf_counter()
+    load_checkpoint(folder, device=device, dtype="float32")
+    sync(device)
+    return boot_s, time.perf_counter() - t
+
+
+def analyze_time(root: Path, device: str) -> tuple[float, list[float], PeakRSS]:
+    """``revlens.analyze`` of the history: its seconds, each checkpoint's loading seconds, and its peak RSS."""
+    import revlens
+    from revlens.checkpoint_loader import CheckpointLoader
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    loading = []
+
+    class TimedLoader(CheckpointLoader):
+        def load(self, source):
+            t = time.perf_counter()
+            out = super().load(source)
+            sync(device)
+            loading.append(time.perf_counter() - t)
+            return out
+
+    with PeakRSS() as rss, mock.patch("revlens.analysis.CheckpointLoader", TimedLoader):
+        t = time.perf_counter()
+        revlens.analyze(root, PROMPTS, batch_size=len(PROMPTS), device=device, progress=False, null_samples=2000)
+        sync(device)
+        analyze_s = time.perf_counter() - t
+    return analyze_s, loading, rss
+
+
 def measure(args: argparse.Namespace) -> dict:
     """Write (or reuse) the history and time reading, analysing, swapping, booting and probing it."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    import revlens
-    from revlens.checkpoint_loader import CheckpointLoader, load_checkpoint
-    from revlens.probe import ReversionProbe
 
     dtype = getattr(torch, args.dtype)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="revlens_bench_"))
@@ -150,64 +227,10 @@ def measure(args: argparse.Namespace) -> dict:
         write_s = time.perf_counter() - t0
         weight_bytes = sum(p.stat().st_size for p in folders[0].glob("*.safetensors"))
 
-        read = []
-        for folder in folders:
-            t = time.perf_counter()
-            for path in sorted(folder.glob("*.safetensors")):
-                if args.device == "cpu":
-                    path.read_bytes()  # load_file on CPU maps the file lazily: copy the bytes to count them
-                else:
-                    load_file(str(path), device=args.device)
-            sync(args.device)
-            read.append(time.perf_counter() - t)
-
-        loader = CheckpointLoader(device=args.device)
-        swap = []
-        for i, folder in enumerate(folders):
-            t = time.perf_counter()
-            model = loader.load(folder)
-            sync(args.device)
-            if i:
-                swap.append(time.perf_counter() - t)
-        assert loader.boots == 1 and {p.dtype for p in model.parameters()} == {dtype}
-        probe = ReversionProbe(PROMPTS, batch_size=len(PROMPTS), device=args.device, per_example=True)
-        probe.measure(model)
-        probe_s = []
-        for _ in range(3):
-            t = time.perf_counter()
-            probe.measure(model)
-            sync(args.device)
-            probe_s.append(time.perf_counter() - t)
-        del model, loader
-
-        t = time.perf_counter()
-        load_checkpoint(folders[-1], device=args.device)
-        sync(args.device)
-        boot_s = time.perf_counter() - t
-        t = time.perf_counter()
-        load_checkpoint(folders[-1], device=args.device, dtype="float32")  # what every checkpoint cost before
-        sync(args.device)
-        boot_f32_s = time.perf_counter() - t
-
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        loading = []
-
-        class TimedLoader(CheckpointLoader):
-            def load(self, source):
-                t = time.perf_counter()
-                out = super().load(source)
-                sync(args.device)
-                loading.append(time.perf_counter() - t)
-                return out
-
-        with PeakRSS() as rss, mock.patch("revlens.analysis.CheckpointLoader", TimedLoader):
-            t = time.perf_counter()
-            revlens.analyze(
-                root, PROMPTS, batch_size=len(PROMPTS), device=args.device, progress=False, null_samples=2000
-            )
-            sync(args.device)
-            analyze_s = time.perf_counter() - t
+        read = read_times(folders, args.device)
+        swap, probe_s = swap_and_probe_times(folders, args.device, dtype)
+        boot_s, boot_f32_s = boot_times(folders[-1], args.device)
+        analyze_s, loading, rss = analyze_time(root, args.device)
         per_ckpt = analyze_s / len(folders)
         read_s = statistics.median(read)
         result = {

@@ -13,6 +13,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -22,8 +23,20 @@ from revlens.losses import masked_lm_loss
 
 from _results import environment, write_result
 
+MODES = [
+    "plain",
+    "project",
+    "clamp",
+    "grad",
+    "clamp+grad",
+    "clamp@live",
+    "anchor",
+    "anchor+contrast",
+    "anchor+contrast@sample16",
+]
 
-def main() -> None:
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -33,9 +46,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=24)
     parser.add_argument("--tag", default="", help="suffix of the result file, e.g. bf16_large")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    return parser.parse_args()
+
+
+def step_functions(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    """Per mode, one training step (forward, backward, AdamW) of its own copy of a random model, blocked at the
+    last layer along a random direction."""
     cfg = dict(
         d_model=args.d_model,
         n_layers=args.layers,
@@ -48,7 +64,7 @@ def main() -> None:
         normalization_type="LN",
         seed=0,
     )
-    reference = boot_native_model(cfg, device=args.device).to(dtype).eval()
+    reference = boot_native_model(cfg, device=args.device).to(getattr(torch, args.dtype)).eval()
     tokens = torch.randint(1, 200, (args.batch, args.seq), device=args.device)
     mask = torch.ones_like(tokens, dtype=torch.float)
     block_layer = args.layers - 1
@@ -61,11 +77,7 @@ def main() -> None:
         "anchor+contrast@sample16": dict(weight=0.1, control=control_prompts, contrast_weight=1.0, sample=16),
     }
 
-    def sync() -> None:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def make(mode: str):
+    def make(mode: str) -> Callable[[], None]:
         model = copy.deepcopy(reference).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         anchor = ProbeAnchor({block_layer: v}, probe_prompts, reference, **anchors[mode]) if mode in anchors else None
@@ -91,29 +103,25 @@ def main() -> None:
             if anchor is not None:
                 anchor.penalty(model).backward()  # sampled anchors count their own steps
             opt.step()
-            sync()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
 
         return step
 
-    modes = [
-        "plain",
-        "project",
-        "clamp",
-        "grad",
-        "clamp+grad",
-        "clamp@live",
-        "anchor",
-        "anchor+contrast",
-        "anchor+contrast@sample16",
-    ]
-    steps = {m: make(m) for m in modes}
+    return {m: make(m) for m in MODES}
+
+
+def main() -> None:
+    args = arguments()
+    torch.manual_seed(0)
+    steps = step_functions(args)
     warmup, repeats, inner = (3, 5, 5) if args.quick else (5, 15, 10)
-    for m in modes:
+    for m in MODES:
         for _ in range(warmup):
             steps[m]()
-    times: dict[str, list[float]] = {m: [] for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(repeats):
-        for m in modes:  # interleaved, so drifts in machine load hit every mode alike
+        for m in MODES:  # interleaved, so drifts in machine load hit every mode alike
             start = time.perf_counter()
             for _ in range(inner):
                 steps[m]()
@@ -132,7 +140,7 @@ def main() -> None:
             "n_layers": args.layers,
             "batch": args.batch,
             "seq": args.seq,
-            "blocked_layer": block_layer,
+            "blocked_layer": args.layers - 1,
         },
         "modes": rows,
         "target_overhead_max": 0.10,

@@ -253,33 +253,9 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
     from revlens.sft_data import load_sft_jsonl
 
     spec, layers = blocking_setup(args.mode, args.layers, _n_layers(history / "align"))
-    if (spec.contrast or spec.subspace == ("refusal",)) and not args.control:
-        raise ValueError(
-            f"--mode {args.mode}: contrast@W and the refusal direction read the probe-minus-control contrast; give "
-            "the control prompts with --control FILE (e.g. --control harmless_requests.txt, the shipped set)."
-        )
-    if (spec.replay is not None) != (args.replay is not None):
-        raise ValueError(
-            f"--mode {args.mode} and --replay {args.replay}: replay@R draws R rows of each batch from --replay FILE; "
-            "give both or neither."
-        )
     prompts = load_prompt_file(args.prompts) if args.prompts else default_prompts()
     control = load_prompt_file(args.control) if args.control else None
-    rank = spec.subspace[1] if spec.subspace is not None and spec.subspace[0] == "rank" else None
-    if rank is not None and rank > len(prompts):
-        raise ValueError(
-            f"--mode {args.mode}: rank@{rank} needs at least {rank} probe prompts (the subspace is "
-            f"spanned by their differences); the probe set has {len(prompts)}: give more with --prompts "
-            "or a lower rank."
-        )
-    steps = 100 if args.steps is None else args.steps
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}.")
-    lora = None
-    if args.lora_r is not None:
-        if args.lora_r < 1:
-            raise ValueError(f"--lora-r must be >= 1, got {args.lora_r}.")
-        lora = {"r": args.lora_r, "lora_alpha": args.lora_alpha or 2 * args.lora_r}
+    steps, lora, rank = _data_run_options(args, spec, len(prompts))
     dtype = None if args.dtype in (None, "auto") else getattr(torch, args.dtype)
     autocast = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
 
@@ -342,6 +318,39 @@ def finetune_history(history: Path, out: Path, args: argparse.Namespace) -> dict
         "checkpoints": {int(s): str(p) for s, p in sorted(result.checkpoints.items())},
         "safelora": projected,
     }
+
+
+def _data_run_options(
+    args: argparse.Namespace, spec: BlockingSpec, n_prompts: int
+) -> tuple[int, dict[str, int] | None, int | None]:
+    """The --data run's ``(steps, LoRA settings or None, rank of rank@K or None)``; refuses options that do not fit
+    together (contrast without --control, replay@R without --replay, a rank above the probe set), naming the fix."""
+    if (spec.contrast or spec.subspace == ("refusal",)) and not args.control:
+        raise ValueError(
+            f"--mode {args.mode}: contrast@W and the refusal direction read the probe-minus-control contrast; give "
+            "the control prompts with --control FILE (e.g. --control harmless_requests.txt, the shipped set)."
+        )
+    if (spec.replay is not None) != (args.replay is not None):
+        raise ValueError(
+            f"--mode {args.mode} and --replay {args.replay}: replay@R draws R rows of each batch from --replay FILE; "
+            "give both or neither."
+        )
+    rank = spec.subspace[1] if spec.subspace is not None and spec.subspace[0] == "rank" else None
+    if rank is not None and rank > n_prompts:
+        raise ValueError(
+            f"--mode {args.mode}: rank@{rank} needs at least {rank} probe prompts (the subspace is "
+            f"spanned by their differences); the probe set has {n_prompts}: give more with --prompts "
+            "or a lower rank."
+        )
+    steps = 100 if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}.")
+    lora = None
+    if args.lora_r is not None:
+        if args.lora_r < 1:
+            raise ValueError(f"--lora-r must be >= 1, got {args.lora_r}.")
+        lora = {"r": args.lora_r, "lora_alpha": args.lora_alpha or 2 * args.lora_r}
+    return steps, lora, rank
 
 
 def _safe_lora_checkpoint(

@@ -790,6 +790,30 @@ def _open_manifest(out: Path, key: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _run_settings(
+    model: Any, preset: str | None, quick: bool, seeds: int | None, settings: Settings | None, compare: str | None
+) -> tuple[str | None, Settings]:
+    """:func:`run_chat_model`'s preset (``"smollm2"`` when neither it nor a model is given) and settings, checked;
+    refuses an unknown preset or comparison, naming the choices."""
+    if preset is None and model is None:
+        preset = "smollm2"
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown chat-model preset {preset!r}; choose from {', '.join(PRESETS)} or pass model=.")
+    if settings is None:
+        settings = Settings.of(PRESETS[preset].recipe if preset else Recipe(), quick=quick)
+        if seeds is not None:
+            settings = replace(settings, seeds=seeds)
+    check_settings(settings)
+    if compare not in (None, "defenses"):
+        raise ValueError(f"compare={compare!r}: the one comparison is 'defenses' (or None).")
+    if compare == "defenses" and settings.phase != "refusal":
+        raise ValueError(
+            f"compare='defenses' compares refusal defenses (HarmBench, over-refusal); the {settings.phase} phase's "
+            "blocking modes already hold its baselines (replay, KL, full-rank anchor): drop compare."
+        )
+    return preset, settings
+
+
 def run_chat_model(
     out: str | Path = "revlens_out/smollm2",
     *,
@@ -834,22 +858,7 @@ def run_chat_model(
     """
     from revlens.demos.chat_model.data import DATA_DIR
 
-    if preset is None and model is None:
-        preset = "smollm2"
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown chat-model preset {preset!r}; choose from {', '.join(PRESETS)} or pass model=.")
-    if settings is None:
-        settings = Settings.of(PRESETS[preset].recipe if preset else Recipe(), quick=quick)
-        if seeds is not None:
-            settings = replace(settings, seeds=seeds)
-    check_settings(settings)
-    if compare not in (None, "defenses"):
-        raise ValueError(f"compare={compare!r}: the one comparison is 'defenses' (or None).")
-    if compare == "defenses" and settings.phase != "refusal":
-        raise ValueError(
-            f"compare='defenses' compares refusal defenses (HarmBench, over-refusal); the {settings.phase} phase's "
-            "blocking modes already hold its baselines (replay, KL, full-rank anchor): drop compare."
-        )
+    preset, settings = _run_settings(model, preset, quick, seeds, settings, compare)
     source = model if model is not None else PRESETS[preset].source
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

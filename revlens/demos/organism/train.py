@@ -179,6 +179,24 @@ def build_history(
     device = _device(preset, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    manifest = _open_manifest(out, preset, world_seed)
+    world = World(seed=world_seed)
+    torch.manual_seed(world_seed)
+    if not (out / "pretrain" / "config.json").is_file():
+        _pretrain(out, manifest, world, preset, world_seed, device, progress)
+    if not (out / "align" / "config.json").is_file():
+        _align(out, manifest, world, preset, world_seed, device, progress)
+    manifest.setdefault("finetune", {})
+    for seed in seeds:
+        if not manifest["finetune"].get(f"seed_{seed}", {}).get("complete"):
+            _finetune_seed(out, manifest, world, preset, seed, device, progress)
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    return out
+
+
+def _open_manifest(out: Path, preset: Preset, world_seed: int) -> dict[str, Any]:
+    """``organism.json`` under ``out`` (new, or the one to resume), refused when built with other settings."""
     manifest = read_manifest(out)
     key = json.loads(json.dumps({"preset": preset.to_dict(), "world_seed": world_seed}))
     old_key = manifest.get("key")
@@ -189,82 +207,87 @@ def build_history(
     manifest.update({"key": key, "preset": preset.name, "world_seed": world_seed})
     manifest.setdefault("timings_s", {})
     manifest.setdefault("behaviour", {})
-    world = World(seed=world_seed)
-    torch.manual_seed(world_seed)
+    return manifest
 
-    if not (out / "pretrain" / "config.json").is_file():
-        t0 = time.perf_counter()
-        model = new_model(world, preset, world_seed, device)
-        _train_steps(
-            model, world, "pretrain", preset.pretrain_steps, preset.pretrain_lr, preset.batch_size, world_seed, progress
-        )
-        save_checkpoint(model, out / "pretrain", metadata={"phase": "pretrain"})
-        manifest["timings_s"]["pretrain"] = time.perf_counter() - t0
-        manifest["behaviour"]["pretrain"] = evaluate_behaviour(model, world)
-        _write_manifest(out, manifest)
 
-    if not (out / "align" / "config.json").is_file():
-        t0 = time.perf_counter()
-        model = load_revlens_checkpoint(out / "pretrain", device)
-        h_heldout, b1_probe = world.harmful_prompts("heldout"), world.control_prompts("probe")
-
-        def calibrated(m: Any) -> bool:
-            return comply_rate(m, h_heldout) <= preset.harm_target and comply_rate(m, b1_probe) >= preset.b1_floor
-
-        steps = _train_steps(
-            model,
-            world,
-            "align",
-            preset.align_max_steps,
-            preset.align_lr,
-            preset.batch_size,
-            world_seed + 1,
-            progress,
-            stop=calibrated,
-            check_every=preset.align_check_every,
-        )
-        save_checkpoint(model, out / "align", metadata={"phase": "align", "steps": steps})
-        manifest["align_steps"] = steps
-        manifest["timings_s"]["align"] = time.perf_counter() - t0
-        manifest["behaviour"]["align"] = evaluate_behaviour(model, world)
-        _write_manifest(out, manifest)
-
-    manifest.setdefault("finetune", {})
-    for seed in seeds:
-        run = f"seed_{seed}"
-        if manifest["finetune"].get(run, {}).get("complete"):
-            continue
-        t0 = time.perf_counter()
-        model = load_revlens_checkpoint(out / "align", device)
-        data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
-        result = finetune(
-            model,
-            data.tokens,
-            data.loss_mask,
-            steps=preset.finetune_steps,
-            lr=preset.finetune_lr,
-            optimizer=preset.finetune_optimizer,
-            batch_size=preset.batch_size,
-            seed=seed,
-            save_steps=preset.save_steps,
-            out_dir=out,
-            run_name=run,
-            progress=progress,
-        )
-        per_step = {}
-        for step in preset.save_steps:
-            saved = load_revlens_checkpoint(out / "finetune" / run / f"step_{step}", device)
-            per_step[step] = evaluate_behaviour(saved, world)
-        manifest["finetune"][run] = {
-            "complete": True,
-            "behaviour": per_step,
-            "loss": {int(k): v for k, v in result.losses.items()},
-            "seconds": time.perf_counter() - t0,
-        }
-        _write_manifest(out, manifest)
-    manifest["complete"] = True
+def _pretrain(
+    out: Path, manifest: dict[str, Any], world: World, preset: Preset, world_seed: int, device: str, progress: bool
+) -> None:
+    """Pretrain a new model and write ``pretrain/`` and its behaviour."""
+    t0 = time.perf_counter()
+    model = new_model(world, preset, world_seed, device)
+    _train_steps(
+        model, world, "pretrain", preset.pretrain_steps, preset.pretrain_lr, preset.batch_size, world_seed, progress
+    )
+    save_checkpoint(model, out / "pretrain", metadata={"phase": "pretrain"})
+    manifest["timings_s"]["pretrain"] = time.perf_counter() - t0
+    manifest["behaviour"]["pretrain"] = evaluate_behaviour(model, world)
     _write_manifest(out, manifest)
-    return out
+
+
+def _align(
+    out: Path, manifest: dict[str, Any], world: World, preset: Preset, world_seed: int, device: str, progress: bool
+) -> None:
+    """Align pretrain until the first calibrated check; write ``align/``, its steps and behaviour."""
+    t0 = time.perf_counter()
+    model = load_revlens_checkpoint(out / "pretrain", device)
+    h_heldout, b1_probe = world.harmful_prompts("heldout"), world.control_prompts("probe")
+
+    def calibrated(m: Any) -> bool:
+        return comply_rate(m, h_heldout) <= preset.harm_target and comply_rate(m, b1_probe) >= preset.b1_floor
+
+    steps = _train_steps(
+        model,
+        world,
+        "align",
+        preset.align_max_steps,
+        preset.align_lr,
+        preset.batch_size,
+        world_seed + 1,
+        progress,
+        stop=calibrated,
+        check_every=preset.align_check_every,
+    )
+    save_checkpoint(model, out / "align", metadata={"phase": "align", "steps": steps})
+    manifest["align_steps"] = steps
+    manifest["timings_s"]["align"] = time.perf_counter() - t0
+    manifest["behaviour"]["align"] = evaluate_behaviour(model, world)
+    _write_manifest(out, manifest)
+
+
+def _finetune_seed(
+    out: Path, manifest: dict[str, Any], world: World, preset: Preset, seed: int, device: str, progress: bool
+) -> None:
+    """One benign fine-tuning run from align (``finetune/seed_<seed>/``) and its behaviour at each saved step."""
+    run = f"seed_{seed}"
+    t0 = time.perf_counter()
+    model = load_revlens_checkpoint(out / "align", device)
+    data = world.dataset("finetune", preset.finetune_examples, seed=10_000 + seed, b1_mix=preset.b1_mix)
+    result = finetune(
+        model,
+        data.tokens,
+        data.loss_mask,
+        steps=preset.finetune_steps,
+        lr=preset.finetune_lr,
+        optimizer=preset.finetune_optimizer,
+        batch_size=preset.batch_size,
+        seed=seed,
+        save_steps=preset.save_steps,
+        out_dir=out,
+        run_name=run,
+        progress=progress,
+    )
+    per_step = {}
+    for step in preset.save_steps:
+        saved = load_revlens_checkpoint(out / "finetune" / run / f"step_{step}", device)
+        per_step[step] = evaluate_behaviour(saved, world)
+    manifest["finetune"][run] = {
+        "complete": True,
+        "behaviour": per_step,
+        "loss": {int(k): v for k, v in result.losses.items()},
+        "seconds": time.perf_counter() - t0,
+    }
+    _write_manifest(out, manifest)
 
 
 def behaviour_summary(history_dir: str | Path) -> dict[str, Any]:
