@@ -219,10 +219,7 @@ def _pretrain(
     _train_steps(
         model, world, "pretrain", preset.pretrain_steps, preset.pretrain_lr, preset.batch_size, world_seed, progress
     )
-    save_checkpoint(model, out / "pretrain", metadata={"phase": "pretrain"})
-    manifest["timings_s"]["pretrain"] = time.perf_counter() - t0
-    manifest["behaviour"]["pretrain"] = evaluate_behaviour(model, world)
-    _write_manifest(out, manifest)
+    _save_phase(out, manifest, world, model, "pretrain", t0)
 
 
 def _align(
@@ -248,10 +245,17 @@ def _align(
         stop=calibrated,
         check_every=preset.align_check_every,
     )
-    save_checkpoint(model, out / "align", metadata={"phase": "align", "steps": steps})
     manifest["align_steps"] = steps
-    manifest["timings_s"]["align"] = time.perf_counter() - t0
-    manifest["behaviour"]["align"] = evaluate_behaviour(model, world)
+    _save_phase(out, manifest, world, model, "align", t0, steps=steps)
+
+
+def _save_phase(
+    out: Path, manifest: dict[str, Any], world: World, model: Any, phase: str, t0: float, **metadata: Any
+) -> None:
+    """Write ``phase``'s checkpoint, then its time since ``t0`` and its behaviour into the manifest."""
+    save_checkpoint(model, out / phase, metadata={"phase": phase, **metadata})
+    manifest["timings_s"][phase] = time.perf_counter() - t0
+    manifest["behaviour"][phase] = evaluate_behaviour(model, world)
     _write_manifest(out, manifest)
 
 
