@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from revlens import MODEL_SOURCES, ReversionReport
+from revlens import ReversionReport, conversion_folder
 from revlens.demos.chat_model.pipeline import ALIGN_RECORD, MANIFEST, run_chat_model
 from revlens.demos.chat_model.recipe import PRESETS
 
@@ -56,10 +56,9 @@ def delete_kept_phase(phase: str) -> None:
 def delete_conversion(source: str) -> None:
     """Delete the converted HF folder of an offline source name or a ``.gguf`` file (a user's HF folder is never
     touched: it is not a conversion)."""
-    if source in MODEL_SOURCES:
-        shutil.rmtree(MODEL_SOURCES[source].folder, ignore_errors=True)
-    elif Path(source).suffix == ".gguf":  # converted into revlens_out/models/<file stem> (revlens.ensure_model)
-        shutil.rmtree(Path("revlens_out/models") / Path(source).stem.lower(), ignore_errors=True)
+    folder = conversion_folder(source)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def measured(report, manifest: dict) -> dict:

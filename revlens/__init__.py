@@ -79,6 +79,7 @@ from revlens.model_sources import (
     GGUFError,
     ModelNotFoundError,
     ModelSource,
+    conversion_folder,
     ensure_model,
     save_hf_model,
 )
@@ -167,6 +168,7 @@ __all__ = [
     "PromptSource",
     # real models from offline sources
     "ensure_model",
+    "conversion_folder",
     "save_hf_model",
     "ModelSource",
     "MODEL_SOURCES",

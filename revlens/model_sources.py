@@ -351,6 +351,27 @@ def _convert(gguf: Path, out: Path, dtype: torch.dtype, stamp: dict, source: Mod
     return save_hf_model(model, tokenizer, out, dtype, extra_files=extra)
 
 
+def conversion_folder(source_or_path: str | os.PathLike | ModelSource) -> Path | None:
+    """Where :func:`ensure_model` converts a source or a GGUF file by default (the source's ``folder``, or
+    ``revlens_out/models/<gguf file stem>``); None for an HF folder, which is used as it is.
+
+    Raises:
+        ModelNotFoundError: neither a known source nor an existing path.
+
+    Example:
+        >>> conversion_folder("smollm2") == Path(MODEL_SOURCES["smollm2"].folder)
+        True
+        >>> hf = Path(tmp) / "own_hf_folder"
+        >>> hf.mkdir(); _ = (hf / "config.json").write_text("{}")
+        >>> conversion_folder(hf) is None  # an HF folder is used as it is
+        True
+    """
+    resolved = _resolve(source_or_path)
+    if isinstance(resolved, ModelSource):
+        return Path(resolved.folder)
+    return None if resolved.is_dir() else MODELS_DIR / resolved.stem.lower()
+
+
 def ensure_model(
     source_or_path: str | os.PathLike | ModelSource,
     out_dir: str | os.PathLike | None = None,
@@ -387,8 +408,7 @@ def ensure_model(
         return resolved
     source = resolved if isinstance(resolved, ModelSource) else None
     paths = find_parts(source) if source is not None else [resolved]
-    default = source.folder if source is not None else MODELS_DIR / resolved.stem.lower()
-    out = Path(out_dir if out_dir is not None else default)
+    out = Path(out_dir if out_dir is not None else conversion_folder(resolved))
     resolved_paths = [str(p.resolve()) for p in paths]
     stamp = {
         "gguf": resolved_paths[0] if len(paths) == 1 else resolved_paths,

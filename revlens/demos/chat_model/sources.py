@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from revlens import MODEL_SOURCES, ModelNotFoundError, ensure_model
+from revlens import MODEL_SOURCES, ModelNotFoundError, conversion_folder, ensure_model
 
 SOURCES = tuple(MODEL_SOURCES)
 
@@ -34,4 +34,4 @@ def model_folder(source_or_path: str | os.PathLike) -> Path:
 def is_converted(source_or_path: str | os.PathLike) -> bool:
     """Whether :func:`model_folder` returns a converted copy (kept under ``revlens_out/models``, where align is kept
     beside it for every run) rather than the user's own folder."""
-    return (isinstance(source_or_path, str) and source_or_path in SOURCES) or not Path(source_or_path).is_dir()
+    return conversion_folder(source_or_path) is not None
